@@ -1,0 +1,34 @@
+# fastfcn-jax developer commands. `make test` and `make demo` set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= /tmp/fastfcn_demo
+# Both cores by default; override with `make test JOBS=1`.
+JOBS ?= 2
+
+.PHONY: install test demo lint benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check fastfcn_jax tests configs experiments
+	$(PY) -m pytest -n $(JOBS) --durations=15 tests
+
+demo: $(VENV)/.installed
+	$(PY) -m fastfcn_jax.main --config configs/demo.py --workdir $(WORKDIR)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check fastfcn_jax tests configs experiments
+	$(PY) -m ruff format --check fastfcn_jax tests configs experiments
+
+benchmark: $(VENV)/.installed
+	$(PY) experiments/benchmark.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

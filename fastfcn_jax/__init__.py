@@ -1,0 +1,3 @@
+"""fastfcn-jax: FastFCN (Joint Pyramid Upsampling) semantic segmentation in JAX/Flax."""
+
+__version__ = "0.1.0"

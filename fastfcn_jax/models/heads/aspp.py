@@ -1,0 +1,42 @@
+"""DeepLabV3 (ASPP) head (FastFCN ``encoding/models/deeplabv3.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastfcn_jax.models.layers import Classifier, ConvBNReLU, Dtype, channel_dropout
+
+
+class DeepLabV3Head(nn.Module):
+    """ASPP of width in/8 (256 for 2048 channels): a 1x1 branch, 3x3 branches at ``rates`` (12, 24, 36)
+    and image pooling (global mean -> 1x1 conv + BN + ReLU -> broadcast back), each with BN + ReLU;
+    concatenated and projected by a 1x1 conv + BN + ReLU + Dropout2d(0.5); then the 3x3 block
+    (conv + BN + ReLU + Dropout2d(0.1) + 1x1 conv to classes)."""
+
+    num_classes: int
+    rates: Sequence[int] = (12, 24, 36)
+    aspp_features: int | None = None
+    project_dropout: float = 0.5
+    dropout: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        width = self.aspp_features or x.shape[-1] // 8
+        branches = [ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_b0")(x, train)]
+        for i, rate in enumerate(self.rates):
+            branches.append(ConvBNReLU(width, 3, dilation=rate, dtype=self.dtype, name=f"aspp_b{i + 1}")(x, train))
+        # Align-corners upsampling of a 1x1 map is a broadcast.
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+        pooled = ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_pool")(pooled, train)
+        branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], width)))
+        y = jnp.concatenate(branches, axis=-1)
+        y = ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_project")(y, train)
+        y = channel_dropout(self.project_dropout, train=train)(y)
+        y = ConvBNReLU(width, 3, dtype=self.dtype, name="block")(y, train)
+        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, name="classifier")(y, train)
+        return {"logits": logits}

@@ -1,0 +1,102 @@
+"""Joint Pyramid Upsampling (JPU) and its pyramid version JPU_X (FastFCN ``encoding/nn/customize.py``).
+
+JPU: c4, c3, c2 are each projected by a 3x3 conv-BN-ReLU to ``width`` channels, the first two are
+resized (align-corners bilinear) to c2's stride-8 size, concatenated in the order [c4, c3, c2], and fed to
+parallel separable convolutions with dilations 1, 2, 4, 8 whose outputs are concatenated (4 x width =
+2048 channels at output stride 8). There is no fusion conv: the head consumes the concatenation.
+
+JPU_X: two cascaded JUM units, JUM(c3 -> c2, width/2, dilations 1/2/4) then JUM(c4 -> JUM1, width,
+dilations 2/4/8); their separable branches use GroupNorm, their input convs BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastfcn_jax.models.layers import ConvBNReLU, Dtype, SeparableConv, resize_bilinear
+
+
+class JPU(nn.Module):
+    """The paper's JPU neck. ``__call__(c2, c3, c4)`` -> [B, H2, W2, len(dilations) * width]."""
+
+    width: int = 512
+    dilations: Sequence[int] = (1, 2, 4, 8)
+    dtype: Dtype = jnp.float32
+    depthwise_implementation: str = "shifted"
+
+    @nn.compact
+    def __call__(self, c2: jax.Array, c3: jax.Array, c4: jax.Array, train: bool = False) -> jax.Array:
+        size = c2.shape[1:3]
+        feats = [
+            ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv5")(c4, train),
+            ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv4")(c3, train),
+            ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv3")(c2, train),
+        ]
+        feat = jnp.concatenate([resize_bilinear(f, size) for f in feats], axis=-1)
+        branches = [
+            SeparableConv(
+                self.width,
+                dilation=d,
+                dtype=self.dtype,
+                depthwise_implementation=self.depthwise_implementation,
+                name=f"dilation{i + 1}",
+            )(feat, train)
+            for i, d in enumerate(self.dilations)
+        ]
+        return jnp.concatenate(branches, axis=-1)
+
+
+class JUM(nn.Module):
+    """Joint upsampling unit of JPU_X: fuses a low-resolution map into a high-resolution one.
+
+    Output: concat[resized conv_l(low), separable branches at dilations d, 2d, 4d] = 4 x width channels
+    (with the default three dilation multipliers) at the high-resolution size.
+    """
+
+    width: int
+    dilation: int = 1
+    dilation_multipliers: Sequence[int] = (1, 2, 4)
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    depthwise_implementation: str = "shifted"
+
+    @nn.compact
+    def __call__(self, low: jax.Array, high: jax.Array, train: bool = False) -> jax.Array:
+        low = ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv_l")(low, train)
+        high = ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv_h")(high, train)
+        low = resize_bilinear(low, high.shape[1:3])
+        feat = jnp.concatenate([low, high], axis=-1)
+        branches = [
+            SeparableConv(
+                self.width,
+                dilation=self.dilation * m,
+                norm="group",
+                num_groups=self.num_groups,
+                dtype=self.dtype,
+                depthwise_implementation=self.depthwise_implementation,
+                name=f"dilation{i + 1}",
+            )(feat, train)
+            for i, m in enumerate(self.dilation_multipliers)
+        ]
+        return jnp.concatenate([low, *branches], axis=-1)
+
+
+class JPUX(nn.Module):
+    """JPU_X: ``jum_1`` = JUM(c3 -> c2, width/2, dilation 1), ``jum_2`` = JUM(c4 -> jum_1, width, dilation 2)."""
+
+    width: int = 512
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    depthwise_implementation: str = "shifted"
+
+    @nn.compact
+    def __call__(self, c2: jax.Array, c3: jax.Array, c4: jax.Array, train: bool = False) -> jax.Array:
+        common = dict(
+            num_groups=self.num_groups, dtype=self.dtype, depthwise_implementation=self.depthwise_implementation
+        )
+        feat = JUM(self.width // 2, dilation=1, name="jum_1", **common)(c3, c2, train)
+        return JUM(self.width, dilation=2, name="jum_2", **common)(c4, feat, train)

@@ -1,0 +1,355 @@
+"""Building blocks shared by the backbone, the JPU neck and the heads.
+
+Everything here reproduces a PyTorch operation of the reference code exactly (same padding, same
+interpolation and pooling index formulas, same normalisation statistics), with NHWC tensors.
+
+Dtype policy: parameters and normalisation statistics are float32 (``param_dtype``); convolutions and
+matmuls run in ``dtype`` (bfloat16 on accelerators); normalisation is computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# PyTorch BatchNorm defaults (momentum 0.1 in PyTorch's convention is 0.9 in Flax's).
+BN_MOMENTUM = 0.9
+NORM_EPSILON = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resampling as small interpolation matrices (exact, static-shape, MXU/tensor-core friendly).
+
+
+@functools.lru_cache(maxsize=512)
+def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] matrix of PyTorch's 1-D linear interpolation with ``align_corners=True``.
+
+    PyTorch maps output index ``i`` to source ``i * (in - 1) / (out - 1)`` (0 when ``out == 1``) and
+    interpolates between ``floor(src)`` and ``min(floor(src) + 1, in - 1)``.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    matrix = np.zeros((out_size, in_size), np.float64)
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    for i in range(out_size):
+        src = i * scale
+        lo = min(int(np.floor(src)), in_size - 1)
+        hi = min(lo + 1, in_size - 1)
+        frac = src - lo
+        matrix[i, lo] += 1.0 - frac
+        matrix[i, hi] += frac
+    matrix.setflags(write=False)
+    return matrix
+
+
+@functools.lru_cache(maxsize=512)
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] averaging matrix of PyTorch's 1-D adaptive average pooling.
+
+    Bin ``i`` averages the half-open range ``[floor(i * in / out), ceil((i + 1) * in / out))``.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)  # ceil division
+        matrix[i, start:end] = 1.0 / (end - start)
+    matrix.setflags(write=False)
+    return matrix
+
+
+def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+    """Applies a [H', H] matrix along axis 1 and a [W', W] matrix along axis 2 of an NHWC array."""
+    dtype = x.dtype
+    x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, dtype), x)
+    return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, dtype), x)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Bilinear resize of ``x`` [B, H, W, C] to ``size`` (H', W') with PyTorch ``align_corners=True``.
+
+    This is the interpolation of every resize in the reference (JPU, PSP and ASPP pooling branches, the
+    final upsampling and the test-time rescaling); ``jax.image.resize`` uses half-pixel centres instead.
+    Works for any sizes, up or down, including 1-pixel inputs and outputs.
+    """
+    out_h, out_w = int(size[0]), int(size[1])
+    in_h, in_w = x.shape[1], x.shape[2]
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    return _apply_separable(x, align_corners_matrix(in_h, out_h), align_corners_matrix(in_w, out_w))
+
+
+def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
+    """PyTorch ``AdaptiveAvgPool2d(size)`` on ``x`` [B, H, W, C] -> [B, size_h, size_w, C]."""
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    in_h, in_w = x.shape[1], x.shape[2]
+    return _apply_separable(x, adaptive_pool_matrix(in_h, out_h), adaptive_pool_matrix(in_w, out_w))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalisation.
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with PyTorch semantics: eps 1e-5, momentum 0.1, running variance updated unbiased.
+
+    Statistics are computed in float32 over every axis but ``feature_axis`` (under ``jax.jit`` with a
+    batch-sharded input this is the global batch, i.e. the reference's SyncBN). The running variance is
+    updated with the unbiased batch variance and the batch is normalised with the biased one, as
+    PyTorch and the reference's SyncBN do. Variables are named as Flax's ``nn.BatchNorm`` names them
+    (params ``scale``/``bias``, batch_stats ``mean``/``var``).
+    """
+
+    use_running_average: bool | None = None
+    feature_axis: int = -1
+    momentum: float = BN_MOMENTUM
+    epsilon: float = NORM_EPSILON
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        axis = self.feature_axis % x.ndim
+        features = x.shape[axis]
+        reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
+        stat_shape = [1] * x.ndim
+        stat_shape[axis] = features
+
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+
+        x32 = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean = jnp.mean(x32, axis=reduce_axes)
+            var = jnp.mean(jnp.square(x32 - mean.reshape(stat_shape)), axis=reduce_axes)
+            if not self.is_initializing():
+                count = int(np.prod([x.shape[a] for a in reduce_axes]))
+                unbiased = var * (count / max(count - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+
+        multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        offset = bias.astype(jnp.float32) - mean * multiplier
+        y = x32 * multiplier.reshape(stat_shape) + offset.reshape(stat_shape)
+        return y.astype(self.dtype or x.dtype)
+
+
+def make_norm(kind: str, *, train: bool, dtype: Dtype, num_groups: int = 32, name: str | None = None):
+    """A normalisation layer by name: ``'batch'`` (PyTorch BatchNorm) or ``'group'`` (GroupNorm, eps 1e-5)."""
+    if kind == "batch":
+        return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
+    if kind == "group":
+        # Two-pass variance, as PyTorch computes it.
+        return nn.GroupNorm(
+            num_groups=num_groups,
+            epsilon=NORM_EPSILON,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            use_fast_variance=False,
+            name=name,
+        )
+    raise ValueError(f"unknown norm {kind!r}; expected 'batch' or 'group'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convolutions.
+
+
+def conv_kernel_init(out_features: int, kernel_size: int):
+    """Reference ResNet init: normal(0, sqrt(2 / (k * k * out_channels)))."""
+    return nn.initializers.normal(stddev=float(np.sqrt(2.0 / (kernel_size * kernel_size * out_features))))
+
+
+def torch_default_kernel_init():
+    """PyTorch's default Conv2d/Linear weight init (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+    """PyTorch's default Conv2d/Linear bias init: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / float(np.sqrt(max(fan_in, 1)))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv2d(
+    features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    use_bias: bool = False,
+    dtype: Dtype = jnp.float32,
+    kernel_init=None,
+    in_features: int | None = None,
+    name: str | None = None,
+) -> nn.Conv:
+    """A Conv with PyTorch's symmetric padding ``dilation * (k - 1) // 2`` on both sides.
+
+    Flax's ``'SAME'`` would pad a stride-2 conv asymmetrically on even sizes, which breaks parity.
+    """
+    pad = dilation * (kernel_size - 1) // 2
+    if kernel_init is None:
+        kernel_init = torch_default_kernel_init()
+    bias_init = torch_default_bias_init((in_features or 1) * kernel_size * kernel_size)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        name=name,
+    )
+
+
+class ConvBNReLU(nn.Module):
+    """Conv (no bias, symmetric padding) -> norm -> optional ReLU. Submodules ``conv`` and ``bn``."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    dilation: int = 1
+    relu: bool = True
+    norm: str = "batch"
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = conv2d(
+            self.features,
+            self.kernel_size,
+            stride=self.stride,
+            dilation=self.dilation,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            name="conv",
+        )(x)
+        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="bn")(x)
+        return nn.relu(x) if self.relu else x
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise 3x3 (or kxk) dilated convolution, stride 1, padding ``dilation * (k - 1) // 2``.
+
+    The kernel has Flax's depthwise layout [k, k, 1, C]. It is computed as k*k shifted multiply-adds
+    (``implementation='shifted'``): on XLA:CPU ``feature_group_count`` convolutions are very slow (and
+    their kernel gradient runs as a dense conv), while the shifted form is exact and fuses well on every
+    backend. ``implementation='grouped'`` uses ``lax.conv_general_dilated`` with ``feature_group_count``.
+    """
+
+    kernel_size: int = 3
+    dilation: int = 1
+    dtype: Dtype = jnp.float32
+    implementation: str = "shifted"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        k, d = self.kernel_size, self.dilation
+        kernel = self.param(
+            "kernel",
+            nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=(0, 1, 2), out_axis=3),
+            (k, k, 1, channels),
+            jnp.float32,
+        )
+        kernel = kernel.astype(self.dtype)
+        x = x.astype(self.dtype)
+        pad = d * (k - 1) // 2
+        if self.implementation == "grouped":
+            return jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(1, 1),
+                padding=((pad, pad), (pad, pad)),
+                rhs_dilation=(d, d),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=channels,
+            )
+        if self.implementation != "shifted":
+            raise ValueError(f"unknown depthwise implementation {self.implementation!r}")
+        height, width = x.shape[1], x.shape[2]
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        out = None
+        for i in range(k):
+            for j in range(k):
+                tap = padded[:, i * d : i * d + height, j * d : j * d + width, :] * kernel[i, j, 0]
+                out = tap if out is None else out + tap
+        return out
+
+
+class SeparableConv(nn.Module):
+    """The reference's JPU branch: depthwise dilated conv -> norm -> pointwise 1x1 -> norm -> ReLU.
+
+    There is no ReLU between the depthwise norm and the pointwise conv. Submodules: ``depthwise``,
+    ``depthwise_norm``, ``pointwise``, ``pointwise_norm``. ``norm`` is ``'batch'`` (JPU) or ``'group'``
+    (JPU_X's JUM units).
+    """
+
+    features: int
+    dilation: int = 1
+    kernel_size: int = 3
+    norm: str = "batch"
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    depthwise_implementation: str = "shifted"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = DepthwiseConv(
+            self.kernel_size,
+            self.dilation,
+            dtype=self.dtype,
+            implementation=self.depthwise_implementation,
+            name="depthwise",
+        )(x)
+        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="depthwise_norm")(x)
+        x = conv2d(self.features, 1, dtype=self.dtype, name="pointwise")(x)
+        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="pointwise_norm")(x)
+        return nn.relu(x)
+
+
+def channel_dropout(rate: float, *, train: bool, name: str | None = None) -> nn.Dropout:
+    """PyTorch ``Dropout2d``: drops whole channels per example (mask broadcast over H and W)."""
+    return nn.Dropout(rate=rate, broadcast_dims=(1, 2), deterministic=not train, name=name)
+
+
+class Classifier(nn.Module):
+    """Channel dropout then a 1x1 conv with bias to ``num_classes`` (the heads' last layers)."""
+
+    num_classes: int
+    dropout: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = channel_dropout(self.dropout, train=train)(x)
+        return conv2d(
+            self.num_classes, 1, use_bias=True, dtype=self.dtype, in_features=x.shape[-1], name="conv"
+        )(x)

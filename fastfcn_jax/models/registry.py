@@ -1,0 +1,117 @@
+"""Models by name: ``{encnet,psp,deeplab,fcn}_{jpu,jpux,dilated}_r{50,101,152}`` and ``..._tiny`` variants.
+
+``create_model(name, num_classes, **overrides)`` is the stable entry point. A model's configuration is a
+plain dict of :class:`Segmenter` fields, so it can live in an ``ml_collections`` config (``model_from_config``)
+without the model code importing ``ml_collections``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from fastfcn_jax.models.segmenter import HEADS, NECKS, Segmenter
+
+DEPTHS = (50, 101, 152)
+
+# Tiny variants: the same code path with one block per stage and narrow layers, for tests and demos.
+TINY = dict(
+    stage_sizes=(1, 1, 1, 1),
+    stem_width=8,
+    base_width=8,
+    jpu_width=16,
+    jpux_groups=4,
+    head_width=16,
+    num_codes=8,
+    aspp_rates=(2, 4, 6),
+)
+
+_NAME = re.compile(r"^(?P<head>[a-z]+)_(?P<neck>[a-z]+)_(?P<size>r\d+|tiny)$")
+_FIELDS = {f.name for f in dataclasses.fields(Segmenter)} - {"parent", "name", "num_classes"}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def available_models() -> list[str]:
+    """Every registered model name."""
+    sizes = [f"r{d}" for d in DEPTHS] + ["tiny"]
+    return [f"{h}_{n}_{s}" for h in HEADS for n in NECKS for s in sizes]
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The Segmenter fields of a registered model, with ``overrides`` applied and validated."""
+    match = _NAME.match(name)
+    if not match or match["head"] not in HEADS or match["neck"] not in NECKS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    config: dict[str, Any] = {"head": match["head"], "neck": match["neck"]}
+    if match["size"] == "tiny":
+        config.update(TINY)
+    else:
+        depth = int(match["size"][1:])
+        if depth not in DEPTHS:
+            raise ValueError(f"unknown model {name!r}: ResNet depth must be one of {DEPTHS}")
+        config["depth"] = depth
+    # The reference enables the SE branch for EncNet only (se_loss=(name == 'encnet')).
+    config["se_loss"] = match["head"] == "encnet"
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown} for {name!r}; valid options: {sorted(_FIELDS)}")
+    config.update(overrides)
+    return _validated(name, config)
+
+
+def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    dtype = config.get("dtype", jnp.float32)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"{name}: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        config["dtype"] = _DTYPES[dtype]
+    if config.get("stem", "deep") not in ("deep", "standard"):
+        raise ValueError(f"{name}: stem must be 'deep' or 'standard', got {config['stem']!r}")
+    output_stride = config.get("output_stride")
+    if output_stride is not None:
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"{name}: output_stride must be 8, 16 or 32, got {output_stride}")
+        if config["neck"] != "dilated" and output_stride != 32:
+            raise ValueError(f"{name}: JPU necks need the output-stride-32 backbone, got output_stride={output_stride}")
+    if config["se_loss"] and config["head"] != "encnet":
+        raise ValueError(f"{name}: se_loss is only defined for the EncNet head")
+    for key in ("jpu_width", "head_width", "num_codes", "stem_width", "base_width"):
+        if key in config and int(config[key]) < 1:
+            raise ValueError(f"{name}: {key} must be positive, got {config[key]}")
+    if config["neck"] == "jpux":
+        width, groups = config.get("jpu_width", 512), config.get("jpux_groups", 32)
+        if (width // 2) % groups:
+            raise ValueError(f"{name}: jpu_width/2 = {width // 2} must be divisible by jpux_groups = {groups}")
+    if not 0.0 <= float(config.get("dropout", 0.1)) < 1.0:
+        raise ValueError(f"{name}: dropout must be in [0, 1), got {config['dropout']}")
+    return config
+
+
+def create_model(name: str, num_classes: int, **overrides: Any) -> Segmenter:
+    """Builds a registered model, e.g. ``create_model('encnet_jpu_r50', 150, dtype='bfloat16')``.
+
+    Defaults follow the reference: aux head on, SE branch on for EncNet. Overrides are any
+    :class:`Segmenter` field (``aux``, ``se_loss``, ``stem``, ``output_stride``, ``dtype``, ``jpu_width``,
+    ...). ``model.init(rng, images, train=False)`` gives ``{'params', 'batch_stats'}``.
+    """
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return Segmenter(num_classes=int(num_classes), **model_config(name, **overrides))
+
+
+def model_from_config(config: Mapping[str, Any]) -> Segmenter:
+    """Builds a model from a mapping (dict or ``ml_collections.ConfigDict``) with keys ``name``,
+    ``num_classes`` and optional ``overrides``."""
+    config = dict(config.items())
+    missing = {"name", "num_classes"} - set(config)
+    if missing:
+        raise ValueError(f"model config needs {sorted(missing)}; got keys {sorted(config)}")
+    unknown = set(config) - {"name", "num_classes", "overrides"}
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; expected name, num_classes, overrides")
+    overrides = dict((config.get("overrides") or {}).items())
+    return create_model(config["name"], config["num_classes"], **overrides)

@@ -1,0 +1,161 @@
+"""The FastFCN segmenter: backbone -> (JPU | JPU_X | dilated backbone) -> head, plus the auxiliary head.
+
+Mirrors the reference's ``BaseNet.base_forward`` and the per-model ``forward`` (FastFCN
+``encoding/models/{base,encnet,psp,deeplabv3,fcn}.py``): the head reads the JPU output (or c4 of the
+dilated backbone), the auxiliary FCN head reads c3, and both are upsampled to the input size with
+align-corners bilinear interpolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastfcn_jax.models.heads import DeepLabV3Head, EncNetHead, FCNHead, PSPHead
+from fastfcn_jax.models.jpu import JPU, JPUX
+from fastfcn_jax.models.layers import Dtype, resize_bilinear
+from fastfcn_jax.models.resnet import STAGE_SIZES, ResNet
+
+HEADS = ("encnet", "psp", "deeplab", "fcn")
+NECKS = ("jpu", "jpux", "dilated")
+
+# Sown under these exact names when ``mutable=['intermediates']`` is passed to ``apply``.
+INTERMEDIATE_NAMES = ("c1", "c2", "c3", "c4", "jpu", "head", "aux_head", "enc_x", "enc_e", "enc_en")
+
+
+def _keep_last(_previous: Any, value: Any) -> Any:
+    return value
+
+
+class Segmenter(nn.Module):
+    """A FastFCN segmentation network.
+
+    ``__call__(images [B, H, W, 3] normalised float, train)`` returns a dict with ``logits`` [B, H, W, C]
+    (float32, at input size), ``aux_logits`` (when ``aux``) and ``se_logits`` [B, C] (EncNet with
+    ``se_loss``). ``train=True`` uses batch statistics (pass ``mutable=['batch_stats']``) and dropout
+    (pass a ``'dropout'`` rng).
+
+    With ``mutable=['intermediates']`` it sows the NHWC feature maps ``c1``..``c4``, ``jpu``, ``head``,
+    ``aux_head`` (head outputs before upsampling) and, for EncNet, ``enc_x``, ``enc_e`` [B, K, D],
+    ``enc_en`` [B, D]; each is stored as the array itself (not a tuple).
+    """
+
+    num_classes: int
+    head: str = "encnet"
+    neck: str = "jpu"
+    # Backbone.
+    depth: int = 50
+    stage_sizes: Sequence[int] | None = None
+    stem: str = "deep"
+    stem_width: int = 64
+    base_width: int = 64
+    output_stride: int | None = None
+    # JPU / JPU_X.
+    jpu_width: int = 512
+    jpu_dilations: Sequence[int] = (1, 2, 4, 8)
+    jpux_groups: int = 32
+    depthwise_implementation: str = "shifted"
+    # Heads.
+    aux: bool = True
+    se_loss: bool = True
+    head_width: int = 512
+    num_codes: int = 32
+    aspp_rates: Sequence[int] = (12, 24, 36)
+    psp_bins: Sequence[int] = (1, 2, 3, 6)
+    dropout: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    def _sow(self, name: str, value: jax.Array) -> None:
+        self.sow("intermediates", name, value, reduce_fn=_keep_last, init_fn=lambda: None)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be NHWC [B, H, W, 3], got shape {images.shape}")
+        size = images.shape[1:3]
+        output_stride = self.output_stride or (8 if self.neck == "dilated" else 32)
+        if self.neck != "dilated" and output_stride != 32:
+            raise ValueError(f"neck {self.neck!r} expects an output_stride 32 backbone, got {output_stride}")
+
+        c1, c2, c3, c4 = ResNet(
+            stage_sizes=tuple(self.stage_sizes or _stage_sizes(self.depth)),
+            stem=self.stem,
+            stem_width=self.stem_width,
+            base_width=self.base_width,
+            output_stride=output_stride,
+            dtype=self.dtype,
+            name="backbone",
+        )(images, train)
+        for name, value in zip(("c1", "c2", "c3", "c4"), (c1, c2, c3, c4), strict=True):
+            self._sow(name, value)
+
+        if self.neck == "jpu":
+            feat = JPU(
+                self.jpu_width,
+                tuple(self.jpu_dilations),
+                dtype=self.dtype,
+                depthwise_implementation=self.depthwise_implementation,
+                name="jpu",
+            )(c2, c3, c4, train)
+            self._sow("jpu", feat)
+        elif self.neck == "jpux":
+            feat = JPUX(
+                self.jpu_width,
+                num_groups=self.jpux_groups,
+                dtype=self.dtype,
+                depthwise_implementation=self.depthwise_implementation,
+                name="jpu",
+            )(c2, c3, c4, train)
+            self._sow("jpu", feat)
+        elif self.neck == "dilated":
+            feat = c4
+        else:
+            raise ValueError(f"unknown neck {self.neck!r}; expected one of {NECKS}")
+
+        head_out = self._head()(feat, train)
+        head_logits = head_out["logits"].astype(jnp.float32)
+        self._sow("head", head_logits)
+        outputs = {"logits": resize_bilinear(head_logits, size)}
+        for name in ("enc_x", "enc_e", "enc_en"):
+            if name in head_out:
+                self._sow(name, head_out[name])
+        if "se_logits" in head_out:
+            outputs["se_logits"] = head_out["se_logits"].astype(jnp.float32)
+
+        if self.aux:
+            aux_logits = FCNHead(self.num_classes, dropout=self.dropout, dtype=self.dtype, name="aux_head")(
+                c3, train
+            )["logits"].astype(jnp.float32)
+            self._sow("aux_head", aux_logits)
+            outputs["aux_logits"] = resize_bilinear(aux_logits, size)
+        return outputs
+
+    def _head(self) -> nn.Module:
+        common = dict(dropout=self.dropout, dtype=self.dtype, name="head")
+        if self.head == "encnet":
+            return EncNetHead(
+                self.num_classes,
+                width=self.head_width,
+                num_codes=self.num_codes,
+                # The reference's EncHead: a 1x1 conv5 after JPU, a 3x3 one on the dilated c4.
+                conv5_kernel=3 if self.neck == "dilated" else 1,
+                se_loss=self.se_loss,
+                **common,
+            )
+        if self.head == "psp":
+            return PSPHead(self.num_classes, bins=tuple(self.psp_bins), **common)
+        if self.head == "deeplab":
+            return DeepLabV3Head(self.num_classes, rates=tuple(self.aspp_rates), **common)
+        if self.head == "fcn":
+            return FCNHead(self.num_classes, **common)
+        raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
+
+
+def _stage_sizes(depth: int) -> tuple[int, ...]:
+    if depth not in STAGE_SIZES:
+        raise ValueError(f"unknown ResNet depth {depth}; expected one of {sorted(STAGE_SIZES)}")
+    return STAGE_SIZES[depth]
