@@ -99,7 +99,7 @@ class Segmenter(nn.Module):
                 tuple(self.jpu_dilations),
                 dtype=self.dtype,
                 depthwise_implementation=self.depthwise_implementation,
-                name="jpu",
+                name="neck",
             )(c2, c3, c4, train)
             self._sow("jpu", feat)
         elif self.neck == "jpux":
@@ -108,7 +108,7 @@ class Segmenter(nn.Module):
                 num_groups=self.jpux_groups,
                 dtype=self.dtype,
                 depthwise_implementation=self.depthwise_implementation,
-                name="jpu",
+                name="neck",
             )(c2, c3, c4, train)
             self._sow("jpu", feat)
         elif self.neck == "dilated":
@@ -127,7 +127,7 @@ class Segmenter(nn.Module):
             outputs["se_logits"] = head_out["se_logits"].astype(jnp.float32)
 
         if self.aux:
-            aux_logits = FCNHead(self.num_classes, dropout=self.dropout, dtype=self.dtype, name="aux_head")(
+            aux_logits = FCNHead(self.num_classes, dropout=self.dropout, dtype=self.dtype, name="auxiliary_head")(
                 c3, train
             )["logits"].astype(jnp.float32)
             self._sow("aux_head", aux_logits)
@@ -135,7 +135,7 @@ class Segmenter(nn.Module):
         return outputs
 
     def _head(self) -> nn.Module:
-        common = dict(dropout=self.dropout, dtype=self.dtype, name="head")
+        common = dict(dropout=self.dropout, dtype=self.dtype, name="decode_head")
         if self.head == "encnet":
             return EncNetHead(
                 self.num_classes,

@@ -1,0 +1,186 @@
+"""PyTorch state_dict -> Flax variables for the models of :mod:`fastfcn_jax.models`, strictly checked."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from fastfcn_jax.convert.keymap import CLASSIFIER_MODULES, UNUSED_SOURCE_KEY, torch_key, torch_module
+from fastfcn_jax.models import create_model, model_config
+
+SOURCES = ("official", "resnet_s", "torchvision")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: missing or unexpected keys, or a shape mismatch."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion used, filled, dropped and left over (all PyTorch keys or Flax paths)."""
+
+    used: list[str] = dataclasses.field(default_factory=list)
+    filled: list[str] = dataclasses.field(default_factory=list)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    initialized: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"source keys used: {len(self.used)}",
+            f"model variables filled from the checkpoint: {len(self.filled)}",
+            f"source keys dropped as unused (counters, ImageNet fc): {len(self.dropped)}",
+            f"unexpected source keys ignored: {len(self.unexpected)}",
+            f"model variables freshly initialised: {len(self.initialized)}",
+        ]
+        for title, items in (("unexpected", self.unexpected), ("initialised", self.initialized)):
+            lines += [f"  {title}: {item}" for item in items]
+        return "\n".join(lines)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; torch itself is never imported
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _normalise_keys(state_dict: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("module."):  # saved from DataParallel / DDP
+            key = key[len("module.") :]
+        if source in ("resnet_s", "torchvision") and not key.startswith("pretrained."):
+            key = "pretrained." + key
+        out[key] = value
+    return out
+
+
+def convert_with_report(
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    num_classes: int,
+    source: str = "official",
+    *,
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+    reinit_classifier: bool = False,
+    seed: int = 0,
+    model_overrides: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], ConversionReport]:
+    """Like :func:`convert_state_dict`, also returning the :class:`ConversionReport`."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    overrides = dict(model_overrides or {})
+    if source == "torchvision":
+        overrides.setdefault("stem", "standard")
+    config = model_config(model_name, **overrides)
+    model = create_model(model_name, num_classes, **overrides)
+    dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed), dummy, train=False))
+
+    source_dict = _normalise_keys(state_dict, source)
+    backbone_only = source in ("resnet_s", "torchvision")
+    report = ConversionReport()
+    converted: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
+    need_init: list[tuple[str, tuple[str, ...]]] = []
+    errors: list[str] = []
+    for collection in ("params", "batch_stats"):
+        flat = traverse_util.flatten_dict(template.get(collection, {}))
+        converted[collection] = {}
+        for path, spec in flat.items():
+            flax_name = f"{collection}/{'/'.join(path)}"
+            module = "/".join(path[:-1])
+            key, to_flax = torch_key(collection, path, config["head"], config.get("stem", "deep"))
+            if reinit_classifier and module in CLASSIFIER_MODULES:
+                need_init.append((collection, path))
+                continue
+            if key not in source_dict:
+                if allow_missing or (backbone_only and path[0] != "backbone"):
+                    need_init.append((collection, path))
+                else:
+                    report.missing.append(f"{key} (for {flax_name}, shape {tuple(spec.shape)})")
+                continue
+            raw = _to_numpy(source_dict[key])
+            value = to_flax(raw.astype(np.float32))
+            if tuple(value.shape) != tuple(spec.shape):
+                errors.append(
+                    f"{key}: checkpoint shape {tuple(raw.shape)} (Flax layout {tuple(value.shape)}) does not match "
+                    f"model variable {flax_name} of shape {tuple(spec.shape)}"
+                )
+                continue
+            converted[collection][path] = value
+            report.used.append(key)
+            report.filled.append(flax_name)
+
+    used = set(report.used)
+    for key in source_dict:
+        if key in used:
+            continue
+        if UNUSED_SOURCE_KEY.search(key) or (reinit_classifier and _is_classifier_key(key, config["head"])):
+            report.dropped.append(key)
+        else:
+            report.unexpected.append(key)
+
+    if report.missing:
+        errors.append(
+            f"{len(report.missing)} model variable(s) missing from the checkpoint (pass allow_missing / "
+            "--allow-missing to initialise them randomly): " + "; ".join(report.missing[:20])
+        )
+    if report.unexpected and not allow_unexpected:
+        errors.append(
+            f"{len(report.unexpected)} unexpected checkpoint key(s) (pass allow_unexpected / --allow-unexpected to "
+            "ignore them): " + ", ".join(report.unexpected[:20])
+        )
+    if errors:
+        raise ConversionError(f"cannot convert the checkpoint into {model_name} (num_classes={num_classes}):\n- "
+                              + "\n- ".join(errors))
+
+    if need_init:
+        fresh = jax.jit(lambda: model.init(jax.random.PRNGKey(seed), dummy, train=False))()
+        for collection, path in need_init:
+            converted[collection][path] = np.asarray(traverse_util.flatten_dict(fresh[collection])[path])
+            report.initialized.append(f"{collection}/{'/'.join(path)}")
+
+    variables = {c: traverse_util.unflatten_dict(v) for c, v in converted.items() if v}
+    return variables, report
+
+
+def _is_classifier_key(key: str, head: str) -> bool:
+    prefixes = []
+    for module in CLASSIFIER_MODULES:
+        try:
+            prefixes.append(torch_module(module, head) + ".")
+        except KeyError:
+            continue
+    return any(key.startswith(p) for p in prefixes)
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    num_classes: int,
+    source: str = "official",
+    **options: Any,
+) -> dict[str, Any]:
+    """Converts a PyTorch state_dict into ``{'params', 'batch_stats'}`` for ``create_model(model_name, num_classes)``.
+
+    ``state_dict`` maps keys to NumPy arrays (or torch tensors); ``num_batches_tracked`` counters and the
+    unused ImageNet ``pretrained.fc.*`` are dropped. Sources: ``'official'`` (FastFCN / PyTorch-Encoding
+    checkpoints: ``pretrained.``, ``jpu.``, ``head.``, ``auxlayer.``), ``'resnet_s'`` (deep-stem ImageNet
+    backbone, e.g. GluonCV v1s / timm ``resnet50s.gluon_in1k``) and ``'torchvision'`` (7x7 stem; the
+    target model is ``create_model(..., stem='standard')``). For the backbone-only sources the JPU and
+    heads are freshly initialised. Options: ``allow_missing``, ``allow_unexpected``,
+    ``reinit_classifier`` (fresh main, aux and SE classifiers, e.g. for another class count), ``seed``,
+    ``model_overrides``. Raises :class:`ConversionError` naming every offending key.
+    """
+    variables, _ = convert_with_report(state_dict, model_name, num_classes, source, **options)
+    return variables
