@@ -145,7 +145,9 @@ def convert_with_report(
                               + "\n- ".join(errors))
 
     if need_init:
-        fresh = jax.jit(lambda: model.init(jax.random.PRNGKey(seed), dummy, train=False))()
+        # The 'rbg' generator compiles about twice as fast as threefry for a full model's init.
+        key = jax.random.key(seed, impl="rbg")
+        fresh = jax.jit(lambda: model.init(key, dummy, train=False))()
         for collection, path in need_init:
             converted[collection][path] = np.asarray(traverse_util.flatten_dict(fresh[collection])[path])
             report.initialized.append(f"{collection}/{'/'.join(path)}")

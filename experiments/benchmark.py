@@ -1,0 +1,85 @@
+"""Forward latency and XLA FLOPs of FastFCN models, dilated vs. JPU (the paper's speed comparison).
+
+    python experiments/benchmark.py                      # 6 r50 models, 512x512, batch 1
+    python experiments/benchmark.py --quick              # tiny variants at 64x64, a smoke test
+    python experiments/benchmark.py --models encnet_jpu_r101,encnet_dilated_r101 --dtype bfloat16 \\
+        --output /tmp/bench.json
+
+Prints the JSON results (unless --no-print-json) and then a markdown table to stdout; progress goes to
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Runnable from a source checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastfcn_jax.benchmark import DEFAULT_MODELS, format_table, run_benchmark, tiny_variant  # noqa: E402
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW, got {text!r}")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)})")
+    parser.add_argument("--num-classes", type=int, default=150, help="150 (ADE20K) or 59 (PASCAL Context)")
+    parser.add_argument("--size", type=_image_size, help="input size, SIZE or HxW (default 512)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--warmup", type=int, help="untimed runs after compilation (default 2)")
+    parser.add_argument("--repeats", type=int, help="timed runs; the median is reported (default 5)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--no-aux", dest="aux", action="store_false", help="drop the auxiliary FCN head")
+    parser.add_argument("--output", type=Path, help="also write the JSON results to this file")
+    parser.add_argument("--no-print-json", dest="print_json", action="store_false")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: _tiny variants at 64x64, 1 warm-up, 2 repeats"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    names = args.models.split(",") if args.models else list(DEFAULT_MODELS)
+    names = [n.strip() for n in names if n.strip()]
+    # --quick only fills in what was not given explicitly.
+    quick = args.quick
+    size = args.size or ((64, 64) if quick else (512, 512))
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    repeats = args.repeats if args.repeats is not None else (2 if quick else 5)
+    if quick:
+        names = [tiny_variant(n) for n in names]
+
+    results = run_benchmark(
+        names,
+        num_classes=args.num_classes,
+        image_size=size,
+        batch_size=args.batch_size,
+        warmup=warmup,
+        repeats=repeats,
+        dtype=args.dtype,
+        aux=args.aux,
+    )
+    text = json.dumps(results, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    if args.print_json:
+        print(text)
+        print()
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Forward-pass latency and XLA-counted FLOPs of FastFCN models, dilated and JPU backbones side by side.
+
+Reproduces the paper's speed comparison (FastFCN Table 1: dilated FCN vs. JPU) in JAX: every model is
+timed in inference mode (``train=False``) on random weights and a fixed random input, and its FLOPs are
+taken from XLA's cost analysis of the compiled forward pass. Each ``X_jpu_S`` / ``X_jpux_S`` model is
+paired with ``X_dilated_S`` when both are benchmarked, giving the speed-up (dilated latency / JPU latency)
+and the FLOP ratio.
+
+TensorFlow-free on purpose (only jax, flax, numpy and :mod:`fastfcn_jax.models`), so it runs on a bare
+accelerator image.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastfcn_jax.models import create_model
+
+DEFAULT_MODELS = (
+    "encnet_jpu_r50",
+    "encnet_dilated_r50",
+    "psp_jpu_r50",
+    "psp_dilated_r50",
+    "deeplab_jpu_r50",
+    "deeplab_dilated_r50",
+)
+JPU_NECKS = ("jpu", "jpux")
+
+# Distinct keys so the input does not depend on how many models were initialised before it.
+_INPUT_SEED = 0
+_PARAM_SEED = 1
+
+
+def _split_name(name: str) -> tuple[str, str, str]:
+    head, neck, size = name.split("_")
+    return head, neck, size
+
+
+def tiny_variant(name: str) -> str:
+    """``'encnet_jpu_r50'`` -> ``'encnet_jpu_tiny'``: the same head and neck at the tiny test size."""
+    head, neck, _ = _split_name(name)
+    return f"{head}_{neck}_tiny"
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """FLOPs of a compiled computation from XLA's cost analysis, or ``None`` if the backend has none.
+
+    ``cost_analysis()`` returns a dict in recent jax and a list with one dict per device program in
+    older ones; it may also be ``None`` or lack ``'flops'`` on some backends. XLA counts a multiply-add
+    as two FLOPs.
+    """
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, Sequence):
+        analysis = analysis[0] if analysis else None
+    if not isinstance(analysis, Mapping) or "flops" not in analysis:
+        return None
+    flops = float(analysis["flops"])
+    # Some backends report -1 for "unknown".
+    return flops if flops >= 0 else None
+
+
+def environment() -> dict[str, Any]:
+    """Software and device facts that make a timing reproducible."""
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": _jaxlib_version(),
+        "flax_version": flax.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except (ImportError, AttributeError):
+        return None
+
+
+def _count(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def benchmark_model(
+    name: str,
+    *,
+    num_classes: int = 150,
+    image_size: tuple[int, int] = (512, 512),
+    batch_size: int = 1,
+    warmup: int = 2,
+    repeats: int = 5,
+    dtype: str = "float32",
+    aux: bool = True,
+) -> dict[str, Any]:
+    """Times ``model.apply(variables, images, train=False)`` for one registered model.
+
+    Returns a JSON-ready dict: latency statistics in milliseconds (median over ``repeats`` runs after
+    ``warmup`` untimed ones), XLA FLOPs, compile time, parameter count and the settings used.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    height, width = (int(s) for s in image_size)
+    model = create_model(name, num_classes, dtype=dtype, aux=aux)
+    images = jax.random.normal(jax.random.PRNGKey(_INPUT_SEED), (batch_size, height, width, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(_PARAM_SEED), images)
+
+    # Variables are an argument rather than a closure so XLA cannot constant-fold the weights, which
+    # would both bloat compilation and make the FLOP count unrepresentative.
+    forward = jax.jit(functools.partial(model.apply, train=False))
+    start = time.perf_counter()
+    compiled = forward.lower(variables, images).compile()
+    compile_s = time.perf_counter() - start
+
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(variables, images))
+    times_ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(variables, images))
+        times_ms.append((time.perf_counter() - start) * 1e3)
+
+    median_ms = statistics.median(times_ms)
+    head, neck, size = _split_name(name)
+    return {
+        "name": name,
+        "head": head,
+        "neck": neck,
+        "size": size,
+        "num_classes": num_classes,
+        "image_size": [height, width],
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "aux": aux,
+        "params": _count(variables["params"]),
+        "flops": xla_flops(compiled),
+        "compile_s": compile_s,
+        "latency_ms": {
+            "median": median_ms,
+            "mean": statistics.fmean(times_ms),
+            "min": min(times_ms),
+            "max": max(times_ms),
+            "runs": times_ms,
+        },
+        "images_per_s": batch_size * 1e3 / median_ms,
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def compare_pairs(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Pairs every benchmarked ``X_jpu_S`` (and ``X_jpux_S``) with ``X_dilated_S``.
+
+    ``speedup`` is dilated latency / JPU latency and ``flop_ratio`` dilated FLOPs / JPU FLOPs, so values
+    above 1 mean the JPU model is faster / cheaper.
+    """
+    pairs = []
+    for name, fast in models.items():
+        head, neck, size = _split_name(name)
+        dilated = models.get(f"{head}_dilated_{size}")
+        if neck not in JPU_NECKS or dilated is None:
+            continue
+        pairs.append(
+            {
+                "head": head,
+                "size": size,
+                "jpu": name,
+                "dilated": dilated["name"],
+                "jpu_latency_ms": fast["latency_ms"]["median"],
+                "dilated_latency_ms": dilated["latency_ms"]["median"],
+                "speedup": _ratio(dilated["latency_ms"]["median"], fast["latency_ms"]["median"]),
+                "jpu_flops": fast["flops"],
+                "dilated_flops": dilated["flops"],
+                "flop_ratio": _ratio(dilated["flops"], fast["flops"]),
+            }
+        )
+    return pairs
+
+
+def run_benchmark(names: Sequence[str], *, log: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """Benchmarks each model in ``names`` (``kwargs`` go to :func:`benchmark_model`) and pairs them.
+
+    Returns ``{'environment', 'settings', 'models': {name: result}, 'pairs': [...]}``. Progress goes to
+    stderr when ``log`` so that stdout can carry the JSON.
+    """
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise ValueError("no models to benchmark")
+    for name in names:
+        # Fail before spending minutes on the models that precede a typo.
+        create_model(name, kwargs.get("num_classes", 150))
+    models: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if log:
+            print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        models[name] = benchmark_model(name, **kwargs)
+        if log:
+            result = models[name]
+            print(
+                f"  {result['latency_ms']['median']:.1f} ms, compile {result['compile_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    first = next(iter(models.values()))
+    settings = {
+        key: first[key]
+        for key in ("num_classes", "image_size", "batch_size", "dtype", "aux", "warmup", "repeats")
+    }
+    return {
+        "environment": environment(),
+        "settings": settings,
+        "models": models,
+        "pairs": compare_pairs(models),
+    }
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + suffix
+
+
+def _gflops(flops: float | None) -> str:
+    if flops is None:
+        return "n/a"
+    gflops = flops / 1e9
+    # Tiny test models are well under 1 GFLOP; a fixed one decimal would print them all as 0.0.
+    return f"{gflops:.1f}" if gflops >= 10 else f"{gflops:.3g}"
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Markdown tables of per-model results and dilated-vs-JPU pairs, with a one-line header."""
+    env, settings = results["environment"], results["settings"]
+    height, width = settings["image_size"]
+    lines = [
+        f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}; {height}x{width}, "
+        f"batch {settings['batch_size']}, {settings['num_classes']} classes, {settings['dtype']}, "
+        f"aux {'on' if settings['aux'] else 'off'}; median of {settings['repeats']} runs "
+        f"after {settings['warmup']} warm-up",
+        "",
+        "| model | params (M) | GFLOPs | latency (ms) | img/s | compile (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for result in results["models"].values():
+        lines.append(
+            f"| {result['name']} | {result['params'] / 1e6:.1f} | {_gflops(result['flops'])} "
+            f"| {result['latency_ms']['median']:.1f} | {result['images_per_s']:.2f} "
+            f"| {result['compile_s']:.1f} |"
+        )
+    if results["pairs"]:
+        lines += [
+            "",
+            "| pair | dilated (ms) | JPU (ms) | speed-up | dilated GFLOPs | JPU GFLOPs | FLOP ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for pair in results["pairs"]:
+            lines.append(
+                f"| {pair['jpu']} vs {pair['dilated']} | {pair['dilated_latency_ms']:.1f} "
+                f"| {pair['jpu_latency_ms']:.1f} | {_fmt(pair['speedup'], '.2f', 'x')} "
+                f"| {_gflops(pair['dilated_flops'])} | {_gflops(pair['jpu_flops'])} "
+                f"| {_fmt(pair['flop_ratio'], '.2f', 'x')} |"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""The latency/FLOPs benchmark: result structure, FLOP sanity and the TensorFlow-free import.
+
+Never asserts on wall-clock time: timings on shared CI machines are noise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastfcn_jax import benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+PAIR = ("encnet_jpu_tiny", "encnet_dilated_tiny")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return benchmark.run_benchmark(PAIR, num_classes=59, image_size=(64, 64), warmup=1, repeats=1, log=False)
+
+
+def test_run_benchmark_structure(results: dict) -> None:
+    assert set(results) == {"environment", "settings", "models", "pairs"}
+    assert list(results["models"]) == list(PAIR)
+    assert results["settings"]["image_size"] == [64, 64]
+    assert results["settings"]["num_classes"] == 59
+    env = results["environment"]
+    assert env["backend"] and env["device_kind"] and env["jax_version"]
+    for name, result in results["models"].items():
+        assert result["name"] == name
+        assert result["params"] > 0
+        assert result["flops"] is not None and result["flops"] > 0
+        assert result["compile_s"] >= 0
+        latency = result["latency_ms"]
+        assert len(latency["runs"]) == 1
+        assert math.isfinite(latency["median"]) and latency["median"] > 0
+        assert latency["min"] <= latency["median"] <= latency["max"]
+    # JSON-serialisable as is: the CLI dumps it without a custom encoder.
+    json.dumps(results)
+
+
+def test_pairs_dilated_costs_more_flops(results: dict) -> None:
+    (pair,) = results["pairs"]
+    assert (pair["jpu"], pair["dilated"]) == PAIR
+    jpu, dilated = (results["models"][name] for name in PAIR)
+    assert pair["flop_ratio"] == pytest.approx(dilated["flops"] / jpu["flops"])
+    assert pair["speedup"] == pytest.approx(dilated["latency_ms"]["median"] / jpu["latency_ms"]["median"])
+    # The paper's point: output stride 8 through c3/c4 costs more than JPU's stride-32 backbone.
+    assert dilated["flops"] > jpu["flops"]
+
+
+def test_format_table(results: dict) -> None:
+    table = benchmark.format_table(results)
+    for name in PAIR:
+        assert f"| {name} |" in table
+    assert "speed-up" in table and "FLOP ratio" in table
+
+
+def test_compare_pairs_skips_unpaired() -> None:
+    fake = {"latency_ms": {"median": 2.0}, "flops": 4.0}
+    models = {
+        "psp_jpu_r50": {"name": "psp_jpu_r50", **fake},
+        "psp_jpux_r50": {"name": "psp_jpux_r50", **fake},
+        "psp_dilated_r50": {"name": "psp_dilated_r50", **fake},
+        "encnet_jpu_r50": {"name": "encnet_jpu_r50", **fake},
+        "psp_jpu_r101": {"name": "psp_jpu_r101", **fake},
+    }
+    pairs = benchmark.compare_pairs(models)
+    assert [(p["jpu"], p["dilated"]) for p in pairs] == [
+        ("psp_jpu_r50", "psp_dilated_r50"),
+        ("psp_jpux_r50", "psp_dilated_r50"),
+    ]
+    assert all(p["speedup"] == 1.0 and p["flop_ratio"] == 1.0 for p in pairs)
+
+
+def test_xla_flops_accepts_both_return_forms() -> None:
+    class Compiled:
+        def __init__(self, analysis: object) -> None:
+            self.analysis = analysis
+
+        def cost_analysis(self) -> object:
+            return self.analysis
+
+    assert benchmark.xla_flops(Compiled({"flops": 3.0})) == 3.0
+    assert benchmark.xla_flops(Compiled([{"flops": 5.0}])) == 5.0
+    assert benchmark.xla_flops(Compiled([])) is None
+    assert benchmark.xla_flops(Compiled(None)) is None
+    assert benchmark.xla_flops(Compiled({"flops": -1.0})) is None
+
+
+def test_unknown_model_fails_fast() -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        benchmark.run_benchmark(["encnet_jpu_tiny", "encnet_nope_tiny"], log=False)
+
+
+def test_cli_writes_json(results: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("benchmark_cli", REPO / "experiments" / "benchmark.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    calls = []
+
+    def fake_run(names: list[str], **kwargs: object) -> dict:
+        calls.append((names, kwargs))
+        return results
+
+    monkeypatch.setattr(cli, "run_benchmark", fake_run)
+    output = tmp_path / "bench.json"
+    cli.main(["--quick", "--models", "encnet_jpu_r50,encnet_dilated_r50", "--output", str(output)])
+    ((names, kwargs),) = calls
+    assert names == ["encnet_jpu_tiny", "encnet_dilated_tiny"]
+    assert kwargs["image_size"] == (64, 64) and kwargs["warmup"] == 1 and kwargs["repeats"] == 2
+    assert kwargs["aux"] is True
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    assert "| encnet_jpu_tiny |" in capsys.readouterr().out
+
+
+def test_import_is_tensorflow_free() -> None:
+    code = (
+        "import sys, fastfcn_jax.benchmark\n"
+        "heavy = {'tensorflow', 'tensorflow_datasets', 'ml_collections'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,0 +1,235 @@
+"""Layers against NumPy re-implementations of PyTorch's own index formulas, written here."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastfcn_jax.models import layers
+
+
+def torch_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """PyTorch's upsample_bilinear2d (align_corners=True) pixel by pixel, on [H, W] arrays."""
+    in_h, in_w = x.shape
+
+    def source(dst, in_size, out_size):
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        real = scale * dst
+        i0 = int(math.floor(real))
+        i1 = i0 + (1 if i0 < in_size - 1 else 0)
+        lam1 = real - i0
+        return i0, i1, 1.0 - lam1, lam1
+
+    out = np.zeros((out_h, out_w))
+    for oh in range(out_h):
+        h0, h1, h0l, h1l = source(oh, in_h, out_h)
+        for ow in range(out_w):
+            w0, w1, w0l, w1l = source(ow, in_w, out_w)
+            out[oh, ow] = h0l * (w0l * x[h0, w0] + w1l * x[h0, w1]) + h1l * (w0l * x[h1, w0] + w1l * x[h1, w1])
+    return out
+
+
+def torch_adaptive_avg_pool(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """PyTorch's adaptive_avg_pool2d on [H, W]: start = floor(i*in/out), end = ceil((i+1)*in/out)."""
+    in_h, in_w = x.shape
+    out = np.zeros((out_h, out_w))
+    for i in range(out_h):
+        hs, he = (i * in_h) // out_h, ((i + 1) * in_h + out_h - 1) // out_h
+        for j in range(out_w):
+            ws, we = (j * in_w) // out_w, ((j + 1) * in_w + out_w - 1) // out_w
+            out[i, j] = x[hs:he, ws:we].mean()
+    return out
+
+
+RESIZE_CASES = [
+    ((9, 11), (65, 81)),  # head output -> parity input size
+    ((3, 3), (9, 11)),  # JPU: c4 -> c2 on the parity input
+    ((5, 6), (9, 11)),
+    ((1, 1), (7, 5)),  # 1-pixel input (ASPP pooling branch)
+    ((7, 5), (1, 1)),  # 1-pixel output
+    ((13, 17), (4, 5)),  # downsampling
+    ((1, 6), (3, 1)),
+    ((64, 64), (512, 512)),
+]
+
+
+@pytest.mark.parametrize(("in_size", "out_size"), RESIZE_CASES)
+def test_resize_bilinear_matches_pytorch_align_corners(in_size, out_size):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, *in_size, 3)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(layers.resize_bilinear(jnp.asarray(x), out_size))
+    assert got.shape == (2, *out_size, 3)
+    for b in range(2):
+        for c in range(3):
+            want = torch_bilinear_align_corners(x[b, :, :, c].astype(np.float64), *out_size)
+            np.testing.assert_allclose(got[b, :, :, c], want, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_bilinear_keeps_corners_and_is_identity_on_same_size():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, 7, 2)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        y = layers.resize_bilinear(x, (9, 13))
+    for (i, j), (k, m) in [((0, 0), (0, 0)), ((0, -1), (0, -1)), ((-1, 0), (-1, 0)), ((-1, -1), (-1, -1))]:
+        np.testing.assert_allclose(y[0, i, j], x[0, k, m], rtol=1e-6)
+    assert layers.resize_bilinear(x, (5, 7)) is x
+
+
+@pytest.mark.parametrize("in_size", [(9, 11), (5, 6), (3, 3), (13, 17), (64, 64), (1, 1), (2, 7)])
+@pytest.mark.parametrize("bins", [1, 2, 3, 6])
+def test_adaptive_avg_pool_matches_pytorch(in_size, bins):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, *in_size, 2)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(layers.adaptive_avg_pool(jnp.asarray(x), bins))
+    assert got.shape == (1, bins, bins, 2)
+    for c in range(2):
+        want = torch_adaptive_avg_pool(x[0, :, :, c].astype(np.float64), bins, bins)
+        np.testing.assert_allclose(got[0, :, :, c], want, rtol=1e-5, atol=1e-6)
+
+
+def numpy_conv(x: np.ndarray, kernel: np.ndarray, stride: int, pad: int, dilation: int = 1, groups: int = 1):
+    """Direct NHWC convolution with symmetric zero padding, as PyTorch's Conv2d(padding=pad)."""
+    b, h, w, cin = x.shape
+    kh, kw, cin_g, cout = kernel.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out_h = (h + 2 * pad - dilation * (kh - 1) - 1) // stride + 1
+    out_w = (w + 2 * pad - dilation * (kw - 1) - 1) // stride + 1
+    out = np.zeros((b, out_h, out_w, cout))
+    cout_g = cout // groups
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = xp[:, i * stride : i * stride + dilation * (kh - 1) + 1 : dilation,
+                       j * stride : j * stride + dilation * (kw - 1) + 1 : dilation, :]
+            for g in range(groups):
+                pg = patch[..., g * cin_g : (g + 1) * cin_g]
+                kg = kernel[..., g * cout_g : (g + 1) * cout_g]
+                out[:, i, j, g * cout_g : (g + 1) * cout_g] = np.einsum("bhwc,hwco->bo", pg, kg)
+    return out
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (6, 5)])
+def test_stride2_conv_pads_symmetrically_like_pytorch(size):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, *size, 3)).astype(np.float32)
+    conv = layers.conv2d(4, 3, stride=2)
+    params = conv.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(conv.apply(params, jnp.asarray(x)))
+    want = numpy_conv(x, np.asarray(params["params"]["kernel"]), stride=2, pad=1)
+    # PyTorch's output size floor((n + 2 - 3) / 2) + 1.
+    assert got.shape[1:3] == ((size[0] - 1) // 2 + 1, (size[1] - 1) // 2 + 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4, 8])
+@pytest.mark.parametrize("implementation", ["shifted", "grouped"])
+def test_depthwise_conv_matches_grouped_convolution(dilation, implementation):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 9, 11, 5)).astype(np.float32)
+    module = layers.DepthwiseConv(3, dilation, implementation=implementation)
+    params = module.init(jax.random.PRNGKey(1), jnp.asarray(x))
+    kernel = np.asarray(params["params"]["kernel"])
+    assert kernel.shape == (3, 3, 1, 5)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(module.apply(params, jnp.asarray(x)))
+    want = numpy_conv(x, kernel, stride=1, pad=dilation, dilation=dilation, groups=5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_eval_uses_running_statistics_like_pytorch():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
+    bn = layers.BatchNorm(use_running_average=True)
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    mean, var = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, 6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    variables = {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": mean, "var": var}}
+    got = np.asarray(bn.apply(variables, jnp.asarray(x)))
+    want = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_train_normalises_biased_and_updates_running_var_unbiased():
+    rng = np.random.default_rng(6)
+    x = (3.0 + 2.0 * rng.standard_normal((2, 3, 5, 4))).astype(np.float32)
+    bn = layers.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    got, updated = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+    flat = x.reshape(-1, 4).astype(np.float64)
+    n = flat.shape[0]
+    biased, unbiased = flat.var(axis=0), flat.var(axis=0) * n / (n - 1)
+    np.testing.assert_allclose(got, (x - flat.mean(0)) / np.sqrt(biased + 1e-5), rtol=1e-4, atol=1e-4)
+    # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch statistic.
+    np.testing.assert_allclose(updated["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(updated["batch_stats"]["var"], 0.9 + 0.1 * unbiased, rtol=1e-5)
+
+
+def test_batchnorm_over_codeword_axis_normalises_per_feature_axis_index():
+    x = np.random.default_rng(7).standard_normal((3, 4, 8)).astype(np.float32)
+    bn = layers.BatchNorm(use_running_average=False, feature_axis=1)
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    assert variables["params"]["scale"].shape == (4,)
+    got, _ = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+    mean = x.mean(axis=(0, 2), keepdims=True)
+    var = x.var(axis=(0, 2), keepdims=True)
+    np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_matches_definition():
+    x = np.random.default_rng(8).standard_normal((2, 5, 6, 8)).astype(np.float32)
+    norm = layers.make_norm("group", train=False, dtype=jnp.float32, num_groups=4)
+    variables = norm.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    got = np.asarray(norm.apply(variables, jnp.asarray(x)))
+    grouped = x.reshape(2, 5, 6, 4, 2)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    var = grouped.var(axis=(1, 2, 4), keepdims=True)
+    np.testing.assert_allclose(got, ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_separable_conv_is_depthwise_norm_pointwise_norm_relu_without_relu_between():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 7, 9, 6)).astype(np.float32)
+    module = layers.SeparableConv(4, dilation=2)
+    variables = module.init(jax.random.PRNGKey(2), jnp.asarray(x))
+    params = variables["params"]
+    # Non-trivial running statistics so that a missing or misplaced norm would show.
+    stats = {
+        "depthwise_norm": {"mean": rng.normal(size=6).astype(np.float32), "var": rng.uniform(0.5, 2, 6).astype(np.float32)},
+        "pointwise_norm": {"mean": rng.normal(size=4).astype(np.float32), "var": rng.uniform(0.5, 2, 4).astype(np.float32)},
+    }
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(module.apply({"params": params, "batch_stats": stats}, jnp.asarray(x)))
+
+    def bn(y, name):
+        p, s = params[name], stats[name]
+        return (y - s["mean"]) / np.sqrt(s["var"] + 1e-5) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+    y = numpy_conv(x, np.asarray(params["depthwise"]["kernel"]), 1, 2, dilation=2, groups=6)
+    y = bn(y, "depthwise_norm")  # no ReLU here, as the reference
+    y = numpy_conv(y, np.asarray(params["pointwise"]["kernel"]), 1, 0)
+    want = np.maximum(bn(y, "pointwise_norm"), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_dropout_drops_whole_channels_only_in_training():
+    x = jnp.ones((2, 5, 6, 32))
+    drop = layers.channel_dropout(0.5, train=True)
+    y = np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)}))
+    per_channel = y.reshape(2, 30, 32)
+    assert np.all(per_channel.min(axis=1) == per_channel.max(axis=1))  # constant over H, W
+    assert set(np.unique(y)) == {0.0, 2.0}
+    np.testing.assert_array_equal(layers.channel_dropout(0.5, train=False).apply({}, x), x)
+
+
+def test_conv_bn_relu_names_its_submodules_conv_and_bn():
+    module = layers.ConvBNReLU(4, 3)
+    variables = module.init(jax.random.PRNGKey(0), jnp.ones((1, 5, 5, 2)))
+    assert set(variables["params"]) == {"conv", "bn"}
+    assert "bias" not in variables["params"]["conv"]
+    assert isinstance(module, nn.Module)

@@ -1,0 +1,227 @@
+"""Model structure: parameter counts of the official models, shapes, registry, train/eval, dtype policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastfcn_jax.models import INTERMEDIATE_NAMES, available_models, create_model, model_from_config
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def abstract_variables(model, size=(64, 64)):
+    images = jnp.zeros((1, *size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+
+
+def abstract_outputs(model, variables, size):
+    images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
+    return jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, images
+    )
+
+
+# Counted from the official PyTorch models (nclass=150, aux on, SE on for EncNet; parameters only,
+# backbone without its unused ImageNet fc).
+OFFICIAL_PARAMETER_COUNTS = {
+    "encnet_jpu_r50": 47_511_522,
+    "psp_jpu_r50": 68_916_460,
+    "deeplab_jpu_r50": 61_929_708,
+    "fcn_jpu_r50": 55_280_876,
+    "encnet_dilated_r50": 36_164_578,
+    "encnet_jpux_r50": 47_495_138,
+    "encnet_jpu_r101": 66_503_650,
+}
+
+
+@pytest.mark.parametrize(("name", "expected"), sorted(OFFICIAL_PARAMETER_COUNTS.items()))
+def test_parameter_count_equals_official_model(name, expected):
+    variables = abstract_variables(create_model(name, 150))
+    assert count(variables["params"]) == expected
+
+
+def test_parameter_counts_of_parts_equal_official_modules():
+    params = abstract_variables(create_model("encnet_jpu_r50", 150))["params"]
+    assert count(params["backbone"]) == 23_631_808
+    assert count(params["neck"]) == 19_735_552
+    assert count(params["decode_head"]) == 1_745_804
+    assert count(params["auxiliary_head"]) == 2_398_358
+    r101 = abstract_variables(create_model("encnet_jpu_r101", 150))["params"]
+    assert count(r101["backbone"]) == 42_623_936
+    jpux = abstract_variables(create_model("encnet_jpux_r50", 150))["params"]
+    assert count(jpux["neck"]) == 19_719_168
+
+
+def test_batchnorm_running_statistics_count():
+    variables = abstract_variables(create_model("encnet_jpu_r50", 150))
+    assert count(variables["batch_stats"]) == 75_584
+
+
+def test_standard_stem_backbone_matches_torchvision_resnet50_without_fc():
+    # torchvision resnet50: 25,557,032 parameters, of which fc has 2048 * 1000 + 1000.
+    params = abstract_variables(create_model("fcn_jpu_r50", 150, stem="standard"))["params"]
+    assert count(params["backbone"]) == 25_557_032 - 2_049_000
+
+
+def test_resnet152_stage_sizes():
+    params = abstract_variables(create_model("fcn_dilated_r152", 21, aux=False))["params"]
+    blocks = {k.split("_")[0]: 0 for k in params["backbone"] if k.startswith("layer")}
+    for k in params["backbone"]:
+        if k.startswith("layer"):
+            blocks[k.split("_")[0]] += 1
+    assert blocks == {"layer1": 3, "layer2": 8, "layer3": 36, "layer4": 3}
+
+
+def test_shapes_at_512_for_encnet_jpu_r50():
+    model = create_model("encnet_jpu_r50", 150)
+    out, state = abstract_outputs(model, abstract_variables(model), (512, 512))
+    inter = state["intermediates"]
+    assert inter["c1"].shape == (1, 128, 128, 256)
+    assert inter["c2"].shape == (1, 64, 64, 512)
+    assert inter["c3"].shape == (1, 32, 32, 1024)
+    assert inter["c4"].shape == (1, 16, 16, 2048)
+    assert inter["jpu"].shape == (1, 64, 64, 2048)
+    assert inter["head"].shape == (1, 64, 64, 150)
+    assert inter["aux_head"].shape == (1, 32, 32, 150)
+    assert inter["enc_x"].shape == (1, 64, 64, 512)
+    assert inter["enc_e"].shape == (1, 32, 512)
+    assert inter["enc_en"].shape == (1, 512)
+    assert set(inter) == set(INTERMEDIATE_NAMES)
+    assert out["logits"].shape == (1, 512, 512, 150)
+    assert out["aux_logits"].shape == (1, 512, 512, 150)
+    assert out["se_logits"].shape == (1, 150)
+
+
+def test_shapes_on_odd_input_follow_pytorch_stride2_arithmetic():
+    model = create_model("encnet_jpu_r50", 150)
+    out, state = abstract_outputs(model, abstract_variables(model), (97, 131))
+    inter = state["intermediates"]
+
+    def down(n):  # floor((n + 2 - 3) / 2) + 1
+        return (n - 1) // 2 + 1
+
+    h, w = down(down(97)), down(down(131))  # stem conv and max-pool
+    assert inter["c1"].shape[1:3] == (h, w)
+    for name in ("c2", "c3", "c4"):
+        h, w = down(h), down(w)
+        assert inter[name].shape[1:3] == (h, w)
+    assert inter["c2"].shape[1:3] == (13, 17)
+    assert inter["c3"].shape[1:3] == (7, 9)
+    assert inter["c4"].shape[1:3] == (4, 5)
+    assert inter["jpu"].shape[1:3] == (13, 17)
+    assert out["logits"].shape == (1, 97, 131, 150)
+
+
+@pytest.mark.parametrize(("output_stride", "c3_stride", "c4_stride"), [(8, 8, 8), (16, 16, 16), (32, 16, 32)])
+def test_dilated_backbone_output_strides(output_stride, c3_stride, c4_stride):
+    model = create_model("encnet_dilated_r50", 59, output_stride=output_stride)
+    _, state = abstract_outputs(model, abstract_variables(model), (256, 256))
+    inter = state["intermediates"]
+    assert inter["c2"].shape[1] == 256 // 8
+    assert inter["c3"].shape[1] == 256 // c3_stride
+    assert inter["c4"].shape[1] == 256 // c4_stride
+
+
+def test_registry_names():
+    names = available_models()
+    assert len(names) == 4 * 3 * 4
+    for head in ("encnet", "psp", "deeplab", "fcn"):
+        for neck in ("jpu", "jpux", "dilated"):
+            for size in ("r50", "r101", "r152", "tiny"):
+                assert f"{head}_{neck}_{size}" in names
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("encnet_jpu_r34", {}, "unknown model"),
+        ("unet_jpu_r50", {}, "unknown model"),
+        ("encnet_jpu_r50", {"jpu_widht": 256}, "jpu_widht"),
+        ("encnet_jpu_r50", {"output_stride": 8}, "output_stride"),
+        ("encnet_dilated_r50", {"output_stride": 4}, "output_stride"),
+        ("psp_jpu_r50", {"se_loss": True}, "se_loss"),
+        ("encnet_jpu_r50", {"dtype": "float8"}, "dtype"),
+        ("encnet_jpu_r50", {"stem": "wide"}, "stem"),
+        ("encnet_jpux_r50", {"jpu_width": 96}, "jpux_groups"),
+    ],
+)
+def test_invalid_model_requests_raise_errors_naming_the_problem(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(name, 150, **overrides)
+
+
+def test_model_from_config_mapping():
+    model = model_from_config({"name": "psp_jpu_tiny", "num_classes": 5, "overrides": {"aux": False}})
+    assert model.head == "psp" and model.num_classes == 5 and not model.aux
+    with pytest.raises(ValueError, match="unknown model config key"):
+        model_from_config({"name": "psp_jpu_tiny", "num_classes": 5, "classes": 3})
+
+
+TINY_MODELS = [f"{h}_{n}_tiny" for h in ("encnet", "psp", "deeplab", "fcn") for n in ("jpu", "jpux", "dilated")]
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_tiny_model_trains_and_evaluates(name):
+    model = create_model(name, 5)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 48, 40, 3))
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(1), x, train=False))(images)
+    assert set(variables) == {"params", "batch_stats"}
+
+    eval_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    assert eval_out["logits"].shape == (2, 48, 40, 5)
+    assert eval_out["aux_logits"].shape == (2, 48, 40, 5)
+    assert ("se_logits" in eval_out) == name.startswith("encnet")
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(eval_out))
+
+    @jax.jit
+    def train_apply(v, x, key):
+        return model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+
+    out_a, new_state = train_apply(variables, images, jax.random.PRNGKey(2))
+    out_b, _ = train_apply(variables, images, jax.random.PRNGKey(2))
+    out_c, _ = train_apply(variables, images, jax.random.PRNGKey(3))
+    # Training uses batch statistics and moves the running ones.
+    old, new = variables["batch_stats"], new_state["batch_stats"]
+    moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), old, new)
+    assert all(jax.tree_util.tree_leaves(moved))
+    # Dropout follows the 'dropout' rng and nothing else.
+    np.testing.assert_array_equal(out_a["logits"], out_b["logits"])
+    assert not np.allclose(out_a["logits"], out_c["logits"])
+    # Evaluation is deterministic.
+    again = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    np.testing.assert_array_equal(eval_out["logits"], again["logits"])
+
+
+def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_float32():
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
+    f32 = create_model("encnet_jpu_tiny", 5)
+    bf16 = create_model("encnet_jpu_tiny", 5, dtype="bfloat16")
+    variables = jax.jit(lambda x: f32.init(jax.random.PRNGKey(1), x, train=False))(images)
+    bf16_variables = jax.jit(lambda x: bf16.init(jax.random.PRNGKey(1), x, train=False))(images)
+    for leaf in jax.tree_util.tree_leaves(bf16_variables):
+        assert leaf.dtype == jnp.float32
+    ref = jax.jit(lambda v, x: f32.apply(v, x, train=False))(variables, images)
+    out = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, images)
+    _, state = jax.jit(lambda v, x: bf16.apply(v, x, train=True, mutable=["batch_stats"],
+                                               rngs={"dropout": jax.random.PRNGKey(0)}))(variables, images)
+    for leaf in jax.tree_util.tree_leaves(state):
+        assert leaf.dtype == jnp.float32
+    for key in ("logits", "aux_logits", "se_logits"):
+        assert out[key].dtype == jnp.float32
+        # bfloat16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); through a dozen layers the
+        # error stays within 5% of the output's spread.
+        error = float(jnp.max(jnp.abs(out[key] - ref[key])) / jnp.std(ref[key]))
+        assert error < 0.05, (key, error)
+
+
+def test_models_import_without_tensorflow():
+    code = "import sys, fastfcn_jax.models, fastfcn_jax.convert; assert 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

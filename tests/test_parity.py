@@ -1,0 +1,144 @@
+"""Parity with the official PyTorch FastFCN (master 126661b) on synthetic weights.
+
+The fixtures (copied from shared/parity) hold the official model's outputs for weights that
+``synthetic_weights.py`` rebuilds from each key list; every array is compared with
+``max|out - ref| / std(ref) < 1e-4`` (the official model's own float32 noise is about 1e-5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastfcn_jax.convert import ConversionError, convert_state_dict, convert_with_report
+from fastfcn_jax.models import create_model
+from tests.conftest import FIXTURES
+
+PARITY = FIXTURES / "parity"
+TOLERANCE = 1e-4
+FIXTURE_MODELS = {
+    "encnet_jpu_r50_ade": ("encnet_jpu_r50", 150),
+    "psp_jpu_r50_pcontext": ("psp_jpu_r50", 59),
+    "deeplab_jpu_r50_pcontext": ("deeplab_jpu_r50", 59),
+    "fcn_jpu_r50_pcontext": ("fcn_jpu_r50", 59),
+    "encnet_dilated_r50_pcontext": ("encnet_dilated_r50", 59),
+    "encnet_jpux_r50_pcontext": ("encnet_jpux_r50", 59),
+}
+
+
+def synthetic_weights_module():
+    spec = importlib.util.spec_from_file_location("synthetic_weights", PARITY / "synthetic_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def official_state_dict(fixture: str) -> dict[str, np.ndarray]:
+    weights = synthetic_weights_module()
+    return weights.synthetic_state_dict(weights.load_keys(PARITY / f"{fixture}.keys.json"), seed=0)
+
+
+@pytest.mark.parametrize("fixture", sorted(FIXTURE_MODELS))
+def test_outputs_match_official_model(fixture):
+    model_name, num_classes = FIXTURE_MODELS[fixture]
+    meta = json.loads((PARITY / f"{fixture}.keys.json").read_text())
+    assert meta["nclass"] == num_classes
+    variables, report = convert_with_report(official_state_dict(fixture), model_name, num_classes)
+    # Every tensor of the official model was used; only the unused ImageNet classifier was dropped.
+    assert not report.unexpected and not report.initialized
+    assert sorted(report.dropped) == ["pretrained.fc.bias", "pretrained.fc.weight"]
+
+    reference = np.load(PARITY / f"{fixture}.npz")
+    images = jnp.asarray(reference["input"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+    model = create_model(model_name, num_classes)
+    with jax.default_matmul_precision("highest"):
+        outputs, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
+            variables, images
+        )
+    produced = {**outputs, **state["intermediates"]}
+    compared = [name for name in reference.files if name != "input"]
+    assert {"logits", "aux_logits", "head", "aux_head", "c1", "c2", "c3", "c4"} <= set(compared)
+    for name in compared:
+        ref = reference[name]
+        out = np.asarray(produced[name])
+        if out.ndim == 4:
+            out = out.transpose(0, 3, 1, 2)  # NHWC -> NCHW like the fixture
+        assert out.shape == ref.shape, name
+        error = float(np.max(np.abs(out - ref)) / np.std(ref))
+        assert error < TOLERANCE, f"{fixture}/{name}: max|out - ref| / std(ref) = {error:.2e}"
+
+
+def test_encoding_layer_alone_matches_official_enc_e():
+    from fastfcn_jax.models.heads import Encoding
+
+    reference = np.load(PARITY / "encnet_jpu_r50_ade.npz")
+    state_dict = official_state_dict("encnet_jpu_r50_ade")
+    params = {
+        "codewords": state_dict["head.encmodule.encoding.3.codewords"],
+        "scale": state_dict["head.encmodule.encoding.3.scale"],
+    }
+    enc_x = jnp.asarray(reference["enc_x"].transpose(0, 2, 3, 1))
+    out = np.asarray(Encoding(32).apply({"params": params}, enc_x))
+    ref = reference["enc_e"]
+    assert float(np.max(np.abs(out - ref)) / np.std(ref)) < TOLERANCE
+
+
+def test_missing_key_is_an_error_naming_it():
+    state_dict = official_state_dict("fcn_jpu_r50_pcontext")
+    del state_dict["jpu.conv4.0.weight"]
+    with pytest.raises(ConversionError, match=r"jpu\.conv4\.0\.weight"):
+        convert_state_dict(state_dict, "fcn_jpu_r50", 59)
+
+
+def test_shape_mismatch_names_key_and_both_shapes():
+    state_dict = official_state_dict("fcn_jpu_r50_pcontext")
+    with pytest.raises(ConversionError, match=r"head\.conv5\.4\.weight.*\(59, 512, 1, 1\).*\(1, 1, 512, 150\)"):
+        convert_state_dict(state_dict, "fcn_jpu_r50", 150)
+
+
+def test_unexpected_key_is_an_error_unless_allowed():
+    state_dict = official_state_dict("fcn_jpu_r50_pcontext")
+    state_dict["head.extra.weight"] = np.zeros((3,), np.float32)
+    with pytest.raises(ConversionError, match=r"head\.extra\.weight"):
+        convert_state_dict(state_dict, "fcn_jpu_r50", 59)
+    _, report = convert_with_report(state_dict, "fcn_jpu_r50", 59, allow_unexpected=True)
+    assert report.unexpected == ["head.extra.weight"]
+
+
+def test_reinit_classifier_for_another_class_count_reports_what_it_reinitialised():
+    state_dict = official_state_dict("encnet_jpu_r50_ade")
+    variables, report = convert_with_report(state_dict, "encnet_jpu_r50", 59, reinit_classifier=True)
+    assert sorted(report.initialized) == [
+        "params/auxiliary_head/classifier/conv/bias",
+        "params/auxiliary_head/classifier/conv/kernel",
+        "params/decode_head/classifier/conv/bias",
+        "params/decode_head/classifier/conv/kernel",
+        "params/decode_head/se_classifier/bias",
+        "params/decode_head/se_classifier/kernel",
+    ]
+    assert variables["params"]["decode_head"]["classifier"]["conv"]["kernel"].shape == (1, 1, 512, 59)
+    assert "head.conv6.1.weight" in report.dropped and "head.encmodule.selayer.bias" in report.dropped
+    np.testing.assert_array_equal(
+        variables["params"]["neck"]["conv5"]["conv"]["kernel"],
+        state_dict["jpu.conv5.0.weight"].transpose(2, 3, 1, 0),
+    )
+
+
+def test_backbone_only_source_initialises_neck_and_heads():
+    state_dict = {
+        key[len("pretrained.") :]: value
+        for key, value in official_state_dict("fcn_jpu_r50_pcontext").items()
+        if key.startswith("pretrained.")
+    }
+    variables, report = convert_with_report(state_dict, "encnet_jpu_r50", 150, source="resnet_s")
+    assert all(not name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.initialized)
+    assert any(name.startswith("params/neck") for name in report.initialized)
+    assert all(name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.filled)
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["backbone"]["stem3"]["bn"]["var"], state_dict["bn1.running_var"]
+    )
