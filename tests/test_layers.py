@@ -30,7 +30,9 @@ def torch_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.nd
         h0, h1, h0l, h1l = source(oh, in_h, out_h)
         for ow in range(out_w):
             w0, w1, w0l, w1l = source(ow, in_w, out_w)
-            out[oh, ow] = h0l * (w0l * x[h0, w0] + w1l * x[h0, w1]) + h1l * (w0l * x[h1, w0] + w1l * x[h1, w1])
+            out[oh, ow] = h0l * (w0l * x[h0, w0] + w1l * x[h0, w1]) + h1l * (
+                w0l * x[h1, w0] + w1l * x[h1, w1]
+            )
     return out
 
 
@@ -104,8 +106,12 @@ def numpy_conv(x: np.ndarray, kernel: np.ndarray, stride: int, pad: int, dilatio
     cout_g = cout // groups
     for i in range(out_h):
         for j in range(out_w):
-            patch = xp[:, i * stride : i * stride + dilation * (kh - 1) + 1 : dilation,
-                       j * stride : j * stride + dilation * (kw - 1) + 1 : dilation, :]
+            patch = xp[
+                :,
+                i * stride : i * stride + dilation * (kh - 1) + 1 : dilation,
+                j * stride : j * stride + dilation * (kw - 1) + 1 : dilation,
+                :,
+            ]
             for g in range(groups):
                 pg = patch[..., g * cin_g : (g + 1) * cin_g]
                 kg = kernel[..., g * cout_g : (g + 1) * cout_g]
@@ -189,7 +195,9 @@ def test_group_norm_matches_definition():
     grouped = x.reshape(2, 5, 6, 4, 2)
     mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
     var = grouped.var(axis=(1, 2, 4), keepdims=True)
-    np.testing.assert_allclose(got, ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        got, ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_separable_conv_is_depthwise_norm_pointwise_norm_relu_without_relu_between():
@@ -200,8 +208,14 @@ def test_separable_conv_is_depthwise_norm_pointwise_norm_relu_without_relu_betwe
     params = variables["params"]
     # Non-trivial running statistics so that a missing or misplaced norm would show.
     stats = {
-        "depthwise_norm": {"mean": rng.normal(size=6).astype(np.float32), "var": rng.uniform(0.5, 2, 6).astype(np.float32)},
-        "pointwise_norm": {"mean": rng.normal(size=4).astype(np.float32), "var": rng.uniform(0.5, 2, 4).astype(np.float32)},
+        "depthwise_norm": {
+            "mean": rng.normal(size=6).astype(np.float32),
+            "var": rng.uniform(0.5, 2, 6).astype(np.float32),
+        },
+        "pointwise_norm": {
+            "mean": rng.normal(size=4).astype(np.float32),
+            "var": rng.uniform(0.5, 2, 4).astype(np.float32),
+        },
     }
     with jax.default_matmul_precision("highest"):
         got = np.asarray(module.apply({"params": params, "batch_stats": stats}, jnp.asarray(x)))

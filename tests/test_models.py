@@ -165,7 +165,9 @@ def test_model_from_config_mapping():
         model_from_config({"name": "psp_jpu_tiny", "num_classes": 5, "classes": 3})
 
 
-TINY_MODELS = [f"{h}_{n}_tiny" for h in ("encnet", "psp", "deeplab", "fcn") for n in ("jpu", "jpux", "dilated")]
+TINY_MODELS = [
+    f"{h}_{n}_tiny" for h in ("encnet", "psp", "deeplab", "fcn") for n in ("jpu", "jpux", "dilated")
+]
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -210,8 +212,11 @@ def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_flo
         assert leaf.dtype == jnp.float32
     ref = jax.jit(lambda v, x: f32.apply(v, x, train=False))(variables, images)
     out = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, images)
-    _, state = jax.jit(lambda v, x: bf16.apply(v, x, train=True, mutable=["batch_stats"],
-                                               rngs={"dropout": jax.random.PRNGKey(0)}))(variables, images)
+    _, state = jax.jit(
+        lambda v, x: bf16.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}
+        )
+    )(variables, images)
     for leaf in jax.tree_util.tree_leaves(state):
         assert leaf.dtype == jnp.float32
     for key in ("logits", "aux_logits", "se_logits"):

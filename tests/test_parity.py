@@ -97,7 +97,9 @@ def test_missing_key_is_an_error_naming_it():
 
 def test_shape_mismatch_names_key_and_both_shapes():
     state_dict = official_state_dict("fcn_jpu_r50_pcontext")
-    with pytest.raises(ConversionError, match=r"head\.conv5\.4\.weight.*\(59, 512, 1, 1\).*\(1, 1, 512, 150\)"):
+    with pytest.raises(
+        ConversionError, match=r"head\.conv5\.4\.weight.*\(59, 512, 1, 1\).*\(1, 1, 512, 150\)"
+    ):
         convert_state_dict(state_dict, "fcn_jpu_r50", 150)
 
 
@@ -136,7 +138,9 @@ def test_backbone_only_source_initialises_neck_and_heads():
         if key.startswith("pretrained.")
     }
     variables, report = convert_with_report(state_dict, "encnet_jpu_r50", 150, source="resnet_s")
-    assert all(not name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.initialized)
+    assert all(
+        not name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.initialized
+    )
     assert any(name.startswith("params/neck") for name in report.initialized)
     assert all(name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.filled)
     np.testing.assert_array_equal(

@@ -113,7 +113,8 @@ def convert_with_report(
             value = to_flax(raw.astype(np.float32))
             if tuple(value.shape) != tuple(spec.shape):
                 errors.append(
-                    f"{key}: checkpoint shape {tuple(raw.shape)} (Flax layout {tuple(value.shape)}) does not match "
+                    f"{key}: checkpoint shape {tuple(raw.shape)} (Flax layout {tuple(value.shape)}) "
+                    "does not match "
                     f"model variable {flax_name} of shape {tuple(spec.shape)}"
                 )
                 continue
@@ -137,12 +138,15 @@ def convert_with_report(
         )
     if report.unexpected and not allow_unexpected:
         errors.append(
-            f"{len(report.unexpected)} unexpected checkpoint key(s) (pass allow_unexpected / --allow-unexpected to "
+            f"{len(report.unexpected)} unexpected checkpoint key(s) "
+            "(pass allow_unexpected / --allow-unexpected to "
             "ignore them): " + ", ".join(report.unexpected[:20])
         )
     if errors:
-        raise ConversionError(f"cannot convert the checkpoint into {model_name} (num_classes={num_classes}):\n- "
-                              + "\n- ".join(errors))
+        raise ConversionError(
+            f"cannot convert the checkpoint into {model_name} (num_classes={num_classes}):\n- "
+            + "\n- ".join(errors)
+        )
 
     if need_init:
         # The 'rbg' generator compiles about twice as fast as threefry for a full model's init.
@@ -173,7 +177,7 @@ def convert_state_dict(
     source: str = "official",
     **options: Any,
 ) -> dict[str, Any]:
-    """Converts a PyTorch state_dict into ``{'params', 'batch_stats'}`` for ``create_model(model_name, num_classes)``.
+    """Converts a PyTorch state_dict into ``{'params', 'batch_stats'}`` for ``create_model(model_name, ...)``.
 
     ``state_dict`` maps keys to NumPy arrays (or torch tensors); ``num_batches_tracked`` counters and the
     unused ImageNet ``pretrained.fc.*`` are dropped. Sources: ``'official'`` (FastFCN / PyTorch-Encoding

@@ -90,7 +90,11 @@ _LEAF_NORM = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": 
 UNUSED_SOURCE_KEY = re.compile(r"(^|\.)num_batches_tracked$|^pretrained\.fc\.")
 
 # Classifier layers (re-initialised when fine-tuning to another class count).
-CLASSIFIER_MODULES = ("decode_head/classifier/conv", "decode_head/se_classifier", "auxiliary_head/classifier/conv")
+CLASSIFIER_MODULES = (
+    "decode_head/classifier/conv",
+    "decode_head/se_classifier",
+    "auxiliary_head/classifier/conv",
+)
 
 
 def _module_rules(head: str, stem: str) -> list[tuple[str, str]]:
@@ -99,12 +103,14 @@ def _module_rules(head: str, stem: str) -> list[tuple[str, str]]:
 
 
 def torch_module(flax_module: str, head: str, stem: str = "deep") -> str:
-    """The official PyTorch module prefix of a Flax module path (``'jpu/conv5/conv'`` -> ``'jpu.conv5.0'``)."""
+    """Official PyTorch module prefix of a Flax module path (``'neck/conv5/conv'`` -> ``'jpu.conv5.0'``)."""
     for pattern, template in [*_SEPARABLE, *_module_rules(head, stem)]:
         match = re.fullmatch(pattern, flax_module)
         if match:
             return match.expand(template).replace("/", ".")
-    raise KeyError(f"no PyTorch counterpart known for Flax module {flax_module!r} (head {head!r}, stem {stem!r})")
+    raise KeyError(
+        f"no PyTorch counterpart known for Flax module {flax_module!r} (head {head!r}, stem {stem!r})"
+    )
 
 
 def to_flax_layout(leaf: str, flax_module: str, value: np.ndarray) -> np.ndarray:
@@ -117,7 +123,9 @@ def to_flax_layout(leaf: str, flax_module: str, value: np.ndarray) -> np.ndarray
     return value
 
 
-def torch_key(collection: str, flax_path: tuple[str, ...], head: str, stem: str = "deep") -> tuple[str, Callable]:
+def torch_key(
+    collection: str, flax_path: tuple[str, ...], head: str, stem: str = "deep"
+) -> tuple[str, Callable]:
     """PyTorch state_dict key of a Flax variable and the function converting its layout."""
     module, leaf = "/".join(flax_path[:-1]), flax_path[-1]
     prefix = torch_module(module, head, stem)

@@ -86,7 +86,10 @@ class JUM(nn.Module):
 
 
 class JPUX(nn.Module):
-    """JPU_X: ``jum_1`` = JUM(c3 -> c2, width/2, dilation 1), ``jum_2`` = JUM(c4 -> jum_1, width, dilation 2)."""
+    """JPU_X: ``jum_1`` = JUM(c3 -> c2, width/2, dilation 1); ``jum_2`` = JUM(c4 -> jum_1, width, dilation 2).
+
+    Output: 4 x width channels at c2's size.
+    """
 
     width: int = 512
     num_groups: int = 32
@@ -96,7 +99,9 @@ class JPUX(nn.Module):
     @nn.compact
     def __call__(self, c2: jax.Array, c3: jax.Array, c4: jax.Array, train: bool = False) -> jax.Array:
         common = dict(
-            num_groups=self.num_groups, dtype=self.dtype, depthwise_implementation=self.depthwise_implementation
+            num_groups=self.num_groups,
+            dtype=self.dtype,
+            depthwise_implementation=self.depthwise_implementation,
         )
         feat = JUM(self.width // 2, dilation=1, name="jum_1", **common)(c3, c2, train)
         return JUM(self.width, dilation=2, name="jum_2", **common)(c4, feat, train)

@@ -329,9 +329,13 @@ class SeparableConv(nn.Module):
             implementation=self.depthwise_implementation,
             name="depthwise",
         )(x)
-        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="depthwise_norm")(x)
+        x = make_norm(
+            self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="depthwise_norm"
+        )(x)
         x = conv2d(self.features, 1, dtype=self.dtype, name="pointwise")(x)
-        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="pointwise_norm")(x)
+        x = make_norm(
+            self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="pointwise_norm"
+        )(x)
         return nn.relu(x)
 
 

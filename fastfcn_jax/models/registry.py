@@ -1,7 +1,8 @@
 """Models by name: ``{encnet,psp,deeplab,fcn}_{jpu,jpux,dilated}_r{50,101,152}`` and ``..._tiny`` variants.
 
 ``create_model(name, num_classes, **overrides)`` is the stable entry point. A model's configuration is a
-plain dict of :class:`Segmenter` fields, so it can live in an ``ml_collections`` config (``model_from_config``)
+plain dict of :class:`Segmenter` fields, so it can live in an ``ml_collections`` config
+(``model_from_config``)
 without the model code importing ``ml_collections``.
 """
 
@@ -52,7 +53,10 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     else:
         depth = int(match["size"][1:])
         if depth not in DEPTHS:
-            raise ValueError(f"unknown model {name!r}: ResNet depth must be one of {DEPTHS}")
+            raise ValueError(
+                f"unknown model {name!r}: ResNet depth must be one of {DEPTHS}; "
+                f"available: {', '.join(available_models())}"
+            )
         config["depth"] = depth
     # The reference enables the SE branch for EncNet only (se_loss=(name == 'encnet')).
     config["se_loss"] = match["head"] == "encnet"
@@ -76,7 +80,9 @@ def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
         if output_stride not in (8, 16, 32):
             raise ValueError(f"{name}: output_stride must be 8, 16 or 32, got {output_stride}")
         if config["neck"] != "dilated" and output_stride != 32:
-            raise ValueError(f"{name}: JPU necks need the output-stride-32 backbone, got output_stride={output_stride}")
+            raise ValueError(
+                f"{name}: JPU necks need the output-stride-32 backbone, got output_stride={output_stride}"
+            )
     if config["se_loss"] and config["head"] != "encnet":
         raise ValueError(f"{name}: se_loss is only defined for the EncNet head")
     for key in ("jpu_width", "head_width", "num_codes", "stem_width", "base_width"):
@@ -85,7 +91,9 @@ def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
     if config["neck"] == "jpux":
         width, groups = config.get("jpu_width", 512), config.get("jpux_groups", 32)
         if (width // 2) % groups:
-            raise ValueError(f"{name}: jpu_width/2 = {width // 2} must be divisible by jpux_groups = {groups}")
+            raise ValueError(
+                f"{name}: jpu_width/2 = {width // 2} must be divisible by jpux_groups = {groups}"
+            )
     if not 0.0 <= float(config.get("dropout", 0.1)) < 1.0:
         raise ValueError(f"{name}: dropout must be in [0, 1), got {config['dropout']}")
     return config
@@ -112,6 +120,8 @@ def model_from_config(config: Mapping[str, Any]) -> Segmenter:
         raise ValueError(f"model config needs {sorted(missing)}; got keys {sorted(config)}")
     unknown = set(config) - {"name", "num_classes", "overrides"}
     if unknown:
-        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; expected name, num_classes, overrides")
+        raise ValueError(
+            f"unknown model config key(s) {sorted(unknown)}; expected name, num_classes, overrides"
+        )
     overrides = dict((config.get("overrides") or {}).items())
     return create_model(config["name"], config["num_classes"], **overrides)

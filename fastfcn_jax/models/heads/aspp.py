@@ -29,7 +29,9 @@ class DeepLabV3Head(nn.Module):
         width = self.aspp_features or x.shape[-1] // 8
         branches = [ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_b0")(x, train)]
         for i, rate in enumerate(self.rates):
-            branches.append(ConvBNReLU(width, 3, dilation=rate, dtype=self.dtype, name=f"aspp_b{i + 1}")(x, train))
+            branches.append(
+                ConvBNReLU(width, 3, dilation=rate, dtype=self.dtype, name=f"aspp_b{i + 1}")(x, train)
+            )
         # Align-corners upsampling of a 1x1 map is a broadcast.
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
         pooled = ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_pool")(pooled, train)

@@ -40,7 +40,9 @@ class Encoding(nn.Module):
             (self.num_codes, dim),
         )
         scale = self.param(
-            "scale", lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -1.0, 0.0), (self.num_codes,)
+            "scale",
+            lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -1.0, 0.0),
+            (self.num_codes,),
         )
         x = x.astype(jnp.float32).reshape(batch, -1, dim)  # [B, N, D]
         hp = jax.lax.Precision.HIGHEST
@@ -93,7 +95,9 @@ class EncNetHead(nn.Module):
         gamma = jax.nn.sigmoid(dense(self.width, "fc")(enc_en))
         x = nn.relu(x + x * gamma[:, None, None, :].astype(x.dtype))
         out = {
-            "logits": Classifier(self.num_classes, self.dropout, dtype=self.dtype, name="classifier")(x, train),
+            "logits": Classifier(self.num_classes, self.dropout, dtype=self.dtype, name="classifier")(
+                x, train
+            ),
             "enc_x": enc_x,
             "enc_e": enc_e,
             "enc_en": enc_en,

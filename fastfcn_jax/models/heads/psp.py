@@ -27,7 +27,8 @@ class PSPHead(nn.Module):
         inter = x.shape[-1] // 4
         pooled = [
             resize_bilinear(
-                ConvBNReLU(inter, 1, dtype=self.dtype, name=f"pool{i + 1}")(adaptive_avg_pool(x, b), train), size
+                ConvBNReLU(inter, 1, dtype=self.dtype, name=f"pool{i + 1}")(adaptive_avg_pool(x, b), train),
+                size,
             )
             for i, b in enumerate(self.bins)
         ]

@@ -1,0 +1,78 @@
+"""A model summary: parameters per module, output shapes and one timed forward pass."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastfcn_jax.models import model_from_config
+
+
+def count_parameters(tree: Any) -> int:
+    """Number of scalar elements in a pytree of arrays (or shape structs)."""
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def parameter_table(variables: Mapping[str, Any]) -> str:
+    """Markdown table of parameter and BatchNorm-statistics counts per top-level module."""
+    params, stats = variables.get("params", {}), variables.get("batch_stats", {})
+    rows = ["| module | parameters | BN statistics |", "|---|---:|---:|"]
+    for name in params:
+        rows.append(
+            f"| {name} | {count_parameters(params[name]):,} | {count_parameters(stats.get(name, {})):,} |"
+        )
+    rows.append(f"| **total** | **{count_parameters(params):,}** | **{count_parameters(stats):,}** |")
+    return "\n".join(rows)
+
+
+def run_summary(
+    model_config: Mapping[str, Any],
+    image_size: tuple[int, int],
+    batch_size: int,
+    seed: int,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Builds the model, runs one forward pass on random images and returns (and prints) a summary.
+
+    Writes ``summary.json`` into ``workdir`` when given.
+    """
+    model = model_from_config(model_config)
+    images = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, *image_size, 3), jnp.float32)
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(seed + 1), x, train=False))(images)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(forward(variables, images))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(forward(variables, images))
+    second = time.perf_counter() - start
+    summary = {
+        "model": dict(model_config.items())
+        | {"overrides": dict((model_config.get("overrides") or {}).items())},
+        "input_shape": [batch_size, *image_size, 3],
+        "outputs": {k: list(v.shape) for k, v in outputs.items()},
+        "parameters": count_parameters(variables["params"]),
+        "batch_stats": count_parameters(variables["batch_stats"]),
+        "compile_and_run_seconds": round(first, 3),
+        "forward_seconds": round(second, 4),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+    print(f"model {model_config['name']} ({model_config['num_classes']} classes) on {jax.default_backend()}")
+    print(parameter_table(variables))
+    for key, shape in summary["outputs"].items():
+        print(f"{key}: {shape}")
+    print(f"forward pass (after compilation): {second * 1000:.1f} ms for a batch of {batch_size}")
+    if workdir is not None:
+        path = Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"wrote {path / 'summary.json'}")
+    return summary

@@ -1,0 +1,42 @@
+"""The command line entry point on the demo config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastfcn_jax.main", "--config", str(ROOT / "configs" / "demo.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_demo_summary_runs_and_writes_summary(tmp_path):
+    result = run_main(
+        f"--workdir={tmp_path}", "--config.model.name=psp_jpu_tiny", "--config.model.overrides.aux=False"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outputs"] == {"logits": [2, 128, 128, 6]}
+    assert summary["model"]["name"] == "psp_jpu_tiny"
+    assert "| **total** |" in result.stdout
+
+
+def test_unknown_config_key_is_rejected_by_name(tmp_path):
+    result = run_main(f"--workdir={tmp_path}", "--config.model.nmae=psp_jpu_tiny")
+    assert result.returncode != 0
+    assert "nmae" in result.stderr
+
+
+def test_unknown_model_name_is_rejected_with_the_available_names(tmp_path):
+    result = run_main(f"--workdir={tmp_path}", "--config.model.name=encnet_jpu_r18")
+    assert result.returncode != 0
+    assert "unknown model 'encnet_jpu_r18'" in result.stderr and "encnet_jpu_r50" in result.stderr
