@@ -53,13 +53,12 @@ class JPU(nn.Module):
 class JUM(nn.Module):
     """Joint upsampling unit of JPU_X: fuses a low-resolution map into a high-resolution one.
 
-    Output: concat[resized conv_l(low), separable branches at dilations d, 2d, 4d] = 4 x width channels
-    (with the default three dilation multipliers) at the high-resolution size.
+    Output: concat[resized conv_l(low), one separable branch per dilation] = (1 + len(dilations)) x width
+    channels at the high-resolution size (the reference's JUM has three branches, dilations d, 2d, 4d).
     """
 
     width: int
-    dilation: int = 1
-    dilation_multipliers: Sequence[int] = (1, 2, 4)
+    dilations: Sequence[int] = (1, 2, 4)
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     depthwise_implementation: str = "shifted"
@@ -73,14 +72,14 @@ class JUM(nn.Module):
         branches = [
             SeparableConv(
                 self.width,
-                dilation=self.dilation * m,
+                dilation=d,
                 norm="group",
                 num_groups=self.num_groups,
                 dtype=self.dtype,
                 depthwise_implementation=self.depthwise_implementation,
                 name=f"dilation{i + 1}",
             )(feat, train)
-            for i, m in enumerate(self.dilation_multipliers)
+            for i, d in enumerate(self.dilations)
         ]
         return jnp.concatenate([low, *branches], axis=-1)
 
@@ -88,10 +87,11 @@ class JUM(nn.Module):
 class JPUX(nn.Module):
     """JPU_X: ``jum_1`` = JUM(c3 -> c2, width/2, dilation 1); ``jum_2`` = JUM(c4 -> jum_1, width, dilation 2).
 
-    Output: 4 x width channels at c2's size.
+    Output: 4 x width channels at c2's size. ``dilations`` holds each unit's branch dilations.
     """
 
     width: int = 512
+    dilations: Sequence[Sequence[int]] = ((1, 2, 4), (2, 4, 8))
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     depthwise_implementation: str = "shifted"
@@ -103,5 +103,6 @@ class JPUX(nn.Module):
             dtype=self.dtype,
             depthwise_implementation=self.depthwise_implementation,
         )
-        feat = JUM(self.width // 2, dilation=1, name="jum_1", **common)(c3, c2, train)
-        return JUM(self.width, dilation=2, name="jum_2", **common)(c4, feat, train)
+        first, second = (tuple(d) for d in self.dilations)
+        feat = JUM(self.width // 2, first, name="jum_1", **common)(c3, c2, train)
+        return JUM(self.width, second, name="jum_2", **common)(c4, feat, train)

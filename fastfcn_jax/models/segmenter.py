@@ -57,6 +57,7 @@ class Segmenter(nn.Module):
     # JPU / JPU_X.
     jpu_width: int = 512
     jpu_dilations: Sequence[int] = (1, 2, 4, 8)
+    jpux_dilations: Sequence[Sequence[int]] = ((1, 2, 4), (2, 4, 8))
     jpux_groups: int = 32
     depthwise_implementation: str = "shifted"
     # Heads.
@@ -105,6 +106,7 @@ class Segmenter(nn.Module):
         elif self.neck == "jpux":
             feat = JPUX(
                 self.jpu_width,
+                tuple(tuple(d) for d in self.jpux_dilations),
                 num_groups=self.jpux_groups,
                 dtype=self.dtype,
                 depthwise_implementation=self.depthwise_implementation,
