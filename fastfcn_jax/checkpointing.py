@@ -29,9 +29,7 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def save_variables(
-    directory: str | Path, variables: Mapping[str, Any], info: Mapping[str, Any], step: int = 0
-) -> Path:
+def save_variables(directory: str | Path, variables: Mapping[str, Any], info: Mapping[str, Any], step: int = 0) -> Path:
     """Writes ``variables`` and ``info`` as step ``step`` of a checkpoint directory and waits for it."""
     missing = [k for k in REQUIRED_INFO if k not in info]
     if missing:

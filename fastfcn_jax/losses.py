@@ -1,0 +1,66 @@
+"""The reference's training loss (FastFCN ``SegmentationLosses``): CE + aux CE + SE BCE, in float32."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_LABEL = -1
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL) -> jax.Array:
+    """Pixel cross-entropy averaged over non-ignored pixels (PyTorch ``CrossEntropyLoss(ignore_index)``).
+
+    logits [B, H, W, C], labels [B, H, W] integer. A batch without any labelled pixel gives 0 (PyTorch
+    would give NaN), so one empty crop cannot poison a run.
+    """
+    logits = logits.astype(jnp.float32)
+    valid = labels != ignore_label
+    safe_labels = jnp.where(valid, labels, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    count = jnp.sum(valid)
+    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(count, 1)
+
+
+def class_presence(labels: jax.Array, num_classes: int) -> jax.Array:
+    """[B, C] float targets of the SE loss: 1 where class c occurs among the image's labelled pixels.
+
+    The reference's histogram over [0, C-1] ignores -1 because it falls outside the range.
+    """
+    one_hot = jax.nn.one_hot(labels.reshape(labels.shape[0], -1), num_classes, dtype=jnp.float32)
+    return (jnp.max(one_hot, axis=1) > 0).astype(jnp.float32)
+
+
+def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean of PyTorch ``BCELoss(sigmoid(logits), targets)``, in the numerically stable log-sigmoid form."""
+    logits = logits.astype(jnp.float32)
+    return jnp.mean(-(targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits)))
+
+
+def segmentation_loss(
+    outputs: Mapping[str, jax.Array],
+    labels: jax.Array,
+    *,
+    aux_weight: float,
+    se_weight: float,
+    ignore_label: int = IGNORE_LABEL,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total = CE(logits) + aux_weight * CE(aux_logits) + se_weight * BCE(se_logits, presence).
+
+    Terms whose outputs the model does not produce (no aux head, no SE branch) are left out. Returns the
+    total and each term.
+    """
+    terms = {"ce": cross_entropy(outputs["logits"], labels, ignore_label)}
+    total = terms["ce"]
+    if "aux_logits" in outputs and aux_weight:
+        terms["aux_ce"] = cross_entropy(outputs["aux_logits"], labels, ignore_label)
+        total = total + aux_weight * terms["aux_ce"]
+    if "se_logits" in outputs and se_weight:
+        targets = class_presence(labels, outputs["se_logits"].shape[-1])
+        terms["se_bce"] = binary_cross_entropy_with_logits(outputs["se_logits"], targets)
+        total = total + se_weight * terms["se_bce"]
+    terms["loss"] = total
+    return total, terms
