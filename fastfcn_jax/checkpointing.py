@@ -71,3 +71,86 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
     info = dict(restored[INFO])
     info["step"] = int(step)
     return variables, info
+
+
+def _abstract(tree: Any) -> Any:
+    """Shape/dtype/sharding structs of a (sharded) pytree: restoring onto them reshards to the current mesh."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+
+
+class TrainCheckpointer:
+    """Checkpoints of a training run: ``WORKDIR/checkpoints`` (latest ``keep`` steps, async saves) and
+    ``WORKDIR/best`` (the best validation score, as the reference's ``model_best.pth.tar``).
+
+    Works on any state with ``step``, ``params``, ``batch_stats`` and ``opt_state`` fields and a
+    ``replace`` method (``train.TrainState``).
+    """
+
+    def __init__(self, workdir: str | Path, *, keep: int, info: Mapping[str, Any]) -> None:
+        workdir = Path(workdir).expanduser().absolute()
+        self.directory = workdir / "checkpoints"
+        self.info = {"class_names": None, "model_overrides": {}, **info}
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
+        self._best = ocp.CheckpointManager(
+            workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        )
+
+    def _args(self, state: Any, extra_info: Mapping[str, Any] | None = None) -> ocp.args.Composite:
+        return ocp.args.Composite(
+            **{
+                VARIABLES: ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+                TRAIN_STATE: ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+                INFO: ocp.args.JsonSave({**self.info, **(extra_info or {})}),
+            }
+        )
+
+    def save(self, step: int, state: Any) -> None:
+        """Starts an asynchronous save of ``state`` as ``step`` (a no-op if that step exists)."""
+        if step not in self._manager.all_steps():
+            self._manager.save(step, args=self._args(state))
+
+    def save_best(self, step: int, state: Any, score: float) -> None:
+        self._best.save(step, args=self._args(state, {"score": float(score)}), force=True)
+
+    def best_score(self) -> float | None:
+        step = self._best.latest_step()
+        if step is None:
+            return None
+        info = self._best.restore(step, args=ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
+        return info.get("score")
+
+    def restore_latest(self, state: Any) -> Any | None:
+        """The latest checkpoint restored onto ``state``'s structure and shardings, or None if there is none.
+
+        Because the targets carry the current shardings, a checkpoint written on 4 devices restores on 1.
+        """
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        variables = _abstract({"params": state.params, "batch_stats": state.batch_stats})
+        train_state = _abstract({"step": state.step, "opt_state": state.opt_state})
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{VARIABLES: ocp.args.StandardRestore(variables), TRAIN_STATE: ocp.args.StandardRestore(train_state)}
+            ),
+        )
+        return state.replace(
+            step=restored[TRAIN_STATE]["step"],
+            params=restored[VARIABLES]["params"],
+            batch_stats=restored[VARIABLES]["batch_stats"],
+            opt_state=restored[TRAIN_STATE]["opt_state"],
+        )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+        self._best.close()

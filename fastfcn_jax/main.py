@@ -1,38 +1,61 @@
 """Command line entry point: ``python -m fastfcn_jax.main --config configs/<name>.py --workdir DIR``.
 
-Thin glue: parses flags, validates the config and dispatches to the mode's module.
+Thin glue: parses flags, validates the config and dispatches to the mode's module. Modes: ``train``
+(train, validate, checkpoint; resumes from WORKDIR), ``summary`` (parameter table and one forward pass).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("summary",)
+from fastfcn_jax.config import MODES, validate
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for outputs (summaries, checkpoints, metrics).")
+flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, metrics, TensorBoard, summaries).")
 flags.DEFINE_enum("mode", None, MODES, "What to run; defaults to the config's `mode`.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
     config = FLAGS.config
-    mode = FLAGS.mode or config.get("mode", "summary")
-    if mode not in MODES:
-        raise app.UsageError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if FLAGS.mode:
+        with config.unlocked():
+            config.mode = FLAGS.mode
+    logging.set_verbosity(logging.INFO)
     try:
-        if mode == "summary":
+        validate(config)
+        if config.mode == "train":
+            from fastfcn_jax.train import train_and_evaluate
+
+            final = train_and_evaluate(config, FLAGS.workdir)
+            if "mean_iou" in final:
+                print(
+                    f"validation at step {final['step']}: pixAcc {final['pixel_accuracy']:.4f}  "
+                    f"mIoU {final['mean_iou']:.4f}  (written to {FLAGS.workdir}/metrics.json)"
+                )
+        elif config.mode == "summary":
             from fastfcn_jax.summary import run_summary
 
-            run_summary(config.model, tuple(config.image_size), config.batch_size, config.seed, FLAGS.workdir)
+            model_config = config.model.to_dict()
+            if not model_config["num_classes"]:
+                from fastfcn_jax.data.datasets import get_dataset_info
+
+                model_config["num_classes"] = get_dataset_info(config.dataset.name).num_classes
+            size = config.dataset.crop_size or 512
+            run_summary(model_config, (size, size), 1, config.seed, FLAGS.workdir)
     except (ValueError, FileNotFoundError) as error:
-        # A user error (bad config value, missing file): say what is wrong without a traceback.
+        # A user error (bad config value, missing dataset or checkpoint): say what is wrong, no traceback.
         sys.exit(f"error: {error}")
 
 

@@ -18,7 +18,8 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
         devices = devices[:num_devices]
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+    # Auto axes: shardings propagate through the model without explicit annotations on every op.
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -20,9 +20,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_summary_runs_and_writes_summary(tmp_path):
-    result = run_main(
-        f"--workdir={tmp_path}", "--config.model.name=psp_jpu_tiny", "--config.model.overrides.aux=False"
-    )
+    result = run_main(f"--workdir={tmp_path}", "--config.model.name=psp_jpu_tiny", "--config.model.overrides.aux=False")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["outputs"] == {"logits": [2, 128, 128, 6]}
@@ -37,6 +35,12 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
 
 
 def test_unknown_model_name_is_rejected_with_the_available_names(tmp_path):
-    result = run_main(f"--workdir={tmp_path}", "--config.model.name=encnet_jpu_r18")
+    result = run_main(f"--workdir={tmp_path}", "--mode=summary", "--config.model.name=encnet_jpu_r18")
     assert result.returncode != 0
     assert "unknown model 'encnet_jpu_r18'" in result.stderr and "encnet_jpu_r50" in result.stderr
+
+
+def test_impossible_config_value_is_rejected_by_key(tmp_path):
+    result = run_main(f"--workdir={tmp_path}", "--config.train.batch_size=0")
+    assert result.returncode != 0
+    assert "config.train.batch_size=0" in result.stderr

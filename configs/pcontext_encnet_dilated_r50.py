@@ -1,0 +1,22 @@
+"""encnet_dilated_r50 on Pascal Context with the paper's recipe.
+
+Expected: Dilated baseline. Pascal Context val, 59 classes: 49.91 mIoU single scale.
+
+Recipe (FastFCN scripts): batch 16 over all devices, SGD momentum 0.9, weight decay 1e-4, poly LR (power 0.9)
+from 0.001 per 16 images, 10x LR for JPU/head/aux, 80 epochs, base size 520, crop 480,
+aux weight 0.2, SE weight 0.2.
+
+Launch (after preparing the dataset, see README, and converting an ImageNet backbone to ~/resnet50s):
+
+    python -m fastfcn_jax.main --config configs/pcontext_encnet_dilated_r50.py \
+        --workdir ~/runs/pcontext_encnet_dilated_r50 \
+        --config.init_from=~/resnet50s
+"""
+
+import ml_collections
+
+from fastfcn_jax.config import paper_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return paper_config("pcontext", "encnet_dilated_r50", aux_weight=0.2)

@@ -1,0 +1,122 @@
+"""The experiment config schema: every key with its default, the paper's recipe, and validation.
+
+Config files in ``configs/`` call :func:`base_config` or :func:`paper_config` and set their own values, so
+each is a complete experiment while the schema lives in one place. :func:`validate` rejects impossible
+values with messages that name the key (unknown keys are already rejected by the locked ConfigDict).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("train", "summary")
+
+# The reference's per-dataset recipe (FASTFCN.md section 4.1): LR for a batch of 16, epochs, base/crop size.
+PAPER_RECIPES = {
+    "pcontext": {"lr_per_16": 0.001, "epochs": 80, "base_size": 520, "crop_size": 480},
+    "ade20k": {"lr_per_16": 0.01, "epochs": 120, "base_size": 520, "crop_size": 480},
+    "cityscapes": {"lr_per_16": 0.01, "epochs": 240, "base_size": 1024, "crop_size": 768},
+    "pascal_voc": {"lr_per_16": 0.0001, "epochs": 50, "base_size": 520, "crop_size": 480},
+    "pascal_aug": {"lr_per_16": 0.001, "epochs": 50, "base_size": 520, "crop_size": 480},
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every config key with its default (the reference's defaults where it has one)."""
+    config = ml_collections.ConfigDict()
+    config.mode = "train"
+    config.seed = 1  # the reference's seed
+    config.num_devices = 0  # 0: every device
+    config.init_from = ""  # a converter output (python -m fastfcn_jax.convert ...) or another workdir
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "encnet_jpu_r50"
+    config.model.num_classes = 0  # 0: the dataset's class count
+    config.model.overrides = ml_collections.ConfigDict({"dtype": "float32", "aux": True})
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "pcontext"
+    config.dataset.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)
+    config.dataset.train_split = "train"
+    config.dataset.eval_split = "validation"
+    config.dataset.base_size = 0  # 0: the dataset's
+    config.dataset.crop_size = 0  # 0: the dataset's
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 16  # global, over all devices and hosts
+    config.train.epochs = 80
+    config.train.num_steps = 0  # > 0 overrides epochs
+    config.train.lr_per_16 = 0.001  # base LR for a batch of 16, scaled linearly with batch_size
+    config.train.momentum = 0.9
+    config.train.weight_decay = 1e-4
+    config.train.new_layers_lr_multiplier = 10.0  # JPU, head and aux head
+    config.train.poly_power = 0.9
+    config.train.aux_weight = 0.2
+    config.train.se_weight = 0.2
+    config.train.log_every = 50
+    config.train.eval_every = 0  # 0: only at the end
+    config.train.checkpoint_every = 1000
+    config.train.keep_checkpoints = 3
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 0  # 0: train.batch_size
+    return config
+
+
+def paper_config(dataset: str, model: str, *, aux_weight: float = 0.2, **train_overrides) -> ml_collections.ConfigDict:
+    """A paper experiment: the reference's recipe for ``dataset`` with ``model`` (aux weight 0.2 for EncNet,
+    0.4 for PSP and DeepLab as the reference's scripts pass)."""
+    recipe = PAPER_RECIPES[dataset]
+    config = base_config()
+    config.model.name = model
+    config.dataset.name = dataset
+    config.dataset.base_size = recipe["base_size"]
+    config.dataset.crop_size = recipe["crop_size"]
+    config.train.lr_per_16 = recipe["lr_per_16"]
+    config.train.epochs = recipe["epochs"]
+    config.train.aux_weight = aux_weight
+    config.train.se_weight = 0.2 if model.startswith("encnet") else 0.0
+    config.train.eval_every = 2000
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key for impossible values."""
+    problems = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"config.{key}={config_value(config, key)!r}: {message}")
+
+    check(config.mode in MODES, "mode", f"must be one of {MODES}")
+    check(config.model.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = the dataset's)")
+    check(config.num_devices >= 0, "num_devices", "must be >= 0 (0 = all)")
+    train = config.train
+    check(train.batch_size > 0, "train.batch_size", "must be positive")
+    check(train.epochs > 0 or train.num_steps > 0, "train.epochs", "train.epochs or train.num_steps must be positive")
+    check(train.num_steps >= 0, "train.num_steps", "must be >= 0")
+    check(train.lr_per_16 > 0, "train.lr_per_16", "must be positive")
+    check(0 <= train.momentum < 1, "train.momentum", "must be in [0, 1)")
+    check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(train.new_layers_lr_multiplier > 0, "train.new_layers_lr_multiplier", "must be positive")
+    check(train.poly_power > 0, "train.poly_power", "must be positive")
+    check(train.aux_weight >= 0, "train.aux_weight", "must be >= 0")
+    check(train.se_weight >= 0, "train.se_weight", "must be >= 0")
+    check(train.log_every > 0, "train.log_every", "must be positive")
+    check(train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    check(train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    check(train.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+    check(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0")
+    check(config.dataset.crop_size >= 0, "dataset.crop_size", "must be >= 0")
+    check(config.dataset.base_size >= 0, "dataset.base_size", "must be >= 0")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def config_value(config: ml_collections.ConfigDict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value

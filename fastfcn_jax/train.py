@@ -1,0 +1,394 @@
+"""Training: the paper's recipe as a sharded, jitted step, with orbax resume and periodic validation.
+
+Readable top to bottom: build the mesh, model, optimiser and state (already sharded); resume from the
+workdir, else ``init_from``, else scratch; then loop ``train_step`` over global batches, log, validate,
+checkpoint. ``train_step`` and ``eval_step`` are pure functions of ``(state, batch)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
+from fastfcn_jax.models import create_model
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. Replicated over the mesh."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure steps.
+
+
+def make_train_step(
+    model: Any, optimizer: optax.GradientTransformation, *, aux_weight: float, se_weight: float
+) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_step(state, batch, rng) -> (state, metrics)``; batch = {'image', 'label'}.
+
+    BatchNorm statistics are computed over the global batch (the reference's SyncBN): under ``jit`` the
+    batch-sharded mean is a cross-device reduction.
+    """
+
+    def train_step(state, batch, rng):
+        dropout_rng = jax.random.fold_in(rng, state.step)
+
+        def loss_fn(params):
+            outputs, new_state = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["image"],
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": dropout_rng},
+            )
+            total, terms = losses.segmentation_loss(outputs, batch["label"], aux_weight=aux_weight, se_weight=se_weight)
+            return total, (terms, new_state["batch_stats"])
+
+        grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        terms["grad_norm"] = optax.tree.norm(grads)
+        return new_state, terms
+
+    return train_step
+
+
+def make_eval_step(model: Any, num_classes: int) -> Callable[[TrainState, Mapping[str, jax.Array]], jax.Array]:
+    """``eval_step(state, batch) -> [C, C]`` confusion counts; padded examples (``valid`` False) and
+    ignored pixels are not counted."""
+
+    def eval_step(state, batch):
+        outputs = model.apply(state.variables, batch["image"], train=False)
+        predictions = jnp.argmax(outputs["logits"], axis=-1)
+        weights = jnp.broadcast_to(batch["valid"][:, None, None], batch["label"].shape)
+        return metrics.batch_confusion(batch["label"], predictions, num_classes, weights)
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------------------------------
+# State creation and restoring.
+
+
+def create_train_state(
+    model: Any, optimizer: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...], mesh
+) -> TrainState:
+    """Initialises the state directly replicated on the mesh (no host copy of the parameters)."""
+
+    def init():
+        variables = model.init(rng, jnp.zeros(image_shape, jnp.float32), train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=optimizer.init(params),
+        )
+
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState, dict[str, Any]]:
+    """Replaces params and BN statistics with a converter output's (``init_from``), checking every shape."""
+    variables, info = checkpointing.restore_variables(init_from)
+    restored = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    expected = {"params": state.params, "batch_stats": state.batch_stats}
+    flat_expected = flax.traverse_util.flatten_dict(expected, sep="/")
+    flat_restored = flax.traverse_util.flatten_dict(restored, sep="/")
+    problems = [f"missing {k}" for k in flat_expected if k not in flat_restored]
+    problems += [f"unexpected {k}" for k in flat_restored if k not in flat_expected]
+    problems += [
+        f"{k}: checkpoint {tuple(flat_restored[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in flat_expected.items()
+        if k in flat_restored and tuple(flat_restored[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        raise ValueError(
+            f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes) does not fit "
+            f"the configured model: " + "; ".join(problems[:10])
+        )
+    replicated = sharding.replicated(mesh)
+    restored = jax.device_put(flax.traverse_util.unflatten_dict(flat_restored, sep="/"), replicated)
+    return state.replace(params=restored["params"], batch_stats=restored["batch_stats"]), info
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loop helpers.
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting (preemption)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("signal %d received: saving a checkpoint and stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(
+    eval_step: Callable, state: TrainState, batches: Iterator[Mapping[str, np.ndarray]], mesh, num_classes: int
+) -> dict[str, Any]:
+    """Sums the per-batch confusion matrices on the host in int64 and scores them."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for host_batch in batches:
+        batch = sharding.global_batch(
+            {"image": host_batch["image"], "label": host_batch["label"], "valid": host_batch["valid"]}, mesh
+        )
+        confusion += np.asarray(jax.device_get(eval_step(state, batch)), np.int64)
+    scores = metrics.segmentation_scores(confusion)
+    scores["confusion"] = confusion
+    return scores
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job.
+
+
+def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Trains per ``config`` (an ml_collections config, see configs/), writing everything to ``workdir``.
+
+    Returns the last validation metrics (also written to ``WORKDIR/metrics.json``).
+    """
+    from fastfcn_jax import summary_writer
+    from fastfcn_jax.data import pipeline
+    from fastfcn_jax.data.datasets import get_dataset_info
+
+    workdir = Path(workdir).expanduser().absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config.get("num_devices") or None)
+    dataset = get_dataset_info(config.dataset.name)
+    num_classes = config.model.num_classes or dataset.num_classes
+    crop = config.dataset.crop_size or dataset.crop_size
+    overrides = dict(config.model.overrides.items())
+    model = create_model(config.model.name, num_classes, **overrides)
+
+    global_batch = config.train.batch_size
+    if global_batch % jax.process_count() or (global_batch // jax.process_count()) % jax.local_device_count():
+        raise ValueError(
+            f"train.batch_size={global_batch} must be divisible by the {jax.device_count()} devices "
+            f"({jax.process_count()} processes)"
+        )
+    data_dir = config.dataset.data_dir or None
+    train_size = pipeline.dataset_size(config.dataset.name, config.dataset.train_split, data_dir)
+    steps_per_epoch = max(train_size // global_batch, 1)  # the reference drops the last partial batch
+    total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
+    base_lr = optim.scaled_learning_rate(config.train.lr_per_16, global_batch)
+    schedule = optim.poly_schedule(base_lr, total_steps, config.train.poly_power)
+    optimizer = optim.make_optimizer(
+        schedule,
+        momentum=config.train.momentum,
+        weight_decay=config.train.weight_decay,
+        new_layers_lr_multiplier=config.train.new_layers_lr_multiplier,
+    )
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state = create_train_state(model, optimizer, init_rng, (1, crop, crop, 3), mesh)
+
+    info = {
+        "model_name": config.model.name,
+        "num_classes": num_classes,
+        "class_names": list(dataset.class_names)[:num_classes],
+        "model_overrides": {k: str(v) if not isinstance(v, bool | int | float) else v for k, v in overrides.items()},
+        "dataset": config.dataset.name,
+    }
+    checkpoints = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints, info=info)
+    restored_step = checkpoints.restore_latest(state)
+    if restored_step is not None:
+        state = restored_step
+        logging.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
+    elif config.init_from:
+        state, source = load_pretrained(state, config.init_from, mesh)
+        logging.info("initialised from %s (%s)", config.init_from, source.get("model_name"))
+    start_step = int(state.step)
+    write_json(
+        workdir / "config.json",
+        {
+            "config": config.to_dict(),
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "base_lr": base_lr,
+            "code_version": _code_version(),
+            "seed": config.seed,
+        },
+    )
+
+    replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
+    train_step = jax.jit(
+        make_train_step(model, optimizer, aux_weight=config.train.aux_weight, se_weight=config.train.se_weight),
+        in_shardings=(state_sharding, batched, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(model, num_classes), in_shardings=(state_sharding, batched), out_shardings=replicated
+    )
+
+    local_batch = global_batch // jax.process_count()
+    train_batches = pipeline.train_batches(
+        config.dataset.name,
+        data_dir=data_dir,
+        batch_size=local_batch,
+        seed=config.seed,
+        crop_size=crop,
+        base_size=config.dataset.base_size or None,
+        split=config.dataset.train_split,
+    )
+    # Resuming replays the data order: skip the batches the interrupted run consumed.
+    train_batches = itertools.islice(train_batches, start_step, None)
+
+    def run_eval() -> dict[str, Any]:
+        batches = pipeline.eval_batches(
+            config.dataset.name,
+            data_dir=data_dir,
+            batch_size=config.eval.batch_size or global_batch,
+            crop_size=crop,
+            split=config.dataset.eval_split,
+        )
+        return evaluate(eval_step, state, batches, mesh, num_classes)
+
+    writer = summary_writer.SummaryWriter(workdir / "tensorboard" if jax.process_index() == 0 else None)
+    last_eval: dict[str, Any] = {}
+    best_score = checkpoints.best_score()
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    with StopRequest() as stop:
+        step = start_step
+        for step in range(start_step, total_steps):
+            batch = sharding.global_batch(next(train_batches), mesh)
+            state, terms = train_step(state, batch, step_rng)
+            window_steps += 1
+            done = step + 1
+            if done % config.train.log_every == 0 or done == total_steps:
+                terms = jax.device_get(terms)  # the only host sync of the loop
+                elapsed = time.perf_counter() - window_start
+                images_per_second = window_steps * global_batch / max(elapsed, 1e-9)
+                eta = (total_steps - done) * elapsed / max(window_steps, 1)
+                lr = float(schedule(step))
+                logging.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s",
+                    done,
+                    total_steps,
+                    terms["loss"],
+                    lr,
+                    images_per_second,
+                    format_duration(eta),
+                )
+                writer.scalars(
+                    done,
+                    {
+                        **{f"train/{k}": float(v) for k, v in terms.items()},
+                        "train/lr": lr,
+                        "train/images_per_second": images_per_second,
+                    },
+                )
+                window_start, window_steps = time.perf_counter(), 0
+            should_eval = done == total_steps or (config.train.eval_every and done % config.train.eval_every == 0)
+            if should_eval:
+                last_eval = run_eval()
+                score = (last_eval["pixel_accuracy"] + last_eval["mean_iou"]) / 2
+                logging.info(
+                    "step %d  validation pixAcc %.4f  mIoU %.4f",
+                    done,
+                    last_eval["pixel_accuracy"],
+                    last_eval["mean_iou"],
+                )
+                writer.scalars(
+                    done, {"val/pixel_accuracy": last_eval["pixel_accuracy"], "val/mean_iou": last_eval["mean_iou"]}
+                )
+                if best_score is None or score > best_score:
+                    best_score = score
+                    checkpoints.save_best(done, state, score)
+            if done % config.train.checkpoint_every == 0 or done == total_steps or stop.requested:
+                checkpoints.save(done, state)
+            if stop.requested:
+                logging.warning("stopped at step %d; resume by running the same command", done)
+                break
+    checkpoints.close()
+    writer.close()
+    logging.info(
+        "trained %d steps in %s", int(state.step) - start_step, format_duration(time.perf_counter() - run_start)
+    )
+
+    final = {"step": int(state.step)}
+    if last_eval:
+        final.update({k: last_eval[k] for k in ("pixel_accuracy", "mean_iou", "mean_iou_present")})
+        final["score"] = (last_eval["pixel_accuracy"] + last_eval["mean_iou"]) / 2
+        class_names = info["class_names"]
+        final.update(
+            {
+                f"iou/{class_names[i] if i < len(class_names) else i}": v
+                for i, v in enumerate(last_eval["per_class_iou"])
+            }
+        )
+        if jax.process_index() == 0:
+            write_json(workdir / "metrics.json", final)
+            np.save(workdir / "confusion.npy", last_eval["confusion"])
+    return final
+
+
+def _code_version() -> str:
+    import subprocess
+
+    from fastfcn_jax import __version__
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"{__version__}+{commit}"

@@ -1,0 +1,144 @@
+"""Training step, sharding and checkpoint behaviour on a tiny model (4 fake CPU devices, see conftest)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastfcn_jax import checkpointing, optim, sharding
+from fastfcn_jax.models import create_model
+from fastfcn_jax.train import TrainState, create_train_state, make_eval_step, make_train_step
+
+NUM_CLASSES = 4
+IMAGE_SHAPE = (1, 32, 32, 3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES)
+    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
+    step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2)
+    return model, optimizer, step
+
+
+def make_batch(seed: int, batch_size: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.standard_normal((batch_size, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(-1, NUM_CLASSES, (batch_size, 32, 32)).astype(np.int32),
+    }
+
+
+def jitted_step(step, state, mesh):
+    replicated = sharding.replicated(mesh)
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, sharding.batch_sharded(mesh), replicated),
+        out_shardings=(state_sharding, replicated),
+    )
+
+
+def run_steps(setup, mesh, batches, state=None):
+    model, optimizer, step = setup
+    if state is None:
+        state = create_train_state(model, optimizer, jax.random.PRNGKey(0), IMAGE_SHAPE, mesh)
+    train_step = jitted_step(step, state, mesh)
+    terms = None
+    for batch in batches:
+        state, terms = train_step(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(1))
+    return state, terms
+
+
+def assert_trees_close(a, b, rtol, atol):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_four_devices_give_the_same_loss_and_batch_statistics_as_one(setup):
+    assert jax.device_count() >= 4
+    batch = make_batch(0)
+    state1, terms1 = run_steps(setup, sharding.make_mesh(1), [batch])
+    state4, terms4 = run_steps(setup, sharding.make_mesh(4), [batch])
+    assert float(terms4["loss"]) == pytest.approx(float(terms1["loss"]), rel=1e-5)
+    # BatchNorm statistics over the global batch (SyncBN), not per device.
+    assert_trees_close(state4.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-5)
+    assert_trees_close(state4.params, state1.params, rtol=1e-4, atol=1e-5)
+    assert state4.params["neck"]["conv5"]["conv"]["kernel"].sharding.is_fully_replicated
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(setup):
+    batch = make_batch(1)
+    _, first = run_steps(setup, sharding.make_mesh(1), [batch])
+    _, later = run_steps(setup, sharding.make_mesh(1), [batch] * 12)
+    assert float(later["loss"]) < float(first["loss"])
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(setup, tmp_path):
+    model, optimizer, _ = setup
+    batches = [make_batch(10 + i) for i in range(4)]
+    mesh = sharding.make_mesh(2)
+    uninterrupted, _ = run_steps(setup, mesh, batches)
+
+    half, _ = run_steps(setup, mesh, batches[:2])
+    checkpoints = checkpointing.TrainCheckpointer(
+        tmp_path, keep=2, info={"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES}
+    )
+    checkpoints.save(2, half)
+    checkpoints.close()
+
+    fresh = create_train_state(model, optimizer, jax.random.PRNGKey(99), IMAGE_SHAPE, mesh)
+    reopened = checkpointing.TrainCheckpointer(
+        tmp_path, keep=2, info={"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES}
+    )
+    restored = reopened.restore_latest(fresh)
+    reopened.close()
+    assert int(restored.step) == 2
+    resumed, _ = run_steps(setup, mesh, batches[2:], state=restored)
+    assert int(resumed.step) == 4
+    assert_trees_close(resumed.params, uninterrupted.params, rtol=1e-6, atol=1e-7)
+    assert_trees_close(resumed.opt_state, uninterrupted.opt_state, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_from_four_devices_restores_on_one(setup, tmp_path):
+    model, optimizer, _ = setup
+    state4, _ = run_steps(setup, sharding.make_mesh(4), [make_batch(3)])
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES}
+    writer = checkpointing.TrainCheckpointer(tmp_path, keep=1, info=info)
+    writer.save(1, state4)
+    writer.close()
+
+    mesh1 = sharding.make_mesh(1)
+    target = create_train_state(model, optimizer, jax.random.PRNGKey(5), IMAGE_SHAPE, mesh1)
+    reader = checkpointing.TrainCheckpointer(tmp_path, keep=1, info=info)
+    restored = reader.restore_latest(target)
+    reader.close()
+    assert_trees_close(restored.params, state4.params, rtol=0, atol=0)
+    leaf = jax.tree_util.tree_leaves(restored.params)[0]
+    assert leaf.sharding.mesh.devices.size == 1
+    # The same directory also serves restore_variables (one on-disk format).
+    variables, restored_info = checkpointing.restore_variables(tmp_path)
+    assert restored_info["model_name"] == "encnet_jpu_tiny" and restored_info["step"] == 1
+    assert_trees_close(variables["batch_stats"], state4.batch_stats, rtol=0, atol=0)
+
+
+def test_eval_step_counts_only_valid_examples_and_labelled_pixels(setup):
+    model, optimizer, _ = setup
+    mesh = sharding.make_mesh(2)
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), IMAGE_SHAPE, mesh)
+    batch = make_batch(4, batch_size=4)
+    batch["valid"] = np.array([True, True, True, False])
+    confusion = jax.jit(make_eval_step(model, NUM_CLASSES))(state, sharding.global_batch(batch, mesh))
+    assert confusion.shape == (NUM_CLASSES, NUM_CLASSES)
+    assert int(confusion.sum()) == int(np.sum(batch["label"][:3] >= 0))
+
+
+def test_train_state_is_a_pytree_with_variables_view(setup):
+    model, optimizer, _ = setup
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), IMAGE_SHAPE, sharding.make_mesh(1))
+    assert isinstance(state, TrainState)
+    assert set(state.variables) == {"params", "batch_stats"}
+    assert int(state.step) == 0
+    assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree_util.tree_leaves(state))
