@@ -1,0 +1,52 @@
+"""Every config in configs/ is a complete experiment with the paper's hyper-parameters."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from fastfcn_jax.config import validate
+from fastfcn_jax.models import model_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.py"))
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_is_valid_and_documents_its_launch_command(path):
+    module = load(path)
+    config = module.get_config()
+    validate(config)
+    model_config(config.model.name, **config.model.overrides.to_dict())
+    assert f"--config configs/{path.name}" in module.__doc__
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem != "demo"], ids=lambda p: p.stem)
+def test_paper_configs_use_the_reference_recipe(path):
+    config = load(path).get_config()
+    dataset, model = config.dataset.name, config.model.name
+    assert path.stem == f"{dataset}_{model}"
+    assert config.train.batch_size == 16
+    assert config.train.momentum == 0.9 and config.train.weight_decay == 1e-4
+    assert config.train.new_layers_lr_multiplier == 10 and config.train.poly_power == 0.9
+    assert (config.dataset.base_size, config.dataset.crop_size) == (520, 480)
+    expected = {"pcontext": (0.001, 80), "ade20k": (0.01, 120)}[dataset]
+    assert (config.train.lr_per_16, config.train.epochs) == expected
+    assert config.train.aux_weight == (0.2 if model.startswith("encnet") else 0.4)
+    assert config.train.se_weight == (0.2 if model.startswith("encnet") else 0.0)
+
+
+def test_impossible_values_are_rejected_by_key():
+    config = load(CONFIGS[0]).get_config()
+    config.train.momentum = 1.5
+    config.train.batch_size = -2
+    with pytest.raises(ValueError, match=r"config\.train\.momentum=1\.5.*\n.*config\.train\.batch_size=-2|batch_size"):
+        validate(config)
