@@ -30,9 +30,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--num-classes", type=int, default=150, help="150 (ADE20K) or 59 (PASCAL Context)")
     parser.add_argument("--size", type=_image_size, help="input size, SIZE or HxW (default 512)")

@@ -228,8 +228,7 @@ def run_benchmark(names: Sequence[str], *, log: bool = True, **kwargs: Any) -> d
             )
     first = next(iter(models.values()))
     settings = {
-        key: first[key]
-        for key in ("num_classes", "image_size", "batch_size", "dtype", "aux", "warmup", "repeats")
+        key: first[key] for key in ("num_classes", "image_size", "batch_size", "dtype", "aux", "warmup", "repeats")
     }
     return {
         "environment": environment(),
