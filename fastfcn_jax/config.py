@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "pcontext"
     config.dataset.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)
+    config.dataset.manual_dir = ""  # raw downloaded files, used to build the tfds dataset on first use
     config.dataset.train_split = "train"
     config.dataset.eval_split = "validation"
     config.dataset.base_size = 0  # 0: the dataset's

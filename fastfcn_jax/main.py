@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.mode:
         with config.unlocked():
             config.mode = FLAGS.mode
-    logging.set_verbosity(logging.INFO)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     try:
         validate(config)
         if config.mode == "train":

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
+from fastfcn_jax import checkpointing, losses, metrics, optim, sharding, visualize
 from fastfcn_jax.models import create_model
 
 
@@ -178,6 +178,12 @@ def evaluate(
     return scores
 
 
+def report(message: str) -> None:
+    """A progress line on the first process (absl INFO would also print every orbax internal message)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -218,6 +224,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"({jax.process_count()} processes)"
         )
     data_dir = config.dataset.data_dir or None
+    # Builds the tfds files on first use (seconds for the embedded dataset; real ones need manual_dir).
+    pipeline.prepare(config.dataset.name, data_dir, config.dataset.manual_dir or None)
     train_size = pipeline.dataset_size(config.dataset.name, config.dataset.train_split, data_dir)
     steps_per_epoch = max(train_size // global_batch, 1)  # the reference drops the last partial batch
     total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
@@ -244,10 +252,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     restored_step = checkpoints.restore_latest(state)
     if restored_step is not None:
         state = restored_step
-        logging.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
+        report(f"resumed from {checkpoints.directory} at step {int(state.step)}")
     elif config.init_from:
         state, source = load_pretrained(state, config.init_from, mesh)
-        logging.info("initialised from %s (%s)", config.init_from, source.get("model_name"))
+        report(f"initialised from {config.init_from} ({source.get('model_name')})")
     start_step = int(state.step)
     write_json(
         workdir / "config.json",
@@ -314,14 +322,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 images_per_second = window_steps * global_batch / max(elapsed, 1e-9)
                 eta = (total_steps - done) * elapsed / max(window_steps, 1)
                 lr = float(schedule(step))
-                logging.info(
-                    "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s",
-                    done,
-                    total_steps,
-                    terms["loss"],
-                    lr,
-                    images_per_second,
-                    format_duration(eta),
+                report(
+                    f"step {done}/{total_steps}  loss {terms['loss']:.4f}  lr {lr:.2e}  "
+                    f"{images_per_second:.1f} img/s  ETA {format_duration(eta)}"
                 )
                 writer.scalars(
                     done,
@@ -336,14 +339,19 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             if should_eval:
                 last_eval = run_eval()
                 score = (last_eval["pixel_accuracy"] + last_eval["mean_iou"]) / 2
-                logging.info(
-                    "step %d  validation pixAcc %.4f  mIoU %.4f",
-                    done,
-                    last_eval["pixel_accuracy"],
-                    last_eval["mean_iou"],
+                per_class = dict(zip(info["class_names"], last_eval["per_class_iou"], strict=False))
+                report(
+                    f"step {done}  validation pixAcc {last_eval['pixel_accuracy']:.4f}  "
+                    f"mIoU {last_eval['mean_iou']:.4f}  per class: "
+                    + ", ".join(f"{name} {iou:.3f}" for name, iou in per_class.items())
                 )
                 writer.scalars(
-                    done, {"val/pixel_accuracy": last_eval["pixel_accuracy"], "val/mean_iou": last_eval["mean_iou"]}
+                    done,
+                    {
+                        "val/pixel_accuracy": last_eval["pixel_accuracy"],
+                        "val/mean_iou": last_eval["mean_iou"],
+                        **{f"val_iou/{name}": iou for name, iou in per_class.items()},
+                    },
                 )
                 if best_score is None or score > best_score:
                     best_score = score
@@ -355,9 +363,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 break
     checkpoints.close()
     writer.close()
-    logging.info(
-        "trained %d steps in %s", int(state.step) - start_step, format_duration(time.perf_counter() - run_start)
-    )
+    report(f"trained {int(state.step) - start_step} steps in {format_duration(time.perf_counter() - run_start)}")
 
     final = {"step": int(state.step)}
     if last_eval:
@@ -373,6 +379,26 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         if jax.process_index() == 0:
             write_json(workdir / "metrics.json", final)
             np.save(workdir / "confusion.npy", last_eval["confusion"])
+            host_batch = next(
+                pipeline.eval_batches(
+                    config.dataset.name,
+                    data_dir=data_dir,
+                    batch_size=4,
+                    crop_size=crop,
+                    split=config.dataset.eval_split,
+                )
+            )
+            predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)["logits"], axis=-1))
+            predictions = np.asarray(predict(jax.device_get(state.variables), host_batch["image"]))
+            keep = host_batch["valid"]
+            paths = visualize.save_panels(
+                workdir / "predictions",
+                host_batch["image"][keep],
+                host_batch["label"][keep],
+                predictions[keep],
+                dataset.palette,
+            )
+            report(f"wrote {len(paths)} prediction images (image | label | prediction) to {workdir / 'predictions'}")
     return final
 
 
