@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 0  # 0: only at the end
     config.train.checkpoint_every = 1000
     config.train.keep_checkpoints = 3
+    config.train.stop_after_steps = 0  # > 0: checkpoint and stop after this many steps of this run (time-boxed
+    # sessions such as Colab); running the same command again resumes
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 0  # 0: train.batch_size
@@ -109,6 +111,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(train.eval_every >= 0, "train.eval_every", "must be >= 0")
     check(train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     check(train.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+    check(train.stop_after_steps >= 0, "train.stop_after_steps", "must be >= 0 (0 = never)")
     check(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0")
     check(config.dataset.crop_size >= 0, "dataset.crop_size", "must be >= 0")
     check(config.dataset.base_size >= 0, "dataset.base_size", "must be >= 0")

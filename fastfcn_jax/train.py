@@ -310,7 +310,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
     with StopRequest() as stop:
-        step = start_step
         for step in range(start_step, total_steps):
             batch = sharding.global_batch(next(train_batches), mesh)
             state, terms = train_step(state, batch, step_rng)
@@ -356,11 +355,14 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 if best_score is None or score > best_score:
                     best_score = score
                     checkpoints.save_best(done, state, score)
-            if done % config.train.checkpoint_every == 0 or done == total_steps or stop.requested:
+            time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
+            if done % config.train.checkpoint_every == 0 or done == total_steps or stop.requested or time_boxed:
                 checkpoints.save(done, state)
-            if stop.requested:
-                logging.warning("stopped at step %d; resume by running the same command", done)
+            if stop.requested or time_boxed:
+                report(f"stopped at step {done}/{total_steps}; run the same command again to resume")
                 break
+        if not last_eval and int(state.step) >= total_steps:  # a finished run asked again: report its metrics
+            last_eval = run_eval()
     checkpoints.close()
     writer.close()
     report(f"trained {int(state.step) - start_step} steps in {format_duration(time.perf_counter() - run_start)}")

@@ -1,0 +1,121 @@
+"""Shared pieces of the tfds builders: the example schema, validated file readers and manual-dir checks.
+
+Every builder yields ``{'image': uint8 [H, W, 3], 'label': uint8/uint16 [H, W, 1], 'file_name': str}``. The
+label is stored in the dataset's *raw* encoding (ADE PNG values, Cityscapes label ids, ...); the pipeline maps
+it to train ids with the dataset's ``label_lut`` exactly as the reference does, so a builder never has to be
+rebuilt when the mapping convention changes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """A raw example is unusable; the message names the file."""
+
+
+def features(label_dtype: tf.DType = tf.uint8) -> tfds.features.FeaturesDict:
+    """The example schema shared by all builders."""
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.Image(shape=(None, None, 1), dtype=label_dtype, encoding_format="png"),
+            "file_name": tfds.features.Text(),
+        }
+    )
+
+
+def read_rgb(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
+    """Reads an image file as the reference does (PIL, converted to RGB).
+
+    Returns what to hand to the tfds Image feature (the original bytes when they already decode to RGB, so
+    JPEGs are not re-compressed; otherwise the converted array) and the (height, width).
+    """
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            fmt, mode, (width, height) = img.format, img.mode, img.size
+            converted = None if mode == "RGB" and fmt in ("JPEG", "PNG") else np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"corrupt or unreadable image {path}: {err}") from err
+    return (data if converted is None else converted), (height, width)
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """Reads a single-channel label PNG as stored indices ([H, W], uint8/uint16).
+
+    PIL keeps palette ('P') indices; TensorFlow's decoder would expand them to colours.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I;16", "I", "1"):
+                raise DataError(f"label {path} has PIL mode {img.mode!r}; expected a single-channel index PNG")
+            array = np.asarray(img)
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"corrupt or unreadable label {path}: {err}") from err
+    if array.dtype == np.int32:  # PIL mode 'I' (16-bit PNGs); values are checked by the caller.
+        array = array.astype(np.uint16)
+    return array.astype(np.uint8) if array.dtype == bool else array
+
+
+def check_label(
+    label: np.ndarray,
+    image_size: tuple[int, int],
+    *,
+    valid_values: Sequence[int] | np.ndarray,
+    example: str | Path,
+) -> np.ndarray:
+    """Checks a raw mask against its image; returns it as [H, W, 1] ready for the label feature."""
+    if label.ndim != 2:
+        raise DataError(f"{example}: label must be one channel, got shape {label.shape}")
+    if label.shape != tuple(image_size):
+        raise DataError(
+            f"{example}: label size {label.shape[1]}x{label.shape[0]} (WxH) differs from its image "
+            f"{image_size[1]}x{image_size[0]}"
+        )
+    bad = np.setdiff1d(np.unique(label), np.asarray(valid_values))
+    if bad.size:
+        raise DataError(
+            f"{example}: label values {bad[:10].tolist()} are outside the dataset's encoding "
+            f"(allowed: {_describe(valid_values)})"
+        )
+    return label[..., None]
+
+
+def _describe(values: Sequence[int] | np.ndarray) -> str:
+    values = sorted(int(v) for v in values)
+    contiguous = values == list(range(values[0], values[0] + len(values)))
+    return f"{values[0]}..{values[-1]}" if contiguous else ", ".join(map(str, values[:40]))
+
+
+def require_files(manual_dir: Path | None, required: Iterable[str], instructions: str) -> Path:
+    """Returns ``manual_dir`` or raises FileNotFoundError with the download instructions and layout."""
+    missing = list(required) if manual_dir is None else [p for p in required if not (Path(manual_dir) / p).exists()]
+    if missing:
+        where = "no manual_dir given" if manual_dir is None else f"manual_dir {manual_dir}"
+        raise FileNotFoundError(
+            f"raw files missing ({where}): {', '.join(missing)}.\n{instructions.strip()}\n"
+            "Then run: python -m fastfcn_jax.data.prepare --dataset NAME --manual-dir DIR --data-dir OUT"
+        )
+    return Path(manual_dir)
+
+
+def read_split_file(path: Path) -> list[str]:
+    """One stem per line (VOC ImageSets style); blank lines dropped."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def manual_dir(dl_manager: tfds.download.DownloadManager) -> Path | None:
+    """The manual dir if one was given and exists (tfds' own property asserts with a terse message)."""
+    path = dl_manager._manual_dir  # The public property raises instead of returning None.
+    return Path(path) if path is not None and Path(path).exists() else None

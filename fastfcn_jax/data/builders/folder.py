@@ -1,0 +1,138 @@
+"""Custom datasets: a folder of image/mask pairs plus a class table becomes a tfds dataset.
+
+  python -m fastfcn_jax.data.prepare --dataset folder:NAME --source DIR --data-dir OUT
+
+then train with dataset ``folder:NAME`` (or ``folder``) and ``data_dir=OUT``. The class table is stored in
+the prepared dataset's metadata, so later runs need only the data dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from fastfcn_jax.data.builders import common
+
+INSTRUCTIONS = """\
+Custom folder dataset: put your data in SOURCE as
+  SOURCE/classes.json                 {"names": ["road", "car", ...], "palette": [[128, 64, 128], ...],
+                                       "ignore_label": 255, "base_size": 520, "crop_size": 480}
+                                      (palette, ignore_label, base_size, crop_size optional)
+  SOURCE/images/<split>/<stem>.jpg    (or .png; RGB)
+  SOURCE/masks/<split>/<stem>.png     single-channel PNG (8 or 16 bit), pixel = class index 0..C-1 or
+                                      ignore_label; same size as the image
+with <split> among train, validation (or val), test. Then run
+  python -m fastfcn_jax.data.prepare --dataset folder:NAME --source SOURCE --data-dir OUT
+"""
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+
+
+def validate_class_table(table: dict[str, Any]) -> dict[str, Any]:
+    """Checks a class table and fills defaults (palette from a fixed colour rule, no ignore label)."""
+    if not isinstance(table.get("names"), list) or not table["names"]:
+        raise ValueError("class table needs 'names': a non-empty list of class names")
+    num_classes = len(table["names"])
+    palette = table.get("palette", table.get("colors"))
+    if palette is None:
+        palette = [[(37 * k) % 256, (101 * k) % 256, (173 * k) % 256] for k in range(num_classes)]
+    if np.shape(palette) != (num_classes, 3):
+        raise ValueError(f"class table 'palette' must be {num_classes} [r, g, b] rows, got shape {np.shape(palette)}")
+    ignore = table.get("ignore_label")
+    if ignore is not None and not (num_classes <= int(ignore) < 65536):
+        raise ValueError(f"class table 'ignore_label' {ignore} must be >= the number of classes ({num_classes})")
+    return {**table, "palette": np.asarray(palette).tolist(), "ignore_label": None if ignore is None else int(ignore)}
+
+
+def read_class_table(source: str | Path) -> dict[str, Any]:
+    path = Path(source) / "classes.json"
+    if not path.exists():
+        raise FileNotFoundError(f"class table {path} is missing.\n{INSTRUCTIONS}")
+    try:
+        return validate_class_table(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def _config_name(name: str) -> str:
+    return name.split(":", 1)[1] if ":" in name else "default"
+
+
+@dataclasses.dataclass(eq=False)
+class FolderConfig(tfds.core.BuilderConfig):
+    """One custom dataset; the config name is the NAME of ``folder:NAME``."""
+
+
+class Folder(tfds.core.GeneratorBasedBuilder):
+    """Image/mask pairs from a user folder (masks stored as uint16 class indices)."""
+
+    name = "fastfcn_folder"
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+    BUILDER_CONFIGS = [FolderConfig(name="default")]
+
+    def __init__(self, *, config: FolderConfig | str | None = None, **kwargs: Any):
+        # Any NAME is allowed; tfds only accepts predeclared config names when given a string.
+        if isinstance(config, str):
+            config = FolderConfig(name=config)
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=common.features(tf.uint16),
+            supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+        source = common.require_files(common.manual_dir(dl_manager), ["classes.json", "images", "masks"], INSTRUCTIONS)
+        table = read_class_table(source)
+        self.info.metadata["class_table"] = table
+        valid = np.arange(len(table["names"]))
+        if table["ignore_label"] is not None:
+            valid = np.append(valid, table["ignore_label"])
+        splits = {}
+        for folder in sorted(p.name for p in (source / "images").iterdir() if p.is_dir()):
+            if folder not in _SPLIT_NAMES:
+                raise ValueError(f"{source / 'images' / folder}: unknown split folder; use {sorted(_SPLIT_NAMES)}")
+            splits[_SPLIT_NAMES[folder]] = self._generate_examples(source, folder, valid)
+        if not splits:
+            raise FileNotFoundError(f"no split folders under {source / 'images'}.\n{INSTRUCTIONS}")
+        return splits
+
+    def _generate_examples(self, source: Path, folder: str, valid: np.ndarray) -> Iterator[tuple[str, dict]]:
+        images = sorted(p for p in (source / "images" / folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        for image_path in images:
+            mask_path = source / "masks" / folder / f"{image_path.stem}.png"
+            if not mask_path.exists():
+                raise common.DataError(f"{image_path}: no mask {mask_path}")
+            image, size = common.read_rgb(image_path)
+            label = common.check_label(common.read_index_png(mask_path), size, valid_values=valid, example=mask_path)
+            yield image_path.stem, {"image": image, "label": label.astype(np.uint16), "file_name": image_path.name}
+
+
+def load_class_table(name: str, data_dir: str | Path) -> dict[str, Any]:
+    """The class table stored with a prepared ``folder[:NAME]`` dataset."""
+    builder = Folder(config=_config_name(name), data_dir=str(data_dir))
+    if not builder.is_prepared() or "class_table" not in builder.info.metadata:
+        raise FileNotFoundError(
+            f"custom dataset {name!r} is not prepared in {data_dir}; run: python -m fastfcn_jax.data.prepare "
+            f"--dataset {name} --source SOURCE --data-dir {data_dir}"
+        )
+    return dict(builder.info.metadata["class_table"])
+
+
+def info_from_source(name: str, source: str | Path):
+    """DatasetInfo of a custom dataset about to be prepared from ``source``."""
+    from fastfcn_jax.data.datasets import folder_info
+
+    return folder_info(name, read_class_table(source))

@@ -1,0 +1,239 @@
+"""Host input pipelines: tfds splits -> per-process NumPy batches for the trainer and the evaluator.
+
+``train_batches``: infinite, shuffled, augmented (``transforms.train_transform``), ``drop_remainder``.
+``eval_batches``: one pass, centre-cropped (``transforms.val_transform``), last batch padded with
+``valid=False`` examples. Each process reads ``tfds.even_splits(split, jax.process_count())[jax.process_index()]``;
+``batch_size`` is always the per-process batch. Labels are int32 train ids with -1 = ignore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from fastfcn_jax.data import transforms
+from fastfcn_jax.data.datasets import IGNORE_INDEX, DatasetInfo, get_dataset_info
+
+# Datasets whose encoded split is below this size are cached decoded in memory (synthetic, tests, VOC val).
+_CACHE_BYTES = 256 * 2**20
+_SHUFFLE_BUFFER = 1024
+
+
+def _hide_accelerators_from_tf() -> None:
+    """TF must never claim GPU/TPU memory that JAX needs; it only runs the host input pipeline."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):
+        pass  # Already initialised (devices fixed) or no such device type: nothing to hide.
+
+
+_hide_accelerators_from_tf()
+
+
+def _info(dataset: str | DatasetInfo, data_dir: str | Path | None) -> DatasetInfo:
+    return dataset if isinstance(dataset, DatasetInfo) else get_dataset_info(dataset, data_dir)
+
+
+def _prepared_builder(info: DatasetInfo, data_dir: str | Path | None):
+    builder = info.make_builder(data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"dataset {info.name!r} is not prepared in {builder.data_dir}; run: python -m "
+            f"fastfcn_jax.data.prepare --dataset {info.name} --data-dir {data_dir or '~/tensorflow_datasets'}"
+            + ("" if info.name == "synthetic_shapes" else " --manual-dir RAW_DIR")
+        )
+    return builder
+
+
+def prepare(
+    dataset: str,
+    data_dir: str | Path | None,
+    manual_dir: str | Path | None = None,
+    *,
+    source_dir: str | Path | None = None,
+):
+    """Builds a dataset's tfds files under ``data_dir`` (a no-op when already built); returns the builder.
+
+    Args:
+      dataset: registry name (``folder[:NAME]`` for custom data, with ``source_dir``).
+      data_dir: tfds data directory to write into.
+      manual_dir: folder holding the raw files of a real dataset (see its ``download_instructions``).
+      source_dir: custom data folder (``images/``, ``masks/``, ``classes.json``) for ``folder``.
+    Raises:
+      FileNotFoundError: raw files are missing; the message says what to download and where to put it.
+    """
+    if dataset == "folder" or dataset.startswith("folder:"):
+        from fastfcn_jax.data.builders import folder
+
+        manual_dir = source_dir or manual_dir
+        if manual_dir is None:
+            raise FileNotFoundError(f"dataset {dataset!r} needs --source DIR.\n{folder.INSTRUCTIONS}")
+        info = folder.info_from_source(dataset, manual_dir)
+    else:
+        info = get_dataset_info(dataset)
+    builder = info.make_builder(data_dir)
+    if builder.is_prepared():
+        return builder
+    download_config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+def dataset_size(dataset: str | DatasetInfo, split: str, data_dir: str | Path | None) -> int:
+    """Number of examples of a split (all processes together)."""
+    info = _info(dataset, data_dir)
+    return int(_prepared_builder(info, data_dir).info.splits[split].num_examples)
+
+
+def _decode(info: DatasetInfo):
+    lut = tf.constant(info.label_lut, tf.int32)
+
+    def decode(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
+        raw = tf.cast(example["label"][..., 0], tf.int32)
+        return example["image"], tf.gather(lut, raw)
+
+    return decode
+
+
+def _load(builder, split, *, shuffle_seed: int | None) -> tf.data.Dataset:
+    """Decoded examples of ``split`` (a name, slice or ``tfds.even_splits`` entry); small splits cached."""
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config)
+    # Sub-splits report no size; the whole split's size bounds the shard's.
+    whole = (split if isinstance(split, str) else split.split).split("[")[0]
+    num_bytes = builder.info.splits[whole].num_bytes
+    return ds.cache() if 0 < num_bytes < _CACHE_BYTES else ds
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def full_examples(
+    dataset: str | DatasetInfo, *, data_dir: str | Path | None, split: str = "validation"
+) -> Iterator[dict[str, np.ndarray | str]]:
+    """Untransformed examples (the reference's ``testval`` mode), all of ``split``, in stored order.
+
+    Yields {'image': uint8 [H, W, 3], 'label': int32 [H, W] train ids with -1 = ignore, 'file_name': str}.
+    """
+    info = _info(dataset, data_dir)
+    decode = _decode(info)
+
+    def with_name(example: dict) -> dict[str, tf.Tensor]:
+        image, label = decode(example)
+        return {"image": image, "label": label, "file_name": example["file_name"]}
+
+    ds = _load(_prepared_builder(info, data_dir), split, shuffle_seed=None).map(with_name)
+    for example in tfds.as_numpy(ds):
+        yield {**example, "file_name": example["file_name"].decode()}
+
+
+def train_batches(
+    dataset: str | DatasetInfo,
+    *,
+    data_dir: str | Path | None,
+    batch_size: int,
+    seed: int,
+    crop_size: int | None = None,
+    base_size: int | None = None,
+    split: str = "train",
+) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite iterator of augmented training batches of this process.
+
+    Yields:
+      {'image': float32 [batch_size, crop, crop, 3] ImageNet-normalised,
+       'label': int32 [batch_size, crop, crop] train ids, -1 = ignore}.
+    Deterministic for a given seed and process layout: file order, shuffling and every augmentation draw
+    (per-example seed = (seed, position in this process's stream, process index)) come from ``seed``.
+    """
+    info = _info(dataset, data_dir)
+    crop_size = crop_size or info.crop_size
+    base_size = base_size or info.base_size
+    builder = _prepared_builder(info, data_dir)
+    shard = tfds.even_splits(split, jax.process_count())[jax.process_index()]
+    size = builder.info.splits[shard].num_examples
+    if size < batch_size:
+        raise ValueError(f"split {shard!r} of {info.name!r} has {size} examples < batch_size {batch_size}")
+    process, processes = jax.process_index(), jax.process_count()
+
+    ds = _load(builder, shard, shuffle_seed=seed)
+    ds = ds.map(_decode(info), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.shuffle(min(size, _SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
+
+    def augment(position: tf.Tensor, example: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        example_seed = tf.stack([tf.constant(seed, tf.int64), position * processes + process])
+        image, label = transforms.train_transform(
+            *example,
+            example_seed,
+            base_size=base_size,
+            crop_size=crop_size,
+            rotate_degrees=info.rotate_degrees,
+            pad_label=info.pad_label,
+        )
+        return {"image": image, "label": label}
+
+    ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _options(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    return iter(tfds.as_numpy(ds))
+
+
+def eval_batches(
+    dataset: str | DatasetInfo,
+    *,
+    data_dir: str | Path | None,
+    batch_size: int,
+    crop_size: int | None = None,
+    split: str = "validation",
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over this process's shard of ``split`` with the reference's validation centre crop.
+
+    Yields:
+      {'image': float32 [batch_size, crop, crop, 3], 'label': int32 [batch_size, crop, crop],
+       'valid': bool [batch_size]}. The last batch is padded with valid=False examples (image 0, label -1),
+      and every process yields the same number of batches (processes with a smaller shard get one extra
+      all-invalid batch) so collective eval steps never wait on a finished host.
+    """
+    info = _info(dataset, data_dir)
+    crop_size = crop_size or info.crop_size
+    builder = _prepared_builder(info, data_dir)
+    shards = tfds.even_splits(split, jax.process_count())
+    shard = shards[jax.process_index()]
+    largest = max(builder.info.splits[s].num_examples for s in shards)
+    num_batches = -(-largest // batch_size)
+
+    ds = _load(builder, shard, shuffle_seed=None).map(_decode(info), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def centre_crop(image: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+        image, label = transforms.val_transform(image, label, crop_size=crop_size)
+        return {"image": image, "label": label}
+
+    ds = ds.map(centre_crop, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _options(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+    def pad(batch: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        count = 0 if batch is None else len(batch["label"])
+        missing = batch_size - count
+        image = np.zeros((batch_size, crop_size, crop_size, 3), np.float32)
+        label = np.full((batch_size, crop_size, crop_size), IGNORE_INDEX, np.int32)
+        if batch is not None:
+            image[:count], label[:count] = batch["image"], batch["label"]
+        valid = np.arange(batch_size) < batch_size - missing
+        return {"image": image, "label": label, "valid": valid}
+
+    def generate() -> Iterator[dict[str, np.ndarray]]:
+        produced = 0
+        for batch in tfds.as_numpy(ds):
+            produced += 1
+            yield pad(batch) if len(batch["label"]) < batch_size else {**batch, "valid": np.ones(batch_size, bool)}
+        for _ in range(num_batches - produced):
+            yield pad(None)
+
+    return generate()

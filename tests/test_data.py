@@ -1,0 +1,526 @@
+"""Data: tfds builders on tiny files in the real on-disk formats, the joint augmentation, the pipelines.
+
+Expected labels come from the reference's rules (DATASETS.md): ADE ``v - 1``; Pascal Context sorted
+459->60 mapping then ``- 1``; Cityscapes labelId -> trainId with void -> -1; VOC 255 -> -1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+from scipy.io import savemat
+
+from fastfcn_jax.data import pipeline, prepare, transforms
+from fastfcn_jax.data.builders import common, synthetic_shapes
+from fastfcn_jax.data.datasets import get_dataset_info
+
+tfds.disable_progress_bar()
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _write_jpeg(path: Path, height: int, width: int, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, quality=95)
+
+
+def _write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _labels_by_file(dataset: str, data_dir: Path, split: str) -> dict[str, np.ndarray]:
+    return {ex["file_name"]: ex["label"] for ex in pipeline.full_examples(dataset, data_dir=data_dir, split=split)}
+
+
+def _voc_palette() -> list[int]:
+    """The VOC bit-interleaved colormap (DATASETS.md ``palette_rule``), 256 colours flattened."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        value = index
+        for shift in range(8):
+            r |= ((value >> 0) & 1) << (7 - shift)
+            g |= ((value >> 1) & 1) << (7 - shift)
+            b |= ((value >> 2) & 1) << (7 - shift)
+            value >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def _rle_encode(mask: np.ndarray) -> str:
+    """COCO compressed RLE string (maskApi.c rleEncode + rleToString), written here from the spec."""
+    flat = mask.T.ravel().astype(bool)  # column-major
+    counts, previous, run = [], False, 0
+    for value in flat:
+        if value != previous:
+            counts.append(run)
+            run, previous = 0, value
+        run += 1
+    counts.append(run)
+    chars = []
+    for i, count in enumerate(counts):
+        x = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            chars.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(chars)
+
+
+# --------------------------------------------------------------------------------------------- registry
+def test_registry_class_tables_and_label_maps():
+    expected = {"pcontext": 59, "ade20k": 150, "cityscapes": 19, "pascal_voc": 21, "pascal_aug": 21}
+    for name, classes in expected.items():
+        info = get_dataset_info(name)
+        assert info.num_classes == classes == len(info.class_names)
+        assert info.palette.shape == (classes, 3) and info.palette.dtype == np.uint8
+    ade = get_dataset_info("ade20k").label_lut
+    assert (ade[0], ade[5], ade[150]) == (-1, 4, 149)
+    city = get_dataset_info("cityscapes").label_lut
+    assert (city[7], city[0], city[26], city[33], city[255]) == (0, -1, 13, 18, -1)
+    voc = get_dataset_info("pascal_voc").label_lut
+    assert (voc[0], voc[20], voc[255]) == (0, 20, -1)
+    assert get_dataset_info("cityscapes").rotate_degrees == 10.0
+    with pytest.raises(ValueError, match="unknown dataset"):
+        get_dataset_info("coco")
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    data_dir = tmp_path_factory.mktemp("tfds")
+    pipeline.prepare("synthetic_shapes", data_dir)
+    return data_dir
+
+
+def test_synthetic_scene_deterministic_by_seed():
+    image, label = synthetic_shapes.generate_scene(0, "train", 3)
+    again_image, again_label = synthetic_shapes.generate_scene(0, "train", 3)
+    other_image, _ = synthetic_shapes.generate_scene(1, "train", 3)
+    np.testing.assert_array_equal(image, again_image)
+    np.testing.assert_array_equal(label, again_label)
+    assert image.shape != other_image.shape or not np.array_equal(image, other_image)
+    assert 96 <= image.shape[0] <= 192 and 96 <= image.shape[1] <= 192
+    assert image.shape[:2] == label.shape and image.dtype == np.uint8
+
+
+def test_synthetic_dataset_has_stated_classes_and_splits(synthetic_dir):
+    info = get_dataset_info("synthetic_shapes")
+    assert info.num_classes == 6 and info.class_names[0] == "background"
+    assert pipeline.dataset_size("synthetic_shapes", "train", synthetic_dir) == 256
+    assert pipeline.dataset_size("synthetic_shapes", "validation", synthetic_dir) == 64
+    seen = np.zeros(6, bool)
+    for example in pipeline.full_examples("synthetic_shapes", data_dir=synthetic_dir, split="validation"):
+        values = np.unique(example["label"])
+        assert values.min() >= 0 and values.max() <= 5
+        seen[values] = True
+        index = int(example["file_name"].split("_")[1])
+        np.testing.assert_array_equal(example["image"], synthetic_shapes.generate_scene(0, "validation", index)[0])
+    assert seen.all()
+
+
+def test_synthetic_builds_identically_twice(tmp_path):
+    config = synthetic_shapes.SyntheticShapesConfig(name="tiny", seed=7, num_train=3, num_validation=2)
+    labels = []
+    for run in range(2):
+        builder = synthetic_shapes.SyntheticShapes(config=config, data_dir=str(tmp_path / str(run)))
+        builder.download_and_prepare()
+        examples = sorted(tfds.as_numpy(builder.as_dataset(split="train")), key=lambda ex: ex["file_name"])
+        labels.append([ex["label"] for ex in examples])
+    for first, second in zip(*labels, strict=True):
+        np.testing.assert_array_equal(first, second)
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+def test_train_batches_shapes_and_determinism(synthetic_dir):
+    def first(seed):
+        return next(pipeline.train_batches("synthetic_shapes", data_dir=synthetic_dir, batch_size=4, seed=seed))
+
+    batch = first(0)
+    assert batch["image"].shape == (4, 96, 96, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (4, 96, 96) and batch["label"].dtype == np.int32
+    assert batch["label"].min() >= -1 and batch["label"].max() <= 5
+    np.testing.assert_array_equal(batch["image"], first(0)["image"])
+    np.testing.assert_array_equal(batch["label"], first(0)["label"])
+    assert not np.array_equal(batch["image"], first(1)["image"])
+
+
+def test_eval_batches_pads_last_batch_with_invalid_examples(synthetic_dir):
+    batches = list(pipeline.eval_batches("synthetic_shapes", data_dir=synthetic_dir, batch_size=10, crop_size=64))
+    assert len(batches) == 7  # ceil(64 / 10)
+    assert [int(b["valid"].sum()) for b in batches] == [10] * 6 + [4]
+    last = batches[-1]
+    assert last["image"].shape == (10, 64, 64, 3) and last["label"].shape == (10, 64, 64)
+    assert (last["label"][4:] == -1).all() and (last["image"][4:] == 0).all()
+    assert (last["label"][:4] >= 0).any()
+
+
+# --------------------------------------------------------------------------------------------- transforms
+_COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [40, 200, 200]], np.float64)
+
+
+def _blocks_image(seed: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat-colour rectangles; the mask is decoded from the image's own pixels."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = _COLOURS[0]
+    for _ in range(6):
+        y, x = rng.integers(0, height - 12), rng.integers(0, width - 12)
+        h, w = rng.integers(12, 40, 2)
+        image[y : y + h, x : x + w] = _COLOURS[rng.integers(len(_COLOURS))]
+    return image, _decode_colours(image)
+
+
+def _decode_colours(image: np.ndarray) -> np.ndarray:
+    distance = ((image[..., None, :].astype(np.float64) - _COLOURS) ** 2).sum(-1)
+    return distance.argmin(-1).astype(np.int32)
+
+
+def _uniform_neighbourhood(label: np.ndarray, radius: int = 2) -> np.ndarray:
+    """Pixels whose (2r+1)^2 neighbourhood has one label, away from region and crop borders (where bilinear
+    and nearest resampling legitimately differ, e.g. rotation blends the fill into edge pixels)."""
+    padded = np.pad(label, radius, constant_values=-2)
+    same = np.ones(label.shape, bool)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            same &= padded[dy : dy + label.shape[0], dx : dx + label.shape[1]] == label
+    return same
+
+
+@pytest.mark.parametrize("rotate_degrees", [0.0, 10.0])
+def test_augmentation_keeps_image_and_mask_aligned(rotate_degrees):
+    image, label = _blocks_image(0, 70, 90)
+    flipped_or_moved = set()
+    for seed in range(12):
+        out_image, out_label = transforms.train_transform(
+            tf.constant(image),
+            tf.constant(label),
+            tf.constant([5, seed]),
+            base_size=64,
+            crop_size=48,
+            rotate_degrees=rotate_degrees,
+            blur=False,
+        )
+        pixels = out_image.numpy() * STD * 255 + MEAN * 255  # undo the normalisation by hand
+        out_label = out_label.numpy()
+        check = _uniform_neighbourhood(out_label) & (out_label >= 0)
+        assert check.sum() > 100
+        np.testing.assert_array_equal(_decode_colours(pixels)[check], out_label[check])
+        flipped_or_moved.add(out_label.tobytes())
+    assert len(flipped_or_moved) == 12  # every seed draws a different augmentation
+
+
+def test_padding_is_image_zero_and_label_ignore():
+    image = np.full((30, 40, 3), 100, np.uint8)
+    label = np.full((30, 40), 2, np.int32)
+    # Short side is drawn from [8, 32] < crop 48: the scaled image always needs padding.
+    out_image, out_label = transforms.train_transform(
+        tf.constant(image), tf.constant(label), tf.constant([0, 1]), base_size=16, crop_size=48, normalise=False
+    )
+    out_image, out_label = out_image.numpy(), out_label.numpy()
+    padded = out_label == -1
+    assert padded.any() and (out_label[~padded] == 2).all()
+    assert (out_image[padded] == 0).all() and (out_image[~padded] == 100).all()
+    # The image occupies the top-left corner: padding is bottom/right only.
+    rows, cols = np.nonzero(~padded)
+    assert rows.min() == 0 and cols.min() == 0
+
+
+@pytest.mark.parametrize(("height", "width"), [(60, 101), (101, 60), (50, 50), (33, 80)])
+def test_validation_centre_crop_matches_reference(height, width):
+    crop = 40
+    label = (np.arange(height * width).reshape(height, width) % 251).astype(np.uint8)
+    image = np.repeat(label[..., None], 3, -1)
+    out_image, out_label = transforms.val_transform(tf.constant(image), tf.constant(label, tf.int32), crop_size=crop)
+    assert out_image.shape == (crop, crop, 3) and out_label.shape == (crop, crop)
+    # Reference _val_sync_transform with PIL: short side to crop, NEAREST mask, int(round(...)) offsets.
+    if width > height:
+        oh, ow = crop, int(1.0 * width * crop / height)
+    else:
+        ow, oh = crop, int(1.0 * height * crop / width)
+    mask = Image.fromarray(label).resize((ow, oh), Image.NEAREST)
+    x1, y1 = int(round((ow - crop) / 2.0)), int(round((oh - crop) / 2.0))
+    expected = np.asarray(mask.crop((x1, y1, x1 + crop, y1 + crop)))
+    np.testing.assert_array_equal(out_label.numpy(), expected)
+
+
+def test_blur_preserves_flat_regions_and_smooths_edges():
+    image = np.zeros((20, 20, 3), np.float32)
+    image[:, 10:] = 200
+    blurred = transforms.gaussian_blur(tf.constant(image), tf.constant(0.9)).numpy()
+    assert (blurred[:, :6] == 0).all() and (blurred[:, 14:] == 200).all()
+    assert 0 < blurred[0, 9, 0] < 100 < blurred[0, 10, 0] < 200
+
+
+# --------------------------------------------------------------------------------------------- ADE20K
+def _ade_tree(root: Path, *, train_masks: dict[int, np.ndarray]) -> None:
+    base = root / "ADEChallengeData2016"
+    for index, mask in train_masks.items():
+        _write_jpeg(base / "images/training" / f"ADE_train_{index:08d}.jpg", *mask.shape, seed=index)
+        _write_png(base / "annotations/training" / f"ADE_train_{index:08d}.png", mask, "L")
+    val = np.full((16, 16), 150, np.uint8)
+    _write_jpeg(base / "images/validation/ADE_val_00000001.jpg", 16, 16)
+    _write_png(base / "annotations/validation/ADE_val_00000001.png", val, "L")
+
+
+def test_ade20k_builder_shifts_labels_and_ignores_other(tmp_path):
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, 8:] = 5
+    mask[:, 16:] = 1
+    _ade_tree(tmp_path / "raw", train_masks={1: mask, 2: np.full((12, 12), 150, np.uint8)})
+    _write_jpeg(tmp_path / "raw/ADEChallengeData2016/images/training/ADE_train_00000003.jpg", 8, 8)  # no mask
+    pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+    labels = _labels_by_file("ade20k", tmp_path / "tfds", "train")
+    assert sorted(labels) == ["ADE_train_00000001.jpg", "ADE_train_00000002.jpg"]
+    first = labels["ADE_train_00000001.jpg"]
+    assert (first[:, :8] == -1).all() and (first[:, 8:16] == 4).all() and (first[:, 16:] == 0).all()
+    assert (labels["ADE_train_00000002.jpg"] == 149).all()
+    assert pipeline.dataset_size("ade20k", "validation", tmp_path / "tfds") == 1
+
+
+def test_ade20k_missing_files_error_gives_instructions(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016.zip"):
+        pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path)
+
+
+@pytest.mark.parametrize("fault", ["corrupt_image", "size_mismatch", "label_above_classes"])
+def test_builder_errors_name_the_example(tmp_path, fault):
+    _ade_tree(tmp_path / "raw", train_masks={1: np.ones((16, 16), np.uint8)})
+    base = tmp_path / "raw/ADEChallengeData2016"
+    bad_image = base / "images/training/ADE_train_00000002.jpg"
+    bad_mask = base / "annotations/training/ADE_train_00000002.png"
+    _write_jpeg(bad_image, 16, 16)
+    _write_png(bad_mask, np.ones((16, 16), np.uint8), "L")
+    if fault == "corrupt_image":
+        bad_image.write_bytes(b"\xff\xd8 definitely not a jpeg")
+        match = "ADE_train_00000002.jpg"
+    elif fault == "size_mismatch":
+        _write_png(bad_mask, np.ones((16, 20), np.uint8), "L")
+        match = "ADE_train_00000002.png.*differs"
+    else:
+        _write_png(bad_mask, np.full((16, 16), 151, np.uint8), "L")
+        match = "ADE_train_00000002.png.*151"
+    with pytest.raises(common.DataError, match=match):
+        pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+
+
+# --------------------------------------------------------------------------------------------- Pascal Context
+def test_rle_decoder_reads_coco_strings():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((37, 23), bool)
+    mask[3:30, 2:20] = rng.random((27, 18)) > 0.3  # many runs: exercises the difference coding
+    mask[0, 0] = True  # first count 0
+    from fastfcn_jax.data.builders.pcontext import decode_rle
+
+    np.testing.assert_array_equal(decode_rle(_rle_encode(mask), 37, 23), mask)
+    big = np.zeros((300, 200), bool)
+    big[150:, 100:] = True  # large counts: multi-character numbers and negative differences
+    np.testing.assert_array_equal(decode_rle(_rle_encode(big), 300, 200), big)
+
+
+def _pcontext_json(root: Path, annotations: dict[str, list[tuple[int, np.ndarray]]], phases: dict[str, str]):
+    base = root / "VOCdevkit/VOC2010"
+    images, annos = [], []
+    for number, (stem, objects) in enumerate(annotations.items()):
+        height, width = objects[0][1].shape
+        _write_jpeg(base / "JPEGImages" / f"{stem}.jpg", height, width, seed=number)
+        image_id = int(stem.replace("_", ""))
+        images.append(
+            {"image_id": image_id, "file_name": f"{stem}.jpg", "width": width, "height": height, "phase": phases[stem]}
+        )
+        for category, mask in objects:
+            rle = {"size": [height, width], "counts": _rle_encode(mask)}
+            annos.append(
+                {"id": len(annos) + 1, "image_id": image_id, "category_id": category, "segmentation": rle}
+                | {"area": int(mask.sum()), "bbox": [0, 0, width, height], "iscrowd": 0, "parts": []}
+            )
+    detail = {
+        "images": images,
+        "annos_segmentation": annos,
+        "annos_occlusion": [],
+        "annos_boundary": [],
+        "categories": [{"category_id": 2, "name": "aeroplane", "supercategory": "object", "onlysemantic": 0}],
+        "parts": [],
+    }
+    (base / "trainval_merged.json").write_text(json.dumps(detail))
+
+
+def test_pcontext_json_builder_maps_459_to_59(tmp_path):
+    left = np.zeros((16, 16), bool)
+    left[:, :8] = True
+    top = np.zeros((16, 16), bool)
+    top[:4] = True
+    bottom_right = np.zeros((16, 16), bool)
+    bottom_right[8:, 8:] = True
+    # JSON order paints: aeroplane (2) left, then bag (9) on top rows (overwrites), wood (458) bottom right.
+    objects = {"2008_000002": [(2, left), (9, top), (458, bottom_right)], "2008_000003": [(18, left)]}
+    _pcontext_json(tmp_path / "raw", objects, {"2008_000002": "train", "2008_000003": "val"})
+    pipeline.prepare("pcontext", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+    label = _labels_by_file("pcontext", tmp_path / "tfds", "train")["2008_000002.jpg"]
+    assert (label[:4] == 1).all()  # bag: sorted-mapping index 2, minus 1
+    assert (label[4:, :8] == 0).all()  # aeroplane: index 1 -> 0
+    assert (label[8:, 8:] == 58).all()  # wood: the last of the 59 classes
+    assert (label[4:8, 8:] == -1).all()  # unlabelled background -> ignored
+    val = _labels_by_file("pcontext", tmp_path / "tfds", "validation")["2008_000003.jpg"]
+    assert (val[:, :8] == 2).all() and (val[:, 8:] == -1).all()  # bed
+
+
+def test_pcontext_json_rejects_ids_outside_the_59(tmp_path):
+    everything = np.ones((8, 8), bool)
+    _pcontext_json(tmp_path / "raw", {"2008_000002": [(1, everything)]}, {"2008_000002": "train"})
+    with pytest.raises(common.DataError, match="2008_000002.jpg.*1"):
+        pipeline.prepare("pcontext", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+
+
+def test_pcontext_mat_builder_maps_459_to_59(tmp_path):
+    base = tmp_path / "raw/VOCdevkit/VOC2010"
+    label_map = np.zeros((12, 12), np.uint16)
+    label_map[:, 4:8] = 2  # aeroplane -> 0
+    label_map[:, 8:] = 1  # accordion: not among the 59 -> background -> -1
+    label_map[0, 0] = 458  # wood -> 58
+    for number, stem in enumerate(["2008_000002", "2008_000003"]):
+        _write_jpeg(base / "JPEGImages" / f"{stem}.jpg", 12, 12, seed=number)
+        (base / "trainval").mkdir(parents=True, exist_ok=True)
+        savemat(base / "trainval" / f"{stem}.mat", {"LabelMap": label_map})
+    (base / "ImageSets/Main").mkdir(parents=True)
+    (base / "ImageSets/Main/train.txt").write_text("2008_000002\n")
+    (base / "ImageSets/Main/val.txt").write_text("2008_000003\n")
+    pipeline.prepare("pcontext", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+    label = _labels_by_file("pcontext", tmp_path / "tfds", "train")["2008_000002.jpg"]
+    assert label[0, 0] == 58 and (label[1:, :4] == -1).all()
+    assert (label[:, 4:8] == 0).all() and (label[:, 8:] == -1).all()
+
+
+# --------------------------------------------------------------------------------------------- Cityscapes
+def test_cityscapes_builder_maps_label_ids_to_train_ids(tmp_path):
+    raw = tmp_path / "raw"
+    ids = np.array([[7, 0, 1, 4], [26, 33, 8, 11]], np.uint8).repeat(4, 0).repeat(4, 1)  # 8 x 16
+    for split, city in [("train", "aachen"), ("val", "frankfurt")]:
+        stem = f"{city}_000000_000019"
+        rgb = np.random.default_rng(0).integers(0, 256, (8, 16, 3), dtype=np.uint8)
+        _write_png(raw / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rgb)
+        _write_png(raw / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids, "L")
+    pipeline.prepare("cityscapes", tmp_path / "tfds", manual_dir=raw)
+    label = _labels_by_file("cityscapes", tmp_path / "tfds", "train")["aachen_000000_000019_leftImg8bit.png"]
+    # cityscapesScripts: road 7 -> 0, unlabeled 0 / ego 1 / static 4 -> ignore, car 26 -> 13, bicycle 33 -> 18,
+    # sidewalk 8 -> 1, building 11 -> 2.
+    np.testing.assert_array_equal(label[::4, ::4], [[0, -1, -1, -1], [13, 18, 1, 2]])
+
+
+def test_cityscapes_rejects_label_ids_above_33(tmp_path):
+    raw = tmp_path / "raw"
+    for split, city in [("train", "aachen"), ("val", "frankfurt")]:
+        stem = f"{city}_000000_000019"
+        _write_png(raw / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", np.zeros((4, 8, 3), np.uint8))
+        _write_png(raw / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", np.full((4, 8), 34, np.uint8), "L")
+    with pytest.raises(common.DataError, match="aachen_000000_000019_gtFine_labelIds.png"):
+        pipeline.prepare("cityscapes", tmp_path / "tfds", manual_dir=raw)
+
+
+# --------------------------------------------------------------------------------------------- Pascal VOC
+def _voc_tree(raw: Path, stems: dict[str, list[str]]) -> np.ndarray:
+    base = raw / "VOCdevkit/VOC2012"
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:, 5:] = 15  # person
+    mask[:, 4] = 255  # void outline
+    for number, stem in enumerate(sorted({s for group in stems.values() for s in group})):
+        _write_jpeg(base / "JPEGImages" / f"{stem}.jpg", 10, 10, seed=number)
+        png = Image.fromarray(mask, "P")
+        png.putpalette(_voc_palette())
+        (base / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        png.save(base / "SegmentationClass" / f"{stem}.png")
+    (base / "ImageSets/Segmentation").mkdir(parents=True, exist_ok=True)
+    for name, group in stems.items():
+        (base / "ImageSets/Segmentation" / f"{name}.txt").write_text("".join(f"{s}\n" for s in group))
+    return mask
+
+
+def test_pascal_voc_builder_reads_palette_indices(tmp_path):
+    voc = {"train": ["2007_000032"], "val": ["2007_000033"], "trainval": ["2007_000032", "2007_000033"]}
+    _voc_tree(tmp_path / "raw", voc)
+    pipeline.prepare("pascal_voc", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+    label = _labels_by_file("pascal_voc", tmp_path / "tfds", "train")["2007_000032.jpg"]
+    assert (label[:, :4] == 0).all() and (label[:, 4] == -1).all() and (label[:, 5:] == 15).all()
+    assert pipeline.dataset_size("pascal_voc", "trainval", tmp_path / "tfds") == 2
+
+
+def test_pascal_aug_builder_combines_voc_and_sbd(tmp_path):
+    raw = tmp_path / "raw"
+    _voc_tree(raw, {"train": ["2007_000032"], "val": ["2007_000033"]})
+    sbd = raw / "VOCaug/dataset"
+    segmentation = np.full((10, 10), 3, np.uint8)
+    segmentation[0] = 20
+    for number, stem in enumerate(["2008_000001", "2008_000002", "2007_000033"]):
+        _write_jpeg(sbd / "img" / f"{stem}.jpg", 10, 10, seed=number)
+        (sbd / "cls").mkdir(parents=True, exist_ok=True)
+        boundaries = np.empty((20, 1), object)
+        boundaries[:] = [[np.zeros((10, 10), np.uint8)]]
+        savemat(sbd / "cls" / f"{stem}.mat", {"GTcls": {"Segmentation": segmentation, "Boundaries": boundaries}})
+    (sbd / "train.txt").write_text("2008_000001\n2007_000033\n")
+    (sbd / "val.txt").write_text("2008_000002\n")
+    pipeline.prepare("pascal_aug", tmp_path / "tfds", manual_dir=raw)
+    train = _labels_by_file("pascal_aug", tmp_path / "tfds", "train")
+    # train_aug = (VOC train U SBD train U SBD val) - VOC val; VOC masks where VOC has the image.
+    assert sorted(train) == ["2007_000032.jpg", "2008_000001.jpg", "2008_000002.jpg"]
+    assert (train["2007_000032.jpg"][:, 4] == -1).all()
+    assert (train["2008_000001.jpg"][0] == 20).all() and (train["2008_000001.jpg"][1:] == 3).all()
+    assert pipeline.dataset_size("pascal_aug", "sbd_trainval", tmp_path / "tfds") == 3
+
+
+# --------------------------------------------------------------------------------------------- folder
+def test_custom_folder_round_trip(tmp_path):
+    source = tmp_path / "mydata"
+    table = {"names": ["sky", "grass", "cow"], "palette": [[0, 0, 255], [0, 255, 0], [90, 60, 30]], "ignore_label": 255}
+    source.mkdir()
+    (source / "classes.json").write_text(json.dumps(table))
+    mask = np.array([[0, 1, 2, 255]], np.uint8).repeat(16, 0).repeat(4, 1)  # 16 x 16
+    for split in ("train", "val"):
+        for index in range(2):
+            _write_jpeg(source / "images" / split / f"img{index}.jpg", 16, 16, seed=index)
+            _write_png(source / "masks" / split / f"img{index}.png", mask, "L")
+    assert (
+        prepare.main(["--dataset", "folder:cows", "--source", str(source), "--data-dir", str(tmp_path / "tfds")]) == 0
+    )
+    info = get_dataset_info("folder:cows", data_dir=tmp_path / "tfds")
+    assert info.class_names == ("sky", "grass", "cow") and info.num_classes == 3
+    np.testing.assert_array_equal(info.palette, table["palette"])
+    labels = _labels_by_file("folder:cows", tmp_path / "tfds", "validation")
+    assert sorted(labels) == ["img0.jpg", "img1.jpg"]
+    np.testing.assert_array_equal(labels["img0.jpg"][0, ::4], [0, 1, 2, -1])
+    batch = next(pipeline.train_batches("folder:cows", data_dir=tmp_path / "tfds", batch_size=2, seed=0, crop_size=8))
+    assert batch["label"].shape == (2, 8, 8) and set(np.unique(batch["label"])) <= {-1, 0, 1, 2}
+
+
+def test_custom_folder_rejects_unknown_class_index(tmp_path):
+    source = tmp_path / "mydata"
+    source.mkdir()
+    (source / "classes.json").write_text(json.dumps({"names": ["a", "b"], "ignore_label": 255}))
+    _write_jpeg(source / "images/train/x.jpg", 8, 8)
+    _write_png(source / "masks/train/x.png", np.full((8, 8), 2, np.uint8), "L")
+    with pytest.raises(common.DataError, match="x.png.*2"):
+        pipeline.prepare("folder:bad", tmp_path / "tfds", source_dir=source)
+
+
+def test_each_process_reads_its_own_shard(synthetic_dir, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    seen, counts = [], []
+    for index in range(3):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        batches = list(pipeline.eval_batches("synthetic_shapes", data_dir=synthetic_dir, batch_size=8, crop_size=32))
+        counts.append(len(batches))
+        seen += [b["label"][i].tobytes() for b in batches for i in np.nonzero(b["valid"])[0]]
+    assert counts == [3, 3, 3]  # 22/21/21 examples: every process runs the same number of eval steps
+    assert len(seen) == 64 and len(set(seen)) == 64  # disjoint shards covering the split
