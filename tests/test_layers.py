@@ -30,9 +30,7 @@ def torch_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.nd
         h0, h1, h0l, h1l = source(oh, in_h, out_h)
         for ow in range(out_w):
             w0, w1, w0l, w1l = source(ow, in_w, out_w)
-            out[oh, ow] = h0l * (w0l * x[h0, w0] + w1l * x[h0, w1]) + h1l * (
-                w0l * x[h1, w0] + w1l * x[h1, w1]
-            )
+            out[oh, ow] = h0l * (w0l * x[h0, w0] + w1l * x[h0, w1]) + h1l * (w0l * x[h1, w0] + w1l * x[h1, w1])
     return out
 
 
@@ -60,12 +58,13 @@ RESIZE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("implementation", ["gather", "matmul"])
 @pytest.mark.parametrize(("in_size", "out_size"), RESIZE_CASES)
-def test_resize_bilinear_matches_pytorch_align_corners(in_size, out_size):
+def test_resize_bilinear_matches_pytorch_align_corners(in_size, out_size, implementation):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, *in_size, 3)).astype(np.float32)
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(layers.resize_bilinear(jnp.asarray(x), out_size))
+        got = np.asarray(layers.resize_bilinear(jnp.asarray(x), out_size, implementation))
     assert got.shape == (2, *out_size, 3)
     for b in range(2):
         for c in range(3):
@@ -133,6 +132,26 @@ def test_stride2_conv_pads_symmetrically_like_pytorch(size):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["dot", "conv"])
+@pytest.mark.parametrize(("size", "stride"), [((8, 8), 1), ((7, 9), 2), ((6, 5), 2)])
+def test_pointwise_conv_matches_pytorch_including_stride2_shortcut(size, stride, implementation):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, *size, 5)).astype(np.float32)
+    conv = layers.Conv2D(3, 1, stride=stride, use_bias=True, pointwise_implementation=implementation)
+    params = conv.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(conv.apply(params, jnp.asarray(x)))
+    want = numpy_conv(x, np.asarray(params["params"]["kernel"]), stride=stride, pad=0) + np.asarray(
+        params["params"]["bias"]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_op_choices_reject_unknown_implementations():
+    with pytest.raises(ValueError, match="resize_implementation"):
+        layers.OpChoices(resize="bicubic")
+
+
 @pytest.mark.parametrize("dilation", [1, 2, 4, 8])
 @pytest.mark.parametrize("implementation", ["shifted", "grouped"])
 def test_depthwise_conv_matches_grouped_convolution(dilation, implementation):
@@ -195,9 +214,7 @@ def test_group_norm_matches_definition():
     grouped = x.reshape(2, 5, 6, 4, 2)
     mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
     var = grouped.var(axis=(1, 2, 4), keepdims=True)
-    np.testing.assert_allclose(
-        got, ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), rtol=1e-4, atol=1e-4
-    )
+    np.testing.assert_allclose(got, ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape), rtol=1e-4, atol=1e-4)
 
 
 def test_separable_conv_is_depthwise_norm_pointwise_norm_relu_without_relu_between():

@@ -43,8 +43,21 @@ def official_state_dict(fixture: str) -> dict[str, np.ndarray]:
     return weights.synthetic_state_dict(weights.load_keys(PARITY / f"{fixture}.keys.json"), seed=0)
 
 
-@pytest.mark.parametrize("fixture", sorted(FIXTURE_MODELS))
-def test_outputs_match_official_model(fixture):
+# The default fast paths for every fixture; the alternative implementations of resize, 1x1 conv and
+# depthwise conv (see fastfcn_jax/models/layers.py) on the two fixtures that exercise all of them.
+ALTERNATIVE_OPS = {
+    "resize_implementation": "matmul",
+    "pointwise_implementation": "conv",
+    "depthwise_implementation": "grouped",
+}
+CASES = [(fixture, {}) for fixture in sorted(FIXTURE_MODELS)] + [
+    ("psp_jpu_r50_pcontext", ALTERNATIVE_OPS),
+    ("encnet_jpux_r50_pcontext", ALTERNATIVE_OPS),
+]
+
+
+@pytest.mark.parametrize(("fixture", "ops"), CASES, ids=[f + ("-alt_ops" if o else "") for f, o in CASES])
+def test_outputs_match_official_model(fixture, ops):
     model_name, num_classes = FIXTURE_MODELS[fixture]
     meta = json.loads((PARITY / f"{fixture}.keys.json").read_text())
     assert meta["nclass"] == num_classes
@@ -55,7 +68,7 @@ def test_outputs_match_official_model(fixture):
 
     reference = np.load(PARITY / f"{fixture}.npz")
     images = jnp.asarray(reference["input"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
-    model = create_model(model_name, num_classes)
+    model = create_model(model_name, num_classes, **ops)
     with jax.default_matmul_precision("highest"):
         outputs, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
             variables, images
@@ -97,9 +110,7 @@ def test_missing_key_is_an_error_naming_it():
 
 def test_shape_mismatch_names_key_and_both_shapes():
     state_dict = official_state_dict("fcn_jpu_r50_pcontext")
-    with pytest.raises(
-        ConversionError, match=r"head\.conv5\.4\.weight.*\(59, 512, 1, 1\).*\(1, 1, 512, 150\)"
-    ):
+    with pytest.raises(ConversionError, match=r"head\.conv5\.4\.weight.*\(59, 512, 1, 1\).*\(1, 1, 512, 150\)"):
         convert_state_dict(state_dict, "fcn_jpu_r50", 150)
 
 
@@ -138,9 +149,7 @@ def test_backbone_only_source_initialises_neck_and_heads():
         if key.startswith("pretrained.")
     }
     variables, report = convert_with_report(state_dict, "encnet_jpu_r50", 150, source="resnet_s")
-    assert all(
-        not name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.initialized
-    )
+    assert all(not name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.initialized)
     assert any(name.startswith("params/neck") for name in report.initialized)
     assert all(name.startswith(("params/backbone", "batch_stats/backbone")) for name in report.filled)
     np.testing.assert_array_equal(

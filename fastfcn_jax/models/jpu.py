@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import ConvBNReLU, Dtype, SeparableConv, resize_bilinear
+from fastfcn_jax.models.layers import DEFAULT_OPS, ConvBNReLU, Dtype, OpChoices, SeparableConv, resize_bilinear
 
 
 class JPU(nn.Module):
@@ -26,23 +26,23 @@ class JPU(nn.Module):
     width: int = 512
     dilations: Sequence[int] = (1, 2, 4, 8)
     dtype: Dtype = jnp.float32
-    depthwise_implementation: str = "shifted"
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, c2: jax.Array, c3: jax.Array, c4: jax.Array, train: bool = False) -> jax.Array:
         size = c2.shape[1:3]
         feats = [
-            ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv5")(c4, train),
-            ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv4")(c3, train),
-            ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv3")(c2, train),
+            ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv5")(c4, train),
+            ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv4")(c3, train),
+            ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv3")(c2, train),
         ]
-        feat = jnp.concatenate([resize_bilinear(f, size) for f in feats], axis=-1)
+        feat = jnp.concatenate([resize_bilinear(f, size, self.ops.resize) for f in feats], axis=-1)
         branches = [
             SeparableConv(
                 self.width,
                 dilation=d,
                 dtype=self.dtype,
-                depthwise_implementation=self.depthwise_implementation,
+                ops=self.ops,
                 name=f"dilation{i + 1}",
             )(feat, train)
             for i, d in enumerate(self.dilations)
@@ -61,13 +61,13 @@ class JUM(nn.Module):
     dilations: Sequence[int] = (1, 2, 4)
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    depthwise_implementation: str = "shifted"
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, low: jax.Array, high: jax.Array, train: bool = False) -> jax.Array:
-        low = ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv_l")(low, train)
-        high = ConvBNReLU(self.width, 3, dtype=self.dtype, name="conv_h")(high, train)
-        low = resize_bilinear(low, high.shape[1:3])
+        low = ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv_l")(low, train)
+        high = ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv_h")(high, train)
+        low = resize_bilinear(low, high.shape[1:3], self.ops.resize)
         feat = jnp.concatenate([low, high], axis=-1)
         branches = [
             SeparableConv(
@@ -76,7 +76,7 @@ class JUM(nn.Module):
                 norm="group",
                 num_groups=self.num_groups,
                 dtype=self.dtype,
-                depthwise_implementation=self.depthwise_implementation,
+                ops=self.ops,
                 name=f"dilation{i + 1}",
             )(feat, train)
             for i, d in enumerate(self.dilations)
@@ -94,14 +94,14 @@ class JPUX(nn.Module):
     dilations: Sequence[Sequence[int]] = ((1, 2, 4), (2, 4, 8))
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    depthwise_implementation: str = "shifted"
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, c2: jax.Array, c3: jax.Array, c4: jax.Array, train: bool = False) -> jax.Array:
         common = dict(
             num_groups=self.num_groups,
             dtype=self.dtype,
-            depthwise_implementation=self.depthwise_implementation,
+            ops=self.ops,
         )
         first, second = (tuple(d) for d in self.dilations)
         feat = JUM(self.width // 2, first, name="jum_1", **common)(c3, c2, train)

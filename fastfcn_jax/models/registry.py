@@ -80,9 +80,7 @@ def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
         if output_stride not in (8, 16, 32):
             raise ValueError(f"{name}: output_stride must be 8, 16 or 32, got {output_stride}")
         if config["neck"] != "dilated" and output_stride != 32:
-            raise ValueError(
-                f"{name}: JPU necks need the output-stride-32 backbone, got output_stride={output_stride}"
-            )
+            raise ValueError(f"{name}: JPU necks need the output-stride-32 backbone, got output_stride={output_stride}")
     if config["se_loss"] and config["head"] != "encnet":
         raise ValueError(f"{name}: se_loss is only defined for the EncNet head")
     for key in ("jpu_width", "head_width", "num_codes", "stem_width", "base_width"):
@@ -91,9 +89,7 @@ def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
     if config["neck"] == "jpux":
         width, groups = config.get("jpu_width", 512), config.get("jpux_groups", 32)
         if (width // 2) % groups:
-            raise ValueError(
-                f"{name}: jpu_width/2 = {width // 2} must be divisible by jpux_groups = {groups}"
-            )
+            raise ValueError(f"{name}: jpu_width/2 = {width // 2} must be divisible by jpux_groups = {groups}")
     if not 0.0 <= float(config.get("dropout", 0.1)) < 1.0:
         raise ValueError(f"{name}: dropout must be in [0, 1), got {config['dropout']}")
     return config
@@ -120,8 +116,6 @@ def model_from_config(config: Mapping[str, Any]) -> Segmenter:
         raise ValueError(f"model config needs {sorted(missing)}; got keys {sorted(config)}")
     unknown = set(config) - {"name", "num_classes", "overrides"}
     if unknown:
-        raise ValueError(
-            f"unknown model config key(s) {sorted(unknown)}; expected name, num_classes, overrides"
-        )
+        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; expected name, num_classes, overrides")
     overrides = dict((config.get("overrides") or {}).items())
     return create_model(config["name"], config["num_classes"], **overrides)

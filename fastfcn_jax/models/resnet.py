@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import ConvBNReLU, Dtype, conv_kernel_init
+from fastfcn_jax.models.layers import DEFAULT_OPS, ConvBNReLU, Dtype, OpChoices, conv_kernel_init
 
 STAGE_SIZES = {
     50: (3, 4, 6, 3),
@@ -52,6 +52,7 @@ class Bottleneck(nn.Module):
     dilation: int = 1
     expansion: int = 4
     dtype: Dtype = jnp.float32
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -66,6 +67,7 @@ class Bottleneck(nn.Module):
                 relu=relu,
                 dtype=self.dtype,
                 kernel_init=conv_kernel_init(features, kernel_size),
+                ops=self.ops,
                 name=name,
             )
 
@@ -96,6 +98,7 @@ class ResNet(nn.Module):
     base_width: int = 64
     output_stride: int = 32
     dtype: Dtype = jnp.float32
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
@@ -109,6 +112,7 @@ class ResNet(nn.Module):
                 relu=relu,
                 dtype=self.dtype,
                 kernel_init=conv_kernel_init(features, kernel_size),
+                ops=self.ops,
                 name=name,
             )
 
@@ -133,6 +137,7 @@ class ResNet(nn.Module):
                     stride=stride if index == 0 else 1,
                     dilation=first_block_dilation(dilation) if index == 0 else dilation,
                     dtype=self.dtype,
+                    ops=self.ops,
                     name=f"layer{stage + 1}_{index}",
                 )(x, train)
             features.append(x)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from fastfcn_jax.models.heads import DeepLabV3Head, EncNetHead, FCNHead, PSPHead
 from fastfcn_jax.models.jpu import JPU, JPUX
-from fastfcn_jax.models.layers import Dtype, resize_bilinear
+from fastfcn_jax.models.layers import Dtype, OpChoices, resize_bilinear
 from fastfcn_jax.models.resnet import STAGE_SIZES, ResNet
 
 HEADS = ("encnet", "psp", "deeplab", "fcn")
@@ -59,6 +59,9 @@ class Segmenter(nn.Module):
     jpu_dilations: Sequence[int] = (1, 2, 4, 8)
     jpux_dilations: Sequence[Sequence[int]] = ((1, 2, 4), (2, 4, 8))
     jpux_groups: int = 32
+    # How performance-sensitive ops are computed (same maths; see fastfcn_jax/models/layers.py).
+    resize_implementation: str = "auto"
+    pointwise_implementation: str = "dot"
     depthwise_implementation: str = "shifted"
     # Heads.
     aux: bool = True
@@ -69,6 +72,10 @@ class Segmenter(nn.Module):
     psp_bins: Sequence[int] = (1, 2, 3, 6)
     dropout: float = 0.1
     dtype: Dtype = jnp.float32
+
+    @property
+    def ops(self) -> OpChoices:
+        return OpChoices(self.resize_implementation, self.pointwise_implementation, self.depthwise_implementation)
 
     def _sow(self, name: str, value: jax.Array) -> None:
         self.sow("intermediates", name, value, reduce_fn=_keep_last, init_fn=lambda: None)
@@ -89,6 +96,7 @@ class Segmenter(nn.Module):
             base_width=self.base_width,
             output_stride=output_stride,
             dtype=self.dtype,
+            ops=self.ops,
             name="backbone",
         )(images, train)
         for name, value in zip(("c1", "c2", "c3", "c4"), (c1, c2, c3, c4), strict=True):
@@ -99,7 +107,7 @@ class Segmenter(nn.Module):
                 self.jpu_width,
                 tuple(self.jpu_dilations),
                 dtype=self.dtype,
-                depthwise_implementation=self.depthwise_implementation,
+                ops=self.ops,
                 name="neck",
             )(c2, c3, c4, train)
             self._sow("jpu", feat)
@@ -109,7 +117,7 @@ class Segmenter(nn.Module):
                 tuple(tuple(d) for d in self.jpux_dilations),
                 num_groups=self.jpux_groups,
                 dtype=self.dtype,
-                depthwise_implementation=self.depthwise_implementation,
+                ops=self.ops,
                 name="neck",
             )(c2, c3, c4, train)
             self._sow("jpu", feat)
@@ -121,7 +129,7 @@ class Segmenter(nn.Module):
         head_out = self._head()(feat, train)
         head_logits = head_out["logits"].astype(jnp.float32)
         self._sow("head", head_logits)
-        outputs = {"logits": resize_bilinear(head_logits, size)}
+        outputs = {"logits": resize_bilinear(head_logits, size, self.ops.resize)}
         for name in ("enc_x", "enc_e", "enc_en"):
             if name in head_out:
                 self._sow(name, head_out[name])
@@ -129,15 +137,15 @@ class Segmenter(nn.Module):
             outputs["se_logits"] = head_out["se_logits"].astype(jnp.float32)
 
         if self.aux:
-            aux_logits = FCNHead(
-                self.num_classes, dropout=self.dropout, dtype=self.dtype, name="auxiliary_head"
-            )(c3, train)["logits"].astype(jnp.float32)
+            aux_logits = FCNHead(self.num_classes, dropout=self.dropout, dtype=self.dtype, name="auxiliary_head")(
+                c3, train
+            )["logits"].astype(jnp.float32)
             self._sow("aux_head", aux_logits)
-            outputs["aux_logits"] = resize_bilinear(aux_logits, size)
+            outputs["aux_logits"] = resize_bilinear(aux_logits, size, self.ops.resize)
         return outputs
 
     def _head(self) -> nn.Module:
-        common = dict(dropout=self.dropout, dtype=self.dtype, name="decode_head")
+        common = dict(dropout=self.dropout, dtype=self.dtype, ops=self.ops, name="decode_head")
         if self.head == "encnet":
             return EncNetHead(
                 self.num_classes,

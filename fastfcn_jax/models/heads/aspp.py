@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import Classifier, ConvBNReLU, Dtype, channel_dropout
+from fastfcn_jax.models.layers import DEFAULT_OPS, Classifier, ConvBNReLU, Dtype, OpChoices, channel_dropout
 
 
 class DeepLabV3Head(nn.Module):
@@ -23,22 +23,23 @@ class DeepLabV3Head(nn.Module):
     project_dropout: float = 0.5
     dropout: float = 0.1
     dtype: Dtype = jnp.float32
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         width = self.aspp_features or x.shape[-1] // 8
-        branches = [ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_b0")(x, train)]
+        branches = [ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_b0")(x, train)]
         for i, rate in enumerate(self.rates):
             branches.append(
-                ConvBNReLU(width, 3, dilation=rate, dtype=self.dtype, name=f"aspp_b{i + 1}")(x, train)
+                ConvBNReLU(width, 3, dilation=rate, dtype=self.dtype, ops=self.ops, name=f"aspp_b{i + 1}")(x, train)
             )
         # Align-corners upsampling of a 1x1 map is a broadcast.
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
-        pooled = ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_pool")(pooled, train)
+        pooled = ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_pool")(pooled, train)
         branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], width)))
         y = jnp.concatenate(branches, axis=-1)
-        y = ConvBNReLU(width, 1, dtype=self.dtype, name="aspp_project")(y, train)
+        y = ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_project")(y, train)
         y = channel_dropout(self.project_dropout, train=train)(y)
-        y = ConvBNReLU(width, 3, dtype=self.dtype, name="block")(y, train)
-        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, name="classifier")(y, train)
+        y = ConvBNReLU(width, 3, dtype=self.dtype, ops=self.ops, name="block")(y, train)
+        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(y, train)
         return {"logits": logits}

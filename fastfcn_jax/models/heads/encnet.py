@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models.layers import (
+    DEFAULT_OPS,
     BatchNorm,
     Classifier,
     ConvBNReLU,
     Dtype,
+    OpChoices,
     torch_default_bias_init,
     torch_default_kernel_init,
 )
@@ -73,11 +75,12 @@ class EncNetHead(nn.Module):
     se_loss: bool = True
     dropout: float = 0.1
     dtype: Dtype = jnp.float32
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        x = ConvBNReLU(self.width, self.conv5_kernel, dtype=self.dtype, name="conv5")(x, train)
-        enc_x = ConvBNReLU(self.width, 1, dtype=self.dtype, name="enc_conv")(x, train)
+        x = ConvBNReLU(self.width, self.conv5_kernel, dtype=self.dtype, ops=self.ops, name="conv5")(x, train)
+        enc_x = ConvBNReLU(self.width, 1, dtype=self.dtype, ops=self.ops, name="enc_conv")(x, train)
         enc_e = Encoding(self.num_codes, name="encoding")(enc_x)
         # BatchNorm1d(K) on [B, K, D]: statistics per codeword over (B, D).
         enc_en = nn.relu(BatchNorm(use_running_average=not train, feature_axis=1, name="enc_bn")(enc_e))
@@ -95,7 +98,7 @@ class EncNetHead(nn.Module):
         gamma = jax.nn.sigmoid(dense(self.width, "fc")(enc_en))
         x = nn.relu(x + x * gamma[:, None, None, :].astype(x.dtype))
         out = {
-            "logits": Classifier(self.num_classes, self.dropout, dtype=self.dtype, name="classifier")(
+            "logits": Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(
                 x, train
             ),
             "enc_x": enc_x,

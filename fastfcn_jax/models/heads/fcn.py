@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import Classifier, ConvBNReLU, Dtype
+from fastfcn_jax.models.layers import DEFAULT_OPS, Classifier, ConvBNReLU, Dtype, OpChoices
 
 
 class FCNHead(nn.Module):
@@ -20,10 +20,11 @@ class FCNHead(nn.Module):
     inter_features: int | None = None
     dropout: float = 0.1
     dtype: Dtype = jnp.float32
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         inter = self.inter_features or x.shape[-1] // 4
-        x = ConvBNReLU(inter, 3, dtype=self.dtype, name="conv5")(x, train)
-        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, name="classifier")(x, train)
+        x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, name="conv5")(x, train)
+        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(x, train)
         return {"logits": logits}

@@ -8,7 +8,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import Classifier, ConvBNReLU, Dtype, adaptive_avg_pool, resize_bilinear
+from fastfcn_jax.models.layers import (
+    DEFAULT_OPS,
+    Classifier,
+    ConvBNReLU,
+    Dtype,
+    OpChoices,
+    adaptive_avg_pool,
+    resize_bilinear,
+)
 
 
 class PSPHead(nn.Module):
@@ -20,6 +28,7 @@ class PSPHead(nn.Module):
     bins: Sequence[int] = (1, 2, 3, 6)
     dropout: float = 0.1
     dtype: Dtype = jnp.float32
+    ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -27,12 +36,15 @@ class PSPHead(nn.Module):
         inter = x.shape[-1] // 4
         pooled = [
             resize_bilinear(
-                ConvBNReLU(inter, 1, dtype=self.dtype, name=f"pool{i + 1}")(adaptive_avg_pool(x, b), train),
+                ConvBNReLU(inter, 1, dtype=self.dtype, ops=self.ops, name=f"pool{i + 1}")(
+                    adaptive_avg_pool(x, b), train
+                ),
                 size,
+                self.ops.resize,
             )
             for i, b in enumerate(self.bins)
         ]
         x = jnp.concatenate([x, *pooled], axis=-1)
-        x = ConvBNReLU(inter, 3, dtype=self.dtype, name="conv5")(x, train)
-        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, name="classifier")(x, train)
+        x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, name="conv5")(x, train)
+        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(x, train)
         return {"logits": logits}
