@@ -1,4 +1,7 @@
-"""PyTorch -> Flax weight conversion (official FastFCN checkpoints and ImageNet ResNets)."""
+"""PyTorch -> Flax weight conversion (official FastFCN checkpoints and ImageNet ResNets).
+
+``python -m fastfcn_jax.convert --help`` converts a file into a checkpoint directory; see docs/converting.md.
+"""
 
 from fastfcn_jax.convert.converter import (
     SOURCES,
@@ -7,5 +10,15 @@ from fastfcn_jax.convert.converter import (
     convert_state_dict,
     convert_with_report,
 )
+from fastfcn_jax.convert.readers import CheckpointReadError, UnsafeCheckpointError, load_state_dict
 
-__all__ = ["SOURCES", "ConversionError", "ConversionReport", "convert_state_dict", "convert_with_report"]
+__all__ = [
+    "SOURCES",
+    "CheckpointReadError",
+    "ConversionError",
+    "ConversionReport",
+    "UnsafeCheckpointError",
+    "convert_state_dict",
+    "convert_with_report",
+    "load_state_dict",
+]

@@ -74,6 +74,7 @@ def convert_with_report(
     allow_unexpected: bool = False,
     reinit_classifier: bool = False,
     seed: int = 0,
+    rng: jax.Array | None = None,
     model_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], ConversionReport]:
     """Like :func:`convert_state_dict`, also returning the :class:`ConversionReport`."""
@@ -93,6 +94,8 @@ def convert_with_report(
     converted: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
     need_init: list[tuple[str, tuple[str, ...]]] = []
     errors: list[str] = []
+    classifier_mismatch = False
+    mismatched: set[str] = set()  # keys of a model variable, but of the wrong shape: not "unexpected"
     for collection in ("params", "batch_stats"):
         flat = traverse_util.flatten_dict(template.get(collection, {}))
         converted[collection] = {}
@@ -112,6 +115,8 @@ def convert_with_report(
             raw = _to_numpy(source_dict[key])
             value = to_flax(raw.astype(np.float32))
             if tuple(value.shape) != tuple(spec.shape):
+                classifier_mismatch = classifier_mismatch or module in CLASSIFIER_MODULES
+                mismatched.add(key)
                 errors.append(
                     f"{key}: checkpoint shape {tuple(raw.shape)} (Flax layout {tuple(value.shape)}) "
                     "does not match "
@@ -122,7 +127,7 @@ def convert_with_report(
             report.used.append(key)
             report.filled.append(flax_name)
 
-    used = set(report.used)
+    used = set(report.used) | mismatched
     for key in source_dict:
         if key in used:
             continue
@@ -131,6 +136,11 @@ def convert_with_report(
         else:
             report.unexpected.append(key)
 
+    if classifier_mismatch:
+        errors.append(
+            "the classifier shapes differ: is the checkpoint for another class count? Pass "
+            "reinit_classifier / --reinit-classifier to initialise the classifiers afresh"
+        )
     if report.missing:
         errors.append(
             f"{len(report.missing)} model variable(s) missing from the checkpoint (pass allow_missing / "
@@ -144,14 +154,14 @@ def convert_with_report(
         )
     if errors:
         raise ConversionError(
-            f"cannot convert the checkpoint into {model_name} (num_classes={num_classes}):\n- "
-            + "\n- ".join(errors)
+            f"cannot convert the checkpoint into {model_name} (num_classes={num_classes}):\n- " + "\n- ".join(errors)
         )
 
     if need_init:
         # The 'rbg' generator compiles about twice as fast as threefry for a full model's init.
-        key = jax.random.key(seed, impl="rbg")
-        fresh = jax.jit(lambda: model.init(key, dummy, train=False))()
+        key = jax.random.key(seed, impl="rbg") if rng is None else rng
+        # The key is an argument, not a constant, so every key shares one compiled (and cached) init.
+        fresh = jax.jit(lambda init_key: model.init(init_key, dummy, train=False))(key)
         for collection, path in need_init:
             converted[collection][path] = np.asarray(traverse_util.flatten_dict(fresh[collection])[path])
             report.initialized.append(f"{collection}/{'/'.join(path)}")
@@ -185,8 +195,9 @@ def convert_state_dict(
     backbone, e.g. GluonCV v1s / timm ``resnet50s.gluon_in1k``) and ``'torchvision'`` (7x7 stem; the
     target model is ``create_model(..., stem='standard')``). For the backbone-only sources the JPU and
     heads are freshly initialised. Options: ``allow_missing``, ``allow_unexpected``,
-    ``reinit_classifier`` (fresh main, aux and SE classifiers, e.g. for another class count), ``seed``,
-    ``model_overrides``. Raises :class:`ConversionError` naming every offending key.
+    ``reinit_classifier`` (fresh main, aux and SE classifiers, e.g. for another class count), ``rng`` (a
+    JAX PRNG key for the fresh variables; else ``seed``, an int), ``model_overrides``. Raises
+    :class:`ConversionError` naming every offending key.
     """
     variables, _ = convert_with_report(state_dict, model_name, num_classes, source, **options)
     return variables

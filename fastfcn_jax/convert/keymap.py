@@ -108,9 +108,7 @@ def torch_module(flax_module: str, head: str, stem: str = "deep") -> str:
         match = re.fullmatch(pattern, flax_module)
         if match:
             return match.expand(template).replace("/", ".")
-    raise KeyError(
-        f"no PyTorch counterpart known for Flax module {flax_module!r} (head {head!r}, stem {stem!r})"
-    )
+    raise KeyError(f"no PyTorch counterpart known for Flax module {flax_module!r} (head {head!r}, stem {stem!r})")
 
 
 def to_flax_layout(leaf: str, flax_module: str, value: np.ndarray) -> np.ndarray:
@@ -123,9 +121,7 @@ def to_flax_layout(leaf: str, flax_module: str, value: np.ndarray) -> np.ndarray
     return value
 
 
-def torch_key(
-    collection: str, flax_path: tuple[str, ...], head: str, stem: str = "deep"
-) -> tuple[str, Callable]:
+def torch_key(collection: str, flax_path: tuple[str, ...], head: str, stem: str = "deep") -> tuple[str, Callable]:
     """PyTorch state_dict key of a Flax variable and the function converting its layout."""
     module, leaf = "/".join(flax_path[:-1]), flax_path[-1]
     prefix = torch_module(module, head, stem)
