@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("train", "summary")
+MODES = ("train", "eval", "predict", "export", "summary", "benchmark")
 
 # The reference's per-dataset recipe (FASTFCN.md section 4.1): LR for a batch of 16, epochs, base/crop size.
 PAPER_RECIPES = {
@@ -62,7 +62,43 @@ def base_config() -> ml_collections.ConfigDict:
     # sessions such as Colab); running the same command again resumes
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.batch_size = 0  # 0: train.batch_size
+    config.eval.batch_size = 0  # 0: train.batch_size (validation during training, centre crops)
+
+    # mode=eval and mode=predict: the reference's test protocol (FASTFCN.md section 4.2; docs/evaluation.md).
+    config.evaluation = ml_collections.ConfigDict()
+    config.evaluation.protocol = "single_scale"  # 'single_scale' | 'multi_scale' (+ flip) | 'whole'
+    config.evaluation.scales = ()  # (): the protocol's own (multi-scale 0.5..1.75; Cityscapes adds 2.0, 2.25)
+    config.evaluation.flip = "auto"  # 'auto' (multi_scale only) | 'true' | 'false'
+    config.evaluation.base_size = 0  # 0: dataset.base_size, else the dataset's (long side 520 at scale 1)
+    config.evaluation.crop_size = 0  # 0: dataset.crop_size, else the dataset's (480 sliding windows)
+    config.evaluation.stride_ratio = 2.0 / 3.0  # window stride = int(crop_size * stride_ratio)
+    config.evaluation.batch_size = 0  # windows per network call; 0: 8
+    config.evaluation.images_per_call = 0  # 0: 4
+    config.evaluation.max_examples = 0  # 0: the whole split
+    config.evaluation.submission_dir = ""  # label PNGs in the benchmark's own encoding for test servers
+    config.evaluation.split = ""  # "": dataset.eval_split
+
+    # mode=export (docs/export.md).
+    config.export = ml_collections.ConfigDict()
+    config.export.formats = ("stablehlo",)  # any of 'stablehlo', 'savedmodel', 'onnx'
+    config.export.image_size = 0  # 0: dataset.crop_size, else the dataset's crop size
+    config.export.output = "logits"  # or 'labels'
+    config.export.platforms = ("cpu", "cuda", "tpu")
+    config.export.directory = ""  # "": WORKDIR/export
+    config.export.checkpoint = ""  # "": WORKDIR's latest checkpoint
+    config.export.embed_params = True  # False: params.npz beside model.stablehlo
+
+    # mode=benchmark (experiments/benchmark.py has the same options as flags).
+    config.benchmark = ml_collections.ConfigDict()
+    config.benchmark.models = (
+        "encnet_jpu_r50,encnet_dilated_r50,psp_jpu_r50,psp_dilated_r50,deeplab_jpu_r50,deeplab_dilated_r50"
+    )
+    config.benchmark.image_size = 512
+    config.benchmark.batch_size = 1
+    config.benchmark.num_classes = 150
+    config.benchmark.warmup = 2
+    config.benchmark.repeats = 5
+    config.benchmark.dtype = "float32"
     return config
 
 

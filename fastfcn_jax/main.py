@@ -1,7 +1,13 @@
 """Command line entry point: ``python -m fastfcn_jax.main --config configs/<name>.py --workdir DIR``.
 
-Thin glue: parses flags, validates the config and dispatches to the mode's module. Modes: ``train``
-(train, validate, checkpoint; resumes from WORKDIR), ``summary`` (parameter table and one forward pass).
+Thin glue: parses flags, validates the config and dispatches to the mode's module. Modes:
+
+- ``train``: train, validate, checkpoint (resumes from WORKDIR);
+- ``eval``: the reference's test protocol on a split (docs/evaluation.md);
+- ``predict``: masks and overlays for ``--inputs`` (a file, folder or glob);
+- ``export``: StableHLO / SavedModel artifacts (docs/export.md);
+- ``summary``: parameter table and one forward pass;
+- ``benchmark``: forward latency and FLOPs, dilated vs JPU.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, metrics, TensorBoard, summaries).")
 flags.DEFINE_enum("mode", None, MODES, "What to run; defaults to the config's `mode`.")
+flags.DEFINE_string("inputs", None, "mode=predict: an image file, a folder or a glob.")
+flags.DEFINE_string("output_dir", None, "mode=predict: where to write masks and overlays (default WORKDIR/predict).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -44,6 +52,40 @@ def main(argv: list[str]) -> None:
                     f"validation at step {final['step']}: pixAcc {final['pixel_accuracy']:.4f}  "
                     f"mIoU {final['mean_iou']:.4f}  (written to {FLAGS.workdir}/metrics.json)"
                 )
+        elif config.mode == "eval":
+            from fastfcn_jax.evaluate import run_evaluation
+
+            run_evaluation(config, FLAGS.workdir)
+        elif config.mode == "predict":
+            from fastfcn_jax.predict import run_prediction
+
+            if not FLAGS.inputs:
+                raise app.UsageError("mode=predict needs --inputs (an image file, a folder or a glob)")
+            run_prediction(config, FLAGS.workdir, FLAGS.inputs, FLAGS.output_dir)
+        elif config.mode == "export":
+            from fastfcn_jax.export import run_export
+
+            for kind, path in run_export(config, FLAGS.workdir).items():
+                print(f"{kind}: {path}")
+        elif config.mode == "benchmark":
+            import json
+            from pathlib import Path
+
+            from fastfcn_jax.benchmark import format_table, run_benchmark
+
+            settings = config.benchmark
+            results = run_benchmark(
+                [name.strip() for name in settings.models.split(",") if name.strip()],
+                num_classes=settings.num_classes,
+                image_size=(settings.image_size, settings.image_size),
+                batch_size=settings.batch_size,
+                warmup=settings.warmup,
+                repeats=settings.repeats,
+                dtype=settings.dtype,
+            )
+            Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+            (Path(FLAGS.workdir) / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+            print(format_table(results))
         elif config.mode == "summary":
             from fastfcn_jax.summary import run_summary
 

@@ -20,10 +20,16 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_summary_runs_and_writes_summary(tmp_path):
-    result = run_main(f"--workdir={tmp_path}", "--config.model.name=psp_jpu_tiny", "--config.model.overrides.aux=False")
+    result = run_main(
+        f"--workdir={tmp_path}",
+        "--mode=summary",
+        "--config.model.name=psp_jpu_tiny",
+        "--config.model.num_classes=6",
+        "--config.model.overrides.aux=False",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["outputs"] == {"logits": [2, 128, 128, 6]}
+    assert summary["outputs"] == {"logits": [1, 96, 96, 6]}
     assert summary["model"]["name"] == "psp_jpu_tiny"
     assert "| **total** |" in result.stdout
 
@@ -44,3 +50,9 @@ def test_impossible_config_value_is_rejected_by_key(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--config.train.batch_size=0")
     assert result.returncode != 0
     assert "config.train.batch_size=0" in result.stderr
+
+
+def test_predict_mode_needs_inputs(tmp_path):
+    result = run_main(f"--workdir={tmp_path}", "--mode=predict")
+    assert result.returncode != 0
+    assert "--inputs" in result.stderr

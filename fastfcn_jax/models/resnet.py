@@ -124,7 +124,7 @@ class ResNet(nn.Module):
             x = stem_conv(self.stem_width, 7, 2, True, "stem1")(x, train)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; expected 'deep' or 'standard'")
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         features = []
         for stage, ((stride, dilation), num_blocks) in enumerate(

@@ -1,0 +1,579 @@
+"""Evaluation with the reference's test protocol (FastFCN ``test.py`` + ``MultiEvalModule``, FASTFCN.md §4.2).
+
+Per image and scale ``s``: resize (align-corners bilinear) so the long side is ``ceil(base_size * s)``; pad
+bottom/right to at least ``crop_size`` with the normalised-black value; run ``crop_size`` windows at stride
+``int(crop_size * 2/3)``; per window ``exp(logits [+ logits of the flipped window, flipped back])``;
+overlapping windows averaged; the result resized back (align-corners) to the image and summed over scales;
+argmax at the end. ``whole`` runs each scaled image in one pass instead of windows (cheaper, not the paper's).
+
+Shapes never depend on the image size, so the number of compilations is fixed by the protocol, not by the
+data: the network always sees ``[window_batch, crop, crop, 3]``; every scale has one square canvas (big enough
+for its largest window grid) per image slot; resizing back happens in fixed ``TILE`` x ``TILE`` output tiles
+through per-row/column gather tables computed on the host.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastfcn_jax import metrics, visualize
+
+PROTOCOLS = ("single_scale", "multi_scale", "whole")
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+CITYSCAPES_EXTRA_SCALES = (2.0, 2.25)  # the reference's test.py adds these for Cityscapes
+TILE = 256  # output tile side of the resize-back / argmax / confusion step
+WHOLE_MULTIPLE = 32  # 'whole' pads each scaled image to a square of this multiple (the network's stride)
+
+LogitsFn = Callable[[Any, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How one image becomes class scores.
+
+    Attributes:
+      scales: long side of scale s is ``ceil(base_size * s)``.
+      flip: add the logits of the horizontally flipped window (flipped back) before ``exp``.
+      base_size: long side at scale 1 in pixels (the reference's 520).
+      crop_size: window side in pixels (the reference's 480).
+      stride: window stride in pixels (the reference's ``int(crop_size * 2/3)`` = 320).
+      whole: one pass per scaled image (padded to a square multiple of 32) instead of sliding windows.
+    """
+
+    scales: tuple[float, ...]
+    flip: bool
+    base_size: int
+    crop_size: int
+    stride: int
+    whole: bool = False
+
+    def long_side(self, scale: float) -> int:
+        return int(math.ceil(self.base_size * scale))
+
+    def window_side(self, scale: float) -> int:
+        """Side of the network input at ``scale``."""
+        if self.whole:
+            return -(-self.long_side(scale) // WHOLE_MULTIPLE) * WHOLE_MULTIPLE
+        return self.crop_size
+
+    def canvas_side(self, scale: float) -> int:
+        """Side of the square canvas that holds every window grid of ``scale`` (fixed per protocol)."""
+        if self.whole:
+            return self.window_side(scale)
+        windows = window_count(self.long_side(scale), self.crop_size, self.stride)
+        return (windows - 1) * self.stride + self.crop_size
+
+
+def make_protocol(
+    name: str,
+    *,
+    base_size: int,
+    crop_size: int,
+    scales: Sequence[float] = (),
+    flip: bool | str | None = None,
+    stride_ratio: float = 2.0 / 3.0,
+    dataset: str = "",
+) -> Protocol:
+    """The named protocol: ``single_scale`` (scale 1, no flip), ``multi_scale`` (0.5..1.75, + 2.0, 2.25 for
+    Cityscapes, with flip) or ``whole``; ``scales`` / ``flip`` override the protocol's defaults."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"evaluation.protocol={name!r}: must be one of {PROTOCOLS}")
+    if base_size <= 0 or crop_size <= 0:
+        raise ValueError(f"evaluation base_size={base_size} / crop_size={crop_size} must be positive")
+    if not 0 < stride_ratio <= 1:
+        raise ValueError(f"evaluation.stride_ratio={stride_ratio}: must be in (0, 1]")
+    if not scales:
+        scales = MULTI_SCALES if name == "multi_scale" else (1.0,)
+        if name == "multi_scale" and dataset == "cityscapes":
+            scales = MULTI_SCALES + CITYSCAPES_EXTRA_SCALES
+    if flip is None or (isinstance(flip, str) and flip.lower() == "auto"):
+        flip = name == "multi_scale"
+    elif isinstance(flip, str):
+        flip = flip.lower() in ("1", "true", "yes")
+    if any(s <= 0 for s in scales):
+        raise ValueError(f"evaluation.scales={tuple(scales)}: scales must be positive")
+    return Protocol(
+        scales=tuple(float(s) for s in scales),
+        flip=bool(flip),
+        base_size=int(base_size),
+        crop_size=int(crop_size),
+        stride=int(crop_size * stride_ratio),
+        whole=name == "whole",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host-side planning (pure NumPy; the tests re-derive all of it from the reference loop).
+
+
+def scaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """The reference's resized size: long side = ``long_side``, short side ``int(short * long / long0 + 0.5)``."""
+    if height > width:
+        return long_side, max(1, int(1.0 * width * long_side / height + 0.5))
+    return max(1, int(1.0 * height * long_side / width + 0.5)), long_side
+
+
+def window_count(size: int, crop: int, stride: int) -> int:
+    """Windows along one side of length ``size`` once padded to at least ``crop``: ``ceil((size-crop)/stride)+1``."""
+    return int(math.ceil(1.0 * (max(size, crop) - crop) / stride)) + 1
+
+
+def window_origins(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of the reference's window grid over a ``height`` x ``width`` scaled image."""
+    rows, cols = window_count(height, crop, stride), window_count(width, crop, stride)
+    return [(r * stride, c * stride) for r in range(rows) for c in range(cols)]
+
+
+def align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch ``align_corners=True`` linear interpolation as two taps: (lo, hi, frac), each [out_size].
+
+    Output ``i`` reads ``(1 - frac) * x[lo] + frac * x[hi]`` with source ``i * (in - 1) / (out - 1)``.
+    """
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    src = np.arange(out_size, dtype=np.float64) * scale
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo.astype(np.int32), hi.astype(np.int32), (src - lo).astype(np.float32)
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Align-corners bilinear resize of a float [H, W, C] image on the host (2 taps per axis)."""
+    if image.shape[:2] == (height, width):
+        return image
+    lo, hi, frac = align_corners_taps(image.shape[0], height)
+    rows = image[lo] * (1 - frac)[:, None, None] + image[hi] * frac[:, None, None]
+    lo, hi, frac = align_corners_taps(image.shape[1], width)
+    return (rows[:, lo] * (1 - frac)[None, :, None] + rows[:, hi] * frac[None, :, None]).astype(np.float32)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> float32 ``(x / 255 - mean) / std`` (the reference's ToTensor + Normalize)."""
+    return ((image.astype(np.float32) / 255.0 - visualize.IMAGENET_MEAN) / visualize.IMAGENET_STD).astype(np.float32)
+
+
+# Normalised black: the reference pads with -mean / std.
+PAD_VALUE = (-visualize.IMAGENET_MEAN / visualize.IMAGENET_STD).astype(np.float32)
+
+
+@dataclasses.dataclass
+class _Window:
+    slot: int
+    scale_index: int
+    top: int
+    left: int
+    pixels: np.ndarray  # [side, side, 3]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner.
+
+
+class ProtocolRunner:
+    """Runs a :class:`Protocol` over images with a logits function, with a data-independent compile count.
+
+    Args:
+      logits_fn: ``logits_fn(variables, images [N, h, w, 3]) -> logits [N, h, w, C]`` (traced under jit).
+      variables: passed through to ``logits_fn``.
+      num_classes: C.
+      protocol: the test protocol.
+      window_batch: windows per network call (the network sees twice as many with flip).
+      images_per_call: images whose windows share network calls; device memory holds this many canvases,
+        about ``images_per_call * sum_s canvas_side(s)**2 * (C + 1) * 4`` bytes.
+    """
+
+    def __init__(
+        self,
+        logits_fn: LogitsFn,
+        variables: Any,
+        num_classes: int,
+        protocol: Protocol,
+        *,
+        window_batch: int = 8,
+        images_per_call: int = 4,
+    ) -> None:
+        if window_batch < 1 or images_per_call < 1:
+            raise ValueError(f"window_batch={window_batch} and images_per_call={images_per_call} must be >= 1")
+        self.logits_fn = logits_fn
+        self.variables = variables
+        self.num_classes = num_classes
+        self.protocol = protocol
+        # 'whole' has one window per image and scale, each scale its own shape: batch across images.
+        self.window_batch = images_per_call if protocol.whole else window_batch
+        self.images_per_call = images_per_call
+        self.traces: collections.Counter[str] = collections.Counter()
+        self.canvas_sides = tuple(protocol.canvas_side(s) for s in protocol.scales)
+        donate = jax.default_backend() != "cpu"  # CPU cannot reuse donated buffers and would warn
+        self._zeros = jax.jit(self._zeros_body)
+        self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(1, 2) if donate else ())
+        self._tile = jax.jit(self._tile_body, static_argnames="with_scores")
+
+    @property
+    def compile_count(self) -> int:
+        """How many times a jitted function was traced (each trace is one compilation)."""
+        return sum(self.traces.values())
+
+    # Jitted bodies. The Python-side counter runs only while tracing.
+
+    def _zeros_body(self) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        self.traces["zeros"] += 1
+        g, c = self.images_per_call, self.num_classes
+        sums = tuple(jnp.zeros((g, side, side, c), jnp.float32) for side in self.canvas_sides)
+        counts = tuple(jnp.zeros((g, side, side), jnp.float32) for side in self.canvas_sides)
+        return sums, counts
+
+    def _accumulate_body(self, variables, sums, counts, windows, slot, scale_index, top, left, valid):
+        """Adds each window's ``exp(logits)`` (with flip) and a count of 1 to its slot's canvas of its scale."""
+        self.traces[f"accumulate_{windows.shape[1]}"] += 1
+        batch, side = windows.shape[0], windows.shape[1]
+        images = jnp.concatenate([windows, windows[:, :, ::-1]]) if self.protocol.flip else windows
+        logits = self.logits_fn(variables, images).astype(jnp.float32)
+        if self.protocol.flip:
+            logits = logits[:batch] + logits[batch:, :, ::-1]
+        scores = jnp.exp(logits)  # exp of summed logits, not softmax: the reference's module_inference
+        sums, counts = list(sums), list(counts)
+        for k, canvas_side in enumerate(self.canvas_sides):
+            if canvas_side < side:
+                continue  # 'whole': another scale's window shape; it never belongs here
+            for b in range(batch):
+                weight = (valid[b] & (scale_index[b] == k)).astype(jnp.float32)
+                start = (slot[b], top[b], left[b])
+                region = jax.lax.dynamic_slice(sums[k], (*start, 0), (1, side, side, self.num_classes))
+                sums[k] = jax.lax.dynamic_update_slice(sums[k], region + weight * scores[b][None], (*start, 0))
+                region = jax.lax.dynamic_slice(counts[k], start, (1, side, side))
+                counts[k] = jax.lax.dynamic_update_slice(counts[k], region + weight, start)
+        return tuple(sums), tuple(counts)
+
+    def _tile_body(self, sums, counts, slot, row_taps, row_frac, col_taps, col_frac, labels, *, with_scores: bool):
+        """One output tile: per scale, averaged canvas resized back (2x2 taps), summed; argmax; confusion.
+
+        row_taps / col_taps: int32 [K, 2, T] (lo, hi) source indices per scale; *_frac float32 [K, T];
+        labels int32 [T, T] with -1 for ignored and padded pixels.
+        """
+        self.traces["tile"] += 1
+        total = jnp.zeros((*labels.shape, self.num_classes), jnp.float32)
+        for k in range(len(self.canvas_sides)):
+
+            def averaged(rows, cols, k=k):
+                index = (slot, rows[:, None], cols[None, :])
+                count = counts[k][index]
+                return sums[k][index] / jnp.where(count > 0, count, 1.0)[..., None]
+
+            fr, fc = row_frac[k][:, None, None], col_frac[k][None, :, None]
+            (r0, r1), (c0, c1) = row_taps[k], col_taps[k]
+            top = averaged(r0, c0) * (1 - fc) + averaged(r0, c1) * fc
+            bottom = averaged(r1, c0) * (1 - fc) + averaged(r1, c1) * fc
+            total = total + top * (1 - fr) + bottom * fr
+        predictions = jnp.argmax(total, axis=-1).astype(jnp.int32)
+        confusion = metrics.batch_confusion(labels, predictions, self.num_classes)
+        return (total if with_scores else None), predictions, confusion
+
+    # Host side.
+
+    def _windows(self, slot: int, image: np.ndarray) -> Iterator[_Window]:
+        protocol = self.protocol
+        height0, width0 = image.shape[:2]
+        for k, scale in enumerate(protocol.scales):
+            height, width = scaled_size(height0, width0, protocol.long_side(scale))
+            scaled = resize_image(image, height, width)
+            side = protocol.window_side(scale)
+            grid = window_origins(height, width, protocol.crop_size, protocol.stride)
+            origins = [(0, 0)] if protocol.whole else grid
+            for top, left in origins:
+                # Window content beyond the scaled image is normalised black, as the reference's pad_image.
+                pixels = np.broadcast_to(PAD_VALUE, (side, side, 3)).copy()
+                part = scaled[top : top + side, left : left + side]
+                pixels[: part.shape[0], : part.shape[1]] = part
+                yield _Window(slot, k, top, left, pixels)
+
+    def _run_windows(self, windows: list[_Window], sums, counts):
+        """Feeds windows (grouped by shape, padded to ``window_batch``) through the accumulate step."""
+        by_side: dict[int, list[_Window]] = collections.defaultdict(list)
+        for window in windows:
+            by_side[window.pixels.shape[0]].append(window)
+        for side, group in by_side.items():
+            for start in range(0, len(group), self.window_batch):
+                chunk = group[start : start + self.window_batch]
+                pad = self.window_batch - len(chunk)
+                pixels = np.zeros((self.window_batch, side, side, 3), np.float32)
+                pixels[: len(chunk)] = np.stack([w.pixels for w in chunk])
+                fields = [np.array([getattr(w, f) for w in chunk] + [0] * pad, np.int32) for f in _FIELDS]
+                valid = np.arange(self.window_batch) < len(chunk)
+                sums, counts = self._accumulate(self.variables, sums, counts, pixels, *fields, valid)
+        return sums, counts
+
+    def _tile_tables(self, image_size: int, origin: int, scaled_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-scale (lo, hi) taps and fractions for output rows (or columns) origin .. origin + TILE."""
+        taps = np.zeros((len(scaled_sizes), 2, TILE), np.int32)
+        frac = np.zeros((len(scaled_sizes), TILE), np.float32)
+        count = min(TILE, image_size - origin)
+        for k, scaled in enumerate(scaled_sizes):
+            lo, hi, f = align_corners_taps(scaled, image_size)
+            taps[k, 0, :count], taps[k, 1, :count] = lo[origin : origin + count], hi[origin : origin + count]
+            frac[k, :count] = f[origin : origin + count]
+        return taps, frac
+
+    def run(
+        self, images: Iterable[np.ndarray], labels: Iterable[np.ndarray] | None = None, *, with_scores: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Yields, per image in order, {'prediction': int32 [H, W], 'confusion': int64 [C, C] (zeros without
+        labels), 'scores': float32 [H, W, C] summed over scales (only ``with_scores``)}.
+
+        images: normalised float32 [H, W, 3] (see :func:`normalize`), any sizes; labels: int32 [H, W] with
+        -1 = ignore.
+        """
+        labels = labels if labels is not None else itertools.repeat(None)
+        return self.run_pairs(zip(images, labels, strict=False), with_scores)  # repeat(None) never ends
+
+    def run_pairs(
+        self, examples: Iterable[tuple[np.ndarray, np.ndarray | None]], with_scores: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """:meth:`run` over (image, label or None) pairs, ``images_per_call`` at a time."""
+        group: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for example in examples:
+            group.append(example)
+            if len(group) == self.images_per_call:
+                yield from self._run_group(group, with_scores)
+                group = []
+        if group:
+            yield from self._run_group(group, with_scores)
+
+    def _run_group(self, group: list[tuple[np.ndarray, np.ndarray | None]], with_scores: bool):
+        windows = [w for slot, (image, _) in enumerate(group) for w in self._windows(slot, image)]
+        sums, counts = self._run_windows(windows, *self._zeros())
+        pending = []
+        for slot, (image, label) in enumerate(group):
+            height, width = image.shape[:2]
+            sizes = [scaled_size(height, width, self.protocol.long_side(s)) for s in self.protocol.scales]
+            tiles = []
+            for top in range(0, height, TILE):
+                row_taps, row_frac = self._tile_tables(height, top, [h for h, _ in sizes])
+                for left in range(0, width, TILE):
+                    col_taps, col_frac = self._tile_tables(width, left, [w for _, w in sizes])
+                    tile_labels = np.full((TILE, TILE), -1, np.int32)
+                    if label is not None:
+                        part = label[top : top + TILE, left : left + TILE]
+                        tile_labels[: part.shape[0], : part.shape[1]] = part
+                    outputs = self._tile(
+                        sums, counts, slot, row_taps, row_frac, col_taps, col_frac, tile_labels, with_scores=with_scores
+                    )
+                    tiles.append((top, left, outputs))
+            pending.append((height, width, tiles))
+        for height, width, tiles in pending:  # fetch after dispatching every tile of the group
+            prediction = np.zeros((height, width), np.int32)
+            scores = np.zeros((height, width, self.num_classes), np.float32) if with_scores else None
+            confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+            for top, left, (tile_scores, tile_prediction, tile_confusion) in jax.device_get(tiles):
+                h, w = min(TILE, height - top), min(TILE, width - left)
+                prediction[top : top + h, left : left + w] = tile_prediction[:h, :w]
+                if with_scores:
+                    scores[top : top + h, left : left + w] = tile_scores[:h, :w]
+                confusion += tile_confusion.astype(np.int64)
+            result = {"prediction": prediction, "confusion": confusion}
+            if with_scores:
+                result["scores"] = scores
+            yield result
+
+
+_FIELDS = ("slot", "scale_index", "top", "left")
+
+
+def model_logits_fn(model: Any) -> LogitsFn:
+    """``logits_fn`` of a segmentation model: the main head's logits at the input size."""
+
+    def logits_fn(variables, images):
+        return model.apply(variables, images, train=False)["logits"]
+
+    return logits_fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports.
+
+
+def submission_encoding(label_lut: np.ndarray, num_classes: int) -> np.ndarray:
+    """train id -> the benchmark's raw value (the smallest raw value mapping to it): ADE20K ``id + 1``,
+    Cityscapes label ids, Pascal Context ``id + 1``, VOC the id itself."""
+    encoding = np.zeros(num_classes, np.int64)
+    for train_id in range(num_classes):
+        raw = np.flatnonzero(np.asarray(label_lut) == train_id)
+        if raw.size == 0:
+            raise ValueError(f"class {train_id} has no raw label value in the dataset's label table")
+        encoding[train_id] = raw[0]
+    return encoding
+
+
+def pcontext_60_class_miou(mean_iou_59: float) -> float:
+    """The Pascal Context number papers report: the 59-class mIoU with background added as a class of IoU 0,
+    i.e. ``mIoU_59 * 59 / 60`` (FastFCN issue #39; 54.03 -> 53.13, the paper's headline)."""
+    return mean_iou_59 * 59 / 60
+
+
+def per_class_table(scores: Mapping[str, Any], class_names: Sequence[str], confusion: np.ndarray) -> str:
+    """Markdown table of per-class IoU (%) with labelled/predicted pixel counts, then the summary rows."""
+    labelled, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    lines = ["| id | class | IoU (%) | labelled pixels | predicted pixels |", "|---:|---|---:|---:|---:|"]
+    for i, iou in enumerate(scores["per_class_iou"]):
+        absent = labelled[i] == 0 and predicted[i] == 0
+        value = "absent (0)" if absent else f"{100 * iou:.2f}"
+        lines.append(f"| {i} | {class_names[i]} | {value} | {labelled[i]} | {predicted[i]} |")
+    lines += [
+        "",
+        f"- pixAcc: {100 * scores['pixel_accuracy']:.2f} %",
+        f"- mIoU (reference definition, mean over all {len(class_names)} classes, absent = 0): "
+        f"{100 * scores['mean_iou']:.2f} %",
+        f"- mIoU over classes present in labels or predictions: {100 * scores['mean_iou_present']:.2f} %",
+    ]
+    if "mean_iou_60" in scores:
+        lines.append(
+            f"- Pascal Context 60-class mIoU (59-class mIoU x 59/60, background counted 0, as papers report): "
+            f"{100 * scores['mean_iou_60']:.2f} %"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _section(config: Any, name: str) -> Mapping[str, Any]:
+    section = config.get(name) if hasattr(config, "get") else None
+    return section if section is not None else {}
+
+
+def protocol_from_config(config: Any, dataset_info: Any) -> tuple[str, Protocol]:
+    """(protocol name, Protocol) from ``config.evaluation`` (all keys optional; see docs/evaluation.md)."""
+    settings = _section(config, "evaluation")
+    name = settings.get("protocol", "single_scale")
+    dataset_config = _section(config, "dataset")
+    base = settings.get("base_size", 0) or dataset_config.get("base_size", 0) or dataset_info.base_size
+    crop = settings.get("crop_size", 0) or dataset_config.get("crop_size", 0) or dataset_info.crop_size
+    return name, make_protocol(
+        name,
+        base_size=base,
+        crop_size=crop,
+        scales=tuple(settings.get("scales", ()) or ()),
+        flip=settings.get("flip", "auto"),
+        stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
+        dataset=dataset_info.name,
+    )
+
+
+def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Evaluates the workdir's checkpoint (or ``config.init_from``) on ``config.dataset.eval_split``.
+
+    Writes to ``WORKDIR/eval/<split>_<protocol>/``: ``metrics.json``, ``per_class_iou.md``, ``confusion.png``,
+    ``confusion.npy``; with ``evaluation.submission_dir`` also one label PNG per image in the benchmark's raw
+    encoding. Returns the metrics dict.
+    """
+    from PIL import Image
+
+    from fastfcn_jax import checkpointing
+    from fastfcn_jax.data import pipeline
+    from fastfcn_jax.data.datasets import get_dataset_info
+    from fastfcn_jax.models import create_model
+
+    workdir = Path(workdir).expanduser().absolute()
+    settings = _section(config, "evaluation")
+    data_dir = config.dataset.data_dir or None
+    dataset = get_dataset_info(config.dataset.name, data_dir)
+    split = settings.get("split", "") or config.dataset.eval_split
+    source = config.get("init_from", "") or str(workdir)
+    variables, info = checkpointing.restore_variables(source)
+    num_classes = int(info["num_classes"])
+    if num_classes != dataset.num_classes:
+        raise ValueError(
+            f"checkpoint {source} predicts {num_classes} classes but dataset {dataset.name!r} has "
+            f"{dataset.num_classes}; set config.dataset.name to the dataset the model was trained on"
+        )
+    model = create_model(info["model_name"], num_classes, **dict(info.get("model_overrides") or {}))
+    name, protocol = protocol_from_config(config, dataset)
+    runner = ProtocolRunner(
+        model_logits_fn(model),
+        jax.device_put(variables),
+        num_classes,
+        protocol,
+        window_batch=settings.get("batch_size", 0) or 8,
+        images_per_call=settings.get("images_per_call", 0) or 4,
+    )
+    pipeline.prepare(config.dataset.name, data_dir, config.dataset.get("manual_dir", "") or None)
+    total = pipeline.dataset_size(dataset, split, data_dir)
+    limit = settings.get("max_examples", 0) or total
+    total = min(total, limit)
+    submission_dir = settings.get("submission_dir", "")
+    encoding = submission_encoding(dataset.label_lut, num_classes) if submission_dir else None
+    if submission_dir:
+        Path(submission_dir).mkdir(parents=True, exist_ok=True)
+
+    names: list[str] = []
+
+    def examples() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for example in itertools.islice(pipeline.full_examples(dataset, data_dir=data_dir, split=split), limit):
+            names.append(example["file_name"])
+            yield normalize(example["image"]), example["label"]
+
+    print(
+        f"evaluating {source} ({info['model_name']}) on {dataset.name}/{split}: {total} images, protocol {name} "
+        f"(scales {protocol.scales}, flip {protocol.flip}, base {protocol.base_size}, crop {protocol.crop_size}, "
+        f"stride {protocol.stride})",
+        flush=True,
+    )
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    start = time.perf_counter()
+    for i, result in enumerate(runner.run_pairs(examples())):
+        confusion += result["confusion"]
+        if encoding is not None:
+            raw = encoding[result["prediction"]].astype(np.uint8)
+            Image.fromarray(raw, mode="L").save(Path(submission_dir) / (Path(names[i]).stem + ".png"))
+        done = i + 1
+        if done % 50 == 0 or done == total:
+            running = metrics.segmentation_scores(confusion)
+            print(
+                f"  {done}/{total}  pixAcc {running['pixel_accuracy']:.4f}  mIoU {running['mean_iou']:.4f}  "
+                f"{done / (time.perf_counter() - start):.2f} img/s  compilations {runner.compile_count}",
+                flush=True,
+            )
+    seconds = time.perf_counter() - start
+    scores = metrics.segmentation_scores(confusion)
+    if dataset.name == "pcontext" and num_classes == 59:
+        scores["mean_iou_60"] = pcontext_60_class_miou(scores["mean_iou"])
+    class_names = list(info.get("class_names") or dataset.class_names)
+    result = {
+        "checkpoint": source,
+        "step": info.get("step"),
+        "model_name": info["model_name"],
+        "dataset": dataset.name,
+        "split": split,
+        "num_images": len(names),
+        "protocol": name,
+        **{f"protocol_{k}": v for k, v in dataclasses.asdict(protocol).items()},
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "mean_iou": scores["mean_iou"],
+        "mean_iou_present": scores["mean_iou_present"],
+        "score": (scores["pixel_accuracy"] + scores["mean_iou"]) / 2,  # ADE20K's "final score"
+        **({"mean_iou_60": scores["mean_iou_60"]} if "mean_iou_60" in scores else {}),
+        "per_class_iou": dict(zip(class_names, scores["per_class_iou"], strict=True)),
+        "compilations": runner.compile_count,
+        "seconds": seconds,
+    }
+    out = workdir / "eval" / f"{split}_{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "per_class_iou.md").write_text(per_class_table(scores, class_names, confusion))
+    np.save(out / "confusion.npy", confusion)
+    Image.fromarray(visualize.confusion_image(confusion, class_names)).save(out / "confusion.png")
+    message = (
+        f"{dataset.name}/{split} {name}: pixAcc {scores['pixel_accuracy']:.4f}  mIoU {scores['mean_iou']:.4f}"
+        f"  (present classes {scores['mean_iou_present']:.4f})"
+    )
+    if "mean_iou_60" in scores:
+        message += f"  60-class mIoU {scores['mean_iou_60']:.4f}"
+    print(f"{message}; {runner.compile_count} compilations, {seconds:.1f} s; written to {out}", flush=True)
+    return result

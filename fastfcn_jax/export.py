@@ -1,0 +1,481 @@
+"""Exporting a trained segmenter: serialized StableHLO (``jax.export``), TF SavedModel and ONNX.
+
+Mode ``export`` of ``main`` (``python -m fastfcn_jax.main --config CFG --workdir DIR --mode=export``) calls
+:func:`run_export`. Each artifact computes ``images -> logits | labels`` and records the model name, classes,
+palette, input size, normalisation and source checkpoint:
+
+- StableHLO (``DIR/export/model.stablehlo`` + ``model.json``, parameters baked in or in ``params.npz``):
+  input ``[B, H, W, 3]`` ImageNet-normalised float32 with a symbolic batch ``B`` and the fixed size ``H, W``
+  chosen at export time; lowered for cpu, cuda and tpu so one file runs on each. ``load(path)(images)`` needs
+  only jax and numpy: this module imports flax, orbax and TensorFlow inside the functions that write artifacts.
+- TF SavedModel (``DIR/export/saved_model``; extra ``export``: orbax-export): signature ``serving_default``
+  takes uint8 RGB images ``[B, h, w, 3]`` of any size and resizes, normalises, segments and resizes the
+  result back to ``h, w`` itself; :func:`make_serving_fn` is the same computation in JAX.
+- ONNX (extra ``onnx``: jax2onnx), see :func:`export_onnx` for why it does not convert yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMATS = ("stablehlo", "savedmodel", "onnx")
+OUTPUTS = ("logits", "labels")
+PLATFORMS = ("cpu", "cuda", "tpu")
+# Settings of the optional ``config.export`` section and their defaults (``base_config`` mirrors them).
+DEFAULTS: dict[str, Any] = {
+    "formats": ("stablehlo",),
+    "image_size": 0,  # 0: config.dataset.crop_size, else the dataset's crop size
+    "output": "logits",  # or "labels" (int32 argmax)
+    "platforms": PLATFORMS,
+    "directory": "",  # "": WORKDIR/export
+    "checkpoint": "",  # "": WORKDIR (its latest checkpoint); or a converter output / another workdir
+    "embed_params": True,  # False: parameters go to params.npz beside model.stablehlo
+}
+STABLEHLO_FILE = "model.stablehlo"
+METADATA_FILE = "model.json"
+PARAMS_FILE = "params.npz"
+SAVED_MODEL_DIR = "saved_model"
+ONNX_FILE = "model.onnx"
+# TF Serving's place for files that travel with a SavedModel but are not graph assets.
+SAVED_MODEL_METADATA = Path("assets.extra") / "fastfcn_metadata.json"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The functions that get exported.
+
+
+def inference_fn(model: Any, output: str = "logits") -> Callable[[Any, jax.Array], jax.Array]:
+    """``fn(variables, images [B, H, W, 3] normalised float32) -> logits [B, H, W, C] f32 | labels [B, H, W] i32``."""
+    if output not in OUTPUTS:
+        raise ValueError(f"export output must be one of {OUTPUTS}, got {output!r}")
+
+    def fn(variables: Any, images: jax.Array) -> jax.Array:
+        logits = model.apply(variables, images, train=False)["logits"].astype(jnp.float32)
+        return logits if output == "logits" else jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return fn
+
+
+def normalize_uint8(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """uint8 (or 0..255 float) RGB ``[..., 3]`` -> ImageNet-normalised float32, as the training pipeline."""
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def make_serving_fn(
+    model: Any, variables: Any, image_size: Sequence[int], output: str = "logits"
+) -> Callable[[jax.Array], dict[str, jax.Array]]:
+    """The SavedModel's serving computation in JAX: uint8 ``[B, h, w, 3]`` of any size -> ``{'labels' [B, h, w]
+    int32, 'logits' [B, h, w, C] float32 (when output == 'logits')}``.
+
+    Resizes to ``image_size`` with align-corners bilinear (the reference's interpolation), normalises with the
+    ImageNet statistics, segments, and resizes the logits back to ``h, w`` before the argmax (the reference's
+    test-time rescaling). Jitted; each input size compiles once.
+    """
+    from fastfcn_jax.models.layers import resize_bilinear
+    from fastfcn_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
+
+    size = (int(image_size[0]), int(image_size[1]))
+    forward = inference_fn(model, "logits")
+
+    @jax.jit
+    def serve(images: jax.Array) -> dict[str, jax.Array]:
+        height, width = images.shape[1:3]
+        resized = resize_bilinear(images.astype(jnp.float32), size)
+        logits = forward(variables, normalize_uint8(resized, IMAGENET_MEAN, IMAGENET_STD))
+        logits = resize_bilinear(logits, (height, width))
+        outputs = {"labels": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+        if output == "logits":
+            outputs["logits"] = logits
+        return outputs
+
+    return serve
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writers, one per format.
+
+
+def export_stablehlo(
+    model: Any,
+    variables: Any,
+    directory: str | Path,
+    *,
+    image_size: Sequence[int],
+    metadata: Mapping[str, Any],
+    output: str = "logits",
+    platforms: Sequence[str] = PLATFORMS,
+    embed_params: bool = True,
+) -> dict[str, Path]:
+    """Writes ``model.stablehlo`` (+ ``params.npz`` unless ``embed_params``) and ``model.json`` to ``directory``.
+
+    The input is ``[B, H, W, 3]`` float32 with symbolic ``B`` and ``(H, W) = image_size``. With embedded
+    parameters the weights are constants of the module (one self-contained file); beside it, the file stays
+    small and the loader passes ``params.npz`` as the leading arguments.
+    """
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise ValueError(f"export platforms must be a non-empty subset of {PLATFORMS}, got {tuple(platforms)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fn = inference_fn(model, output)
+    (batch,) = jax.export.symbolic_shape("B")
+    images = jax.ShapeDtypeStruct((batch, int(image_size[0]), int(image_size[1]), 3), jnp.float32)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    paths = {"stablehlo": directory / STABLEHLO_FILE, "metadata": directory / METADATA_FILE}
+    if embed_params:
+        exported = jax.export.export(jax.jit(lambda x: fn(variables, x)), platforms=tuple(platforms))(images)
+    else:
+        abstract = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), variables)
+        exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(abstract, images)
+        leaves = jax.tree_util.tree_leaves(variables)
+        paths["params"] = directory / PARAMS_FILE
+        np.savez(paths["params"], **{f"{i:05d}": leaf for i, leaf in enumerate(leaves)})
+    paths["stablehlo"].write_bytes(exported.serialize())
+    record = {
+        **metadata,
+        "format": "stablehlo",
+        "output": output,
+        "platforms": list(exported.platforms),
+        "params": "embedded" if embed_params else PARAMS_FILE,
+        "input": _input_record(image_size, metadata),
+    }
+    paths["metadata"].write_text(json.dumps(record, indent=2))
+    return paths
+
+
+def export_saved_model(
+    model: Any,
+    variables: Any,
+    directory: str | Path,
+    *,
+    image_size: Sequence[int],
+    metadata: Mapping[str, Any],
+    output: str = "logits",
+) -> Path:
+    """Writes a TF SavedModel (orbax-export) whose ``serving_default`` takes uint8 ``images`` [B, h, w, 3] of any
+    size and returns ``labels`` [B, h, w] int32 and, when ``output == 'logits'``, ``logits`` [B, h, w, C].
+
+    The resizes run in TF (``ResizeBilinear(align_corners=True)``, the same formula as
+    ``models.layers.resize_bilinear``) around the jax2tf-converted normalise + model at ``image_size``;
+    :func:`make_serving_fn` is the JAX twin tests compare it with. Metadata: ``assets.extra/fastfcn_metadata.json``.
+    """
+    try:
+        import tensorflow as tf
+        from orbax import export as orbax_export
+    except ImportError as error:
+        raise ImportError(
+            "SavedModel export needs orbax-export and TensorFlow: pip install 'fastfcn-jax[export]'"
+        ) from error
+    from fastfcn_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
+
+    directory = Path(directory)
+    height, width = int(image_size[0]), int(image_size[1])
+    forward = inference_fn(model, "logits")
+
+    def apply_fn(variables: Any, inputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = forward(variables, normalize_uint8(inputs["images"], IMAGENET_MEAN, IMAGENET_STD))
+        # The original size rides through the JAX function so the postprocessor can resize back to it.
+        return {"logits": logits, "size": inputs["size"]}
+
+    def preprocess(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        resized = tf.raw_ops.ResizeBilinear(
+            images=tf.cast(images, tf.float32), size=(height, width), align_corners=True, half_pixel_centers=False
+        )
+        return {"images": resized, "size": tf.shape(images)[1:3]}
+
+    def postprocess(outputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        logits = tf.raw_ops.ResizeBilinear(
+            images=outputs["logits"], size=outputs["size"], align_corners=True, half_pixel_centers=False
+        )
+        result = {"labels": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+        if output == "logits":
+            result["logits"] = logits
+        return result
+
+    module = orbax_export.JaxModule(
+        jax.tree_util.tree_map(np.asarray, variables),
+        apply_fn,
+        trainable=False,
+        input_polymorphic_shape={"images": f"(b, {height}, {width}, 3)", "size": None},
+    )
+    serving = orbax_export.ServingConfig(
+        "serving_default",
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+        tf_preprocessor=preprocess,
+        tf_postprocessor=postprocess,
+    )
+    orbax_export.ExportManager(module, [serving]).save(str(directory))
+    record = {
+        **metadata,
+        "format": "savedmodel",
+        "output": output,
+        "input": {
+            "layout": "NHWC",
+            "dtype": "uint8",
+            "any_size": True,
+            "resized_to": [height, width],
+            "resize": "bilinear, align_corners=True",
+            "normalization": _input_record(image_size, metadata)["normalization"],
+        },
+    }
+    (directory / SAVED_MODEL_METADATA).parent.mkdir(parents=True, exist_ok=True)
+    (directory / SAVED_MODEL_METADATA).write_text(json.dumps(record, indent=2))
+    return directory
+
+
+class OnnxExportError(NotImplementedError):
+    """jax2onnx cannot convert the model (see :func:`export_onnx`)."""
+
+
+def export_onnx(
+    model: Any,
+    variables: Any,
+    path: str | Path,
+    *,
+    image_size: Sequence[int],
+    metadata: Mapping[str, Any],
+    output: str = "logits",
+) -> Path:
+    """Writes an ONNX model (jax2onnx) with input ``images`` [B, H, W, 3] normalised float32, symbolic ``B``.
+
+    The converted model is checked against the JAX model with onnxruntime on random images before anything
+    is written; a mismatch raises :class:`OnnxExportError`. With jax2onnx 0.13 (the newest that installs beside
+    orbax-checkpoint 0.12; later releases require orbax-checkpoint < 0.11.37) the conversion completes but the
+    ONNX model's outputs differ from JAX's by about 0.14 x their std on the tiny models, so ONNX export is
+    refused there: use the StableHLO or SavedModel export.
+    """
+    try:
+        from importlib.metadata import version
+
+        import jax2onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(
+            "ONNX export needs jax2onnx and onnxruntime: pip install 'fastfcn-jax[onnx]' onnxruntime"
+        ) from error
+    path = Path(path)
+    fn = inference_fn(model, output)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    try:
+        proto = jax2onnx.to_onnx(
+            lambda images: fn(variables, images),
+            inputs=[("B", int(image_size[0]), int(image_size[1]), 3)],
+            model_name=str(metadata.get("model_name", "fastfcn")),
+            input_names=["images"],
+            output_names=[output],
+        )
+    except Exception as error:  # jax2onnx raises many kinds; name the converter and the cause
+        raise OnnxExportError(f"jax2onnx {version('jax2onnx')} cannot convert the model: {error!r}") from error
+    images = np.random.default_rng(0).standard_normal((2, int(image_size[0]), int(image_size[1]), 3)).astype(np.float32)
+    session = onnxruntime.InferenceSession(proto.SerializeToString())
+    got = session.run(None, {session.get_inputs()[0].name: images})[0]
+    want = np.asarray(fn(variables, images))
+    scale = float(np.std(want)) or 1.0
+    error = float(np.max(np.abs(got.astype(np.float64) - want))) / scale
+    if error > 1e-4:
+        raise OnnxExportError(
+            f"jax2onnx {version('jax2onnx')} produced an ONNX model whose {output} differ from the JAX model's by "
+            f"{error:.3g} x their std (limit 1e-4); nothing was written. Use the StableHLO or SavedModel export."
+        )
+    record = {**metadata, "format": "onnx", "output": output, "input": _input_record(image_size, metadata)}
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "fastfcn", json.dumps(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def _input_record(image_size: Sequence[int], metadata: Mapping[str, Any]) -> dict[str, Any]:
+    from fastfcn_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
+
+    return {
+        "layout": "NHWC",
+        "shape": ["B", int(image_size[0]), int(image_size[1]), 3],
+        "dtype": "float32",
+        "normalization": {
+            "formula": "(uint8 / 255 - mean) / std",
+            "mean": [float(v) for v in IMAGENET_MEAN],
+            "std": [float(v) for v in IMAGENET_STD],
+        },
+        "resize": "bilinear, align_corners=True (to [H, W] before normalising)",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading (jax + numpy only).
+
+
+class ExportedSegmenter:
+    """A loaded StableHLO export: ``self(images [B, H, W, 3] normalised float32) -> logits | labels``.
+
+    ``metadata`` holds ``model_name``, ``class_names``, ``palette``, ``input`` (shape, normalisation),
+    ``output``, ``platforms`` and ``source_checkpoint``.
+    """
+
+    def __init__(self, exported: jax.export.Exported, metadata: dict[str, Any], params: list[np.ndarray]) -> None:
+        self.exported = exported
+        self.metadata = metadata
+        self._params = params
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(int(d) for d in self.exported.in_avals[-1].shape[1:3])
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB ``[B, H, W, 3]`` at :attr:`image_size` -> the normalised float32 input."""
+        norm = self.metadata["input"]["normalization"]
+        mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+        return ((np.asarray(images, np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+    def __call__(self, images: Any) -> jax.Array:
+        if tuple(np.shape(images)[1:]) != (*self.image_size, 3):
+            raise ValueError(
+                f"this export takes [B, {self.image_size[0]}, {self.image_size[1]}, 3] images, got "
+                f"{tuple(np.shape(images))}; resize first (or export again with export.image_size)"
+            )
+        leaves = [*self._params, jnp.asarray(images, jnp.float32)]
+        args, kwargs = jax.tree_util.tree_unflatten(self.exported.in_tree, leaves)
+        return self.exported.call(*args, **kwargs)
+
+
+def load(path: str | Path) -> ExportedSegmenter:
+    """Loads a StableHLO export (its directory, or the ``model.stablehlo`` file) with only jax and numpy."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    file = path if path.is_file() else directory / STABLEHLO_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no {STABLEHLO_FILE} at {path}: export one with python -m fastfcn_jax.main --mode=export ..."
+        )
+    exported = jax.export.deserialize(bytearray(file.read_bytes()))
+    metadata_file = directory / METADATA_FILE
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    params: list[np.ndarray] = []
+    if metadata.get("params", "embedded") != "embedded":
+        with np.load(directory / metadata["params"]) as archive:
+            params = [archive[key] for key in sorted(archive.files)]
+    return ExportedSegmenter(exported, metadata, params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The export job.
+
+
+def export_settings(config: Any) -> dict[str, Any]:
+    """``config.export`` (optional) over :data:`DEFAULTS`, validated; unknown keys are errors."""
+    section = config.get("export") if hasattr(config, "get") else None
+    given = dict(section.items()) if section is not None else {}
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config.export key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
+    settings = {**DEFAULTS, **given}
+    settings["formats"] = tuple(settings["formats"])
+    settings["platforms"] = tuple(settings["platforms"])
+    bad = sorted(set(settings["formats"]) - set(FORMATS))
+    if bad or not settings["formats"]:
+        raise ValueError(f"config.export.formats={settings['formats']!r}: choose from {FORMATS}")
+    if settings["output"] not in OUTPUTS:
+        raise ValueError(f"config.export.output={settings['output']!r}: must be one of {OUTPUTS}")
+    if int(settings["image_size"]) < 0:
+        raise ValueError(f"config.export.image_size={settings['image_size']}: must be >= 0 (0 = the crop size)")
+    return settings
+
+
+def check_variables(model: Any, variables: Mapping[str, Any], image_size: Sequence[int], source: str) -> None:
+    """Raises ValueError listing every missing, unexpected or differently shaped variable of ``model``."""
+    from flax import traverse_util
+
+    sample = jax.ShapeDtypeStruct((1, int(image_size[0]), int(image_size[1]), 3), jnp.float32)
+    expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
+    flat_expected = traverse_util.flatten_dict(dict(expected), sep="/")
+    flat_given = traverse_util.flatten_dict(dict(variables), sep="/")
+    problems = [f"missing {k}" for k in flat_expected if k not in flat_given]
+    problems += [f"unexpected {k}" for k in flat_given if k not in flat_expected]
+    problems += [
+        f"{k}: checkpoint {tuple(np.shape(flat_given[k]))} vs model {tuple(v.shape)}"
+        for k, v in flat_expected.items()
+        if k in flat_given and tuple(np.shape(flat_given[k])) != tuple(v.shape)
+    ]
+    if problems:
+        raise ValueError(f"{source} does not fit the configured model: " + "; ".join(problems[:10]))
+
+
+def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
+    """Exports the checkpoint in ``config.export.checkpoint`` (default: ``workdir``'s latest) as the formats in
+    ``config.export.formats``; returns ``{'stablehlo', 'metadata', 'params', 'savedmodel', 'onnx'}`` -> path for
+    those written. The model is ``config.model``; a checkpoint of another model or class count is an error.
+    """
+    from fastfcn_jax import checkpointing
+    from fastfcn_jax.data.datasets import get_dataset_info
+    from fastfcn_jax.models import create_model
+
+    settings = export_settings(config)
+    workdir = Path(workdir).expanduser().absolute()
+    source = Path(settings["checkpoint"] or workdir).expanduser().absolute()
+    variables, info = checkpointing.restore_variables(source)
+    dataset_name = info.get("dataset") or config.dataset.name
+    dataset = get_dataset_info(dataset_name, config.dataset.get("data_dir") or None)
+    num_classes = config.model.num_classes or dataset.num_classes
+    if info["model_name"] != config.model.name or int(info["num_classes"]) != num_classes:
+        raise ValueError(
+            f"checkpoint {source} holds {info['model_name']} with {info['num_classes']} classes, but the config "
+            f"asks for {config.model.name} with {num_classes} (config.model.name / config.model.num_classes): "
+            "export with the config the checkpoint was trained with, or set config.export.checkpoint"
+        )
+    overrides = dict(config.model.overrides.items())
+    model = create_model(config.model.name, num_classes, **overrides)
+    size = int(settings["image_size"]) or config.dataset.crop_size or dataset.crop_size
+    image_size = (size, size)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    check_variables(model, variables, image_size, f"checkpoint {source}")
+
+    class_names = list(info.get("class_names") or dataset.class_names)[:num_classes]
+    metadata = {
+        "fastfcn_export_version": FORMAT_VERSION,
+        "model_name": config.model.name,
+        "model_overrides": {k: str(v) if not isinstance(v, bool | int | float) else v for k, v in overrides.items()},
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "palette": np.asarray(dataset.palette, np.uint8)[:num_classes].tolist(),
+        "dataset": dataset_name,
+        "source_checkpoint": {"path": str(source), "step": info.get("step")},
+        "jax_version": jax.__version__,
+    }
+    directory = Path(settings["directory"] or workdir / "export").expanduser().absolute()
+    written: dict[str, str] = {}
+    if "stablehlo" in settings["formats"]:
+        paths = export_stablehlo(
+            model,
+            variables,
+            directory,
+            image_size=image_size,
+            metadata=metadata,
+            output=settings["output"],
+            platforms=settings["platforms"],
+            embed_params=bool(settings["embed_params"]),
+        )
+        written.update({k: str(v) for k, v in paths.items()})
+    if "savedmodel" in settings["formats"]:
+        path = export_saved_model(
+            model,
+            variables,
+            directory / SAVED_MODEL_DIR,
+            image_size=image_size,
+            metadata=metadata,
+            output=settings["output"],
+        )
+        written["savedmodel"] = str(path)
+    if "onnx" in settings["formats"]:
+        path = export_onnx(
+            model, variables, directory / ONNX_FILE, image_size=image_size, metadata=metadata, output=settings["output"]
+        )
+        written["onnx"] = str(path)
+    return written

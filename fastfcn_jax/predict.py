@@ -1,0 +1,275 @@
+"""Prediction on your own images: label masks and overlays, and a Python API.
+
+    predictor = fastfcn_jax.Predictor.from_checkpoint("/tmp/fastfcn_demo")
+    mask = predictor(image)  # uint8/int [H, W, 3|4] or [H, W] -> int32 [H, W] class indices
+
+Images of any size and mode (RGB, grayscale, RGBA; JPEG, PNG, ...) go through the same test protocol as
+evaluation (:mod:`fastfcn_jax.evaluate`), several images per device call, with a fixed number of compilations.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fastfcn_jax import visualize
+from fastfcn_jax.evaluate import (
+    PROTOCOLS,
+    ProtocolRunner,
+    make_protocol,
+    model_logits_fn,
+    normalize,
+)
+
+# The reference's sizes, for checkpoints that do not name a known dataset.
+DEFAULT_BASE_SIZE, DEFAULT_CROP_SIZE = 520, 480
+
+
+def to_rgb(image: Any) -> np.ndarray:
+    """[H, W], [H, W, 1], [H, W, 3] or [H, W, 4] pixel values in 0..255 -> uint8 RGB [H, W, 3] (alpha dropped)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+        raise ValueError(f"expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(array.astype(np.float64)), 0, 255).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of an image file (EXIF orientation applied; 16-bit grayscale scaled to 8 bits).
+
+    Raises:
+      ValueError: the file is not an image PIL can decode.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened = ImageOps.exif_transpose(opened)
+            if opened.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                values = np.asarray(opened, np.float64)
+                peak = values.max() if values.size and values.max() > 0 else 1.0
+                return to_rgb(values * (255.0 / peak))
+            return np.asarray(opened.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL raises SyntaxError for some bad PNGs
+        raise ValueError(f"{path}: not a readable image ({error})") from error
+
+
+class Predictor:
+    """Class-index masks for arbitrary images with a trained model and a test protocol."""
+
+    def __init__(
+        self,
+        model: Any,
+        variables: Any,
+        *,
+        num_classes: int,
+        protocol: Any,
+        class_names: Sequence[str] | None = None,
+        palette: np.ndarray | None = None,
+        window_batch: int = 8,
+        images_per_call: int = 4,
+    ) -> None:
+        import jax
+
+        self.num_classes = num_classes
+        self.protocol = protocol
+        self.class_names = list(class_names) if class_names else [f"class {i}" for i in range(num_classes)]
+        self.palette = np.asarray(palette if palette is not None else visualize.default_palette(num_classes), np.uint8)
+        self.runner = ProtocolRunner(
+            model_logits_fn(model),
+            jax.device_put(variables),
+            num_classes,
+            protocol,
+            window_batch=window_batch,
+            images_per_call=images_per_call,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        protocol: str = "single_scale",
+        scales: Sequence[float] = (),
+        flip: bool | str | None = None,
+        base_size: int = 0,
+        crop_size: int = 0,
+        stride_ratio: float = 2.0 / 3.0,
+        window_batch: int = 8,
+        images_per_call: int = 4,
+    ) -> Predictor:
+        """A predictor from a training workdir or a converter output directory.
+
+        Sizes default to the checkpoint's dataset's (``info['dataset']``), else the reference's 520 / 480;
+        ``protocol`` is one of ``single_scale`` (default), ``multi_scale``, ``whole``.
+        """
+        from fastfcn_jax import checkpointing
+        from fastfcn_jax.models import create_model
+
+        variables, info = checkpointing.restore_variables(path)
+        num_classes = int(info["num_classes"])
+        dataset = _dataset_info(info.get("dataset"))
+        palette = dataset.palette[:num_classes] if dataset is not None and len(dataset.palette) >= num_classes else None
+        names = info.get("class_names") or (dataset.class_names[:num_classes] if dataset is not None else None)
+        model = create_model(info["model_name"], num_classes, **dict(info.get("model_overrides") or {}))
+        return cls(
+            model,
+            variables,
+            num_classes=num_classes,
+            class_names=names,
+            palette=palette,
+            protocol=make_protocol(
+                protocol,
+                base_size=base_size or (dataset.base_size if dataset is not None else DEFAULT_BASE_SIZE),
+                crop_size=crop_size or (dataset.crop_size if dataset is not None else DEFAULT_CROP_SIZE),
+                scales=scales,
+                flip=flip,
+                stride_ratio=stride_ratio,
+                dataset=dataset.name if dataset is not None else "",
+            ),
+            window_batch=window_batch,
+            images_per_call=images_per_call,
+        )
+
+    def __call__(self, image: Any) -> np.ndarray:
+        """int32 [H, W] class indices of one image (see :func:`to_rgb` for accepted arrays)."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[Any]) -> list[np.ndarray]:
+        """int32 [H, W] class indices per image; images may differ in size and mode."""
+        return list(self.iter_predict(images))
+
+    def iter_predict(self, images: Any) -> Iterator[np.ndarray]:
+        """Lazily predicts an iterable of images, ``images_per_call`` at a time."""
+        normalised = (normalize(to_rgb(image)) for image in images)
+        for result in self.runner.run(normalised):
+            yield result["prediction"]
+
+    def overlay(self, image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """uint8 RGB: the image blended with the coloured mask, plus a legend of the classes present (by area)."""
+        present, counts = np.unique(mask, return_counts=True)
+        order = [int(c) for c in present[np.argsort(-counts, kind="stable")]]
+        blended = visualize.overlay(to_rgb(image), mask, self.palette, alpha=alpha)
+        return visualize.add_legend(blended, order, self.class_names, self.palette)
+
+    def mask_image(self, mask: np.ndarray) -> Image.Image:
+        """The mask as a PNG-ready image: palette mode (pixel value = class index) for up to 256 classes."""
+        if self.num_classes > 256:
+            return Image.fromarray(mask.astype(np.uint16))
+        image = Image.fromarray(mask.astype(np.uint8), mode="P")
+        palette = np.zeros((256, 3), np.uint8)
+        palette[: len(self.palette)] = self.palette
+        image.putpalette(palette.ravel().tolist())
+        return image
+
+
+def _dataset_info(name: str | None):
+    if not name:
+        return None
+    from fastfcn_jax.data.datasets import get_dataset_info
+
+    try:
+        return get_dataset_info(name)
+    except ValueError:  # a custom folder dataset without its data_dir, or an unknown name: no palette, defaults
+        return None
+
+
+def collect_inputs(inputs: str) -> list[Path]:
+    """Files named by ``inputs``: an image file, a folder (its files, not recursive; hidden ones skipped) or a
+    glob pattern (``**`` recursive). Raises FileNotFoundError if nothing matches."""
+    path = Path(inputs).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"no files at {inputs!r}: give an image file, a folder of images or a glob pattern")
+    return files
+
+
+def _progress(done: int, total: int, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    end = "\n" if done == total else ""
+    print(
+        f"\rpredict [{'#' * filled}{'.' * (width - filled)}] {done}/{total} files", end=end, file=sys.stderr, flush=True
+    )
+
+
+def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: str | None = None) -> list[Path]:
+    """Writes ``<name>_mask.png`` (palette PNG, pixel = class index) and ``<name>_overlay.png`` (image blended
+    with the mask, legend of the classes present) per input image into ``output_dir`` (default
+    ``WORKDIR/predict``); returns the written paths. Files that are not images are reported and skipped.
+
+    The checkpoint is ``config.init_from`` if set, else ``workdir``; the protocol comes from
+    ``config.evaluation`` (as for evaluation) and sizes from ``evaluation``, then ``config.dataset``, then the
+    checkpoint's dataset.
+    """
+    settings = config.get("evaluation") or {}
+    dataset_config = config.get("dataset") or {}
+    protocol = settings.get("protocol", "single_scale")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"evaluation.protocol={protocol!r}: must be one of {PROTOCOLS}")
+    checkpoint = config.get("init_from", "") or str(workdir)
+    predictor = Predictor.from_checkpoint(
+        checkpoint,
+        protocol=protocol,
+        scales=tuple(settings.get("scales", ()) or ()),
+        flip=settings.get("flip", "auto"),
+        base_size=settings.get("base_size", 0) or dataset_config.get("base_size", 0),
+        crop_size=settings.get("crop_size", 0) or dataset_config.get("crop_size", 0),
+        stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
+        window_batch=settings.get("batch_size", 0) or 8,
+        images_per_call=settings.get("images_per_call", 0) or 4,
+    )
+    files = collect_inputs(inputs)
+    out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
+    out.mkdir(parents=True, exist_ok=True)
+
+    skipped: list[str] = []
+    loaded: list[tuple[Path, np.ndarray]] = []
+    done = 0
+
+    def readable() -> Iterator[np.ndarray]:
+        nonlocal done
+        for path in files:
+            try:
+                image = load_image(path)
+            except ValueError as error:
+                skipped.append(str(error))
+                print(f"\nskipped {error}", file=sys.stderr, flush=True)
+                done += 1
+                _progress(done, len(files))
+                continue
+            loaded.append((path, image))
+            yield image
+
+    written: list[Path] = []
+    used_names: set[str] = set()
+    _progress(0, len(files))
+    for mask in predictor.iter_predict(readable()):
+        path, image = loaded.pop(0)
+        stem = path.stem if path.stem not in used_names else f"{path.stem}_{path.suffix.lstrip('.')}"
+        used_names.add(stem)
+        mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
+        predictor.mask_image(mask).save(mask_path)
+        Image.fromarray(predictor.overlay(image, mask)).save(overlay_path)
+        written += [mask_path, overlay_path]
+        done += 1
+        _progress(done, len(files))
+    print(
+        f"wrote {len(written) // 2} masks and overlays to {out}"
+        + (f"; skipped {len(skipped)} non-image file(s)" if skipped else ""),
+        flush=True,
+    )
+    return written

@@ -1,0 +1,301 @@
+"""Evaluation: metrics against NumPy, the reference's test protocol re-computed by a loop, compile counts,
+and run_evaluation end to end on the embedded dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastfcn_jax import checkpointing, evaluate, metrics
+from fastfcn_jax.config import base_config
+from fastfcn_jax.models import create_model
+
+NUM_CLASSES = 6
+BASE, CROP = 80, 64  # small stand-ins for the reference's 520 / 480; stride int(64 * 2/3) = 42
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, variables, jitted single-batch logits) of a randomly initialised tiny EncNet+JPU."""
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, CROP, CROP, 3)), train=False))()
+    # Random BN statistics make the logits vary across classes (freshly initialised ones are near-constant).
+    rng = np.random.default_rng(1)
+    variables = jax.tree_util.tree_map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), variables)
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False)["logits"])
+    return model, variables, logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def test_metrics_match_numpy_loops_with_ignore_pixels_and_absent_classes():
+    rng = np.random.default_rng(0)
+    num_classes = 7  # classes 5 and 6 appear in neither labels nor predictions
+    labels = rng.integers(-1, 5, size=(3, 17, 23))  # -1 = ignore
+    predictions = rng.integers(0, 5, size=(3, 17, 23))
+    expected = np.zeros((num_classes, num_classes), np.int64)
+    for label, prediction in zip(labels.ravel(), predictions.ravel(), strict=True):
+        if label != -1:
+            expected[label, prediction] += 1
+    confusion = metrics.confusion_matrix(labels, predictions, num_classes, ignore_label=-1)
+    assert confusion.dtype == np.int64
+    np.testing.assert_array_equal(confusion, expected)
+    in_jit = jax.jit(metrics.batch_confusion, static_argnums=2)(jnp.asarray(labels), jnp.asarray(predictions), 7)
+    np.testing.assert_array_equal(np.asarray(in_jit), expected)
+
+    scores = metrics.segmentation_scores(confusion)
+    labelled = labels != -1
+    assert scores["pixel_accuracy"] == pytest.approx(np.mean(labels[labelled] == predictions[labelled]))
+    ious = []
+    for c in range(num_classes):
+        inter = np.sum((labels == c) & (predictions == c) & labelled)
+        union = np.sum(((labels == c) | (predictions == c)) & labelled)
+        ious.append(inter / union if union else 0.0)
+    assert scores["per_class_iou"] == pytest.approx(ious)
+    assert scores["mean_iou"] == pytest.approx(np.mean(ious))  # absent classes count 0 (reference)
+    assert scores["mean_iou_present"] == pytest.approx(np.mean(ious[:5]))
+    assert scores["mean_iou"] == pytest.approx(scores["mean_iou_present"] * 5 / 7)
+
+
+def test_pascal_context_60_class_number_is_the_59_class_mean_times_59_over_60(tmp_path):
+    scores = {"pixel_accuracy": 0.8, "mean_iou": 0.5403, "mean_iou_present": 0.55, "per_class_iou": [0.5403] * 59}
+    scores["mean_iou_60"] = evaluate.pcontext_60_class_miou(scores["mean_iou"])
+    assert scores["mean_iou_60"] == pytest.approx(0.5313, abs=1e-4)  # README 54.03 -> paper 53.13
+    table = evaluate.per_class_table(scores, [f"c{i}" for i in range(59)], np.eye(59, dtype=np.int64))
+    assert "59 classes" in table and "60-class mIoU" in table and "53.13 %" in table
+
+
+def test_submission_encoding_is_the_benchmarks_raw_values():
+    from fastfcn_jax.data.datasets import get_dataset_info
+
+    ade = get_dataset_info("ade20k")
+    np.testing.assert_array_equal(evaluate.submission_encoding(ade.label_lut, 150), np.arange(1, 151))
+    city = evaluate.submission_encoding(get_dataset_info("cityscapes").label_lut, 19)
+    assert city[0] == 7 and city[1] == 8 and city[18] == 33  # road, sidewalk, bicycle label ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# The protocol, written as the reference's loop (FASTFCN.md 4.2 / MultiEvalModule.forward).
+
+
+def torch_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """F.interpolate(mode='bilinear', align_corners=True) of [H, W, C] as two interpolation matrices."""
+
+    def matrix(n_in: int, n_out: int) -> np.ndarray:
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+            lo = int(math.floor(src))
+            hi = min(lo + 1, n_in - 1)
+            m[i, lo] += 1 - (src - lo)
+            m[i, hi] += src - lo
+        return m
+
+    return np.einsum("ah,bw,hwc->abc", matrix(x.shape[0], height), matrix(x.shape[1], width), x)
+
+
+def pad_black(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pads bottom/right to at least height x width with -mean/std."""
+    pad_value = -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])
+    out = np.broadcast_to(pad_value, (max(height, x.shape[0]), max(width, x.shape[1]), 3)).copy()
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def reference_scores(logits, image, scales, flip, base, crop, whole=False):
+    """Sum over scales of the resized-back averaged exp(logits), exactly as the reference's loop."""
+
+    def infer(x):
+        out = np.asarray(logits(x[None].astype(np.float32))[0], np.float64)
+        if flip:
+            out = out + np.asarray(logits(x[None, :, ::-1].astype(np.float32))[0], np.float64)[:, ::-1]
+        return np.exp(out)
+
+    h, w = image.shape[:2]
+    stride = int(crop * 2.0 / 3.0)
+    total = 0.0
+    for scale in scales:
+        long_size = int(math.ceil(base * scale))
+        if h > w:
+            height, width = long_size, int(1.0 * w * long_size / h + 0.5)
+            short_size = width
+        else:
+            width, height = long_size, int(1.0 * h * long_size / w + 0.5)
+            short_size = height
+        img = torch_resize(image, height, width)
+        if whole:
+            side = -(-long_size // 32) * 32
+            outputs = infer(pad_black(img, side, side))[:height, :width]
+        elif long_size <= crop:
+            outputs = infer(pad_black(img, crop, crop))[:height, :width]
+        else:
+            pad_img = pad_black(img, crop, crop) if short_size < crop else img
+            ph, pw = pad_img.shape[:2]
+            outputs = np.zeros((ph, pw, NUM_CLASSES))
+            count = np.zeros((ph, pw, 1))
+            for idh in range(int(math.ceil(1.0 * (ph - crop) / stride)) + 1):
+                for idw in range(int(math.ceil(1.0 * (pw - crop) / stride)) + 1):
+                    h0, w0 = idh * stride, idw * stride
+                    h1, w1 = min(h0 + crop, ph), min(w0 + crop, pw)
+                    output = infer(pad_black(pad_img[h0:h1, w0:w1], crop, crop))
+                    outputs[h0:h1, w0:w1] += output[: h1 - h0, : w1 - w0]
+                    count[h0:h1, w0:w1] += 1
+            assert (count > 0).all()
+            outputs = (outputs / count)[:height, :width]
+        total = total + torch_resize(outputs, h, w)
+    return total
+
+
+IMAGE_SIZES = [(50, 70), (90, 45), (20, 31)]  # landscape, portrait (two grids), smaller than every window
+
+
+@pytest.mark.parametrize("name", ["multi_scale", "whole"])
+def test_protocol_with_flip_equals_the_reference_loop_on_a_tiny_model(tiny, name):
+    model, variables, logits = tiny
+    protocol = evaluate.make_protocol(name, base_size=BASE, crop_size=CROP, flip=True)
+    assert protocol.scales == evaluate.MULTI_SCALES if name == "multi_scale" else (1.0,)
+    runner = evaluate.ProtocolRunner(
+        evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=5, images_per_call=2
+    )
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in IMAGE_SIZES]
+    results = list(runner.run(images, with_scores=True))
+    for image, result in zip(images, results, strict=True):
+        expected = reference_scores(
+            lambda x: logits(variables, x), image, protocol.scales, True, BASE, CROP, whole=protocol.whole
+        )
+        assert result["scores"].shape == expected.shape
+        np.testing.assert_allclose(result["scores"], expected, rtol=2e-4, atol=1e-6 * expected.max())
+        top2 = np.sort(expected, axis=-1)[..., -2:]
+        clear = top2[..., 1] - top2[..., 0] > 1e-3 * top2[..., 1]  # skip near-ties of the float64 loop
+        np.testing.assert_array_equal(result["prediction"][clear], expected.argmax(-1)[clear])
+
+
+def test_cityscapes_multi_scale_adds_scales_2_and_2_25():
+    protocol = evaluate.make_protocol("multi_scale", base_size=BASE, crop_size=CROP, dataset="cityscapes")
+    assert protocol.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25) and protocol.flip
+    single = evaluate.make_protocol("single_scale", base_size=520, crop_size=480)
+    assert single.scales == (1.0,) and not single.flip and single.stride == 320
+
+
+@pytest.mark.parametrize("size", [48, 64, 65, 106, 107, 130, 300])
+def test_window_grid_covers_every_pixel_and_counts_the_overlaps(size):
+    crop, stride = 64, 42
+    padded = max(size, crop)
+    origins = evaluate.window_origins(size, 20, crop, stride)
+    rows = sorted({top for top, _ in origins})
+    assert rows == [i * stride for i in range(len(rows))]  # one grid: fixed stride from 0
+    assert rows[-1] < padded <= rows[-1] + crop  # the last window reaches the (padded) edge, none beyond it
+    coverage = np.zeros(padded, int)
+    for top in rows:
+        coverage[top : min(top + crop, padded)] += 1
+    assert coverage.min() >= 1
+    expected = [sum(t <= y < t + crop for t in rows) for y in range(padded)]
+    np.testing.assert_array_equal(coverage, expected)
+
+
+def test_overlapping_windows_are_averaged_not_summed():
+    """With constant logits every window scores exp(0) = 1; averaging makes each scale contribute exactly 1
+    per pixel, whatever the overlap (summing would give 2 or 3 in overlaps)."""
+    protocol = evaluate.make_protocol("multi_scale", base_size=BASE, crop_size=CROP, flip=True)
+
+    def zeros(variables, images):
+        return jnp.zeros((*images.shape[:3], NUM_CLASSES)) + 0 * images[..., :1]
+
+    runner = evaluate.ProtocolRunner(zeros, {}, NUM_CLASSES, protocol, window_batch=4, images_per_call=3)
+    images = [np.zeros((h, w, 3), np.float32) for h, w in [(70, 140), (33, 57), (150, 151)]]
+    for result in runner.run(images, with_scores=True):
+        np.testing.assert_allclose(result["scores"], len(protocol.scales), rtol=1e-6)
+
+
+def test_window_averaging_weights_with_position_dependent_logits():
+    """Logits = window-local row index: overlapping windows disagree, and the scores must be their mean."""
+    protocol = evaluate.make_protocol("single_scale", base_size=BASE, crop_size=CROP)
+
+    def row_logits(variables, images):
+        rows = jnp.arange(images.shape[1], dtype=jnp.float32)[None, :, None, None] / 16
+        return jnp.broadcast_to(rows, (*images.shape[:3], NUM_CLASSES))
+
+    runner = evaluate.ProtocolRunner(row_logits, {}, NUM_CLASSES, protocol, window_batch=2, images_per_call=1)
+    image = np.zeros((BASE, 40, 3), np.float32)  # portrait: long side 80 -> two windows at rows 0 and 42
+    (result,) = runner.run([image], with_scores=True)
+    row = np.arange(BASE)
+    covering = [(row >= top) & (row < top + CROP) for top in (0, 42)]
+    expected = sum(np.where(c, np.exp((row - top) / 16), 0) for c, top in zip(covering, (0, 42), strict=True))
+    expected = expected / sum(covering)
+    np.testing.assert_allclose(result["scores"][:, 0, 0], expected, rtol=1e-5)
+
+
+def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
+    model, variables, _ = tiny
+    protocol = evaluate.make_protocol("single_scale", base_size=BASE, crop_size=CROP)
+    runner = evaluate.ProtocolRunner(
+        evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=4, images_per_call=2
+    )
+    rng = np.random.default_rng(0)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(8, 300, size=(9, 2))] + [(1, 1), (400, 30)]
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+    list(runner.run(images[:2]))
+    after_first = runner.compile_count
+    results = list(runner.run(images[2:]))
+    assert [r["prediction"].shape for r in results] == sizes[2:]
+    assert after_first == runner.compile_count == 3  # canvas zeros, window step, output tile
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end.
+
+
+def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path):
+    from fastfcn_jax.data import pipeline
+
+    model, variables, _ = tiny
+    data_dir = tmp_path / "data"
+    pipeline.prepare("synthetic_shapes", data_dir)
+    checkpoint = tmp_path / "checkpoint"
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES, "dataset": "synthetic_shapes"}
+    checkpointing.save_variables(checkpoint, jax.device_get(variables), info)
+    config = base_config()
+    config.dataset.name = "synthetic_shapes"
+    config.dataset.data_dir = str(data_dir)
+    config.init_from = str(checkpoint)
+    with config.unlocked():
+        config.evaluation = ml_collections.ConfigDict(
+            {
+                "protocol": "multi_scale",
+                "scales": (0.75, 1.0),
+                "base_size": BASE,
+                "crop_size": CROP,
+                "max_examples": 5,
+                "submission_dir": str(tmp_path / "submission"),
+            }
+        )
+    workdir = tmp_path / "workdir"
+    result = evaluate.run_evaluation(config, workdir)
+
+    examples = list(pipeline.full_examples("synthetic_shapes", data_dir=data_dir, split="validation"))[:5]
+    labelled = sum(int((e["label"] >= 0).sum()) for e in examples)
+    out = workdir / "eval" / "validation_multi_scale"
+    confusion = np.load(out / "confusion.npy")
+    assert confusion.dtype == np.int64 and confusion.sum() == labelled
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["num_images"] == 5 and written["protocol_flip"] and written["compilations"] <= 3
+    assert written["mean_iou"] == pytest.approx(metrics.segmentation_scores(confusion)["mean_iou"])
+    assert result["mean_iou"] == written["mean_iou"]
+    table = (out / "per_class_iou.md").read_text()
+    assert all(name in table for name in written["per_class_iou"])
+    assert Image.open(out / "confusion.png").size[0] > 6 * 10
+    masks = sorted((tmp_path / "submission").iterdir())
+    assert [m.stem for m in masks] == sorted(e["file_name"].rsplit(".", 1)[0] for e in examples)
+    for mask, example in zip(masks, sorted(examples, key=lambda e: e["file_name"]), strict=True):
+        array = np.asarray(Image.open(mask))
+        assert array.shape == example["label"].shape and array.max() < NUM_CLASSES

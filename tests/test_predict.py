@@ -1,0 +1,138 @@
+"""Prediction: the Python API, folders of mixed images, skipped non-images, and the lazy package exports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastfcn_jax import checkpointing
+from fastfcn_jax.config import base_config
+from fastfcn_jax.data.datasets import get_dataset_info
+from fastfcn_jax.models import create_model
+
+NUM_CLASSES = 6  # synthetic_shapes
+SIZE = 64  # base and crop size: every image is one or two 64 x 64 windows
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+    directory = tmp_path_factory.mktemp("checkpoint")
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES, "dataset": "synthetic_shapes"}
+    checkpointing.save_variables(directory, jax.device_get(variables), info)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    from fastfcn_jax.predict import Predictor
+
+    return Predictor.from_checkpoint(checkpoint, base_size=SIZE, crop_size=SIZE, images_per_call=3, window_batch=4)
+
+
+def test_predictor_returns_one_class_index_per_pixel_for_any_mode_and_size(predictor):
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),  # RGB
+        rng.integers(0, 256, (70, 20), dtype=np.uint8),  # grayscale
+        rng.integers(0, 256, (25, 25, 4), dtype=np.uint8),  # RGBA
+        rng.integers(0, 256, (9, 90, 1)).astype(np.float32),  # single channel, float 0..255
+    ]
+    for image in images:
+        mask = predictor(image)
+        assert mask.shape == image.shape[:2] and mask.dtype == np.int32
+        assert mask.min() >= 0 and mask.max() < NUM_CLASSES
+    # Batched prediction equals one-by-one prediction (images share device calls, not results).
+    batched = predictor.predict_batch(images)
+    for image, mask in zip(images, batched, strict=True):
+        np.testing.assert_array_equal(mask, predictor(image))
+    assert predictor.runner.compile_count == 3
+
+
+def test_predictor_uses_the_checkpoints_dataset_palette_and_names(predictor):
+    info = get_dataset_info("synthetic_shapes")
+    np.testing.assert_array_equal(predictor.palette, info.palette)
+    assert predictor.class_names == list(info.class_names)
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        predictor(np.zeros((4, 4, 2), np.uint8))
+
+
+def _write_inputs(folder):
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / "rgb.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (33, 47), dtype=np.uint8), mode="L").save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (64, 30, 4), dtype=np.uint8), mode="RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (90, 20), dtype=np.uint8), mode="L").save(folder / "gray_jpeg.jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return {"rgb": (40, 56), "gray": (33, 47), "alpha": (64, 30), "gray_jpeg": (90, 20)}
+
+
+def test_predicting_a_folder_writes_a_mask_and_an_overlay_per_image_and_skips_non_images(checkpoint, tmp_path, capsys):
+    from fastfcn_jax.predict import run_prediction
+
+    sizes = _write_inputs(tmp_path / "inputs")
+    config = base_config()
+    config.init_from = str(checkpoint)
+    config.dataset.base_size = SIZE
+    config.dataset.crop_size = SIZE
+    written = run_prediction(config, tmp_path / "workdir", str(tmp_path / "inputs"), str(tmp_path / "out"))
+
+    assert sorted(p.name for p in written) == sorted(f"{n}_{kind}.png" for n in sizes for kind in ("mask", "overlay"))
+    palette = get_dataset_info("synthetic_shapes").palette
+    for name, (height, width) in sizes.items():
+        mask = Image.open(tmp_path / "out" / f"{name}_mask.png")
+        assert mask.mode == "P" and mask.size == (width, height)
+        assert np.asarray(mask).max() < NUM_CLASSES
+        np.testing.assert_array_equal(np.asarray(mask.getpalette()[: 3 * NUM_CLASSES]).reshape(-1, 3), palette)
+        overlay = Image.open(tmp_path / "out" / f"{name}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size[0] > width and overlay.size[1] >= height  # legend on the right
+    report = capsys.readouterr()
+    assert "notes.txt" in report.err and "broken.png" in report.err
+    assert "wrote 4 masks" in report.out and "skipped 2" in report.out
+
+
+def test_a_single_file_and_a_glob_are_accepted(checkpoint, tmp_path):
+    from fastfcn_jax.predict import collect_inputs
+
+    _write_inputs(tmp_path / "inputs")
+    assert [p.name for p in collect_inputs(str(tmp_path / "inputs" / "rgb.jpg"))] == ["rgb.jpg"]
+    pngs = collect_inputs(str(tmp_path / "inputs" / "*.png"))
+    assert [p.name for p in pngs] == ["alpha.png", "broken.png", "gray.png"]
+    with pytest.raises(FileNotFoundError, match="image file, a folder"):
+        collect_inputs(str(tmp_path / "nothing_here"))
+
+
+def test_overlay_legend_lists_exactly_the_classes_present(predictor):
+    image = np.full((40, 60, 3), 128, np.uint8)
+    mask = np.zeros((40, 60), np.int32)
+    mask[:, 40:] = 3
+    with_two = predictor.overlay(image, mask)
+    mask[:5, :5] = 5
+    with_three = predictor.overlay(image, mask)
+    assert with_three.shape[0] > with_two.shape[0] or with_three.shape[1] >= with_two.shape[1]
+    # The swatch of each present class appears in the legend panel, absent classes' colours do not.
+    legend = with_three[:, 60:].reshape(-1, 3)
+    colours = {tuple(c) for c in legend}
+    for class_id in range(NUM_CLASSES):
+        assert (tuple(predictor.palette[class_id]) in colours) == (class_id in (0, 3, 5))
+
+
+def test_importing_the_package_is_lazy_and_exports_the_predictor():
+    code = (
+        "import sys, fastfcn_jax\n"
+        "heavy = [m for m in ('flax', 'tensorflow', 'jax') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from fastfcn_jax.predict import Predictor\n"
+        "assert fastfcn_jax.Predictor is Predictor\n"
+        "assert 'tensorflow' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
