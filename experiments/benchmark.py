@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: _tiny variants at 64x64, 1 warm-up, 2 repeats"
     )
+    parser.add_argument("--train-models", default="", help="comma-separated models whose training step is also timed")
+    parser.add_argument(
+        "--train-sizes", default="256,480", help="comma-separated square sizes for the train step (default 256,480)"
+    )
+    parser.add_argument("--train-batch-size", type=int, default=2)
+    parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     return parser.parse_args(argv)
 
 
@@ -56,8 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     size = args.size or ((64, 64) if quick else (512, 512))
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     repeats = args.repeats if args.repeats is not None else (2 if quick else 5)
+    train_names = [n.strip() for n in args.train_models.split(",") if n.strip()]
+    train_sizes = [(int(v), int(v)) for v in args.train_sizes.split(",") if v.strip()]
     if quick:
         names = [tiny_variant(n) for n in names]
+        train_names = [tiny_variant(n) for n in train_names]
+        train_sizes = [(64, 64)]
 
     results = run_benchmark(
         names,
@@ -68,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         repeats=repeats,
         dtype=args.dtype,
         aux=args.aux,
+        peak=args.peak,
+        train_names=train_names,
+        train_sizes=train_sizes,
+        train_batch_size=args.train_batch_size,
     )
     text = json.dumps(results, indent=2)
     if args.output:

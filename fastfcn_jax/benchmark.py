@@ -167,6 +167,97 @@ def benchmark_model(
     }
 
 
+def _time(fn: Any, args: tuple, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times_ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    return times_ms
+
+
+def matmul_peak(dtype: str = "float32", size: int = 4096, repeats: int = 5) -> dict[str, Any]:
+    """The machine's own matmul speed in ``dtype``: a [size, size] x [size, size] product, best of ``repeats``.
+
+    The reference point for "achieved FLOP/s as a fraction of peak". On CPU a 2048 matmul already saturates
+    the cores; accelerators need larger products to reach their peak.
+    """
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32).astype(dtype)
+    compiled = jax.jit(lambda x: x @ x).lower(a).compile()
+    times_ms = _time(compiled, (a,), warmup=2, repeats=repeats)
+    best_s = min(times_ms) / 1e3
+    return {"dtype": dtype, "size": size, "gflops_per_s": 2.0 * size**3 / best_s / 1e9, "best_ms": min(times_ms)}
+
+
+def benchmark_train_step(
+    name: str,
+    *,
+    num_classes: int = 150,
+    image_size: tuple[int, int] = (256, 256),
+    batch_size: int = 2,
+    warmup: int = 2,
+    repeats: int = 5,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Times the jitted training step (forward, backward, SGD update, BN statistics; aux and SE losses
+    as the paper's recipe) with the state donated, as :mod:`fastfcn_jax.train` runs it."""
+    from fastfcn_jax import optim
+    from fastfcn_jax.train import TrainState, make_train_step
+
+    height, width = (int(s) for s in image_size)
+    model = create_model(name, num_classes, dtype=dtype)
+    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 1000))
+    step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2 if name.startswith("encnet") else 0.0)
+    key = jax.random.PRNGKey(_INPUT_SEED)
+    batch = {
+        "image": jax.random.normal(key, (batch_size, height, width, 3), jnp.float32),
+        "label": jax.random.randint(key, (batch_size, height, width), -1, num_classes, jnp.int32),
+    }
+
+    def init():
+        variables = model.init(jax.random.PRNGKey(_PARAM_SEED), batch["image"][:1], train=False)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=optimizer.init(variables["params"]),
+        )
+
+    state = jax.jit(init)()
+    rng = jax.random.PRNGKey(2)
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+
+    def run(state):
+        return compiled(state, batch, rng)[0]
+
+    # The state is donated: thread it through the runs.
+    for _ in range(warmup):
+        state = jax.block_until_ready(run(state))
+    times_ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = jax.block_until_ready(run(state))
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    median_ms = statistics.median(times_ms)
+    flops = xla_flops(compiled)
+    return {
+        "name": name,
+        "kind": "train_step",
+        "num_classes": num_classes,
+        "image_size": [height, width],
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "flops": flops,
+        "compile_s": compile_s,
+        "latency_ms": {"median": median_ms, "min": min(times_ms), "max": max(times_ms), "runs": times_ms},
+        "images_per_s": batch_size * 1e3 / median_ms,
+    }
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
@@ -202,11 +293,23 @@ def compare_pairs(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any
     return pairs
 
 
-def run_benchmark(names: Sequence[str], *, log: bool = True, **kwargs: Any) -> dict[str, Any]:
+def run_benchmark(
+    names: Sequence[str],
+    *,
+    log: bool = True,
+    peak: bool = True,
+    train_names: Sequence[str] = (),
+    train_sizes: Sequence[tuple[int, int]] = ((256, 256),),
+    train_batch_size: int = 2,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Benchmarks each model in ``names`` (``kwargs`` go to :func:`benchmark_model`) and pairs them.
 
-    Returns ``{'environment', 'settings', 'models': {name: result}, 'pairs': [...]}``. Progress goes to
-    stderr when ``log`` so that stdout can carry the JSON.
+    With ``peak`` also measures the machine's matmul speed in the same dtype, so achieved FLOP/s read as a
+    fraction of it; ``train_names`` are also timed as training steps at each of ``train_sizes`` with
+    ``train_batch_size`` images. Returns ``{'environment', 'settings', 'peak', 'models': {name: result},
+    'pairs': [...], 'train_steps': [...]}``. Progress goes to stderr when ``log`` so that stdout can carry
+    the JSON.
     """
     names = list(dict.fromkeys(names))
     if not names:
@@ -230,11 +333,36 @@ def run_benchmark(names: Sequence[str], *, log: bool = True, **kwargs: Any) -> d
     settings = {
         key: first[key] for key in ("num_classes", "image_size", "batch_size", "dtype", "aux", "warmup", "repeats")
     }
+    train_steps = []
+    for name in train_names:
+        for size in train_sizes:
+            if log:
+                print(f"benchmarking the train step of {name} at {size} ...", file=sys.stderr, flush=True)
+            train_steps.append(
+                benchmark_train_step(
+                    name,
+                    num_classes=settings["num_classes"],
+                    image_size=size,
+                    batch_size=train_batch_size,
+                    warmup=settings["warmup"],
+                    repeats=settings["repeats"],
+                    dtype=settings["dtype"],
+                )
+            )
+    peak_result = (
+        matmul_peak(settings["dtype"], size=2048 if jax.default_backend() == "cpu" else 8192) if peak else None
+    )
+    for result in [*models.values(), *train_steps]:
+        achieved = None if result["flops"] is None else result["flops"] / (result["latency_ms"]["median"] / 1e3) / 1e9
+        result["achieved_gflops_per_s"] = achieved
+        result["fraction_of_peak"] = _ratio(achieved, peak_result["gflops_per_s"]) if peak_result else None
     return {
         "environment": environment(),
         "settings": settings,
+        "peak": peak_result,
         "models": models,
         "pairs": compare_pairs(models),
+        "train_steps": train_steps,
     }
 
 
@@ -259,14 +387,20 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"batch {settings['batch_size']}, {settings['num_classes']} classes, {settings['dtype']}, "
         f"aux {'on' if settings['aux'] else 'off'}; median of {settings['repeats']} runs "
         f"after {settings['warmup']} warm-up",
+    ]
+    peak = results.get("peak")
+    if peak:
+        lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}^3): {peak['gflops_per_s']:.1f} GFLOP/s")
+    lines += [
         "",
-        "| model | params (M) | GFLOPs | latency (ms) | img/s | compile (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | params (M) | GFLOPs | latency (ms) | img/s | GFLOP/s | of peak | compile (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results["models"].values():
         lines.append(
             f"| {result['name']} | {result['params'] / 1e6:.1f} | {_gflops(result['flops'])} "
             f"| {result['latency_ms']['median']:.1f} | {result['images_per_s']:.2f} "
+            f"| {_fmt(result.get('achieved_gflops_per_s'), '.1f')} | {_fmt(result.get('fraction_of_peak'), '.0%')} "
             f"| {result['compile_s']:.1f} |"
         )
     if results["pairs"]:
@@ -281,5 +415,19 @@ def format_table(results: Mapping[str, Any]) -> str:
                 f"| {pair['jpu_latency_ms']:.1f} | {_fmt(pair['speedup'], '.2f', 'x')} "
                 f"| {_gflops(pair['dilated_flops'])} | {_gflops(pair['jpu_flops'])} "
                 f"| {_fmt(pair['flop_ratio'], '.2f', 'x')} |"
+            )
+    if results.get("train_steps"):
+        lines += [
+            "",
+            "| train step | size | batch | GFLOPs | latency (ms) | img/s | GFLOP/s | of peak |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for result in results["train_steps"]:
+            height, width = result["image_size"]
+            lines.append(
+                f"| {result['name']} | {height}x{width} | {result['batch_size']} | {_gflops(result['flops'])} "
+                f"| {result['latency_ms']['median']:.1f} | {result['images_per_s']:.2f} "
+                f"| {_fmt(result.get('achieved_gflops_per_s'), '.1f')} "
+                f"| {_fmt(result.get('fraction_of_peak'), '.0%')} |"
             )
     return "\n".join(lines)

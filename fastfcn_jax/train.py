@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fastfcn_jax import checkpointing, losses, metrics, optim, sharding, visualize
+from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
 from fastfcn_jax.models import create_model
 
 
@@ -393,6 +393,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)["logits"], axis=-1))
             predictions = np.asarray(predict(jax.device_get(state.variables), host_batch["image"]))
             keep = host_batch["valid"]
+            from fastfcn_jax import visualize  # PIL: only needed here, keeps the step importable anywhere
+
             paths = visualize.save_panels(
                 workdir / "predictions",
                 host_batch["image"][keep],

@@ -22,11 +22,20 @@ PAIR = ("encnet_jpu_tiny", "encnet_dilated_tiny")
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    return benchmark.run_benchmark(PAIR, num_classes=59, image_size=(64, 64), warmup=1, repeats=1, log=False)
+    return benchmark.run_benchmark(
+        PAIR,
+        num_classes=59,
+        image_size=(64, 64),
+        warmup=1,
+        repeats=1,
+        log=False,
+        train_names=PAIR[:1],
+        train_sizes=((48, 48),),
+    )
 
 
 def test_run_benchmark_structure(results: dict) -> None:
-    assert set(results) == {"environment", "settings", "models", "pairs"}
+    assert set(results) == {"environment", "settings", "peak", "models", "pairs", "train_steps"}
     assert list(results["models"]) == list(PAIR)
     assert results["settings"]["image_size"] == [64, 64]
     assert results["settings"]["num_classes"] == 59
@@ -41,6 +50,10 @@ def test_run_benchmark_structure(results: dict) -> None:
         assert len(latency["runs"]) == 1
         assert math.isfinite(latency["median"]) and latency["median"] > 0
         assert latency["min"] <= latency["median"] <= latency["max"]
+        assert result["achieved_gflops_per_s"] == pytest.approx(result["flops"] / latency["median"] * 1e3 / 1e9)
+        assert result["fraction_of_peak"] == pytest.approx(
+            result["achieved_gflops_per_s"] / results["peak"]["gflops_per_s"]
+        )
     # JSON-serialisable as is: the CLI dumps it without a custom encoder.
     json.dumps(results)
 
@@ -127,3 +140,17 @@ def test_import_is_tensorflow_free() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_train_step_is_timed_with_its_flops(results: dict) -> None:
+    (step,) = results["train_steps"]
+    assert step["name"] == PAIR[0] and step["image_size"] == [48, 48] and step["batch_size"] == 2
+    forward = results["models"][PAIR[0]]
+    # Forward + backward of two 48x48 images costs more than one 64x64 forward pass.
+    assert step["flops"] > forward["flops"] * (2 * 48 * 48) / (64 * 64)
+    assert len(step["latency_ms"]["runs"]) == 1
+
+
+def test_matmul_peak_counts_two_flops_per_multiply_add() -> None:
+    peak = benchmark.matmul_peak("float32", size=256, repeats=1)
+    assert peak["gflops_per_s"] == pytest.approx(2 * 256**3 / (peak["best_ms"] / 1e3) / 1e9)
