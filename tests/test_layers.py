@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,9 +257,19 @@ def test_channel_dropout_drops_whole_channels_only_in_training():
     np.testing.assert_array_equal(layers.channel_dropout(0.5, train=False).apply({}, x), x)
 
 
-def test_conv_bn_relu_names_its_submodules_conv_and_bn():
-    module = layers.ConvBNReLU(4, 3)
-    variables = module.init(jax.random.PRNGKey(0), jnp.ones((1, 5, 5, 2)))
+@pytest.mark.parametrize(("stride", "dilation"), [(1, 1), (2, 1), (1, 2)])
+def test_conv_bn_relu_matches_conv_then_batchnorm_then_relu(stride, dilation):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 9, 8, 3)).astype(np.float32)
+    module = layers.ConvBNReLU(4, 3, stride=stride, dilation=dilation)
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x))
     assert set(variables["params"]) == {"conv", "bn"}
-    assert "bias" not in variables["params"]["conv"]
-    assert isinstance(module, nn.Module)
+    assert "bias" not in variables["params"]["conv"]  # the reference's convs before BN have no bias
+    stats = {"mean": rng.normal(size=4).astype(np.float32), "var": rng.uniform(0.5, 2.0, 4).astype(np.float32)}
+    gamma, beta = rng.uniform(0.5, 1.5, 4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    params = {"conv": variables["params"]["conv"], "bn": {"scale": gamma, "bias": beta}}
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(module.apply({"params": params, "batch_stats": {"bn": stats}}, jnp.asarray(x)))
+    y = numpy_conv(x, np.asarray(params["conv"]["kernel"]), stride=stride, pad=dilation, dilation=dilation)
+    want = np.maximum((y - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * gamma + beta, 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastfcn_jax.models import INTERMEDIATE_NAMES, available_models, create_model, model_from_config
+from fastfcn_jax.models import INTERMEDIATE_NAMES, available_models, create_model, layers, model_from_config
 
 
 def count(tree) -> int:
@@ -24,9 +25,7 @@ def abstract_variables(model, size=(64, 64)):
 
 def abstract_outputs(model, variables, size):
     images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
-    return jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, images
-    )
+    return jax.eval_shape(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, images)
 
 
 # Counted from the official PyTorch models (nclass=150, aux on, SE on for EncNet; parameters only,
@@ -151,6 +150,8 @@ def test_registry_names():
         ("encnet_jpu_r50", {"dtype": "float8"}, "dtype"),
         ("encnet_jpu_r50", {"stem": "wide"}, "stem"),
         ("encnet_jpux_r50", {"jpu_width": 96}, "jpux_groups"),
+        ("encnet_jpu_r50", {"neck": "dilated"}, "fixed by the model name"),
+        ("encnet_jpu_tiny", {"depth": 101}, "fixed by the model name"),
     ],
 )
 def test_invalid_model_requests_raise_errors_naming_the_problem(name, overrides, message):
@@ -165,9 +166,7 @@ def test_model_from_config_mapping():
         model_from_config({"name": "psp_jpu_tiny", "num_classes": 5, "classes": 3})
 
 
-TINY_MODELS = [
-    f"{h}_{n}_tiny" for h in ("encnet", "psp", "deeplab", "fcn") for n in ("jpu", "jpux", "dilated")
-]
+TINY_MODELS = [f"{h}_{n}_tiny" for h in ("encnet", "psp", "deeplab", "fcn") for n in ("jpu", "jpux", "dilated")]
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -188,6 +187,7 @@ def test_tiny_model_trains_and_evaluates(name):
         return model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
 
     out_a, new_state = train_apply(variables, images, jax.random.PRNGKey(2))
+    assert out_a["aux_logits"].shape == (2, 48, 40, 5)
     out_b, _ = train_apply(variables, images, jax.random.PRNGKey(2))
     out_c, _ = train_apply(variables, images, jax.random.PRNGKey(3))
     # Training uses batch statistics and moves the running ones.
@@ -197,9 +197,13 @@ def test_tiny_model_trains_and_evaluates(name):
     # Dropout follows the 'dropout' rng and nothing else.
     np.testing.assert_array_equal(out_a["logits"], out_b["logits"])
     assert not np.allclose(out_a["logits"], out_c["logits"])
-    # Evaluation is deterministic.
-    again = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    assert not np.allclose(out_a["aux_logits"], out_c["aux_logits"])
+    # Evaluation ignores the dropout rng: dropout is inactive.
+    again = jax.jit(lambda v, x: model.apply(v, x, train=False, rngs={"dropout": jax.random.PRNGKey(9)}))(
+        variables, images
+    )
     np.testing.assert_array_equal(eval_out["logits"], again["logits"])
+    np.testing.assert_array_equal(eval_out["aux_logits"], again["aux_logits"])
 
 
 def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_float32():
@@ -213,9 +217,7 @@ def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_flo
     ref = jax.jit(lambda v, x: f32.apply(v, x, train=False))(variables, images)
     out = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, images)
     _, state = jax.jit(
-        lambda v, x: bf16.apply(
-            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}
-        )
+        lambda v, x: bf16.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
     )(variables, images)
     for leaf in jax.tree_util.tree_leaves(state):
         assert leaf.dtype == jnp.float32
@@ -230,3 +232,64 @@ def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_flo
 def test_models_import_without_tensorflow():
     code = "import sys, fastfcn_jax.models, fastfcn_jax.convert; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def record_calls(model, images, module_type, train):
+    """(module path, module) of every ``module_type`` call during one apply."""
+    calls = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, module_type) and context.method_name == "__call__":
+            calls.append(("/".join(context.module.path), context.module))
+        return next_fun(*args, **kwargs)
+
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(
+            lambda v: model.apply(
+                v, images, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}
+            ),
+            variables,
+        )
+    return calls
+
+
+# The reference's Dropout2d layers (FastFCN encoding/models/*.py): rate per module, nothing elsewhere.
+REFERENCE_DROPOUT = {
+    "encnet": {"decode_head/classifier/Dropout_0": 0.1},
+    "psp": {"decode_head/classifier/Dropout_0": 0.1},
+    "fcn": {"decode_head/classifier/Dropout_0": 0.1},
+    "deeplab": {"decode_head/Dropout_0": 0.5, "decode_head/classifier/Dropout_0": 0.1},
+}
+
+
+@pytest.mark.parametrize("head", sorted(REFERENCE_DROPOUT))
+def test_channel_dropout_sits_where_the_reference_has_it(head):
+    model = create_model(f"{head}_jpu_tiny", 5)
+    calls = record_calls(model, jnp.zeros((1, 48, 48, 3)), nn.Dropout, train=True)
+    got = {path: module.rate for path, module in calls}
+    want = {**REFERENCE_DROPOUT[head], "auxiliary_head/classifier/Dropout_0": 0.1}
+    assert got == want
+    assert all(tuple(module.broadcast_dims) == (1, 2) for _, module in calls)  # Dropout2d: whole channels
+
+
+# (layer, block) -> dilation of the bottleneck's 3x3 conv, from the reference's _make_layer.
+REFERENCE_DILATIONS = {
+    32: {"layer3": [1, 1, 1, 1, 1, 1], "layer4": [1, 1, 1]},
+    16: {"layer3": [1, 1, 1, 1, 1, 1], "layer4": [1, 2, 2]},
+    8: {"layer3": [1, 2, 2, 2, 2, 2], "layer4": [2, 4, 4]},
+}
+REFERENCE_STRIDES = {32: (2, 2), 16: (2, 1), 8: (1, 1)}
+
+
+@pytest.mark.parametrize("output_stride", sorted(REFERENCE_DILATIONS))
+def test_dilation_schedule_follows_the_reference(output_stride):
+    model = create_model("fcn_dilated_r50", 5, output_stride=output_stride, aux=False)
+    calls = record_calls(model, jnp.zeros((1, 64, 64, 3)), layers.Conv2D, train=False)
+    conv2 = {path: module for path, module in calls if path.endswith("/conv2/conv")}
+    for stage, stride in zip(("layer3", "layer4"), REFERENCE_STRIDES[output_stride], strict=True):
+        blocks = sorted(
+            (p for p in conv2 if f"/{stage}_" in p), key=lambda p: int(p.split(f"{stage}_")[1].split("/")[0])
+        )
+        assert [conv2[p].dilation for p in blocks] == REFERENCE_DILATIONS[output_stride][stage]
+        assert conv2[blocks[0]].stride == stride

@@ -111,10 +111,14 @@ def choose(choice: str, *, tpu: str, other: str) -> str:
 
 
 def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
-    """Applies a [H', H] matrix along axis 1 and a [W', W] matrix along axis 2 of an NHWC array."""
-    dtype = x.dtype
-    x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, dtype), x)
-    return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, dtype), x)
+    """Applies a [H', H] matrix along axis 1 and a [W', W] matrix along axis 2 of an NHWC array.
+
+    In float32 at full precision whatever ``x``'s dtype (a bfloat16 1/3 is 0.334; TPU matmuls default to
+    bfloat16 passes), cast back at the end.
+    """
+    dtype, hp = x.dtype, jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, jnp.float32), x.astype(jnp.float32), precision=hp)
+    return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, jnp.float32), x, precision=hp).astype(dtype)
 
 
 @functools.lru_cache(maxsize=512)
@@ -133,9 +137,10 @@ def _lerp_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
     lower, upper, weight = align_corners_taps(x.shape[axis], out_size)
     shape = [1] * x.ndim
     shape[axis] = out_size
-    low = jnp.take(x, jnp.asarray(lower), axis=axis)
-    high = jnp.take(x, jnp.asarray(upper), axis=axis)
-    return low + (high - low) * jnp.asarray(weight, x.dtype).reshape(shape)
+    low = jnp.take(x, jnp.asarray(lower), axis=axis).astype(jnp.float32)
+    high = jnp.take(x, jnp.asarray(upper), axis=axis).astype(jnp.float32)
+    # Lerp in float32 (exact weights), stored back in x's dtype.
+    return (low + (high - low) * jnp.asarray(weight).reshape(shape)).astype(x.dtype)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int], implementation: str = "auto") -> jax.Array:
@@ -411,9 +416,12 @@ class DepthwiseConv(nn.Module):
         out = None
         for i in range(k):
             for j in range(k):
-                tap = padded[:, i * d : i * d + height, j * d : j * d + width, :] * kernel[i, j, 0]
+                # Products and sums in float32 as a convolution accumulates; XLA fuses the taps into one pass.
+                tap = padded[:, i * d : i * d + height, j * d : j * d + width, :].astype(jnp.float32) * kernel[
+                    i, j, 0
+                ].astype(jnp.float32)
                 out = tap if out is None else out + tap
-        return out
+        return out.astype(self.dtype)
 
 
 class SeparableConv(nn.Module):
@@ -453,14 +461,15 @@ def channel_dropout(rate: float, *, train: bool, name: str | None = None) -> nn.
 
 
 class Classifier(nn.Module):
-    """Channel dropout then a 1x1 conv with bias to ``num_classes`` (the heads' last layers)."""
+    """Channel dropout then a 1x1 conv with bias to ``num_classes`` (the heads' last layers), in float32."""
 
     num_classes: int
     dropout: float = 0.1
-    dtype: Dtype = jnp.float32
     ops: OpChoices = DEFAULT_OPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = channel_dropout(self.dropout, train=train)(x)
-        return conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype, ops=self.ops, name="conv")(x)
+        # The logits are computed in float32 whatever the compute dtype: the last layer is cheap (C outputs)
+        # and the loss and argmax see full-precision values.
+        return conv2d(self.num_classes, 1, use_bias=True, dtype=jnp.float32, ops=self.ops, name="conv")(x)

@@ -33,6 +33,8 @@ TINY = dict(
 
 _NAME = re.compile(r"^(?P<head>[a-z]+)_(?P<neck>[a-z]+)_(?P<size>r\d+|tiny)$")
 _FIELDS = {f.name for f in dataclasses.fields(Segmenter)} - {"parent", "name", "num_classes"}
+# Fields the model name fixes ({head}_{neck}_r{depth}); overriding them would contradict the name.
+_NAMED = {"head", "neck", "depth", "stage_sizes"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -62,7 +64,10 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     config["se_loss"] = match["head"] == "encnet"
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
-        raise ValueError(f"unknown model option(s) {unknown} for {name!r}; valid options: {sorted(_FIELDS)}")
+        raise ValueError(f"unknown model option(s) {unknown} for {name!r}; valid options: {sorted(_FIELDS - _NAMED)}")
+    named = sorted(set(overrides) & _NAMED)
+    if named:
+        raise ValueError(f"{named} are fixed by the model name {name!r}: choose another name instead")
     config.update(overrides)
     return _validated(name, config)
 

@@ -137,9 +137,9 @@ class Segmenter(nn.Module):
             outputs["se_logits"] = head_out["se_logits"].astype(jnp.float32)
 
         if self.aux:
-            aux_logits = FCNHead(self.num_classes, dropout=self.dropout, dtype=self.dtype, name="auxiliary_head")(
-                c3, train
-            )["logits"].astype(jnp.float32)
+            aux_logits = FCNHead(
+                self.num_classes, dropout=self.dropout, dtype=self.dtype, ops=self.ops, name="auxiliary_head"
+            )(c3, train)["logits"].astype(jnp.float32)
             self._sow("aux_head", aux_logits)
             outputs["aux_logits"] = resize_bilinear(aux_logits, size, self.ops.resize)
         return outputs

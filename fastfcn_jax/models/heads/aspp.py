@@ -41,5 +41,5 @@ class DeepLabV3Head(nn.Module):
         y = ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_project")(y, train)
         y = channel_dropout(self.project_dropout, train=train)(y)
         y = ConvBNReLU(width, 3, dtype=self.dtype, ops=self.ops, name="block")(y, train)
-        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(y, train)
+        logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(y, train)
         return {"logits": logits}

@@ -98,9 +98,7 @@ class EncNetHead(nn.Module):
         gamma = jax.nn.sigmoid(dense(self.width, "fc")(enc_en))
         x = nn.relu(x + x * gamma[:, None, None, :].astype(x.dtype))
         out = {
-            "logits": Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(
-                x, train
-            ),
+            "logits": Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(x, train),
             "enc_x": enc_x,
             "enc_e": enc_e,
             "enc_en": enc_en,

@@ -26,5 +26,5 @@ class FCNHead(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         inter = self.inter_features or x.shape[-1] // 4
         x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, name="conv5")(x, train)
-        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(x, train)
+        logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(x, train)
         return {"logits": logits}

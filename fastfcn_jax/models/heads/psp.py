@@ -46,5 +46,5 @@ class PSPHead(nn.Module):
         ]
         x = jnp.concatenate([x, *pooled], axis=-1)
         x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, name="conv5")(x, train)
-        logits = Classifier(self.num_classes, self.dropout, dtype=self.dtype, ops=self.ops, name="classifier")(x, train)
+        logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(x, train)
         return {"logits": logits}
