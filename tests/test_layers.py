@@ -273,3 +273,28 @@ def test_conv_bn_relu_matches_conv_then_batchnorm_then_relu(stride, dilation):
     y = numpy_conv(x, np.asarray(params["conv"]["kernel"]), stride=stride, pad=dilation, dilation=dilation)
     want = np.maximum((y - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * gamma + beta, 0.0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("stride", "dilation", "kernel_size"), [(1, 1, 3), (2, 1, 3), (1, 4, 3), (1, 12, 3), (2, 1, 7)]
+)
+def test_im2col_conv_gradient_equals_xla_convolution_gradient(stride, dilation, kernel_size):
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((2, 11, 9, 3)), jnp.float32)
+
+    def grads(conv_gradient):
+        conv = layers.Conv2D(4, kernel_size, stride=stride, dilation=dilation, conv_gradient=conv_gradient)
+        params = conv.init(jax.random.PRNGKey(0), x)
+
+        def loss(p, x):
+            return jnp.sum(jnp.sin(conv.apply(p, x)))
+
+        with jax.default_matmul_precision("highest"):
+            return conv.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+    (out_xla, (dparams_xla, dx_xla)), (out_im2col, (dparams_im2col, dx_im2col)) = grads("xla"), grads("im2col")
+    np.testing.assert_array_equal(out_xla, out_im2col)  # same forward op
+    np.testing.assert_allclose(dx_im2col, dx_xla, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        dparams_im2col["params"]["kernel"], dparams_xla["params"]["kernel"], rtol=1e-4, atol=1e-4
+    )

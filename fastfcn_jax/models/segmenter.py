@@ -63,6 +63,7 @@ class Segmenter(nn.Module):
     resize_implementation: str = "auto"
     pointwise_implementation: str = "dot"
     depthwise_implementation: str = "shifted"
+    conv_gradient_implementation: str = "auto"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -75,7 +76,12 @@ class Segmenter(nn.Module):
 
     @property
     def ops(self) -> OpChoices:
-        return OpChoices(self.resize_implementation, self.pointwise_implementation, self.depthwise_implementation)
+        return OpChoices(
+            self.resize_implementation,
+            self.pointwise_implementation,
+            self.depthwise_implementation,
+            self.conv_gradient_implementation,
+        )
 
     def _sow(self, name: str, value: jax.Array) -> None:
         self.sow("intermediates", name, value, reduce_fn=_keep_last, init_fn=lambda: None)
