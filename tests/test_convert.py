@@ -477,3 +477,16 @@ def test_rng_option_initialises_the_fresh_layers(tmp_path):
     neck = lambda v: v["params"]["neck"]["conv5"]["conv"]["kernel"]  # noqa: E731
     np.testing.assert_array_equal(neck(converted), neck(again))
     assert not np.allclose(neck(converted), neck(other))
+
+
+def test_class_names_come_from_a_dataset_name_or_a_file(tmp_path):
+    from fastfcn_jax.convert.__main__ import read_class_names
+
+    names = read_class_names("ade20k", 150)
+    assert len(names) == 150 and names[0] == "wall"
+    with pytest.raises(ValueError, match="59 classes, but --num-classes is 150"):
+        read_class_names("pcontext", 150)
+    with pytest.raises(ValueError, match="neither a file nor a dataset"):
+        read_class_names(str(tmp_path / "missing.txt"), 3)
+    (tmp_path / "names.txt").write_text("sky\nroad\n\ncar\n")
+    assert read_class_names(tmp_path / "names.txt", 3) == ["sky", "road", "car"]

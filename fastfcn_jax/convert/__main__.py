@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--class-names",
-        type=Path,
-        help="file with the class names, one per line (or a JSON list), stored with the checkpoint",
+        help="a dataset name (pcontext, ade20k, cityscapes, pascal_voc, ...) or a file with the class names, "
+        "one per line or a JSON list, stored with the checkpoint",
     )
     parser.add_argument(
         "--stem",
@@ -65,8 +65,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_class_names(path: Path, num_classes: int) -> list[str]:
-    """Class names from a text file (one per line, blank lines skipped) or a JSON list of strings."""
+def read_class_names(source: str | Path, num_classes: int) -> list[str]:
+    """Class names of a registered dataset, or from a text file (one per line, blank lines skipped) or a
+    JSON list of strings."""
+    path = Path(source)
+    if not path.exists():
+        from fastfcn_jax.data.datasets import available_datasets, get_dataset_info
+
+        if str(source) not in available_datasets():
+            raise ValueError(
+                f"--class-names {source!r} is neither a file nor a dataset ({', '.join(available_datasets())})"
+            )
+        names = list(get_dataset_info(str(source)).class_names)
+        if len(names) != num_classes:
+            raise ValueError(f"dataset {source!r} has {len(names)} classes, but --num-classes is {num_classes}")
+        return names
     text = path.read_text()
     try:
         names = json.loads(text)
