@@ -87,3 +87,30 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
     config.init_from = str(tmp_path / "source")
     with pytest.raises(ValueError, match="does not fit the configured model"):
         train_and_evaluate(config, tmp_path / "mismatch")
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_main import ROOT
+
+    command = [
+        sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path}",
+        f"--config.dataset.data_dir={data_dir}", "--config.dataset.crop_size=48", "--config.dataset.base_size=64",
+        "--config.train.batch_size=4", "--config.train.num_steps=500", "--config.train.log_every=1",
+        "--config.train.eval_every=0", "--config.train.checkpoint_every=1000",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 3/500"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "stopped at step" in output
+    _, info = checkpointing.restore_variables(tmp_path)
+    assert 3 <= info["step"] < 500  # saved where it stopped, not at a checkpoint_every boundary
