@@ -35,13 +35,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.features(),
-            supervised_keys=("image", "label"),
-            homepage="http://sceneparsing.csail.mit.edu/",
-        )
+        return common.dataset_info(self, __doc__, homepage="http://sceneparsing.csail.mit.edu/")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         required = [f"{ROOT}/{kind}/{folder}" for folder in _SPLITS.values() for kind in ("images", "annotations")]

@@ -32,13 +32,7 @@ class Cityscapes(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.features(),
-            supervised_keys=("image", "label"),
-            homepage="https://www.cityscapes-dataset.com",
-        )
+        return common.dataset_info(self, __doc__, homepage="https://www.cityscapes-dataset.com")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         required = [f"{kind}/{folder}" for folder in _SPLITS.values() for kind in ("leftImg8bit", "gtFine")]

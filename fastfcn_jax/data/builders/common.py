@@ -33,6 +33,25 @@ def features(label_dtype: tf.DType = tf.uint8) -> tfds.features.FeaturesDict:
     )
 
 
+def dataset_info(
+    builder: tfds.core.GeneratorBasedBuilder,
+    description: str | None,
+    *,
+    homepage: str | None = None,
+    label_dtype: tf.DType = tf.uint8,
+    metadata: tfds.core.Metadata | None = None,
+) -> tfds.core.DatasetInfo:
+    """The DatasetInfo every builder here shares: image, label mask and file name, supervised (image, label)."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=features(label_dtype),
+        supervised_keys=("image", "label"),
+        homepage=homepage,
+        metadata=metadata,
+    )
+
+
 def read_rgb(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
     """Reads an image file as the reference does (PIL, converted to RGB).
 

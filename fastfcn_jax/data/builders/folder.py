@@ -85,13 +85,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         super().__init__(config=config, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.features(tf.uint16),
-            supervised_keys=("image", "label"),
-            metadata=tfds.core.MetadataDict(),
-        )
+        return common.dataset_info(self, __doc__, metadata=tfds.core.MetadataDict(), label_dtype=tf.uint16)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         source = common.require_files(common.manual_dir(dl_manager), ["classes.json", "images", "masks"], INSTRUCTIONS)

@@ -69,13 +69,7 @@ def _sbd_example(root: Path, stem: str) -> dict:
 
 
 def _info(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=builder,
-        description=__doc__,
-        features=common.features(),
-        supervised_keys=("image", "label"),
-        homepage="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
-    )
+    return common.dataset_info(builder, __doc__, homepage="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/")
 
 
 class PascalVoc(tfds.core.GeneratorBasedBuilder):

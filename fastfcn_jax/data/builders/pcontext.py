@@ -91,13 +91,7 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.features(),
-            supervised_keys=("image", "label"),
-            homepage="https://cs.stanford.edu/~roozbeh/pascal-context/",
-        )
+        return common.dataset_info(self, __doc__, homepage="https://cs.stanford.edu/~roozbeh/pascal-context/")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         manual = common.manual_dir(dl_manager)

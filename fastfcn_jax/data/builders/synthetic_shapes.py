@@ -127,12 +127,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [SyntheticShapesConfig(name="default", description="seed 0, 256 train / 64 validation")]
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.features(),
-            supervised_keys=("image", "label"),
-        )
+        return common.dataset_info(self, __doc__)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         del dl_manager  # Nothing to download.
