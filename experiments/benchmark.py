@@ -19,7 +19,13 @@ from pathlib import Path
 # Runnable from a source checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastfcn_jax.benchmark import DEFAULT_MODELS, format_table, run_benchmark, tiny_variant  # noqa: E402
+from fastfcn_jax.benchmark import (  # noqa: E402
+    DEFAULT_MODELS,
+    benchmark_input_pipeline,
+    format_table,
+    run_benchmark,
+    tiny_variant,
+)
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -50,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--train-batch-size", type=int, default=2)
     parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
+    parser.add_argument(
+        "--input-pipeline",
+        metavar="DATASET",
+        help="also measure the training input pipeline's images/s on DATASET (imports TensorFlow)",
+    )
+    parser.add_argument("--data-dir", default=None, help="tfds data dir for --input-pipeline")
+    parser.add_argument("--pipeline-crop", type=int, default=None, help="crop size for --input-pipeline")
     return parser.parse_args(argv)
 
 
@@ -83,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         train_sizes=train_sizes,
         train_batch_size=args.train_batch_size,
     )
+    if args.input_pipeline:
+        results["input_pipeline"] = benchmark_input_pipeline(
+            args.input_pipeline, data_dir=args.data_dir, batch_size=16, crop_size=args.pipeline_crop
+        )
     text = json.dumps(results, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,40 @@ def benchmark_train_step(
     }
 
 
+def benchmark_input_pipeline(
+    dataset: str,
+    *,
+    data_dir: str | None,
+    batch_size: int = 16,
+    crop_size: int | None = None,
+    batches: int = 20,
+    warmup: int = 3,
+) -> dict[str, Any]:
+    """Images/s of the training input pipeline (decode, augment, batch on the host CPU) for ``dataset``.
+
+    Imports TensorFlow (lazily): not for the TensorFlow-free accelerator path. The dataset must be prepared
+    (``python -m fastfcn_jax.data.prepare``); ``synthetic_shapes`` is built on the fly.
+    """
+    from fastfcn_jax.data import pipeline
+
+    if dataset == "synthetic_shapes":
+        pipeline.prepare(dataset, data_dir)
+    iterator = pipeline.train_batches(dataset, data_dir=data_dir, batch_size=batch_size, seed=0, crop_size=crop_size)
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(iterator)
+    seconds = time.perf_counter() - start
+    return {
+        "dataset": dataset,
+        "batch_size": batch_size,
+        "crop_size": list(batch["image"].shape[1:3]),
+        "batches": batches,
+        "images_per_s": batches * batch_size / seconds,
+    }
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
@@ -416,6 +450,14 @@ def format_table(results: Mapping[str, Any]) -> str:
                 f"| {_gflops(pair['dilated_flops'])} | {_gflops(pair['jpu_flops'])} "
                 f"| {_fmt(pair['flop_ratio'], '.2f', 'x')} |"
             )
+    if results.get("input_pipeline"):
+        pipe = results["input_pipeline"]
+        height, width = pipe["crop_size"]
+        lines += [
+            "",
+            f"input pipeline ({pipe['dataset']}, {height}x{width} crops, batch {pipe['batch_size']}): "
+            f"{pipe['images_per_s']:.1f} images/s on the host",
+        ]
     if results.get("train_steps"):
         lines += [
             "",

@@ -154,3 +154,29 @@ def test_train_step_is_timed_with_its_flops(results: dict) -> None:
 def test_matmul_peak_counts_two_flops_per_multiply_add() -> None:
     peak = benchmark.matmul_peak("float32", size=256, repeats=1)
     assert peak["gflops_per_s"] == pytest.approx(2 * 256**3 / (peak["best_ms"] / 1e3) / 1e9)
+
+
+def test_input_pipeline_throughput_is_measured_on_real_batches(tmp_path) -> None:
+    result = benchmark.benchmark_input_pipeline(
+        "synthetic_shapes", data_dir=str(tmp_path), batch_size=4, crop_size=48, batches=2, warmup=1
+    )
+    assert result["crop_size"] == [48, 48] and result["batch_size"] == 4 and result["batches"] == 2
+    assert result["images_per_s"] > 0
+    text = benchmark.format_table(
+        {
+            "environment": benchmark.environment(),
+            "settings": {
+                "image_size": [8, 8],
+                "batch_size": 1,
+                "num_classes": 2,
+                "dtype": "float32",
+                "aux": True,
+                "repeats": 1,
+                "warmup": 0,
+            },
+            "models": {},
+            "pairs": [],
+            "input_pipeline": result,
+        }
+    )
+    assert "input pipeline (synthetic_shapes, 48x48 crops, batch 4)" in text
