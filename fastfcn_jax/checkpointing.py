@@ -60,12 +60,20 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
             f"no checkpoint directory at {directory}: give a converter output directory "
             "(python -m fastfcn_jax.convert ... --out DIR) or a training workdir"
         )
-    with ocp.CheckpointManager(directory) as manager:
+    handlers = {VARIABLES: ocp.StandardCheckpointHandler(), INFO: ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
+        # Restore onto one local device whatever topology wrote it (a pod's checkpoint opens on a laptop).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=device),
+            dict(manager.item_metadata(step)[VARIABLES]),
+        )
         restored = manager.restore(
-            step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(), INFO: ocp.args.JsonRestore()})
+            step,
+            args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(target), INFO: ocp.args.JsonRestore()}),
         )
     variables = jax.tree_util.tree_map(np.asarray, dict(restored[VARIABLES]))
     info = dict(restored[INFO])

@@ -26,6 +26,9 @@ flags.DEFINE_enum("mode", None, MODES, "What to run; defaults to the config's `m
 flags.DEFINE_string("inputs", None, "mode=predict: an image file, a folder or a glob.")
 flags.DEFINE_string("output_dir", None, "mode=predict: where to write masks and overlays (default WORKDIR/predict).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 (else auto-detected).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes (else auto-detected).")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index (else auto-detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,7 +38,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.distributed:
         import jax
 
-        jax.distributed.initialize()
+        # On TPU pods and SLURM/Kubernetes clusters jax detects these; elsewhere pass all three.
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     if FLAGS.mode:
         with config.unlocked():

@@ -1,0 +1,60 @@
+"""Two local processes joined by jax.distributed train together: 2 hosts x 2 CPU devices = one 4-device mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from fastfcn_jax import checkpointing
+from tests.test_main import ROOT
+from tests.test_train_job import DEMO
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    common = [
+        sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path / 'run'}",
+        "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.crop_size=48",
+        "--config.dataset.base_size=64", "--config.train.batch_size=8", "--config.train.num_steps=3",
+        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.eval.batch_size=8",
+    ]  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [*common, f"--process_id={index}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-4000:]
+    # Only the first process reports and writes metrics; both took part in every step and the checkpoint.
+    assert "step 3/3" in outputs[0] and "step 3/3" not in outputs[1]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["step"] == 3 and 0.0 <= metrics["mean_iou"] <= 1.0
+    variables, info = checkpointing.restore_variables(tmp_path / "run")
+    assert info["step"] == 3
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax_leaves(variables))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
