@@ -298,3 +298,25 @@ def test_im2col_conv_gradient_equals_xla_convolution_gradient(stride, dilation, 
     np.testing.assert_allclose(
         dparams_im2col["params"]["kernel"], dparams_xla["params"]["kernel"], rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize(("size", "dilation"), [((9, 11), 12), ((16, 16), 6), ((7, 5), 2), ((12, 10), 4)])
+def test_valid_taps_dilated_conv_equals_convolution_with_gradients(size, dilation):
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.standard_normal((2, *size, 3)), jnp.float32)
+
+    def run(implementation):
+        conv = layers.Conv2D(4, 3, dilation=dilation, dilated_implementation=implementation, conv_gradient="xla")
+        params = conv.init(jax.random.PRNGKey(0), x)
+        with jax.default_matmul_precision("highest"):
+            out = conv.apply(params, x)
+            grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x))), argnums=(0, 1))(params, x)
+        return out, grads
+
+    (out_conv, (dp_conv, dx_conv)), (out_taps, (dp_taps, dx_taps)) = run("conv"), run("valid_taps")
+    np.testing.assert_allclose(out_taps, out_conv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx_taps, dx_conv, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dp_taps["params"]["kernel"], dp_conv["params"]["kernel"], rtol=1e-4, atol=1e-4)
+    # Taps reading only padding are skipped: at dilation >= size only the centre tap (1 of 9) does work.
+    fraction = layers._valid_tap_fraction(*size, 3, dilation)
+    assert fraction == pytest.approx(1 / 9) if dilation >= max(size) else 1 / 9 < fraction < 1

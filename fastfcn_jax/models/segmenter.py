@@ -64,6 +64,7 @@ class Segmenter(nn.Module):
     pointwise_implementation: str = "dot"
     depthwise_implementation: str = "shifted"
     conv_gradient_implementation: str = "auto"
+    dilated_implementation: str = "auto"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -81,6 +82,7 @@ class Segmenter(nn.Module):
             self.pointwise_implementation,
             self.depthwise_implementation,
             self.conv_gradient_implementation,
+            self.dilated_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
