@@ -231,8 +231,8 @@ def export_saved_model(
     return directory
 
 
-class OnnxExportError(NotImplementedError):
-    """jax2onnx cannot convert the model (see :func:`export_onnx`)."""
+class OnnxExportError(RuntimeError):
+    """jax2onnx cannot convert the model, or its ONNX output differs from JAX (see :func:`export_onnx`)."""
 
 
 def export_onnx(
