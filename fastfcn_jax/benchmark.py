@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models import create_model
+from fastfcn_jax.summary import count_parameters
 
 DEFAULT_MODELS = (
     "encnet_jpu_r50",
@@ -97,10 +98,6 @@ def _jaxlib_version() -> str | None:
         return None
 
 
-def _count(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
 def benchmark_model(
     name: str,
     *,
@@ -131,14 +128,7 @@ def benchmark_model(
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
 
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(variables, images))
-    times_ms = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(variables, images))
-        times_ms.append((time.perf_counter() - start) * 1e3)
-
+    times_ms = _time(compiled, (variables, images), warmup, repeats)
     median_ms = statistics.median(times_ms)
     head, neck, size = _split_name(name)
     return {
@@ -151,7 +141,7 @@ def benchmark_model(
         "batch_size": batch_size,
         "dtype": dtype,
         "aux": aux,
-        "params": _count(variables["params"]),
+        "params": count_parameters(variables["params"]),
         "flops": xla_flops(compiled),
         "compile_s": compile_s,
         "latency_ms": {

@@ -81,6 +81,23 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
     return variables, info
 
 
+def variable_mismatches(expected: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Every missing, unexpected or differently shaped variable of ``given`` against ``expected`` (both
+    ``{'params', 'batch_stats'}`` trees of arrays or shape structs), as ``'collection/module/.../leaf'`` lines."""
+    from flax import traverse_util
+
+    flat_expected = traverse_util.flatten_dict(dict(expected), sep="/")
+    flat_given = traverse_util.flatten_dict(dict(given), sep="/")
+    problems = [f"missing {k}" for k in flat_expected if k not in flat_given]
+    problems += [f"unexpected {k}" for k in flat_given if k not in flat_expected]
+    problems += [
+        f"{k}: checkpoint {tuple(np.shape(flat_given[k]))} vs model {tuple(v.shape)}"
+        for k, v in flat_expected.items()
+        if k in flat_given and tuple(np.shape(flat_given[k])) != tuple(v.shape)
+    ]
+    return problems
+
+
 def _abstract(tree: Any) -> Any:
     """Shape/dtype/sharding structs of a (sharded) pytree: restoring onto them reshards to the current mesh."""
     return jax.tree_util.tree_map(

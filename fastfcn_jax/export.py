@@ -391,19 +391,11 @@ def export_settings(config: Any) -> dict[str, Any]:
 
 def check_variables(model: Any, variables: Mapping[str, Any], image_size: Sequence[int], source: str) -> None:
     """Raises ValueError listing every missing, unexpected or differently shaped variable of ``model``."""
-    from flax import traverse_util
+    from fastfcn_jax.checkpointing import variable_mismatches
 
     sample = jax.ShapeDtypeStruct((1, int(image_size[0]), int(image_size[1]), 3), jnp.float32)
     expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
-    flat_expected = traverse_util.flatten_dict(dict(expected), sep="/")
-    flat_given = traverse_util.flatten_dict(dict(variables), sep="/")
-    problems = [f"missing {k}" for k in flat_expected if k not in flat_given]
-    problems += [f"unexpected {k}" for k in flat_given if k not in flat_expected]
-    problems += [
-        f"{k}: checkpoint {tuple(np.shape(flat_given[k]))} vs model {tuple(v.shape)}"
-        for k, v in flat_expected.items()
-        if k in flat_given and tuple(np.shape(flat_given[k])) != tuple(v.shape)
-    ]
+    problems = variable_mismatches(expected, variables)
     if problems:
         raise ValueError(f"{source} does not fit the configured model: " + "; ".join(problems[:10]))
 

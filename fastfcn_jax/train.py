@@ -117,23 +117,13 @@ def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState
     """Replaces params and BN statistics with a converter output's (``init_from``), checking every shape."""
     variables, info = checkpointing.restore_variables(init_from)
     restored = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    expected = {"params": state.params, "batch_stats": state.batch_stats}
-    flat_expected = flax.traverse_util.flatten_dict(expected, sep="/")
-    flat_restored = flax.traverse_util.flatten_dict(restored, sep="/")
-    problems = [f"missing {k}" for k in flat_expected if k not in flat_restored]
-    problems += [f"unexpected {k}" for k in flat_restored if k not in flat_expected]
-    problems += [
-        f"{k}: checkpoint {tuple(flat_restored[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in flat_expected.items()
-        if k in flat_restored and tuple(flat_restored[k].shape) != tuple(v.shape)
-    ]
+    problems = checkpointing.variable_mismatches({"params": state.params, "batch_stats": state.batch_stats}, restored)
     if problems:
         raise ValueError(
             f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes) does not fit "
             f"the configured model: " + "; ".join(problems[:10])
         )
-    replicated = sharding.replicated(mesh)
-    restored = jax.device_put(flax.traverse_util.unflatten_dict(flat_restored, sep="/"), replicated)
+    restored = jax.device_put(restored, sharding.replicated(mesh))
     return state.replace(params=restored["params"], batch_stats=restored["batch_stats"]), info
 
 
