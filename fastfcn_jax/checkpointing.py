@@ -139,7 +139,11 @@ class TrainCheckpointer:
             self._manager.save(step, args=self._args(state))
 
     def save_best(self, step: int, state: Any, score: float) -> None:
+        # The two managers must never save concurrently: each async save runs cross-host barriers in a
+        # background thread, and interleaved barriers of two managers can deadlock a multi-host run.
+        self._manager.wait_until_finished()
         self._best.save(step, args=self._args(state, {"score": float(score)}), force=True)
+        self._best.wait_until_finished()
 
     def best_score(self) -> float | None:
         step = self._best.latest_step()
