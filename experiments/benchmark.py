@@ -35,6 +35,13 @@ def _image_size(text: str) -> tuple[int, int]:
     return (int(parts[0]), int(parts[-1]))
 
 
+def _ops(text: str) -> dict[str, str]:
+    pairs = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.count("=") == 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected OP=CHOICE[,OP=CHOICE...], got {text!r}")
+    return dict(p.split("=") for p in pairs)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)})")
@@ -55,6 +62,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-sizes", default="256,480", help="comma-separated square sizes for the train step (default 256,480)"
     )
     parser.add_argument("--train-batch-size", type=int, default=2)
+    parser.add_argument(
+        "--ops",
+        type=_ops,
+        default={},
+        help="op implementations to compare, e.g. depthwise=grouped,resize=matmul (see OpChoices)",
+    )
+    parser.add_argument(
+        "--until",
+        choices=("c1", "c2", "c3", "c4", "jpu", "head"),
+        help="time the forward only up to this feature map (c4: backbone, jpu: + neck, head: all but upsampling)",
+    )
     parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     parser.add_argument(
         "--input-pipeline",
@@ -91,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         repeats=repeats,
         dtype=args.dtype,
         aux=args.aux,
+        ops=args.ops,
+        until=args.until,
         peak=args.peak,
         train_names=train_names,
         train_sizes=train_sizes,

@@ -1,32 +1,97 @@
 #!/usr/bin/env bash
 # The GPU check, in one short command (about 5 minutes on an H100/H200), from the source tree with only jax,
-# flax, optax, orbax and numpy importable (no TensorFlow, no ml_collections):
+# flax, optax and numpy importable (no TensorFlow, no ml_collections):
 #
-#   bash experiments/gpu_check.sh [OUT_DIR]
+#   bash experiments/gpu_check.sh [OUT_DIR]          # GPU_CHECK_QUICK=1: tiny models, a CPU smoke test
+#   GPU_CHECK_STAGES=diagnose,forward bash experiments/gpu_check.sh   # only these stages, in this order
 #
-# 1. parity with the official PyTorch outputs at float32 / highest precision (TF32 must not leak in);
-# 2. forward latency at 512x512, batch 1, dilated vs JPU for EncNet, PSP and DeepLabV3, in bfloat16 and
-#    float32, with XLA FLOPs, achieved FLOP/s and the measured matmul peak;
-# 3. the training step (bfloat16) at batch 2, 256x256 and 480x480, and at batch 16, 480x480 (the paper's
-#    per-step batch), for EncNet+JPU and its dilated twin.
-set -euo pipefail
+# Stages (GPU_CHECK_STAGES, default forward,forward_b16,train,parity), each with its own time limit; a failing
+# stage does not stop the others (device time is scarce: one run must bring back as much as it can). Before
+# them: the environment, and that TensorFlow / ml_collections stay off the model and benchmark import path.
+#   forward      latency at 512x512, batch 1, dilated vs JPU for EncNet, PSP and DeepLabV3 in bfloat16, with
+#                FLOPs, achieved FLOP/s and the measured bf16 matmul peak;
+#   forward_b16  the same at batch 16 (throughput; at batch 1 an H200 is launch-bound);
+#   train        the bf16 training step of EncNet+JPU and its dilated twin at batch 2, 256x256 (the reference
+#                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
+#   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
+#   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
+#   fp32         float32 forward of the EncNet pair;
+#   diagnose     experiments/gpu_diagnose.py: where the forward time goes (prefix timings, op variants and
+#                a kernel profile at batch 16), into OUT_DIR/diagnose.
+# Markdown tables go to stdout and OUT_DIR/log.txt, the JSON results to OUT_DIR/results.tgz.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-${OUT:-/tmp/fastfcn_gpu_check}}"
-mkdir -p "$OUT"
+OUT_DIR="${1:-${OUT:-/tmp/fastfcn_gpu_check}}"
+mkdir -p "$OUT_DIR"
+WORK="$(mktemp -d)"
+PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+LOG="$OUT_DIR/log.txt"
+: >"$LOG"
+QUICK=()
+[[ -n "${GPU_CHECK_QUICK:-}" ]] && QUICK=(--quick --warmup 1 --repeats 2)
+FAILED=()
 
-python -c "import jax; print(jax.devices())"
-python -c "import sys, fastfcn_jax.benchmark, fastfcn_jax.train; bad = [m for m in ('tensorflow', 'ml_collections') if m in sys.modules]; assert not bad, bad"
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
+    if [[ $1 == bench ]]; then  # bench OUTPUT_NAME BENCHMARK_ARGS...: experiments/benchmark.py, JSON kept
+        local output=$2
+        shift 2
+        set -- "$PY" experiments/benchmark.py --no-print-json --output "$WORK/$output.json" "$@" "${QUICK[@]}"
+    fi
+    local start=$SECONDS
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: rc $rc in $((SECONDS - start))s" | tee -a "$LOG"
+    [[ $rc -eq 0 ]] || FAILED+=("$name")
+    tar czf "$OUT_DIR/results.tgz" -C "$WORK" . 2>/dev/null
+}
 
-python experiments/parity_check.py | tee "$OUT/parity.txt"
+stage environment 60 "$PY" -c "
+import sys, jax, flax, optax, numpy
+print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
+      'numpy', numpy.__version__)
+print(jax.devices())
+import fastfcn_jax.benchmark, fastfcn_jax.train
+bad = [m for m in ('tensorflow', 'ml_collections') if m in sys.modules]
+assert not bad, f'imported on the benchmark path: {bad}'
+"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv | tee -a "$LOG"
 
-MODELS=encnet_jpu_r50,encnet_dilated_r50,psp_jpu_r50,psp_dilated_r50,deeplab_jpu_r50,deeplab_dilated_r50
-python experiments/benchmark.py --dtype bfloat16 --models "$MODELS" --warmup 5 --repeats 30 \
-    --train-models encnet_jpu_r50,encnet_dilated_r50 --train-sizes 256,480 --train-batch-size 2 \
-    --output "$OUT/bf16.json" --no-print-json | tee "$OUT/bf16.md"
-python experiments/benchmark.py --dtype bfloat16 --models encnet_jpu_r50 --warmup 3 --repeats 10 \
-    --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 \
-    --output "$OUT/bf16_b16.json" --no-print-json | tee "$OUT/bf16_b16.md"
-python experiments/benchmark.py --dtype float32 --models "$MODELS" --warmup 5 --repeats 20 \
-    --output "$OUT/fp32.json" --no-print-json | tee "$OUT/fp32.md"
+PAIRS=encnet_jpu_r50,encnet_dilated_r50,psp_jpu_r50,psp_dilated_r50,deeplab_jpu_r50,deeplab_dilated_r50
+STAGES="${GPU_CHECK_STAGES:-forward,forward_b16,train,parity}"
+for name in ${STAGES//,/ }; do
+    case $name in
+    forward) stage forward_bf16 150 bench forward_bf16 --dtype bfloat16 --models "$PAIRS" --warmup 5 --repeats 30 ;;
+    forward_b16)  # throughput: at batch 1 an H200 is launch-bound (~2.5 ms for every model)
+        stage forward_bf16_b16 150 bench forward_bf16_b16 --dtype bfloat16 --models "$PAIRS" --batch-size 16 \
+            --no-peak --warmup 3 --repeats 10 ;;
+    train)
+        stage train_bf16 200 bench train_bf16 --dtype bfloat16 --models encnet_jpu_r50 --warmup 3 --repeats 10 \
+            --train-models encnet_jpu_r50,encnet_dilated_r50 --train-sizes 256 --train-batch-size 2
+        stage train_bf16_b16 120 bench train_bf16_b16 --dtype bfloat16 --models encnet_jpu_r50 --no-peak \
+            --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 ;;
+    ops)
+        for ops in depthwise=grouped resize=matmul pointwise=conv; do
+            stage "ops_${ops/=/_}" 60 bench "ops_${ops/=/_}" --dtype bfloat16 --models encnet_jpu_r50 --no-peak \
+                --warmup 5 --repeats 30 --ops "$ops"
+        done ;;
+    parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
+    fp32)
+        stage forward_fp32 90 bench forward_fp32 --dtype float32 --models encnet_jpu_r50,encnet_dilated_r50 \
+            --warmup 5 --repeats 20 ;;
+    diagnose)
+        stage diagnose 240 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" \
+            ${GPU_CHECK_QUICK:+--quick} ;;
+    *) echo "unknown stage $name (forward, forward_b16, train, ops, parity, fp32, diagnose)" | tee -a "$LOG"
+       FAILED+=("$name") ;;
+    esac
+done
+
+echo "failed stages: ${FAILED[*]:-none}" | tee -a "$LOG"
+[[ ${#FAILED[@]} -eq 0 ]]

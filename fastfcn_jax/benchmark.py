@@ -12,7 +12,9 @@ accelerator image.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import platform
 import statistics
 import sys
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models import create_model
+from fastfcn_jax.models.layers import OpChoices
 from fastfcn_jax.summary import count_parameters
 
 DEFAULT_MODELS = (
@@ -55,14 +58,17 @@ def tiny_variant(name: str) -> str:
     return f"{head}_{neck}_tiny"
 
 
-def xla_flops(compiled: Any) -> float | None:
-    """FLOPs of a compiled computation from XLA's cost analysis, or ``None`` if the backend has none.
+def xla_flops(computation: Any) -> float | None:
+    """FLOPs from XLA's cost analysis of a ``jax.stages.Lowered`` (or ``Compiled``), or ``None`` if there is none.
 
-    ``cost_analysis()`` returns a dict in recent jax and a list with one dict per device program in
-    older ones; it may also be ``None`` or lack ``'flops'`` on some backends. XLA counts a multiply-add
-    as two FLOPs.
+    Pass the *lowered* computation: its HLO is the program as traced, before the backend rewrites it. A
+    compiled GPU program hides its convolutions in cuDNN custom calls that the analysis does not count
+    (seen on an H200, jax 0.11.2: EncNet+JPU R50 counted 27 of its 133 GFLOPs, 1.6 with 1x1 convs as convs),
+    which made achieved FLOP/s meaningless there. ``cost_analysis()`` returns a dict in recent jax and a
+    list with one dict per device program in older ones; it may also be ``None`` or lack ``'flops'``.
+    XLA counts a multiply-add as two FLOPs.
     """
-    analysis = compiled.cost_analysis()
+    analysis = computation.cost_analysis()
     if isinstance(analysis, Sequence):
         analysis = analysis[0] if analysis else None
     if not isinstance(analysis, Mapping) or "flops" not in analysis:
@@ -98,6 +104,31 @@ def _jaxlib_version() -> str | None:
         return None
 
 
+def synthetic_variables(model: Any, images: jax.Array, seed: int = _PARAM_SEED) -> dict[str, Any]:
+    """Variables of ``model``'s shapes filled without running ``model.init``.
+
+    Jitting ``model.init`` compiles the whole forward a second time (10-15 s per R50 model on an H200,
+    more than the forward's own compilation); timings do not depend on the values as long as they are
+    finite, so kernels are drawn with variance 1/fan_in (activations stay O(1) through the eval-mode BN),
+    scales and variances are 1, biases and means 0.
+    """
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(seed), images)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    values = []
+    for key, (path, leaf) in zip(keys, leaves, strict=True):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("scale", "var"):
+            value = jnp.ones(leaf.shape, leaf.dtype)
+        elif name in ("bias", "mean") or not leaf.shape:
+            value = jnp.zeros(leaf.shape, leaf.dtype)
+        else:
+            fan_in = max(1, math.prod(leaf.shape[:-1]))
+            value = (jax.random.normal(key, leaf.shape, jnp.float32) / math.sqrt(fan_in)).astype(leaf.dtype)
+        values.append(value)
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
 def benchmark_model(
     name: str,
     *,
@@ -108,24 +139,43 @@ def benchmark_model(
     repeats: int = 5,
     dtype: str = "float32",
     aux: bool = True,
+    ops: Mapping[str, str] | None = None,
+    until: str | None = None,
 ) -> dict[str, Any]:
     """Times ``model.apply(variables, images, train=False)`` for one registered model.
 
-    Returns a JSON-ready dict: latency statistics in milliseconds (median over ``repeats`` runs after
-    ``warmup`` untimed ones), XLA FLOPs, compile time, parameter count and the settings used.
+    ``ops`` chooses op implementations (``{'depthwise': 'grouped'}`` sets the model's
+    ``depthwise_implementation``; see :class:`fastfcn_jax.models.layers.OpChoices`). ``until`` times only
+    the network up to one sown feature map (``'c4'``: the backbone; ``'jpu'``: backbone and neck;
+    ``'head'``: all but the final upsampling): XLA drops everything the map does not depend on, so
+    differences between such runs locate where the time goes. Returns a JSON-ready
+    dict: latency statistics in milliseconds (median over ``repeats`` runs after ``warmup`` untimed ones),
+    XLA FLOPs, compile time, parameter count and the settings used.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     height, width = (int(s) for s in image_size)
-    model = create_model(name, num_classes, dtype=dtype, aux=aux)
+    model = create_model(name, num_classes, dtype=dtype, aux=aux, **op_overrides(ops))
     images = jax.random.normal(jax.random.PRNGKey(_INPUT_SEED), (batch_size, height, width, 3), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(_PARAM_SEED), images)
+    variables = synthetic_variables(model, images)
 
     # Variables are an argument rather than a closure so XLA cannot constant-fold the weights, which
     # would both bloat compilation and make the FLOP count unrepresentative.
     forward = jax.jit(functools.partial(model.apply, train=False))
+    if until is not None:
+        sown = jax.eval_shape(functools.partial(model.apply, train=False, mutable=["intermediates"]), variables, images)
+        available = sorted(sown[1]["intermediates"])
+        if until not in available:
+            raise ValueError(f"{name} has no feature map {until!r} to stop at; it has {available}")
+
+        def forward_until(variables: Any, images: jax.Array) -> jax.Array:
+            _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+            return state["intermediates"][until]
+
+        forward = jax.jit(forward_until)
     start = time.perf_counter()
-    compiled = forward.lower(variables, images).compile()
+    lowered = forward.lower(variables, images)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
     times_ms = _time(compiled, (variables, images), warmup, repeats)
@@ -141,8 +191,10 @@ def benchmark_model(
         "batch_size": batch_size,
         "dtype": dtype,
         "aux": aux,
+        "ops": dict(ops or {}),
+        "until": until,
         "params": count_parameters(variables["params"]),
-        "flops": xla_flops(compiled),
+        "flops": _flops(lowered, compiled),
         "compile_s": compile_s,
         "latency_ms": {
             "median": median_ms,
@@ -155,6 +207,22 @@ def benchmark_model(
         "warmup": warmup,
         "repeats": repeats,
     }
+
+
+def op_overrides(ops: Mapping[str, str] | None) -> dict[str, str]:
+    """``{'depthwise': 'grouped'}`` -> ``{'depthwise_implementation': 'grouped'}``, rejecting unknown ops."""
+    known = {f.name for f in dataclasses.fields(OpChoices)}
+    unknown = set(ops or {}) - known
+    if unknown:
+        raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {sorted(known)}")
+    overrides = {f"{op}_implementation": choice for op, choice in (ops or {}).items()}
+    OpChoices(**dict(ops or {}))  # validates the choices
+    return overrides
+
+
+def _flops(lowered: Any, compiled: Any) -> float | None:
+    flops = xla_flops(lowered)
+    return flops if flops is not None else xla_flops(compiled)
 
 
 def _time(fn: Any, args: tuple, warmup: int, repeats: int) -> list[float]:
@@ -190,6 +258,7 @@ def benchmark_train_step(
     warmup: int = 2,
     repeats: int = 5,
     dtype: str = "float32",
+    ops: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Times the jitted training step (forward, backward, SGD update, BN statistics; aux and SE losses
     as the paper's recipe) with the state donated, as :mod:`fastfcn_jax.train` runs it."""
@@ -197,7 +266,7 @@ def benchmark_train_step(
     from fastfcn_jax.train import TrainState, make_train_step
 
     height, width = (int(s) for s in image_size)
-    model = create_model(name, num_classes, dtype=dtype)
+    model = create_model(name, num_classes, dtype=dtype, **op_overrides(ops))
     optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 1000))
     step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2 if name.startswith("encnet") else 0.0)
     key = jax.random.PRNGKey(_INPUT_SEED)
@@ -206,19 +275,17 @@ def benchmark_train_step(
         "label": jax.random.randint(key, (batch_size, height, width), -1, num_classes, jnp.int32),
     }
 
-    def init():
-        variables = model.init(jax.random.PRNGKey(_PARAM_SEED), batch["image"][:1], train=False)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            opt_state=optimizer.init(variables["params"]),
-        )
-
-    state = jax.jit(init)()
+    variables = synthetic_variables(model, batch["image"][:1])
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=jax.jit(optimizer.init)(variables["params"]),
+    )
     rng = jax.random.PRNGKey(2)
     start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch, rng).compile()
+    lowered = jax.jit(step, donate_argnums=0).lower(state, batch, rng)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
     def run(state):
@@ -233,10 +300,11 @@ def benchmark_train_step(
         state = jax.block_until_ready(run(state))
         times_ms.append((time.perf_counter() - start) * 1e3)
     median_ms = statistics.median(times_ms)
-    flops = xla_flops(compiled)
+    flops = _flops(lowered, compiled)
     return {
         "name": name,
         "kind": "train_step",
+        "ops": dict(ops or {}),
         "num_classes": num_classes,
         "image_size": [height, width],
         "batch_size": batch_size,
@@ -340,7 +408,7 @@ def run_benchmark(
         raise ValueError("no models to benchmark")
     for name in names:
         # Fail before spending minutes on the models that precede a typo.
-        create_model(name, kwargs.get("num_classes", 150))
+        create_model(name, kwargs.get("num_classes", 150), **op_overrides(kwargs.get("ops")))
     models: dict[str, dict[str, Any]] = {}
     for name in names:
         if log:
@@ -355,7 +423,8 @@ def run_benchmark(
             )
     first = next(iter(models.values()))
     settings = {
-        key: first[key] for key in ("num_classes", "image_size", "batch_size", "dtype", "aux", "warmup", "repeats")
+        key: first[key]
+        for key in ("num_classes", "image_size", "batch_size", "dtype", "aux", "ops", "until", "warmup", "repeats")
     }
     train_steps = []
     for name in train_names:
@@ -371,6 +440,7 @@ def run_benchmark(
                     warmup=settings["warmup"],
                     repeats=settings["repeats"],
                     dtype=settings["dtype"],
+                    ops=settings["ops"],
                 )
             )
     peak_result = (
@@ -410,7 +480,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}; {height}x{width}, "
         f"batch {settings['batch_size']}, {settings['num_classes']} classes, {settings['dtype']}, "
         f"aux {'on' if settings['aux'] else 'off'}; median of {settings['repeats']} runs "
-        f"after {settings['warmup']} warm-up",
+        f"after {settings['warmup']} warm-up"
+        + (f"; ops {', '.join(f'{k}={v}' for k, v in settings['ops'].items())}" if settings.get("ops") else "")
+        + (f"; forward only up to {settings['until']}" if settings.get("until") else ""),
     ]
     peak = results.get("peak")
     if peak:

@@ -25,9 +25,7 @@ def parameter_table(variables: Mapping[str, Any]) -> str:
     params, stats = variables.get("params", {}), variables.get("batch_stats", {})
     rows = ["| module | parameters | BN statistics |", "|---|---:|---:|"]
     for name in params:
-        rows.append(
-            f"| {name} | {count_parameters(params[name]):,} | {count_parameters(stats.get(name, {})):,} |"
-        )
+        rows.append(f"| {name} | {count_parameters(params[name]):,} | {count_parameters(stats.get(name, {})):,} |")
     rows.append(f"| **total** | **{count_parameters(params):,}** | **{count_parameters(stats):,}** |")
     return "\n".join(rows)
 
@@ -54,8 +52,7 @@ def run_summary(
     jax.block_until_ready(forward(variables, images))
     second = time.perf_counter() - start
     summary = {
-        "model": dict(model_config.items())
-        | {"overrides": dict((model_config.get("overrides") or {}).items())},
+        "model": dict(model_config.items()) | {"overrides": dict((model_config.get("overrides") or {}).items())},
         "input_shape": [batch_size, *image_size, 3],
         "outputs": {k: list(v.shape) for k, v in outputs.items()},
         "parameters": count_parameters(variables["params"]),

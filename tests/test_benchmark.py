@@ -107,6 +107,65 @@ def test_xla_flops_accepts_both_return_forms() -> None:
     assert benchmark.xla_flops(Compiled({"flops": -1.0})) is None
 
 
+def test_flops_count_convolutions_whatever_their_form() -> None:
+    # The count comes from the lowered HLO: a compiled GPU program hides convolutions in cuDNN custom calls
+    # its cost analysis skips, so 1x1 convs as convs there counted ~nothing. Here, both forms must agree
+    # and a lone convolution must count 2 FLOPs per multiply-add.
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((2, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 6))
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    assert benchmark.xla_flops(jax.jit(conv).lower(x, w)) == pytest.approx(2 * 2 * 6 * 6 * 6 * 3 * 3 * 4, rel=0.01)
+    kwargs = dict(num_classes=5, image_size=(32, 32), warmup=0, repeats=1)
+    dot = benchmark.benchmark_model("encnet_jpu_tiny", ops={"pointwise": "dot"}, **kwargs)
+    conv_form = benchmark.benchmark_model("encnet_jpu_tiny", ops={"pointwise": "conv"}, **kwargs)
+    assert conv_form["ops"] == {"pointwise": "conv"}
+    assert conv_form["flops"] == pytest.approx(dot["flops"], rel=1e-3)
+
+
+def test_forward_until_a_feature_map_times_a_prefix_of_the_network() -> None:
+    kwargs = dict(num_classes=5, image_size=(32, 32), warmup=0, repeats=1)
+    flops = {
+        until: benchmark.benchmark_model("encnet_jpu_tiny", until=until, **kwargs)["flops"]
+        for until in ("c4", "jpu", None)
+    }
+    assert 0 < flops["c4"] < flops["jpu"] < flops[None]
+    with pytest.raises(ValueError, match="no feature map 'jpu'"):
+        benchmark.benchmark_model("encnet_dilated_tiny", until="jpu", **kwargs)
+
+
+def test_unknown_op_choice_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown op"):
+        benchmark.run_benchmark(["encnet_jpu_tiny"], ops={"depthwise_conv": "grouped"}, log=False)
+    with pytest.raises(ValueError, match="depthwise_implementation must be one of"):
+        benchmark.run_benchmark(["encnet_jpu_tiny"], ops={"depthwise": "fft"}, log=False)
+
+
+def test_synthetic_variables_match_init_and_give_finite_outputs() -> None:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from fastfcn_jax.models import create_model
+
+    model = create_model("encnet_jpu_tiny", 7)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    synthetic = benchmark.synthetic_variables(model, images)
+    reference = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), images)
+    assert jax.tree_util.tree_structure(synthetic) == jax.tree_util.tree_structure(reference)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), synthetic) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), reference
+    )
+    logits = model.apply(synthetic, images, train=False)["logits"]
+    assert bool(jnp.all(jnp.isfinite(logits))) and float(jnp.std(logits)) > 0
+
+
 def test_unknown_model_fails_fast() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         benchmark.run_benchmark(["encnet_jpu_tiny", "encnet_nope_tiny"], log=False)
@@ -125,7 +184,10 @@ def test_cli_writes_json(results: dict, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(cli, "run_benchmark", fake_run)
     output = tmp_path / "bench.json"
     cli.main(["--quick", "--models", "encnet_jpu_r50,encnet_dilated_r50", "--output", str(output)])
-    ((names, kwargs),) = calls
+    cli.main(["--quick", "--ops", "depthwise=grouped,resize=matmul", "--until", "jpu"])
+    (names, kwargs), (_, kwargs_ops) = calls
+    assert kwargs_ops["ops"] == {"depthwise": "grouped", "resize": "matmul"} and kwargs_ops["until"] == "jpu"
+    assert kwargs["ops"] == {} and kwargs["until"] is None
     assert names == ["encnet_jpu_tiny", "encnet_dilated_tiny"]
     assert kwargs["image_size"] == (64, 64) and kwargs["warmup"] == 1 and kwargs["repeats"] == 2
     assert kwargs["aux"] is True

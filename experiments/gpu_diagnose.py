@@ -1,0 +1,178 @@
+"""Where does a model's forward time go on this accelerator? Prefix timings, op variants and a kernel profile.
+
+    python experiments/gpu_diagnose.py --output-dir /tmp/diag            # batch 16, 512x512, bfloat16
+    python experiments/gpu_diagnose.py --quick --output-dir /tmp/diag    # tiny models on CPU: a smoke test
+
+Why it exists: on an H200 (jax 0.11.2, bf16, batch 16) EncNet+JPU R50 took 21.4 ms per batch against 15.9 ms
+for its dilated twin, which does 2.3x its FLOPs; at batch 1 both took ~2.5 ms. This script measures, in one
+process (device time is scarce):
+
+1. the forward up to ``c4`` (backbone), ``jpu`` (+ neck), ``head`` (all but the final upsampling) and the
+   whole network, for the JPU model and its dilated twin: the differences give each part's time;
+2. the JPU part under each alternative op implementation (``OpChoices``);
+3. a profiler trace of one forward of each model, summarised here as GPU time per kernel and per
+   model scope (backbone / neck / decode_head / ...), plus the optimized HLO of the JPU forward.
+
+Tables go to stdout; ``diagnose.json``, ``traces.tgz`` and ``hlo_*.txt.gz`` to ``--output-dir``.
+Needs only jax, flax and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import gzip
+import json
+import re
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from fastfcn_jax.benchmark import benchmark_model, environment, tiny_variant  # noqa: E402
+from fastfcn_jax.models import create_model  # noqa: E402
+
+JPU, DILATED = "encnet_jpu_r50", "encnet_dilated_r50"
+# (model, until, ops): prefixes of both models, then the JPU prefix under each alternative op.
+RUNS: list[tuple[str, str | None, dict[str, str]]] = [
+    (JPU, "c4", {}),
+    (JPU, "jpu", {}),
+    (JPU, "head", {}),
+    (JPU, None, {}),
+    (DILATED, "c4", {}),
+    (DILATED, "head", {}),
+    (DILATED, None, {}),
+    (JPU, "jpu", {"depthwise": "grouped"}),
+    (JPU, "jpu", {"resize": "matmul"}),
+    (JPU, "jpu", {"pointwise": "conv"}),
+]
+
+
+def hlo_scopes(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> model scope (``backbone/layer3_0``, ``neck/dilation2``, ...) from optimized HLO.
+
+    Flax names each op after its module path (``op_name="jit(apply)/Segmenter/neck/..."``); the profiler's
+    events only name the HLO instruction, so this map attributes device time to parts of the model.
+    """
+    scopes = {}
+    for match in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"", hlo_text, re.M):
+        path = [p for p in match.group(2).split("/") if p and not re.fullmatch(r"\w+\(.*\)", p)]
+        if path and path[0] == "Segmenter":
+            path = path[1:]
+        scopes[match.group(1)] = "/".join(path[:2]) if path else match.group(2)
+    return scopes
+
+
+def summarize_trace(trace_dir: Path, iterations: int, scopes: dict[str, str], top: int = 25) -> dict[str, Any]:
+    """Device time per kernel and per model scope from a ``jax.profiler.trace`` directory, in ms per iteration.
+
+    Uses the accelerator's kernel events where the trace has them, else (CPU) the XLA thunks' events.
+    """
+    (path,) = sorted(trace_dir.glob("**/*.trace.json.gz"))[-1:]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in names.items() if "GPU" in name or "TPU" in name or "/device:" in name}
+    timed = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    kernels = [e for e in timed if e.get("pid") in device_pids] or [e for e in timed if "hlo_op" in e.get("args", {})]
+    by_kernel: dict[str, float] = collections.Counter()
+    by_scope: dict[str, float] = collections.Counter()
+    for event in kernels:
+        op = event.get("args", {}).get("hlo_op", "")
+        scope = scopes.get(op, "(unattributed)")
+        by_kernel[f"{scope} | {op} | {event['name'][:60]}"] += event["dur"] / 1e3 / iterations
+        by_scope[scope] += event["dur"] / 1e3 / iterations
+    return {
+        "trace": str(path),
+        "processes": sorted(names.values()),
+        "device_events": len(kernels),
+        "example_args": [e.get("args", {}) for e in kernels[:2]],
+        "device_ms_per_iteration": sum(by_scope.values()),
+        "by_scope_ms": dict(sorted(by_scope.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]),
+    }
+
+
+def profile_forward(
+    name: str, batch: int, size: int, dtype: str, out_dir: Path, trace_root: Path, iterations: int = 3
+) -> dict:
+    model = create_model(name, 150, dtype=dtype)
+    images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(1), images)
+    compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
+    hlo_text = compiled.as_text()
+    with gzip.open(out_dir / f"hlo_{name}.txt.gz", "wt") as f:
+        f.write(hlo_text)
+    for _ in range(3):
+        jax.block_until_ready(compiled(variables, images))
+    trace_dir = trace_root / name
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(iterations):
+            jax.block_until_ready(compiled(variables, images))
+    return summarize_trace(trace_dir, iterations, hlo_scopes(hlo_text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path(tempfile.mkdtemp(prefix="fastfcn_diag_")))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="tiny models, 64x64, batch 2 (smoke test)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    args = parser.parse_args(argv)
+    rename = tiny_variant if args.quick else (lambda n: n)
+    batch, size = (2, 64) if args.quick else (args.batch_size, args.size)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    print(
+        f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}; batch {batch}, {size}x{size}, {args.dtype}"
+    )  # noqa: E501
+    print("| model | until | ops | GFLOPs | median ms | min ms |\n|---|---|---|---:|---:|---:|", flush=True)
+    rows = []
+    for name, until, ops in RUNS:
+        result = benchmark_model(
+            rename(name), image_size=(size, size), batch_size=batch, dtype=args.dtype, ops=ops, until=until,
+            warmup=3, repeats=args.repeats,
+        )  # fmt: skip
+        rows.append(result)
+        ops_text = ",".join(f"{k}={v}" for k, v in ops.items()) or "default"
+        print(
+            f"| {result['name']} | {until or 'logits'} | {ops_text} | {result['flops'] / 1e9:.4g} "
+            f"| {result['latency_ms']['median']:.2f} | {result['latency_ms']['min']:.2f} |",
+            flush=True,
+        )
+    report: dict[str, Any] = {"environment": env, "runs": rows, "profiles": {}}
+    (args.output_dir / "diagnose.json").write_text(json.dumps(report, indent=1))
+    if args.profile:
+        # Traces nest several folders deep: kept in a temporary folder and handed back as one archive.
+        trace_root = Path(tempfile.mkdtemp(prefix="fastfcn_traces_"))
+        for name in (JPU, DILATED):
+            summary = profile_forward(rename(name), batch, size, args.dtype, args.output_dir, trace_root)
+            report["profiles"][rename(name)] = summary
+            print(
+                f"\n## {rename(name)}: {summary['device_ms_per_iteration']:.2f} ms of device time per forward "
+                f"({summary['device_events']} events; processes {summary['processes']})"
+            )
+            print("example event args:", json.dumps(summary["example_args"])[:600])
+            for scope, ms in list(summary["by_scope_ms"].items())[:15]:
+                print(f"  {ms:8.3f} ms  {scope}")
+            print("  top kernels:")
+            for kernel, ms in summary["top_kernels_ms"].items():
+                print(f"  {ms:8.3f} ms  {kernel}")
+            (args.output_dir / "diagnose.json").write_text(json.dumps(report, indent=1))
+        with tarfile.open(args.output_dir / "traces.tgz", "w:gz") as tar:
+            tar.add(trace_root, arcname="traces")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
