@@ -17,7 +17,8 @@
 #   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
 #   fp32         float32 forward of the EncNet pair;
 #   diagnose     experiments/gpu_diagnose.py: where the forward time goes (prefix timings, op variants and
-#                a kernel profile at batch 16), into OUT_DIR/diagnose.
+#                a kernel profile at batch 16), into OUT_DIR/diagnose; then the EncNet pair at batch 16
+#                with XLA's Triton GEMM fusion off.
 # Markdown tables go to stdout and OUT_DIR/log.txt, the JSON results to OUT_DIR/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,7 +88,13 @@ for name in ${STAGES//,/ }; do
             --warmup 5 --repeats 20 ;;
     diagnose)
         stage diagnose 240 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" \
-            ${GPU_CHECK_QUICK:+--quick} ;;
+            ${GPU_CHECK_QUICK:+--quick}
+        # Does XLA's Triton GEMM fusion (which can pull producers such as the depthwise taps into a matmul)
+        # help or hurt the JPU path?
+        stage diagnose_no_triton 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+            "$PY" experiments/benchmark.py --no-print-json --output "$WORK/diagnose_no_triton.json" \
+            --dtype bfloat16 --models encnet_jpu_r50,encnet_dilated_r50 --batch-size 16 --no-peak --warmup 3 \
+            --repeats 10 "${QUICK[@]}" ;;
     *) echo "unknown stage $name (forward, forward_b16, train, ops, parity, fp32, diagnose)" | tee -a "$LOG"
        FAILED+=("$name") ;;
     esac

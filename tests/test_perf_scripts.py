@@ -1,0 +1,57 @@
+"""The performance scripts in experiments/: the real-format input-pipeline benchmark and the GPU diagnosis's
+trace summary, run on CPU at tiny sizes (their numbers are never asserted; their plumbing is)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ade20k_format_tree_is_what_the_real_builder_reads(tmp_path: Path) -> None:
+    from fastfcn_jax.data import pipeline
+
+    script = _load("input_pipeline")
+    script.write_ade20k_tree(tmp_path / "raw", images=3)
+    base = tmp_path / "raw/ADEChallengeData2016"
+    mask = np.asarray(Image.open(base / "annotations/training/ADE_train_00000001.png"))
+    assert mask.dtype == np.uint8 and mask.max() <= 150 and len(np.unique(mask)) > 1
+    image = Image.open(base / "images/training/ADE_train_00000001.jpg")
+    assert image.format == "JPEG" and image.size[::-1] == mask.shape
+    pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+    assert pipeline.dataset_size("ade20k", "train", tmp_path / "tfds") == 3
+    assert pipeline.dataset_size("ade20k", "validation", tmp_path / "tfds") == 8
+    batch = next(pipeline.train_batches("ade20k", data_dir=tmp_path / "tfds", batch_size=2, seed=0, crop_size=64))
+    assert batch["image"].shape == (2, 64, 64, 3) and batch["label"].min() >= -1 and batch["label"].max() < 150
+
+
+def test_diagnosis_attributes_profiled_time_to_model_scopes(tmp_path: Path) -> None:
+    script = _load("gpu_diagnose")
+    summary = script.profile_forward("encnet_jpu_tiny", 1, 32, "float32", tmp_path, tmp_path / "traces")
+    assert summary["device_events"] > 0 and summary["device_ms_per_iteration"] > 0
+    scopes = set(summary["by_scope_ms"])
+    assert any(s.startswith("backbone/") for s in scopes) and any(s.startswith("neck/") for s in scopes)
+    assert (tmp_path / "hlo_encnet_jpu_tiny.txt.gz").exists()
+
+
+def test_hlo_scopes_reads_flax_module_paths() -> None:
+    script = _load("gpu_diagnose")
+    hlo = (
+        '  %fusion.3 = f32[2]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(apply)/Segmenter/neck/dilation2/'
+        'depthwise/add" stack_frame_id=1}\n'
+        '  ROOT %dot.1 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(apply)/Segmenter/jit(_take)/gather"}\n'
+    )
+    assert script.hlo_scopes(hlo) == {"fusion.3": "neck/dilation2", "dot.1": "gather"}
