@@ -99,6 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.benchmark.warmup = 2
     config.benchmark.repeats = 5
     config.benchmark.dtype = "float32"
+    config.benchmark.aux = True
+    config.benchmark.ops = ""  # e.g. "depthwise=grouped,resize=matmul" (OpChoices in fastfcn_jax/models/layers.py)
+    config.benchmark.until = ""  # "": whole network; c4 | jpu | head: only up to that feature map
+    config.benchmark.peak = True  # also measure the matmul peak in benchmark.dtype
+    config.benchmark.train_models = ""  # comma-separated: also time their training step
+    config.benchmark.train_sizes = "256,480"
+    config.benchmark.train_batch_size = 2
     return config
 
 
@@ -151,6 +158,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0")
     check(config.dataset.crop_size >= 0, "dataset.crop_size", "must be >= 0")
     check(config.dataset.base_size >= 0, "dataset.base_size", "must be >= 0")
+    bench = config.benchmark
+    check(bench.image_size > 0, "benchmark.image_size", "must be positive")
+    check(bench.batch_size > 0, "benchmark.batch_size", "must be positive")
+    check(bench.train_batch_size > 0, "benchmark.train_batch_size", "must be positive")
+    check(bench.warmup >= 0, "benchmark.warmup", "must be >= 0")
+    check(bench.repeats > 0, "benchmark.repeats", "must be positive")
+    check(bench.dtype in ("float32", "bfloat16", "float16"), "benchmark.dtype", "must be float32, bfloat16 or float16")
+    check(
+        bench.until in ("", "c1", "c2", "c3", "c4", "jpu", "head"), "benchmark.until", "must be '' or c1..c4, jpu, head"
+    )
+    sizes = [s.strip() for s in bench.train_sizes.split(",") if s.strip()]
+    check(
+        all(s.isdigit() and int(s) > 0 for s in sizes),
+        "benchmark.train_sizes",
+        "must be positive integers, e.g. 256,480",
+    )
+    pairs = [p.strip() for p in bench.ops.split(",") if p.strip()]
+    check(all(p.count("=") == 1 for p in pairs), "benchmark.ops", "must be OP=CHOICE[,OP=CHOICE...]")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -78,14 +78,25 @@ def main(argv: list[str]) -> None:
             from fastfcn_jax.benchmark import format_table, run_benchmark
 
             settings = config.benchmark
+
+            def items(text: str) -> list[str]:
+                return [item.strip() for item in text.split(",") if item.strip()]
+
             results = run_benchmark(
-                [name.strip() for name in settings.models.split(",") if name.strip()],
+                items(settings.models),
                 num_classes=settings.num_classes,
                 image_size=(settings.image_size, settings.image_size),
                 batch_size=settings.batch_size,
                 warmup=settings.warmup,
                 repeats=settings.repeats,
                 dtype=settings.dtype,
+                aux=settings.aux,
+                ops=dict(pair.split("=") for pair in items(settings.ops)),
+                until=settings.until or None,
+                peak=settings.peak,
+                train_names=items(settings.train_models),
+                train_sizes=[(int(size), int(size)) for size in items(settings.train_sizes)],
+                train_batch_size=settings.train_batch_size,
             )
             Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
             (Path(FLAGS.workdir) / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))

@@ -56,3 +56,35 @@ def test_predict_mode_needs_inputs(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--mode=predict")
     assert result.returncode != 0
     assert "--inputs" in result.stderr
+
+
+def test_benchmark_mode_takes_the_scripts_options(tmp_path):
+    result = run_main(
+        f"--workdir={tmp_path}",
+        "--mode=benchmark",
+        "--config.benchmark.models=encnet_jpu_tiny",
+        "--config.benchmark.image_size=32",
+        "--config.benchmark.num_classes=5",
+        "--config.benchmark.warmup=0",
+        "--config.benchmark.repeats=1",
+        "--config.benchmark.peak=False",
+        "--config.benchmark.ops=depthwise=grouped",
+        "--config.benchmark.until=jpu",
+        "--config.benchmark.train_models=encnet_jpu_tiny",
+        "--config.benchmark.train_sizes=32",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    (model,) = results["models"].values()
+    assert model["ops"] == {"depthwise": "grouped"} and model["until"] == "jpu" and results["peak"] is None
+    (step,) = results["train_steps"]
+    assert step["image_size"] == [32, 32] and step["ops"] == {"depthwise": "grouped"}
+    assert "forward only up to jpu" in result.stdout
+
+
+def test_impossible_benchmark_values_are_rejected_by_key(tmp_path):
+    result = run_main(
+        f"--workdir={tmp_path}", "--mode=benchmark", "--config.benchmark.until=c9", "--config.benchmark.ops=grouped"
+    )
+    assert result.returncode != 0
+    assert "config.benchmark.until='c9'" in result.stderr and "config.benchmark.ops='grouped'" in result.stderr
