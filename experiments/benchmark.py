@@ -44,7 +44,10 @@ def _ops(text: str) -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)})")
+    parser.add_argument(
+        "--models",
+        help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)}; empty: only --train-models)",
+    )
     parser.add_argument("--num-classes", type=int, default=150, help="150 (ADE20K) or 59 (PASCAL Context)")
     parser.add_argument("--size", type=_image_size, help="input size, SIZE or HxW (default 512)")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -86,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    names = args.models.split(",") if args.models else list(DEFAULT_MODELS)
+    # --models= (empty) times only the --train-models.
+    names = args.models.split(",") if args.models is not None else list(DEFAULT_MODELS)
     names = [n.strip() for n in names if n.strip()]
     # --quick only fills in what was not given explicitly.
     quick = args.quick

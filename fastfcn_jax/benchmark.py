@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import platform
 import statistics
@@ -403,12 +404,32 @@ def run_benchmark(
     'pairs': [...], 'train_steps': [...]}``. Progress goes to stderr when ``log`` so that stdout can carry
     the JSON.
     """
-    names = list(dict.fromkeys(names))
-    if not names:
+    names, train_names = list(dict.fromkeys(names)), list(dict.fromkeys(train_names))
+    if not names and not train_names:
         raise ValueError("no models to benchmark")
-    for name in names:
+    defaults = {
+        key: parameter.default
+        for key, parameter in inspect.signature(benchmark_model).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown benchmark option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    settings = {**defaults, **kwargs}
+    settings = {
+        "num_classes": settings["num_classes"],
+        "image_size": [int(s) for s in settings["image_size"]],
+        "batch_size": settings["batch_size"],
+        "dtype": settings["dtype"],
+        "aux": settings["aux"],
+        "ops": dict(settings["ops"] or {}),
+        "until": settings["until"],
+        "warmup": settings["warmup"],
+        "repeats": settings["repeats"],
+    }
+    for name in [*names, *train_names]:
         # Fail before spending minutes on the models that precede a typo.
-        create_model(name, kwargs.get("num_classes", 150), **op_overrides(kwargs.get("ops")))
+        create_model(name, settings["num_classes"], **op_overrides(settings["ops"]))
     models: dict[str, dict[str, Any]] = {}
     for name in names:
         if log:
@@ -421,11 +442,6 @@ def run_benchmark(
                 file=sys.stderr,
                 flush=True,
             )
-    first = next(iter(models.values()))
-    settings = {
-        key: first[key]
-        for key in ("num_classes", "image_size", "batch_size", "dtype", "aux", "ops", "until", "warmup", "repeats")
-    }
     train_steps = []
     for name in train_names:
         for size in train_sizes:
@@ -472,6 +488,11 @@ def _gflops(flops: float | None) -> str:
     return f"{gflops:.1f}" if gflops >= 10 else f"{gflops:.3g}"
 
 
+def _ms(value: float) -> str:
+    # Accelerator latencies are a few milliseconds: one decimal would hide the differences.
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """Markdown tables of per-model results and dilated-vs-JPU pairs, with a one-line header."""
     env, settings = results["environment"], results["settings"]
@@ -487,15 +508,16 @@ def format_table(results: Mapping[str, Any]) -> str:
     peak = results.get("peak")
     if peak:
         lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}^3): {peak['gflops_per_s']:.1f} GFLOP/s")
-    lines += [
-        "",
-        "| model | params (M) | GFLOPs | latency (ms) | img/s | GFLOP/s | of peak | compile (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    if results["models"]:
+        lines += [
+            "",
+            "| model | params (M) | GFLOPs | latency (ms) | img/s | GFLOP/s | of peak | compile (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for result in results["models"].values():
         lines.append(
             f"| {result['name']} | {result['params'] / 1e6:.1f} | {_gflops(result['flops'])} "
-            f"| {result['latency_ms']['median']:.1f} | {result['images_per_s']:.2f} "
+            f"| {_ms(result['latency_ms']['median'])} | {result['images_per_s']:.2f} "
             f"| {_fmt(result.get('achieved_gflops_per_s'), '.1f')} | {_fmt(result.get('fraction_of_peak'), '.0%')} "
             f"| {result['compile_s']:.1f} |"
         )
@@ -507,8 +529,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         ]
         for pair in results["pairs"]:
             lines.append(
-                f"| {pair['jpu']} vs {pair['dilated']} | {pair['dilated_latency_ms']:.1f} "
-                f"| {pair['jpu_latency_ms']:.1f} | {_fmt(pair['speedup'], '.2f', 'x')} "
+                f"| {pair['jpu']} vs {pair['dilated']} | {_ms(pair['dilated_latency_ms'])} "
+                f"| {_ms(pair['jpu_latency_ms'])} | {_fmt(pair['speedup'], '.2f', 'x')} "
                 f"| {_gflops(pair['dilated_flops'])} | {_gflops(pair['jpu_flops'])} "
                 f"| {_fmt(pair['flop_ratio'], '.2f', 'x')} |"
             )
@@ -530,7 +552,7 @@ def format_table(results: Mapping[str, Any]) -> str:
             height, width = result["image_size"]
             lines.append(
                 f"| {result['name']} | {height}x{width} | {result['batch_size']} | {_gflops(result['flops'])} "
-                f"| {result['latency_ms']['median']:.1f} | {result['images_per_s']:.2f} "
+                f"| {_ms(result['latency_ms']['median'])} | {result['images_per_s']:.2f} "
                 f"| {_fmt(result.get('achieved_gflops_per_s'), '.1f')} "
                 f"| {_fmt(result.get('fraction_of_peak'), '.0%')} |"
             )

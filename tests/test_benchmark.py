@@ -166,6 +166,21 @@ def test_synthetic_variables_match_init_and_give_finite_outputs() -> None:
     assert bool(jnp.all(jnp.isfinite(logits))) and float(jnp.std(logits)) > 0
 
 
+def test_train_steps_alone_need_no_forward_models() -> None:
+    results = benchmark.run_benchmark(
+        [], train_names=["fcn_jpu_tiny"], train_sizes=((32, 32),), num_classes=5, warmup=0, repeats=1,
+        peak=False, log=False,
+    )  # fmt: skip
+    assert results["models"] == {} and results["pairs"] == []
+    assert results["settings"]["image_size"] == [512, 512] and results["settings"]["warmup"] == 0
+    (step,) = results["train_steps"]
+    assert step["name"] == "fcn_jpu_tiny" and step["image_size"] == [32, 32] and step["flops"] > 0
+    table = benchmark.format_table(results)
+    assert "| model |" not in table and "| fcn_jpu_tiny | 32x32 | 2 |" in table
+    with pytest.raises(TypeError, match="unknown benchmark option"):
+        benchmark.run_benchmark(["fcn_jpu_tiny"], image_sise=(8, 8), log=False)
+
+
 def test_unknown_model_fails_fast() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         benchmark.run_benchmark(["encnet_jpu_tiny", "encnet_nope_tiny"], log=False)
