@@ -78,7 +78,7 @@ for name in ${STAGES//,/ }; do
         stage train_bf16_b16 120 bench train_bf16_b16 --dtype bfloat16 --models= --no-peak \
             --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 ;;
     ops)
-        for ops in depthwise=grouped resize=matmul pointwise=conv; do
+        for ops in depthwise=grouped resize=matmul pointwise=conv separable=split; do
             stage "ops_${ops/=/_}" 60 bench "ops_${ops/=/_}" --dtype bfloat16 --models encnet_jpu_r50 --no-peak \
                 --warmup 5 --repeats 30 --ops "$ops"
         done ;;

@@ -52,6 +52,8 @@ RUNS: list[tuple[str, str | None, dict[str, str]]] = [
     (JPU, "jpu", {"depthwise": "grouped"}),
     (JPU, "jpu", {"resize": "matmul"}),
     (JPU, "jpu", {"pointwise": "conv"}),
+    (JPU, "jpu", {"separable": "split"}),
+    (JPU, None, {"separable": "split"}),
 ]
 
 

@@ -320,3 +320,29 @@ def test_valid_taps_dilated_conv_equals_convolution_with_gradients(size, dilatio
     # Taps reading only padding are skipped: at dilation >= size only the centre tap (1 of 9) does work.
     fraction = layers._valid_tap_fraction(*size, 3, dilation)
     assert fraction == pytest.approx(1 / 9) if dilation >= max(size) else 1 / 9 < fraction < 1
+
+
+def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
+    from fastfcn_jax.models import create_model
+
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    grads = {}
+    for separable in ("fused", "split"):
+        model = create_model("encnet_jpu_tiny", 5, separable_implementation=separable)
+        variables = model.init(jax.random.PRNGKey(1), images, train=False)
+
+        def loss(params, model=model, variables=variables):
+            outputs, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.PRNGKey(2)},
+            )
+            return jnp.sum(outputs["logits"] ** 2)
+
+        grads[separable] = jax.jit(jax.grad(loss))(variables["params"])
+    for fused, split in zip(jax.tree.leaves(grads["fused"]), jax.tree.leaves(grads["split"]), strict=True):
+        np.testing.assert_allclose(np.asarray(split), np.asarray(fused), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="separable_implementation must be one of"):
+        layers.OpChoices(separable="barrier")

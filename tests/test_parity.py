@@ -23,12 +23,14 @@ def official_state_dict(fixture: str) -> dict[str, np.ndarray]:
     return _official_state_dict(PARITY, fixture)
 
 
-# The default fast paths for every fixture; the alternative implementations of resize, 1x1 conv and
-# depthwise conv (see fastfcn_jax/models/layers.py) on the two fixtures that exercise all of them.
+# The default fast paths for every fixture; the alternative implementations of resize, 1x1 conv,
+# depthwise conv and the separable conv's fusion (see fastfcn_jax/models/layers.py) on the two fixtures
+# that exercise all of them.
 ALTERNATIVE_OPS = {
     "resize_implementation": "matmul",
     "pointwise_implementation": "conv",
     "depthwise_implementation": "grouped",
+    "separable_implementation": "split",
 }
 CASES = [(fixture, {}) for fixture in sorted(PARITY_FIXTURES)] + [
     ("psp_jpu_r50_pcontext", ALTERNATIVE_OPS),

@@ -20,6 +20,11 @@ Performance choices: the same maths in a form each backend runs well. All of the
 - Dilated 3x3 convolutions whose taps mostly read padding (ASPP rates 12/24/36 on 64x64): ``'valid_taps'`` on
   CPU, one matmul per tap over the pixels it reads. XLA:CPU ran rate 36 at about 100 GFLOP/s; DeepLabV3+JPU R50
   at 512x512 went from 1511 to 949 ms.
+- Separable convolutions (JPU): ``'fused'`` lets XLA fuse the depthwise taps (and their norm) into the
+  pointwise matmul's operand, as XLA:CPU does well; ``'split'`` materialises the depthwise output first (an
+  optimization barrier). A candidate for GPUs, where the JPU path ran far below the hardware (H200, batch 16:
+  EncNet+JPU 21.4 ms vs 15.9 ms for the dilated model with 2.3x its FLOPs; see docs/performance.md); not
+  measured there yet, so no ``'auto'``.
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -98,6 +103,7 @@ class OpChoices:
     depthwise: str = "shifted"  # 'shifted' | 'grouped'
     conv_gradient: str = "auto"  # 'im2col' | 'xla' | 'auto' (im2col on CPU)
     dilated: str = "auto"  # 'valid_taps' | 'conv' | 'auto' (valid taps on CPU when padding is >= 20% of the work)
+    separable: str = "fused"  # 'fused' | 'split' (JPU: depthwise output materialised before the pointwise matmul)
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -106,6 +112,7 @@ class OpChoices:
             ("depthwise", ("shifted", "grouped")),
             ("conv_gradient", ("im2col", "xla", "auto")),
             ("dilated", ("valid_taps", "conv", "auto")),
+            ("separable", ("fused", "split")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")
@@ -553,6 +560,10 @@ class SeparableConv(nn.Module):
             name="depthwise",
         )(x)
         x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="depthwise_norm")(x)
+        if self.ops.separable == "split":
+            # Keeps XLA from pulling the nine depthwise taps into the pointwise matmul's operand, where a
+            # tiled GEMM would recompute them for every output tile.
+            x = jax.lax.optimization_barrier(x)
         x = conv2d(self.features, 1, dtype=self.dtype, ops=self.ops, name="pointwise")(x)
         x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="pointwise_norm")(x)
         return nn.relu(x)

@@ -65,6 +65,7 @@ class Segmenter(nn.Module):
     depthwise_implementation: str = "shifted"
     conv_gradient_implementation: str = "auto"
     dilated_implementation: str = "auto"
+    separable_implementation: str = "fused"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -78,11 +79,12 @@ class Segmenter(nn.Module):
     @property
     def ops(self) -> OpChoices:
         return OpChoices(
-            self.resize_implementation,
-            self.pointwise_implementation,
-            self.depthwise_implementation,
-            self.conv_gradient_implementation,
-            self.dilated_implementation,
+            resize=self.resize_implementation,
+            pointwise=self.pointwise_implementation,
+            depthwise=self.depthwise_implementation,
+            conv_gradient=self.conv_gradient_implementation,
+            dilated=self.dilated_implementation,
+            separable=self.separable_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
