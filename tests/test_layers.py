@@ -346,3 +346,21 @@ def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
         np.testing.assert_allclose(np.asarray(split), np.asarray(fused), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="separable_implementation must be one of"):
         layers.OpChoices(separable="barrier")
+
+
+@pytest.mark.parametrize(
+    ("in_hw", "out_hw"), [((8, 8), (64, 64)), ((5, 7), (33, 20)), ((16, 16), (16, 9)), ((1, 4), (6, 1))]
+)
+def test_gather_resize_gradient_is_the_interpolation_matrix_transpose(in_hw, out_hw) -> None:
+    # The gather form has a custom VJP (a K-tap gather instead of a scatter-add); it must be the exact adjoint.
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, *in_hw, 3))
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, *out_hw, 3))
+    grad = jax.grad(lambda x: jnp.sum(layers.resize_bilinear(x, out_hw, "gather") * cotangent))(x)
+    rows = layers.align_corners_matrix(in_hw[0], out_hw[0])
+    cols = layers.align_corners_matrix(in_hw[1], out_hw[1])
+    expected = np.einsum("oh,pw,bopc->bhwc", rows, cols, np.asarray(cotangent, np.float64))
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5)
+    grad_bf16 = jax.grad(
+        lambda x: jnp.sum(layers.resize_bilinear(x, out_hw, "gather").astype(jnp.float32) * cotangent)
+    )(x.astype(jnp.bfloat16))
+    assert grad_bf16.dtype == jnp.bfloat16
