@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fastfcn_jax.benchmark import benchmark_model, environment, tiny_variant  # noqa: E402
+from fastfcn_jax.benchmark import benchmark_model, environment, op_overrides, tiny_variant  # noqa: E402
 from fastfcn_jax.models import create_model  # noqa: E402
 
 JPU, DILATED = "encnet_jpu_r50", "encnet_dilated_r50"
@@ -103,9 +103,16 @@ def summarize_trace(trace_dir: Path, iterations: int, scopes: dict[str, str], to
 
 
 def profile_forward(
-    name: str, batch: int, size: int, dtype: str, out_dir: Path, trace_root: Path, iterations: int = 3
+    name: str,
+    batch: int,
+    size: int,
+    dtype: str,
+    out_dir: Path,
+    trace_root: Path,
+    iterations: int = 3,
+    ops: dict[str, str] | None = None,
 ) -> dict:
-    model = create_model(name, 150, dtype=dtype)
+    model = create_model(name, 150, dtype=dtype, **op_overrides(ops))
     images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(1), images)
     compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
