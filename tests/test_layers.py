@@ -364,3 +364,19 @@ def test_gather_resize_gradient_is_the_interpolation_matrix_transpose(in_hw, out
         lambda x: jnp.sum(layers.resize_bilinear(x, out_hw, "gather").astype(jnp.float32) * cotangent)
     )(x.astype(jnp.bfloat16))
     assert grad_bf16.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 8])
+def test_shifted_depthwise_gradients_match_grouped_convolution(dilation) -> None:
+    # The shifted form has a custom VJP (the flipped-kernel correlation instead of nine transposed slices).
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 11, 5))
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 11, 5))
+    grads = {}
+    for implementation in ("shifted", "grouped"):
+        module = layers.DepthwiseConv(3, dilation, implementation=implementation)
+        variables = module.init(jax.random.PRNGKey(2), x)
+        grads[implementation] = jax.grad(lambda v, x, m=module: jnp.sum(m.apply(v, x) * cotangent), argnums=(0, 1))(
+            variables, x
+        )
+    for shifted, grouped in zip(jax.tree.leaves(grads["shifted"]), jax.tree.leaves(grads["grouped"]), strict=True):
+        np.testing.assert_allclose(np.asarray(shifted), np.asarray(grouped), rtol=1e-5, atol=5e-5)
