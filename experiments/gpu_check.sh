@@ -18,7 +18,8 @@
 #   fp32         float32 forward of the EncNet pair;
 #   diagnose     experiments/gpu_diagnose.py: where the forward time goes (prefix timings, op variants and
 #                a kernel profile at batch 16), into OUT_DIR/diagnose; then the EncNet pair at batch 16
-#                with XLA's Triton GEMM fusion off.
+#                with XLA's Triton GEMM fusion off;
+#   diagnose_train  the same kernel/scope profile for one EncNet+JPU training step (batch 16, 480x480).
 # Markdown tables go to stdout and OUT_DIR/log.txt, the JSON results to OUT_DIR/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -95,7 +96,11 @@ for name in ${STAGES//,/ }; do
             "$PY" experiments/benchmark.py --no-print-json --output "$WORK/diagnose_no_triton.json" \
             --dtype bfloat16 --models encnet_jpu_r50,encnet_dilated_r50 --batch-size 16 --no-peak --warmup 3 \
             --repeats 10 "${QUICK[@]}" ;;
-    *) echo "unknown stage $name (forward, forward_b16, train, ops, parity, fp32, diagnose)" | tee -a "$LOG"
+    diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
+        stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
+            --train-profile encnet_jpu_r50 ${GPU_CHECK_QUICK:+--quick} ;;
+    *) echo "unknown stage $name (forward, forward_b16, train, ops, parity, fp32, diagnose, diagnose_train)" \
+           | tee -a "$LOG"
        FAILED+=("$name") ;;
     esac
 done

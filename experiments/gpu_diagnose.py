@@ -13,7 +13,9 @@ process (device time is scarce):
 3. a profiler trace of one forward of each model, summarised here as GPU time per kernel and per
    model scope (backbone / neck / decode_head / ...), plus the optimized HLO of the JPU forward.
 
-Tables go to stdout; ``diagnose.json``, ``traces.tgz`` and ``hlo_*.txt.gz`` to ``--output-dir``.
+Tables go to stdout; ``diagnose.json`` and ``diagnose_traces.tgz`` (the traces and the optimized HLO) to
+``--output-dir``. ``--no-forward --train-profile encnet_jpu_r50`` profiles a training step instead (batch 16,
+480x480; backward ops scoped ``grad <module>``), into ``diagnose_train.json`` and ``diagnose_train_traces.tgz``.
 Needs only jax, flax and numpy.
 """
 
@@ -36,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fastfcn_jax.benchmark import benchmark_model, environment, op_overrides, tiny_variant  # noqa: E402
+from fastfcn_jax.benchmark import (  # noqa: E402
+    benchmark_model,
+    compile_train_step,
+    environment,
+    op_overrides,
+    tiny_variant,
+)
 from fastfcn_jax.models import create_model  # noqa: E402
 
 JPU, DILATED = "encnet_jpu_r50", "encnet_dilated_r50"
@@ -65,10 +73,13 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
     """
     scopes = {}
     for match in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"", hlo_text, re.M):
-        path = [p for p in match.group(2).split("/") if p and not re.fullmatch(r"\w+\(.*\)", p)]
+        parts = match.group(2).split("/")
+        path = [p for p in parts if p and not re.fullmatch(r"\w+\(.*\)", p)]
         if path and path[0] == "Segmenter":
             path = path[1:]
-        scopes[match.group(1)] = "/".join(path[:2]) if path else match.group(2)
+        scope = "/".join(path[:2]) if path else match.group(2)
+        # Backward ops carry the transpose of the forward's scope (``transpose(jvp(Segmenter))/neck/...``).
+        scopes[match.group(1)] = ("grad " + scope) if any(p.startswith("transpose(") for p in parts) else scope
     return scopes
 
 
@@ -117,7 +128,8 @@ def profile_forward(
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(1), images)
     compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
     hlo_text = compiled.as_text()
-    with gzip.open(out_dir / f"hlo_{name}.txt.gz", "wt") as f:
+    trace_root.mkdir(parents=True, exist_ok=True)
+    with gzip.open(trace_root / f"hlo_{name}.txt.gz", "wt") as f:
         f.write(hlo_text)
     for _ in range(3):
         jax.block_until_ready(compiled(variables, images))
@@ -128,6 +140,38 @@ def profile_forward(
     return summarize_trace(trace_dir, iterations, hlo_scopes(hlo_text))
 
 
+def profile_train_step(
+    name: str, batch: int, size: int, dtype: str, out_dir: Path, trace_root: Path, iterations: int = 2
+) -> dict:
+    """Like :func:`profile_forward` for one training step (backward ops are scoped ``grad <module>``)."""
+    step = compile_train_step(name, image_size=(size, size), batch_size=batch, dtype=dtype)
+    hlo_text = step.compiled.as_text()
+    trace_root.mkdir(parents=True, exist_ok=True)
+    with gzip.open(trace_root / f"hlo_train_{name}.txt.gz", "wt") as f:
+        f.write(hlo_text)
+    state = step.state
+    for _ in range(2):
+        state = jax.block_until_ready(step.run(state))
+    trace_dir = trace_root / f"train_{name}"
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(iterations):
+            state = jax.block_until_ready(step.run(state))
+    return summarize_trace(trace_dir, iterations, hlo_scopes(hlo_text))
+
+
+def _print_profile(title: str, summary: dict) -> None:
+    print(
+        f"\n## {title}: {summary['device_ms_per_iteration']:.2f} ms of device time per iteration "
+        f"({summary['device_events']} events; processes {summary['processes']})"
+    )
+    print("example event args:", json.dumps(summary["example_args"])[:600])
+    for scope, ms in list(summary["by_scope_ms"].items())[:20]:
+        print(f"  {ms:8.3f} ms  {scope}")
+    print("  top kernels:")
+    for kernel, ms in summary["top_kernels_ms"].items():
+        print(f"  {ms:8.3f} ms  {kernel}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path(tempfile.mkdtemp(prefix="fastfcn_diag_")))
@@ -136,18 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny models, 64x64, batch 2 (smoke test)")
-    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="no forward profiles")
+    parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip the forward timings")
+    parser.add_argument("--train-profile", default="", help="comma-separated models whose train step to profile")
+    parser.add_argument("--train-batch-size", type=int, default=16)
+    parser.add_argument("--train-size", type=int, default=480)
     args = parser.parse_args(argv)
     rename = tiny_variant if args.quick else (lambda n: n)
     batch, size = (2, 64) if args.quick else (args.batch_size, args.size)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    print(
-        f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}; batch {batch}, {size}x{size}, {args.dtype}"
-    )  # noqa: E501
-    print("| model | until | ops | GFLOPs | median ms | min ms |\n|---|---|---|---:|---:|---:|", flush=True)
+    device = f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}"
+    print(f"{device}; batch {batch}, {size}x{size}, {args.dtype}")
+    if args.forward:
+        print("| model | until | ops | GFLOPs | median ms | min ms |\n|---|---|---|---:|---:|---:|", flush=True)
     rows = []
-    for name, until, ops in RUNS:
+    for name, until, ops in RUNS if args.forward else []:
         result = benchmark_model(
             rename(name), image_size=(size, size), batch_size=batch, dtype=args.dtype, ops=ops, until=until,
             warmup=3, repeats=args.repeats,
@@ -159,26 +207,27 @@ def main(argv: list[str] | None = None) -> int:
             f"| {result['latency_ms']['median']:.2f} | {result['latency_ms']['min']:.2f} |",
             flush=True,
         )
+    # Few files (a device run brings back 8 at most): one JSON and one archive per invocation.
+    stem = "diagnose" if args.forward else "diagnose_train"
+    report_path = args.output_dir / f"{stem}.json"
     report: dict[str, Any] = {"environment": env, "runs": rows, "profiles": {}}
-    (args.output_dir / "diagnose.json").write_text(json.dumps(report, indent=1))
-    if args.profile:
-        # Traces nest several folders deep: kept in a temporary folder and handed back as one archive.
-        trace_root = Path(tempfile.mkdtemp(prefix="fastfcn_traces_"))
+    report_path.write_text(json.dumps(report, indent=1))
+    # Traces nest several folders deep: kept in a temporary folder and handed back as one archive.
+    trace_root = Path(tempfile.mkdtemp(prefix="fastfcn_traces_"))
+    if args.profile and args.forward:
         for name in (JPU, DILATED):
             summary = profile_forward(rename(name), batch, size, args.dtype, args.output_dir, trace_root)
             report["profiles"][rename(name)] = summary
-            print(
-                f"\n## {rename(name)}: {summary['device_ms_per_iteration']:.2f} ms of device time per forward "
-                f"({summary['device_events']} events; processes {summary['processes']})"
-            )
-            print("example event args:", json.dumps(summary["example_args"])[:600])
-            for scope, ms in list(summary["by_scope_ms"].items())[:15]:
-                print(f"  {ms:8.3f} ms  {scope}")
-            print("  top kernels:")
-            for kernel, ms in summary["top_kernels_ms"].items():
-                print(f"  {ms:8.3f} ms  {kernel}")
-            (args.output_dir / "diagnose.json").write_text(json.dumps(report, indent=1))
-        with tarfile.open(args.output_dir / "traces.tgz", "w:gz") as tar:
+            _print_profile(f"{rename(name)} forward", summary)
+            report_path.write_text(json.dumps(report, indent=1))
+    for name in [n.strip() for n in args.train_profile.split(",") if n.strip()]:
+        train_batch, train_size = (2, 64) if args.quick else (args.train_batch_size, args.train_size)
+        summary = profile_train_step(rename(name), train_batch, train_size, args.dtype, args.output_dir, trace_root)
+        report["profiles"][f"train_{rename(name)}"] = summary
+        _print_profile(f"{rename(name)} train step, batch {train_batch}, {train_size}x{train_size}", summary)
+        report_path.write_text(json.dumps(report, indent=1))
+    if report["profiles"]:
+        with tarfile.open(args.output_dir / f"{stem}_traces.tgz", "w:gz") as tar:
             tar.add(trace_root, arcname="traces")
     return 0
 

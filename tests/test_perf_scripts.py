@@ -44,7 +44,7 @@ def test_diagnosis_attributes_profiled_time_to_model_scopes(tmp_path: Path) -> N
     assert summary["device_events"] > 0 and summary["device_ms_per_iteration"] > 0
     scopes = set(summary["by_scope_ms"])
     assert any(s.startswith("backbone/") for s in scopes) and any(s.startswith("neck/") for s in scopes)
-    assert (tmp_path / "hlo_encnet_jpu_tiny.txt.gz").exists()
+    assert (tmp_path / "traces" / "hlo_encnet_jpu_tiny.txt.gz").exists()
 
 
 def test_hlo_scopes_reads_flax_module_paths() -> None:
@@ -55,3 +55,11 @@ def test_hlo_scopes_reads_flax_module_paths() -> None:
         '  ROOT %dot.1 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(apply)/Segmenter/jit(_take)/gather"}\n'
     )
     assert script.hlo_scopes(hlo) == {"fusion.3": "neck/dilation2", "dot.1": "gather"}
+
+
+def test_diagnosis_profiles_a_train_step_with_backward_scopes(tmp_path: Path) -> None:
+    script = _load("gpu_diagnose")
+    summary = script.profile_train_step("fcn_jpu_tiny", 2, 32, "float32", tmp_path, tmp_path / "traces")
+    scopes = set(summary["by_scope_ms"])
+    assert any(s.startswith("grad neck/") for s in scopes) and any(s.startswith("neck/") for s in scopes)
+    assert (tmp_path / "traces" / "hlo_train_fcn_jpu_tiny.txt.gz").exists()
