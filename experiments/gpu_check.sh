@@ -15,6 +15,7 @@
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
 #   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
 #   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
+#   train_ops    the bf16 train step at batch 16, 480x480 with separable=split and with depthwise=grouped;
 #   fp32         float32 forward of the EncNet pair;
 #   diagnose     experiments/gpu_diagnose.py: where the forward time goes (prefix timings, op variants and
 #                a kernel profile at batch 16), into OUT_DIR/diagnose; then the EncNet pair at batch 16
@@ -83,6 +84,12 @@ for name in ${STAGES//,/ }; do
             stage "ops_${ops/=/_}" 60 bench "ops_${ops/=/_}" --dtype bfloat16 --models encnet_jpu_r50 --no-peak \
                 --warmup 5 --repeats 30 --ops "$ops"
         done ;;
+    train_ops)  # the b16 480x480 train step under the op variants that could fix the JPU path on GPUs
+        for ops in separable=split depthwise=grouped; do
+            stage "train_ops_${ops/=/_}" 150 bench "train_ops_${ops/=/_}" --dtype bfloat16 --models= --no-peak \
+                --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 \
+                --ops "$ops"
+        done ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
     fp32)
         stage forward_fp32 90 bench forward_fp32 --dtype float32 --models encnet_jpu_r50,encnet_dilated_r50 \
@@ -99,7 +106,8 @@ for name in ${STAGES//,/ }; do
     diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
         stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
             --train-profile encnet_jpu_r50 ${GPU_CHECK_QUICK:+--quick} ;;
-    *) echo "unknown stage $name (forward, forward_b16, train, ops, parity, fp32, diagnose, diagnose_train)" \
+    *) echo "unknown stage $name (forward, forward_b16, train, train_ops, ops, parity, fp32, diagnose," \
+           "diagnose_train)" \
            | tee -a "$LOG"
        FAILED+=("$name") ;;
     esac
