@@ -23,6 +23,7 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     DEFAULT_MODELS,
     benchmark_input_pipeline,
     format_table,
+    parse_ops,
     run_benchmark,
     tiny_variant,
 )
@@ -36,10 +37,10 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def _ops(text: str) -> dict[str, str]:
-    pairs = [p.strip() for p in text.split(",") if p.strip()]
-    if not all(p.count("=") == 1 for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected OP=CHOICE[,OP=CHOICE...], got {text!r}")
-    return dict(p.split("=") for p in pairs)
+    try:
+        return parse_ops(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

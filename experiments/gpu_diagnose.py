@@ -43,6 +43,7 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     compile_train_step,
     environment,
     op_overrides,
+    synthetic_variables,
     tiny_variant,
 )
 from fastfcn_jax.models import create_model  # noqa: E402
@@ -113,50 +114,41 @@ def summarize_trace(trace_dir: Path, iterations: int, scopes: dict[str, str], to
     }
 
 
+def _profile(label: str, hlo_text: str, step: Any, state: Any, trace_root: Path, iterations: int) -> dict:
+    """Warms ``step`` (state -> state) up, traces ``iterations`` calls and summarises them per kernel and
+    scope; the optimized HLO goes beside the trace as ``hlo_<label>.txt.gz``."""
+    trace_root.mkdir(parents=True, exist_ok=True)
+    with gzip.open(trace_root / f"hlo_{label}.txt.gz", "wt") as f:
+        f.write(hlo_text)
+    for _ in range(2):
+        state = jax.block_until_ready(step(state))
+    with jax.profiler.trace(str(trace_root / label)):
+        for _ in range(iterations):
+            state = jax.block_until_ready(step(state))
+    return summarize_trace(trace_root / label, iterations, hlo_scopes(hlo_text))
+
+
 def profile_forward(
     name: str,
     batch: int,
     size: int,
     dtype: str,
-    out_dir: Path,
     trace_root: Path,
     iterations: int = 3,
     ops: dict[str, str] | None = None,
 ) -> dict:
+    """Device time per kernel and model scope of one forward pass (see :func:`summarize_trace`)."""
     model = create_model(name, 150, dtype=dtype, **op_overrides(ops))
     images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(1), images)
+    variables = synthetic_variables(model, images)
     compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
-    hlo_text = compiled.as_text()
-    trace_root.mkdir(parents=True, exist_ok=True)
-    with gzip.open(trace_root / f"hlo_{name}.txt.gz", "wt") as f:
-        f.write(hlo_text)
-    for _ in range(3):
-        jax.block_until_ready(compiled(variables, images))
-    trace_dir = trace_root / name
-    with jax.profiler.trace(str(trace_dir)):
-        for _ in range(iterations):
-            jax.block_until_ready(compiled(variables, images))
-    return summarize_trace(trace_dir, iterations, hlo_scopes(hlo_text))
+    return _profile(name, compiled.as_text(), lambda _: compiled(variables, images), None, trace_root, iterations)
 
 
-def profile_train_step(
-    name: str, batch: int, size: int, dtype: str, out_dir: Path, trace_root: Path, iterations: int = 2
-) -> dict:
+def profile_train_step(name: str, batch: int, size: int, dtype: str, trace_root: Path, iterations: int = 2) -> dict:
     """Like :func:`profile_forward` for one training step (backward ops are scoped ``grad <module>``)."""
     step = compile_train_step(name, image_size=(size, size), batch_size=batch, dtype=dtype)
-    hlo_text = step.compiled.as_text()
-    trace_root.mkdir(parents=True, exist_ok=True)
-    with gzip.open(trace_root / f"hlo_train_{name}.txt.gz", "wt") as f:
-        f.write(hlo_text)
-    state = step.state
-    for _ in range(2):
-        state = jax.block_until_ready(step.run(state))
-    trace_dir = trace_root / f"train_{name}"
-    with jax.profiler.trace(str(trace_dir)):
-        for _ in range(iterations):
-            state = jax.block_until_ready(step.run(state))
-    return summarize_trace(trace_dir, iterations, hlo_scopes(hlo_text))
+    return _profile(f"train_{name}", step.compiled.as_text(), step.run, step.state, trace_root, iterations)
 
 
 def _print_profile(title: str, summary: dict) -> None:
@@ -216,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     trace_root = Path(tempfile.mkdtemp(prefix="fastfcn_traces_"))
     if args.profile and args.forward:
         for name in (JPU, DILATED):
-            summary = profile_forward(rename(name), batch, size, args.dtype, args.output_dir, trace_root)
+            summary = profile_forward(rename(name), batch, size, args.dtype, trace_root)
             report["profiles"][rename(name)] = summary
             _print_profile(f"{rename(name)} forward", summary)
             report_path.write_text(json.dumps(report, indent=1))
     for name in [n.strip() for n in args.train_profile.split(",") if n.strip()]:
         train_batch, train_size = (2, 64) if args.quick else (args.train_batch_size, args.train_size)
-        summary = profile_train_step(rename(name), train_batch, train_size, args.dtype, args.output_dir, trace_root)
+        summary = profile_train_step(rename(name), train_batch, train_size, args.dtype, trace_root)
         report["profiles"][f"train_{rename(name)}"] = summary
         _print_profile(f"{rename(name)} train step, batch {train_batch}, {train_size}x{train_size}", summary)
         report_path.write_text(json.dumps(report, indent=1))

@@ -210,6 +210,14 @@ def benchmark_model(
     }
 
 
+def parse_ops(text: str) -> dict[str, str]:
+    """``'depthwise=grouped,resize=matmul'`` -> ``{'depthwise': 'grouped', 'resize': 'matmul'}`` ('' -> {})."""
+    pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+    if not all(pair.count("=") == 1 for pair in pairs):
+        raise ValueError(f"expected OP=CHOICE[,OP=CHOICE...], got {text!r}")
+    return dict(pair.split("=") for pair in pairs)
+
+
 def op_overrides(ops: Mapping[str, str] | None) -> dict[str, str]:
     """``{'depthwise': 'grouped'}`` -> ``{'depthwise_implementation': 'grouped'}``, rejecting unknown ops."""
     known = {f.name for f in dataclasses.fields(OpChoices)}

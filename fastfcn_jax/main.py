@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
             import json
             from pathlib import Path
 
-            from fastfcn_jax.benchmark import format_table, run_benchmark
+            from fastfcn_jax.benchmark import format_table, parse_ops, run_benchmark
 
             settings = config.benchmark
 
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
                 repeats=settings.repeats,
                 dtype=settings.dtype,
                 aux=settings.aux,
-                ops=dict(pair.split("=") for pair in items(settings.ops)),
+                ops=parse_ops(settings.ops),
                 until=settings.until or None,
                 peak=settings.peak,
                 train_names=items(settings.train_models),

@@ -40,7 +40,7 @@ def test_ade20k_format_tree_is_what_the_real_builder_reads(tmp_path: Path) -> No
 
 def test_diagnosis_attributes_profiled_time_to_model_scopes(tmp_path: Path) -> None:
     script = _load("gpu_diagnose")
-    summary = script.profile_forward("encnet_jpu_tiny", 1, 32, "float32", tmp_path, tmp_path / "traces")
+    summary = script.profile_forward("encnet_jpu_tiny", 1, 32, "float32", tmp_path / "traces")
     assert summary["device_events"] > 0 and summary["device_ms_per_iteration"] > 0
     scopes = set(summary["by_scope_ms"])
     assert any(s.startswith("backbone/") for s in scopes) and any(s.startswith("neck/") for s in scopes)
@@ -59,7 +59,7 @@ def test_hlo_scopes_reads_flax_module_paths() -> None:
 
 def test_diagnosis_profiles_a_train_step_with_backward_scopes(tmp_path: Path) -> None:
     script = _load("gpu_diagnose")
-    summary = script.profile_train_step("fcn_jpu_tiny", 2, 32, "float32", tmp_path, tmp_path / "traces")
+    summary = script.profile_train_step("fcn_jpu_tiny", 2, 32, "float32", tmp_path / "traces")
     scopes = set(summary["by_scope_ms"])
     assert any(s.startswith("grad neck/") for s in scopes) and any(s.startswith("neck/") for s in scopes)
     assert (tmp_path / "traces" / "hlo_train_fcn_jpu_tiny.txt.gz").exists()

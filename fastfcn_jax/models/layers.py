@@ -576,18 +576,27 @@ class DepthwiseConv(nn.Module):
         return _depthwise_shifted(x, kernel, d)
 
 
+def _shifted_views(x: jax.Array, kernel_size: int, dilation: int) -> list[jax.Array]:
+    """The k*k views of ``x`` zero-padded by ``dilation * (k - 1) // 2`` that a stride-1 'same' conv reads,
+    tap (i, j) at index ``i * k + j``."""
+    height, width = x.shape[1], x.shape[2]
+    pad = dilation * (kernel_size - 1) // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return [
+        padded[:, i * dilation : i * dilation + height, j * dilation : j * dilation + width, :]
+        for i in range(kernel_size)
+        for j in range(kernel_size)
+    ]
+
+
 def _shifted_taps(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     """sum_ij x_padded[h + i*d, w + j*d] * kernel[i, j] in float32: a stride-1 'same' depthwise conv."""
-    k, height, width = kernel.shape[0], x.shape[1], x.shape[2]
-    pad = dilation * (k - 1) // 2
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    k = kernel.shape[0]
     out = None
-    for i in range(k):
-        for j in range(k):
-            # Products and sums in float32 as a convolution accumulates; XLA fuses the taps into one pass.
-            tap = padded[:, i * dilation : i * dilation + height, j * dilation : j * dilation + width, :]
-            term = tap.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
-            out = term if out is None else out + term
+    for index, view in enumerate(_shifted_views(x, k, dilation)):
+        # Products and sums in float32 as a convolution accumulates; XLA fuses the taps into one pass.
+        term = view.astype(jnp.float32) * kernel[index // k, index % k, 0].astype(jnp.float32)
+        out = term if out is None else out + term
     return out
 
 
@@ -605,17 +614,10 @@ def _depthwise_shifted_bwd(dilation: int, residuals: tuple, grad: jax.Array) -> 
     # summed (about 25 ms each on XLA:CPU for the JPU at batch 2, 256x256). The input gradient of a
     # stride-1 'same' correlation is the same correlation with the kernel flipped: one fused pass.
     x, kernel = residuals
-    k, height, width = kernel.shape[0], x.shape[1], x.shape[2]
     grad_x = _shifted_taps(grad, kernel[::-1, ::-1], dilation).astype(x.dtype)
-    pad = dilation * (k - 1) // 2
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(jnp.float32)
     grad32 = grad.astype(jnp.float32)
     taps = [
-        jnp.sum(
-            padded[:, i * dilation : i * dilation + height, j * dilation : j * dilation + width, :] * grad32, (0, 1, 2)
-        )
-        for i in range(k)
-        for j in range(k)
+        jnp.sum(view.astype(jnp.float32) * grad32, (0, 1, 2)) for view in _shifted_views(x, kernel.shape[0], dilation)
     ]
     grad_kernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
     return grad_x, grad_kernel
