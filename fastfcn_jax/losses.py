@@ -15,14 +15,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNO
 
     logits [B, H, W, C], labels [B, H, W] integer. A batch without any labelled pixel gives 0 (PyTorch
     would give NaN), so one empty crop cannot poison a run.
+
+    Computed as ``logsumexp(z) - z[label]`` with the label's logit picked by a compare-and-sum over classes
+    rather than ``log_softmax`` and ``take_along_axis``: the same value, but no [B, H, W, C] log-probability
+    array is written and the gradient is ``softmax - one_hot`` in one elementwise pass instead of a gather's
+    scatter-add. At the paper's crop the logits are full-resolution (batch 16, 480x480, 150 classes: 2.2 GB
+    in float32 per head): XLA:GPU's memory traffic for the two heads' losses fell from about 60 to 21 GB,
+    the training step's roofline estimate from 39 to 30 ms (``experiments/gpu_aot.py``).
     """
     logits = logits.astype(jnp.float32)
     valid = labels != ignore_label
-    safe_labels = jnp.where(valid, labels, 0)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    classes = jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    picked = jnp.sum(jnp.where(classes == labels[..., None], logits, 0.0), axis=-1)
+    per_pixel = jax.nn.logsumexp(logits, axis=-1) - picked
     count = jnp.sum(valid)
-    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(count, 1)
+    return jnp.sum(jnp.where(valid, per_pixel, 0.0)) / jnp.maximum(count, 1)
 
 
 def class_presence(labels: jax.Array, num_classes: int) -> jax.Array:

@@ -63,3 +63,17 @@ def test_diagnosis_profiles_a_train_step_with_backward_scopes(tmp_path: Path) ->
     scopes = set(summary["by_scope_ms"])
     assert any(s.startswith("grad neck/") for s in scopes) and any(s.startswith("neck/") for s in scopes)
     assert (tmp_path / "traces" / "hlo_train_fcn_jpu_tiny.txt.gz").exists()
+
+
+def test_gpu_aot_builds_a_target_description_for_each_gpu_and_parses_its_options() -> None:
+    script = _load("gpu_aot")
+    args = script._parse_args(["--train", "--size", "480", "--ops", "separable=split", "--gpu", "h100"])
+    assert args.train and args.size == 480 and args.ops == "separable=split" and args.batch_size == 16
+    for gpu in script.GPUS.values():
+        target = script._TARGET.format(**gpu)
+        assert f'device_description_str: "{gpu["name"]}"' in target
+        assert "cuda_compute_capability {\n    major: 9" in target
+    # 'auto' resolves by the backend JAX runs on; the script must name every choice that differs on a GPU.
+    from fastfcn_jax.models.layers import OpChoices
+
+    assert set(script.GPU_AUTO_OPS) == {f for f in OpChoices.__dataclass_fields__ if getattr(OpChoices(), f) == "auto"}

@@ -154,3 +154,21 @@ def test_jitted_batch_confusion_equals_host_confusion_and_respects_weights():
 def test_host_confusion_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="label value 7"):
         metrics.confusion_matrix(np.array([0, 7]), np.array([0, 1]), 5)
+
+
+def test_cross_entropy_gradient_is_softmax_minus_one_hot_over_labelled_pixels():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((2, 3, 4, 5)).astype(np.float32) * 4
+    labels = rng.integers(-1, 5, (2, 3, 4))
+    grad = np.asarray(jax.grad(losses.cross_entropy)(jnp.asarray(logits), jnp.asarray(labels)))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    one_hot = np.eye(5, dtype=np.float32)[np.maximum(labels, 0)]
+    want = (probs - one_hot) * (labels >= 0)[..., None] / np.sum(labels >= 0)
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
+def test_cross_entropy_is_stable_for_large_logits():
+    logits = jnp.asarray([[[[1000.0, 0.0, -1000.0], [-500.0, 500.0, 0.0]]]])
+    labels = jnp.asarray([[[1, 1]]])
+    assert float(losses.cross_entropy(logits, labels)) == pytest.approx(500.0)
