@@ -194,6 +194,28 @@ def test_batchnorm_train_normalises_biased_and_updates_running_var_unbiased():
     np.testing.assert_allclose(updated["batch_stats"]["var"], 0.9 + 0.1 * unbiased, rtol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_batchnorm_single_pass_statistics_are_exact_about_the_running_mean(offset):
+    # Activations whose mean dwarfs their spread: E[x^2] - E[x]^2 about zero would cancel in float32
+    # (300^2 = 9e4 against a variance of 1e-2); about the running mean the moments stay exact.
+    rng = np.random.default_rng(7)
+    x = (offset + 0.1 * rng.standard_normal((4, 6, 6, 3))).astype(np.float32)
+    bn = layers.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    flat = x.reshape(-1, 3).astype(np.float64)
+    running_mean = flat.mean(0) + np.array([0.05, -0.02, 0.0])  # a few steps into training: near, not equal
+    variables = {
+        **variables,
+        "batch_stats": {**variables["batch_stats"], "mean": jnp.asarray(running_mean, jnp.float32)},
+    }
+    got, updated = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+    n = flat.shape[0]
+    np.testing.assert_allclose(got, (x - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), rtol=2e-3, atol=2e-3)
+    unbiased = flat.var(0) * n / (n - 1)
+    np.testing.assert_allclose(updated["batch_stats"]["var"], 0.9 + 0.1 * unbiased, rtol=1e-5)
+    np.testing.assert_allclose(updated["batch_stats"]["mean"], 0.9 * running_mean + 0.1 * flat.mean(0), rtol=1e-6)
+
+
 def test_batchnorm_over_codeword_axis_normalises_per_feature_axis_index():
     x = np.random.default_rng(7).standard_normal((3, 4, 8)).astype(np.float32)
     bn = layers.BatchNorm(use_running_average=False, feature_axis=1)
@@ -380,3 +402,20 @@ def test_shifted_depthwise_gradients_match_grouped_convolution(dilation) -> None
         )
     for shifted, grouped in zip(jax.tree.leaves(grads["shifted"]), jax.tree.leaves(grads["grouped"]), strict=True):
         np.testing.assert_allclose(np.asarray(shifted), np.asarray(grouped), rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_depthwise_kernel_gradient_forms_agree(dilation) -> None:
+    # The stacked single reduction (GPU/TPU) and the nine sums (CPU) are the same kernel gradient.
+    key_x, key_g = jax.random.split(jax.random.PRNGKey(4))
+    x = jax.random.normal(key_x, (2, 7, 9, 5), jnp.float32)
+    grad = jax.random.normal(key_g, (2, 7, 9, 5), jnp.float32)
+    views = layers._shifted_views(x, 3, dilation)
+    stacked = layers._tap_gradients(views, grad, stacked=True)
+    separate = layers._tap_gradients(views, grad, stacked=False)
+    assert stacked.shape == separate.shape == (9, 5)
+    np.testing.assert_allclose(stacked, separate, rtol=1e-5, atol=1e-5)
+    # Tap (i, j) pairs the gradient with x shifted by ((i-1)*d, (j-1)*d), zero outside the image.
+    padded = np.pad(np.asarray(x), ((0, 0), (dilation, dilation), (dilation, dilation), (0, 0)))
+    want = (padded[:, 2 * dilation : 2 * dilation + 7, 0:9] * np.asarray(grad)).sum((0, 1, 2))
+    np.testing.assert_allclose(stacked[6], want, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,8 @@ Performance choices: the same maths in a form each backend runs well. All of the
   about 0.3 GFLOP/s on XLA:CPU and their kernel gradient runs as a dense convolution. Its gradient is a
   custom VJP: the input gradient as the same shifted form with the kernel flipped, one fused pass, where
   autodiff built nine padded copies of the incoming gradient (EncNet+JPU R50 train step at batch 2,
-  256x256 on XLA:CPU: 1.93 -> 1.70 s).
+  256x256 on XLA:CPU: 1.93 -> 1.70 s). Its kernel gradient is nine sums on CPU and one sum over the stacked
+  taps elsewhere (fewer passes over the activations on XLA:GPU, slower on XLA:CPU).
 - Dilated 3x3 convolutions whose taps mostly read padding (ASPP rates 12/24/36 on 64x64): ``'valid_taps'`` on
   CPU, one matmul per tap over the pixels it reads. XLA:CPU ran rate 36 at about 100 GFLOP/s; DeepLabV3+JPU R50
   at 512x512 went from 1511 to 949 ms.
@@ -282,8 +283,14 @@ class BatchNorm(nn.Module):
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            mean = jnp.mean(x32, axis=reduce_axes)
-            var = jnp.mean(jnp.square(x32 - mean.reshape(stat_shape)), axis=reduce_axes)
+            # Both moments in one pass over x (the two-pass form reads a training batch's activations twice;
+            # XLA fuses the two sums into one reduction), about the running mean so that E[d^2] - E[d]^2
+            # does not cancel when |mean| >> std (the shifted-data algorithm; exact for any shift).
+            shift = jax.lax.stop_gradient(ra_mean.value).reshape(stat_shape)
+            centred = x32 - shift
+            mean_centred = jnp.mean(centred, axis=reduce_axes)
+            var = jnp.maximum(jnp.mean(jnp.square(centred), axis=reduce_axes) - jnp.square(mean_centred), 0.0)
+            mean = mean_centred + shift.reshape(-1)
             if not self.is_initializing():
                 count = int(np.prod([x.shape[a] for a in reduce_axes]))
                 unbiased = var * (count / max(count - 1, 1))
@@ -609,17 +616,29 @@ def _depthwise_shifted_fwd(x: jax.Array, kernel: jax.Array, dilation: int) -> tu
     return _depthwise_shifted(x, kernel, dilation), (x, kernel)
 
 
+def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, stacked: bool) -> jax.Array:
+    """[k*k, C] kernel gradient of a depthwise conv: sum over B, H, W of each tap's view times ``grad``."""
+    grad32 = grad.astype(jnp.float32)
+    views = [view.astype(jnp.float32) for view in views]
+    if not stacked:
+        # XLA:CPU: nine reductions beat one over a stacked [k*k, B, H, W, C] operand by about 6% of the
+        # EncNet+JPU R50 train step (batch 2, 256x256: 1.75 vs 1.86 s).
+        return jnp.stack([jnp.sum(view * grad32, (0, 1, 2)) for view in views])
+    # XLA:GPU splits nine separate sums into several reduction kernels that each re-read x and the gradient;
+    # one reduction over the stacked taps reads them once (compile-only H200 estimate, experiments/gpu_aot.py:
+    # the JPU's backward traffic at batch 16, 480x480 fell from 24.3 to 17.2 GB).
+    return jnp.sum(jnp.stack(views) * grad32, (1, 2, 3))
+
+
 def _depthwise_shifted_bwd(dilation: int, residuals: tuple, grad: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Autodiff would transpose each tap's slice into a pad: nine padded copies of the incoming gradient,
     # summed (about 25 ms each on XLA:CPU for the JPU at batch 2, 256x256). The input gradient of a
     # stride-1 'same' correlation is the same correlation with the kernel flipped: one fused pass.
     x, kernel = residuals
     grad_x = _shifted_taps(grad, kernel[::-1, ::-1], dilation).astype(x.dtype)
-    grad32 = grad.astype(jnp.float32)
-    taps = [
-        jnp.sum(view.astype(jnp.float32) * grad32, (0, 1, 2)) for view in _shifted_views(x, kernel.shape[0], dilation)
-    ]
-    grad_kernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    views = _shifted_views(x, kernel.shape[0], dilation)
+    taps = _tap_gradients(views, grad, stacked=jax.default_backend() != "cpu")
+    grad_kernel = taps.reshape(kernel.shape).astype(kernel.dtype)
     return grad_x, grad_kernel
 
 
