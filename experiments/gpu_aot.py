@@ -39,7 +39,7 @@ GPUS = {
                  name="NVIDIA H200"),
 }  # fmt: skip
 # What OpChoices' 'auto' resolves to on a GPU (fastfcn_jax/models/layers.py).
-GPU_AUTO_OPS = {"resize": "gather", "conv_gradient": "xla", "dilated": "conv"}
+GPU_AUTO_OPS = {"resize": "gather", "conv_gradient": "xla", "dilated": "conv", "jpu_input": "padded"}
 
 _TARGET = """gpu_device_info {{
   threads_per_block_limit: 1024

@@ -419,3 +419,72 @@ def test_depthwise_kernel_gradient_forms_agree(dilation) -> None:
     padded = np.pad(np.asarray(x), ((0, 0), (dilation, dilation), (dilation, dilation), (0, 0)))
     want = (padded[:, 2 * dilation : 2 * dilation + 7, 0:9] * np.asarray(grad)).sum((0, 1, 2))
     np.testing.assert_allclose(stacked[6], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
+def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -> None:
+    from fastfcn_jax.models import create_model
+
+    # In float64: in float32 the BatchNorm gradients of a train-mode loss carry summation-order noise of up
+    # to 5e-4 of their largest element, which would hide a real difference as well as a false one.
+    results = {}
+    with jax.enable_x64(True):
+        images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3), jnp.float64)
+        for jpu_input in ("fused", "padded"):
+            model = create_model(
+                "encnet_jpu_tiny",
+                5,
+                jpu_input_implementation=jpu_input,
+                depthwise_implementation=depthwise,
+                dtype=jnp.float64,
+            )
+            variables = jax.tree.map(
+                lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), images, train=False)
+            )
+
+            def loss(params, model=model, variables=variables):
+                outputs, _ = model.apply(
+                    {"params": params, "batch_stats": variables["batch_stats"]},
+                    images,
+                    train=True,
+                    mutable=["batch_stats"],
+                    rngs={"dropout": jax.random.PRNGKey(2)},
+                )
+                return jnp.sum(outputs["logits"] ** 2), outputs["logits"]
+
+            grads, logits = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+            results[jpu_input] = (np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)])
+    (out_fused, grads_fused), (out_padded, grads_padded) = results["fused"], results["padded"]
+    # The classifier and the logits stay float32 (the model's policy), everything before them is float64.
+    np.testing.assert_allclose(out_padded, out_fused, rtol=1e-6, atol=1e-6)
+    for fused, padded in zip(grads_fused, grads_padded, strict=True):
+        assert fused.dtype == np.float64
+        np.testing.assert_allclose(padded, fused, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(fused).max()))
+    with pytest.raises(ValueError, match="jpu_input_implementation must be one of"):
+        layers.OpChoices(jpu_input="barrier")
+
+
+@pytest.mark.parametrize("implementation", ["shifted", "grouped"])
+def test_depthwise_conv_on_a_pre_padded_input_equals_padding_inside(implementation) -> None:
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 7, 4))
+    inner = layers.DepthwiseConv(dilation=2, implementation=implementation)
+    outer = layers.DepthwiseConv(dilation=2, implementation=implementation, margin=3)
+    variables = inner.init(jax.random.PRNGKey(0), x)
+
+    def run(module, margin):
+        def f(variables, x):
+            padded = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0))) if margin else x
+            return module.apply(variables, padded)
+
+        with jax.default_matmul_precision("highest"):
+            out = f(variables, x)
+            grads = jax.grad(lambda v, x: jnp.sum(jnp.sin(f(v, x))), argnums=(0, 1))(variables, x)
+        return out, grads
+
+    (out, (dv, dx)), (out_m, (dv_m, dx_m)) = run(inner, 0), run(outer, 3)
+    assert out_m.shape == out.shape == x.shape
+    np.testing.assert_allclose(out_m, out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx_m, dx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dv_m["params"]["kernel"], dv["params"]["kernel"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="less than the padding"):
+        layers.DepthwiseConv(dilation=4, margin=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 2)))

@@ -24,13 +24,14 @@ def official_state_dict(fixture: str) -> dict[str, np.ndarray]:
 
 
 # The default fast paths for every fixture; the alternative implementations of resize, 1x1 conv,
-# depthwise conv and the separable conv's fusion (see fastfcn_jax/models/layers.py) on the two fixtures
-# that exercise all of them.
+# depthwise conv, the separable conv's fusion and the JPU's padded input (see fastfcn_jax/models/layers.py)
+# on the two fixtures that exercise them.
 ALTERNATIVE_OPS = {
     "resize_implementation": "matmul",
     "pointwise_implementation": "conv",
     "depthwise_implementation": "grouped",
     "separable_implementation": "split",
+    "jpu_input_implementation": "padded",
 }
 CASES = [(fixture, {}) for fixture in sorted(PARITY_FIXTURES)] + [
     ("psp_jpu_r50_pcontext", ALTERNATIVE_OPS),

@@ -17,7 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import DEFAULT_OPS, ConvBNReLU, Dtype, OpChoices, SeparableConv, resize_bilinear
+from fastfcn_jax.models.layers import (
+    DEFAULT_OPS,
+    ConvBNReLU,
+    Dtype,
+    OpChoices,
+    SeparableConv,
+    choose,
+    resize_bilinear,
+)
 
 
 class JPU(nn.Module):
@@ -37,12 +45,18 @@ class JPU(nn.Module):
             ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv3")(c2, train),
         ]
         feat = jnp.concatenate([resize_bilinear(f, size, self.ops.resize) for f in feats], axis=-1)
+        margin = 0
+        if choose(self.ops.jpu_input, tpu="fused", other="fused", gpu="padded") == "padded":
+            # Padded once for every branch and written out, so the taps read plain slices (layers.py).
+            margin = max(self.dilations)  # the 3x3 depthwise convs pad by their dilation
+            feat = jax.lax.optimization_barrier(jnp.pad(feat, ((0, 0), (margin, margin), (margin, margin), (0, 0))))
         branches = [
             SeparableConv(
                 self.width,
                 dilation=d,
                 dtype=self.dtype,
                 ops=self.ops,
+                margin=margin,
                 name=f"dilation{i + 1}",
             )(feat, train)
             for i, d in enumerate(self.dilations)

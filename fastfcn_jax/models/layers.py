@@ -31,6 +31,14 @@ Performance choices: the same maths in a form each backend runs well. All of the
   optimization barrier). A candidate for GPUs, where the JPU path ran far below the hardware (H200, batch 16:
   EncNet+JPU 21.4 ms vs 15.9 ms for the dilated model with 2.3x its FLOPs; see docs/performance.md); not
   measured there yet, so no ``'auto'``.
+- JPU input (``jpu_input``): ``'fused'`` lets XLA fuse the concatenation of the three resized maps and each
+  branch's zero padding into the depthwise taps, as XLA:CPU does well; ``'padded'`` writes the concatenation
+  padded once by the largest dilation (an optimization barrier) and the four branches slice it in place.
+  XLA:GPU otherwise builds one kernel for all four branches in which each of the 36 taps chooses among the
+  three inputs and tests the padding bounds: 3231 PTX instructions with branches and scalar 16-bit loads,
+  690 straight-line ones from the padded array (compile-only H200 build, ``experiments/gpu_aot.py``), for
+  one extra write and read of the padded features (about 0.15 ms at batch 16, 512x512). ``'auto'``: padded
+  on GPUs, where it is not measured yet.
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -110,6 +118,7 @@ class OpChoices:
     conv_gradient: str = "auto"  # 'im2col' | 'xla' | 'auto' (im2col on CPU)
     dilated: str = "auto"  # 'valid_taps' | 'conv' | 'auto' (valid taps on CPU when padding is >= 20% of the work)
     separable: str = "fused"  # 'fused' | 'split' (JPU: depthwise output materialised before the pointwise matmul)
+    jpu_input: str = "auto"  # 'fused' | 'padded' | 'auto' (JPU: padded concatenation materialised; padded on GPU)
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -119,6 +128,7 @@ class OpChoices:
             ("conv_gradient", ("im2col", "xla", "auto")),
             ("dilated", ("valid_taps", "conv", "auto")),
             ("separable", ("fused", "split")),
+            ("jpu_input", ("fused", "padded", "auto")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")
@@ -127,11 +137,15 @@ class OpChoices:
 DEFAULT_OPS = OpChoices()
 
 
-def choose(choice: str, *, tpu: str, other: str) -> str:
-    """Resolves an ``'auto'`` implementation choice for the backend being traced for."""
+def choose(choice: str, *, tpu: str, other: str, gpu: str | None = None) -> str:
+    """Resolves an ``'auto'`` implementation choice for the backend being traced for (``gpu`` defaults to
+    ``other``)."""
     if choice != "auto":
         return choice
-    return tpu if jax.default_backend() == "tpu" else other
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return tpu
+    return gpu if gpu is not None and backend == "gpu" else other
 
 
 def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
@@ -548,12 +562,16 @@ class DepthwiseConv(nn.Module):
     (``implementation='shifted'``): on XLA:CPU ``feature_group_count`` convolutions are very slow (and
     their kernel gradient runs as a dense conv), while the shifted form is exact and fuses well on every
     backend. ``implementation='grouped'`` uses ``lax.conv_general_dilated`` with ``feature_group_count``.
+    ``margin`` > 0 says ``x`` already carries that many zero rows and columns on each side (at least the
+    padding): the output is then ``x``'s size less ``2 * margin``, the taps read the margin in place of
+    padding, and the input gradient covers the whole padded array.
     """
 
     kernel_size: int = 3
     dilation: int = 1
     dtype: Dtype = jnp.float32
     implementation: str = "shifted"
+    margin: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -568,52 +586,64 @@ class DepthwiseConv(nn.Module):
         kernel = kernel.astype(self.dtype)
         x = x.astype(self.dtype)
         pad = d * (k - 1) // 2
+        if self.margin and self.margin < pad:
+            raise ValueError(f"a margin of {self.margin} is less than the padding {pad} of dilation {d}")
         if self.implementation == "grouped":
+            if self.margin:
+                skip = self.margin - pad
+                x = x[:, skip : x.shape[1] - skip, skip : x.shape[2] - skip, :]
             return jax.lax.conv_general_dilated(
                 x,
                 kernel,
                 window_strides=(1, 1),
-                padding=((pad, pad), (pad, pad)),
+                padding=((0, 0), (0, 0)) if self.margin else ((pad, pad), (pad, pad)),
                 rhs_dilation=(d, d),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=channels,
             )
         if self.implementation != "shifted":
             raise ValueError(f"unknown depthwise implementation {self.implementation!r}")
-        return _depthwise_shifted(x, kernel, d)
+        return _depthwise_shifted(x, kernel, d, self.margin)
 
 
-def _shifted_views(x: jax.Array, kernel_size: int, dilation: int) -> list[jax.Array]:
+def _shifted_views(x: jax.Array, kernel_size: int, dilation: int, margin: int = 0) -> list[jax.Array]:
     """The k*k views of ``x`` zero-padded by ``dilation * (k - 1) // 2`` that a stride-1 'same' conv reads,
-    tap (i, j) at index ``i * k + j``."""
-    height, width = x.shape[1], x.shape[2]
+    tap (i, j) at index ``i * k + j``. With ``margin`` > 0, ``x`` is already padded by ``margin`` (>= the
+    padding) and is sliced in place."""
     pad = dilation * (kernel_size - 1) // 2
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    if margin:
+        padded, skip = x, margin - pad
+        height, width = x.shape[1] - 2 * margin, x.shape[2] - 2 * margin
+    else:
+        padded, skip = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))), 0
+        height, width = x.shape[1], x.shape[2]
     return [
-        padded[:, i * dilation : i * dilation + height, j * dilation : j * dilation + width, :]
+        padded[
+            :, skip + i * dilation : skip + i * dilation + height, skip + j * dilation : skip + j * dilation + width, :
+        ]
         for i in range(kernel_size)
         for j in range(kernel_size)
     ]
 
 
-def _shifted_taps(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+def _shifted_taps(x: jax.Array, kernel: jax.Array, dilation: int, margin: int = 0) -> jax.Array:
     """sum_ij x_padded[h + i*d, w + j*d] * kernel[i, j] in float32: a stride-1 'same' depthwise conv."""
     k = kernel.shape[0]
     out = None
-    for index, view in enumerate(_shifted_views(x, k, dilation)):
+    for index, view in enumerate(_shifted_views(x, k, dilation, margin)):
         # Products and sums in float32 as a convolution accumulates; XLA fuses the taps into one pass.
         term = view.astype(jnp.float32) * kernel[index // k, index % k, 0].astype(jnp.float32)
         out = term if out is None else out + term
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_shifted(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-    return _shifted_taps(x, kernel, dilation).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted(x: jax.Array, kernel: jax.Array, dilation: int, margin: int = 0) -> jax.Array:
+    return _shifted_taps(x, kernel, dilation, margin).astype(x.dtype)
 
 
-def _depthwise_shifted_fwd(x: jax.Array, kernel: jax.Array, dilation: int) -> tuple[jax.Array, tuple]:
-    return _depthwise_shifted(x, kernel, dilation), (x, kernel)
+def _depthwise_shifted_fwd(x: jax.Array, kernel: jax.Array, dilation: int, margin: int) -> tuple[jax.Array, tuple]:
+    return _depthwise_shifted(x, kernel, dilation, margin), (x, kernel)
 
 
 def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, stacked: bool) -> jax.Array:
@@ -630,13 +660,17 @@ def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, stacked: bool) ->
     return jnp.sum(jnp.stack(views) * grad32, (1, 2, 3))
 
 
-def _depthwise_shifted_bwd(dilation: int, residuals: tuple, grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _depthwise_shifted_bwd(
+    dilation: int, margin: int, residuals: tuple, grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     # Autodiff would transpose each tap's slice into a pad: nine padded copies of the incoming gradient,
     # summed (about 25 ms each on XLA:CPU for the JPU at batch 2, 256x256). The input gradient of a
-    # stride-1 'same' correlation is the same correlation with the kernel flipped: one fused pass.
+    # stride-1 'same' correlation is the same correlation with the kernel flipped: one fused pass. For a
+    # pre-padded input it is that correlation over the gradient padded by the margin (the whole array).
     x, kernel = residuals
-    grad_x = _shifted_taps(grad, kernel[::-1, ::-1], dilation).astype(x.dtype)
-    views = _shifted_views(x, kernel.shape[0], dilation)
+    grad_in = jnp.pad(grad, ((0, 0), (margin, margin), (margin, margin), (0, 0))) if margin else grad
+    grad_x = _shifted_taps(grad_in, kernel[::-1, ::-1], dilation).astype(x.dtype)
+    views = _shifted_views(x, kernel.shape[0], dilation, margin)
     taps = _tap_gradients(views, grad, stacked=jax.default_backend() != "cpu")
     grad_kernel = taps.reshape(kernel.shape).astype(kernel.dtype)
     return grad_x, grad_kernel
@@ -660,6 +694,7 @@ class SeparableConv(nn.Module):
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     ops: OpChoices = DEFAULT_OPS
+    margin: int = 0  # the input is already zero-padded by this much (see DepthwiseConv)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -668,6 +703,7 @@ class SeparableConv(nn.Module):
             self.dilation,
             dtype=self.dtype,
             implementation=self.ops.depthwise,
+            margin=self.margin,
             name="depthwise",
         )(x)
         x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="depthwise_norm")(x)

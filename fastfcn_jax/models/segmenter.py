@@ -66,6 +66,7 @@ class Segmenter(nn.Module):
     conv_gradient_implementation: str = "auto"
     dilated_implementation: str = "auto"
     separable_implementation: str = "fused"
+    jpu_input_implementation: str = "auto"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -85,6 +86,7 @@ class Segmenter(nn.Module):
             conv_gradient=self.conv_gradient_implementation,
             dilated=self.dilated_implementation,
             separable=self.separable_implementation,
+            jpu_input=self.jpu_input_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
