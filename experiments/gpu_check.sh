@@ -15,7 +15,8 @@
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
 #   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
 #   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
-#   train_ops    the bf16 train step at batch 16, 480x480 with separable=split and with depthwise=grouped;
+#   train_ops    the bf16 train step at batch 16, 480x480 with jpu_input=fused (the CPU form; GPUs default to
+#                padded), separable=split and depthwise=grouped;
 #   fp32         float32 forward of the EncNet pair;
 #   diagnose     experiments/gpu_diagnose.py: where the forward time goes (prefix timings, op variants and
 #                a kernel profile at batch 16), into OUT_DIR/diagnose; then the EncNet pair at batch 16
@@ -80,12 +81,12 @@ for name in ${STAGES//,/ }; do
         stage train_bf16_b16 120 bench train_bf16_b16 --dtype bfloat16 --models= --no-peak \
             --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 ;;
     ops)
-        for ops in depthwise=grouped resize=matmul pointwise=conv separable=split; do
+        for ops in jpu_input=fused depthwise=grouped resize=matmul pointwise=conv separable=split; do
             stage "ops_${ops/=/_}" 60 bench "ops_${ops/=/_}" --dtype bfloat16 --models encnet_jpu_r50 --no-peak \
                 --warmup 5 --repeats 30 --ops "$ops"
         done ;;
     train_ops)  # the b16 480x480 train step under the op variants that could fix the JPU path on GPUs
-        for ops in separable=split depthwise=grouped; do
+        for ops in jpu_input=fused separable=split depthwise=grouped; do
             stage "train_ops_${ops/=/_}" 150 bench "train_ops_${ops/=/_}" --dtype bfloat16 --models= --no-peak \
                 --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 \
                 --ops "$ops"

@@ -58,6 +58,8 @@ RUNS: list[tuple[str, str | None, dict[str, str]]] = [
     (DILATED, "c4", {}),
     (DILATED, "head", {}),
     (DILATED, None, {}),
+    (JPU, "jpu", {"jpu_input": "fused"}),
+    (JPU, None, {"jpu_input": "fused"}),
     (JPU, "jpu", {"depthwise": "grouped"}),
     (JPU, "jpu", {"resize": "matmul"}),
     (JPU, "jpu", {"pointwise": "conv"}),
