@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     parser.add_argument(
+        "--constant-weights",
+        action="store_true",
+        help="compile the weights into the forward program as a deployment does (XLA folds the BN arithmetic)",
+    )
+    parser.add_argument(
         "--input-pipeline",
         metavar="DATASET",
         help="also measure the training input pipeline's images/s on DATASET (imports TensorFlow)",
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         aux=args.aux,
         ops=args.ops,
         until=args.until,
+        constant_weights=args.constant_weights,
         peak=args.peak,
         train_names=train_names,
         train_sizes=train_sizes,

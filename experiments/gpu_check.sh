@@ -5,11 +5,12 @@
 #   bash experiments/gpu_check.sh [OUT_DIR]          # GPU_CHECK_QUICK=1: tiny models, a CPU smoke test
 #   GPU_CHECK_STAGES=diagnose,forward bash experiments/gpu_check.sh   # only these stages, in this order
 #
-# Stages (GPU_CHECK_STAGES, default forward,train,parity), each with its own time limit; a failing
+# Stages (GPU_CHECK_STAGES, default forward,forward_constant,train,parity), each with its own time limit; a failing
 # stage does not stop the others (device time is scarce: one run must bring back as much as it can). Before
 # them: the environment, and that TensorFlow / ml_collections stay off the model and benchmark import path.
 #   forward      latency at 512x512, batch 1, dilated vs JPU for EncNet, PSP and DeepLabV3 in bfloat16, with
 #                FLOPs, achieved FLOP/s and the measured bf16 matmul peak;
+#   forward_constant  EncNet's pair at batch 1 with the weights compiled into the program (as deployed);
 #   forward_b16  the same at batch 16 (throughput; at batch 1 an H200 is launch-bound);
 #   train        the bf16 training step of EncNet+JPU and its dilated twin at batch 2, 256x256 (the reference
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
@@ -68,10 +69,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
     --format=csv | tee -a "$LOG"
 
 PAIRS=encnet_jpu_r50,encnet_dilated_r50,psp_jpu_r50,psp_dilated_r50,deeplab_jpu_r50,deeplab_dilated_r50
-STAGES="${GPU_CHECK_STAGES:-forward,train,parity}"
+STAGES="${GPU_CHECK_STAGES:-forward,forward_constant,train,parity}"
 for name in ${STAGES//,/ }; do
     case $name in
     forward) stage forward_bf16 150 bench forward_bf16 --dtype bfloat16 --models "$PAIRS" --warmup 5 --repeats 30 ;;
+    forward_constant)  # deployment-style: weights compiled in, XLA folds the BN arithmetic (fewer kernels)
+        stage forward_constant 90 bench forward_constant --dtype bfloat16 --models encnet_jpu_r50,encnet_dilated_r50 \
+            --no-peak --warmup 5 --repeats 30 --constant-weights ;;
     forward_b16)  # throughput: at batch 1 an H200 is launch-bound (~2.5 ms for every model)
         stage forward_bf16_b16 150 bench forward_bf16_b16 --dtype bfloat16 --models "$PAIRS" --batch-size 16 \
             --no-peak --warmup 3 --repeats 10 ;;
@@ -107,7 +111,7 @@ for name in ${STAGES//,/ }; do
     diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
         stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
             --train-profile encnet_jpu_r50 ${GPU_CHECK_QUICK:+--quick} ;;
-    *) echo "unknown stage $name (forward, forward_b16, train, train_ops, ops, parity, fp32, diagnose," \
+    *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_ops, ops, parity, fp32, diagnose," \
            "diagnose_train)" \
            | tee -a "$LOG"
        FAILED+=("$name") ;;

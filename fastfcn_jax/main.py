@@ -93,6 +93,7 @@ def main(argv: list[str]) -> None:
                 aux=settings.aux,
                 ops=parse_ops(settings.ops),
                 until=settings.until or None,
+                constant_weights=settings.constant_weights,
                 peak=settings.peak,
                 train_names=items(settings.train_models),
                 train_sizes=[(int(size), int(size)) for size in items(settings.train_sizes)],

@@ -139,6 +139,21 @@ def test_forward_until_a_feature_map_times_a_prefix_of_the_network() -> None:
         benchmark.benchmark_model("encnet_dilated_tiny", until="jpu", **kwargs)
 
 
+def test_constant_weights_time_the_same_program_with_the_weights_compiled_in() -> None:
+    kwargs = dict(num_classes=5, image_size=(32, 32), warmup=0, repeats=1)
+    as_arguments = benchmark.benchmark_model("encnet_jpu_tiny", **kwargs)
+    as_constants = benchmark.benchmark_model("encnet_jpu_tiny", constant_weights=True, **kwargs)
+    # FLOPs are counted on the lowered program: the same network whether its weights are inputs or constants.
+    assert as_constants["flops"] == as_arguments["flops"] > 0
+    assert as_constants["constant_weights"] and not as_arguments["constant_weights"]
+    assert as_constants["latency_ms"]["median"] > 0
+    prefix = benchmark.benchmark_model("encnet_jpu_tiny", constant_weights=True, until="c4", **kwargs)
+    assert 0 < prefix["flops"] < as_constants["flops"]
+    results = benchmark.run_benchmark(["encnet_jpu_tiny"], constant_weights=True, peak=False, log=False, **kwargs)
+    assert results["settings"]["constant_weights"] is True
+    assert "weights compiled in as constants" in benchmark.format_table(results)
+
+
 def test_unknown_op_choice_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown op"):
         benchmark.run_benchmark(["encnet_jpu_tiny"], ops={"depthwise_conv": "grouped"}, log=False)
