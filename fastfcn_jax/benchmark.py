@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models import create_model
-from fastfcn_jax.models.layers import OpChoices
+from fastfcn_jax.models.layers import OpChoices, fold_batch_norm
 from fastfcn_jax.summary import count_parameters
 
 DEFAULT_MODELS = (
@@ -164,6 +164,8 @@ def benchmark_model(
     model = create_model(name, num_classes, dtype=dtype, aux=aux, **op_overrides(ops))
     images = jax.random.normal(jax.random.PRNGKey(_INPUT_SEED), (batch_size, height, width, 3), jnp.float32)
     variables = synthetic_variables(model, images)
+    if model.ops.norm == "folded":
+        variables = fold_batch_norm(variables)
 
     # Variables are an argument rather than a closure so XLA cannot constant-fold the weights, which
     # would both bloat compilation and make the FLOP count unrepresentative.

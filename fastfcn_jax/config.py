@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.export.directory = ""  # "": WORKDIR/export
     config.export.checkpoint = ""  # "": WORKDIR's latest checkpoint
     config.export.embed_params = True  # False: params.npz beside model.stablehlo
+    config.export.fold_norm = True  # BatchNorms folded into the convolutions before them
 
     # mode=benchmark (experiments/benchmark.py has the same options as flags).
     config.benchmark = ml_collections.ConfigDict()

@@ -114,6 +114,9 @@ def test_stablehlo_metadata_records_model_classes_palette_input_and_source(train
     assert metadata["input"]["normalization"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert metadata["source_checkpoint"] == {"path": str(workdir), "step": 7}
     assert metadata["output"] == "logits" and metadata["params"] == "embedded"
+    # Exported with its BatchNorms folded into the convolutions (config.export.fold_norm, the default); the
+    # round-trip tests compare it with the unfolded model.
+    assert metadata["batch_norm"] == "folded"
 
 
 def test_loader_normalize_matches_the_imagenet_formula(exported):

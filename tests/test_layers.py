@@ -488,3 +488,77 @@ def test_depthwise_conv_on_a_pre_padded_input_equals_padding_inside(implementati
     np.testing.assert_allclose(dv_m["params"]["kernel"], dv["params"]["kernel"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="less than the padding"):
         layers.DepthwiseConv(dilation=4, margin=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 2)))
+
+
+def _trained_looking_variables(model, images):
+    """Variables whose BatchNorms are far from identity (random scales, shifts, means and variances)."""
+    variables = model.init(jax.random.PRNGKey(1), images, train=False)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    values = []
+    for key, (path, leaf) in zip(keys, leaves, strict=True):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("scale", "var"):
+            leaf = jax.random.uniform(key, leaf.shape, leaf.dtype, 0.5, 2.0)
+        elif name in ("bias", "mean"):
+            leaf = 0.3 * jax.random.normal(key, leaf.shape, leaf.dtype)
+        values.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+@pytest.mark.parametrize("name", ["encnet_jpu_tiny", "psp_dilated_tiny", "deeplab_jpu_tiny", "encnet_jpux_tiny"])
+def test_folded_batch_norm_gives_the_same_outputs(name) -> None:
+    from fastfcn_jax.models import create_model
+
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    model = create_model(name, 5)
+    variables = _trained_looking_variables(model, images)
+    folded_model = create_model(name, 5, norm_implementation="folded")
+    folded = layers.fold_batch_norm(variables)
+    assert jax.tree.structure(folded) == jax.tree.structure(variables)
+    with jax.default_matmul_precision("highest"):
+        want = model.apply(variables, images, train=False)
+        got = folded_model.apply(folded, images, train=False)
+    for key in want:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-4, atol=1e-4)
+
+    # The folded model normalises nothing where a convolution precedes the BatchNorm: no rsqrt left for them
+    # (EncNet keeps its codeword BatchNorm, JPU_X its GroupNorms).
+    def rsqrt_count(m, v):
+        return str(jax.make_jaxpr(lambda v, x: m.apply(v, x, train=False))(v, images)).count("rsqrt")
+
+    assert rsqrt_count(folded_model, folded) < rsqrt_count(model, variables)
+    if name == "psp_dilated_tiny":
+        assert rsqrt_count(folded_model, folded) == 0
+    with pytest.raises(ValueError, match="folded into its convolution"):
+        folded_model.apply(folded, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(3)})
+
+
+def test_fold_batch_norm_folds_conv_pairs_only() -> None:
+    from fastfcn_jax.models import create_model
+
+    images = jnp.zeros((1, 32, 32, 3))
+    model = create_model("encnet_jpux_tiny", 5)
+    variables = _trained_looking_variables(model, images)
+    folded = layers.fold_batch_norm(variables)
+    bn, bn_folded = variables["params"]["backbone"]["stem1"]["bn"], folded["params"]["backbone"]["stem1"]["bn"]
+    stats = variables["batch_stats"]["backbone"]["stem1"]["bn"]
+    multiplier = np.asarray(bn["scale"]) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
+    np.testing.assert_allclose(
+        folded["params"]["backbone"]["stem1"]["conv"]["kernel"],
+        np.asarray(variables["params"]["backbone"]["stem1"]["conv"]["kernel"]) * multiplier,
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        bn_folded["bias"], np.asarray(bn["bias"]) - np.asarray(stats["mean"]) * multiplier, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(bn_folded["scale"], np.ones_like(bn["scale"]))
+    np.testing.assert_array_equal(folded["batch_stats"]["backbone"]["stem1"]["bn"]["var"], np.ones_like(stats["var"]))
+    # JPU_X's GroupNorms and EncNet's codeword BatchNorm (no convolution beside it) stay as they were.
+    jum = variables["params"]["neck"]["jum_1"]["dilation1"]
+    np.testing.assert_array_equal(folded["params"]["neck"]["jum_1"]["dilation1"]["depthwise_norm"]["scale"],
+                                  jum["depthwise_norm"]["scale"])  # fmt: skip
+    np.testing.assert_array_equal(folded["params"]["decode_head"]["enc_bn"]["scale"],
+                                  variables["params"]["decode_head"]["enc_bn"]["scale"])  # fmt: skip
+    with pytest.raises(ValueError, match="norm_implementation must be one of"):
+        layers.OpChoices(norm="merged")

@@ -39,6 +39,11 @@ Performance choices: the same maths in a form each backend runs well. All of the
   690 straight-line ones from the padded array (compile-only H200 build, ``experiments/gpu_aot.py``), for
   one extra write and read of the padded features (about 0.15 ms at batch 16, 512x512). ``'auto'``: padded
   on GPUs, where it is not measured yet.
+- BatchNorm at inference (``norm``): ``'folded'`` multiplies each BatchNorm's ``scale / sqrt(var + eps)`` into
+  the kernel of the convolution before it and keeps only the shift, so the network runs convolutions with a
+  bias (which XLA fuses into the convolution or matmul) instead of a separate normalisation pass after each.
+  The variables must be transformed by :func:`fold_batch_norm`; evaluation only. ``'standard'`` is the
+  default and the only choice for training.
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -49,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -119,6 +124,7 @@ class OpChoices:
     dilated: str = "auto"  # 'valid_taps' | 'conv' | 'auto' (valid taps on CPU when padding is >= 20% of the work)
     separable: str = "fused"  # 'fused' | 'split' (JPU: depthwise output materialised before the pointwise matmul)
     jpu_input: str = "auto"  # 'fused' | 'padded' | 'auto' (JPU: padded concatenation materialised; padded on GPU)
+    norm: str = "standard"  # 'standard' | 'folded' (inference: BatchNorm folded into the conv before it)
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -129,6 +135,7 @@ class OpChoices:
             ("dilated", ("valid_taps", "conv", "auto")),
             ("separable", ("fused", "split")),
             ("jpu_input", ("fused", "padded", "auto")),
+            ("norm", ("standard", "folded")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")
@@ -278,10 +285,16 @@ class BatchNorm(nn.Module):
     epsilon: float = NORM_EPSILON
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    folded: bool = False  # inference only: the conv before carries the scale, ``bias`` the whole shift
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if self.folded and not use_running_average:
+            raise ValueError(
+                f"BatchNorm {self.name!r} is folded into its convolution (norm_implementation='folded'), which "
+                "only evaluates; train with norm_implementation='standard'"
+            )
         axis = self.feature_axis % x.ndim
         features = x.shape[axis]
         reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
@@ -294,6 +307,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
 
         x32 = x.astype(jnp.float32)
+        if self.folded:
+            return (x32 + bias.astype(jnp.float32).reshape(stat_shape)).astype(self.dtype or x.dtype)
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -317,10 +332,13 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype or x.dtype)
 
 
-def make_norm(kind: str, *, train: bool, dtype: Dtype, num_groups: int = 32, name: str | None = None):
-    """A normalisation layer by name: ``'batch'`` (PyTorch BatchNorm) or ``'group'`` (GroupNorm, eps 1e-5)."""
+def make_norm(
+    kind: str, *, train: bool, dtype: Dtype, num_groups: int = 32, folded: bool = False, name: str | None = None
+):
+    """A normalisation layer by name: ``'batch'`` (PyTorch BatchNorm) or ``'group'`` (GroupNorm, eps 1e-5).
+    ``folded``: a BatchNorm whose scale is in the preceding convolution (see :func:`fold_batch_norm`)."""
     if kind == "batch":
-        return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
+        return BatchNorm(use_running_average=not train, dtype=dtype, folded=folded, name=name)
     if kind == "group":
         # Two-pass variance, as PyTorch computes it.
         return nn.GroupNorm(
@@ -332,6 +350,67 @@ def make_norm(kind: str, *, train: bool, dtype: Dtype, num_groups: int = 32, nam
             name=name,
         )
     raise ValueError(f"unknown norm {kind!r}; expected 'batch' or 'group'")
+
+
+# The (convolution, BatchNorm) sibling pairs that fold_batch_norm folds: ConvBNReLU's and SeparableConv's.
+FOLDABLE_PAIRS = (("conv", "bn"), ("depthwise", "depthwise_norm"), ("pointwise", "pointwise_norm"))
+
+
+def fold_batch_norm(variables: Any, epsilon: float = NORM_EPSILON) -> dict[str, Any]:
+    """Variables for ``norm_implementation='folded'``: each BatchNorm that follows a convolution is folded in.
+
+    ``bn(conv(x, W)) = conv(x, W * m) + (bias - mean * m)`` with ``m = scale / sqrt(var + eps)`` per output
+    channel: the kernel takes ``m`` along its last (output) axis, the BatchNorm's ``bias`` the shift, its
+    ``scale``, ``mean`` and ``var`` become 1, 0, 1 (unused). Computed in float64, stored in the variables'
+    dtypes. GroupNorms (no running statistics) and BatchNorms without a convolution sibling (EncNet's
+    codeword BatchNorm) are left as they are, and so does the model built with ``'folded'``.
+    """
+    params, stats = variables["params"], variables.get("batch_stats", {})
+
+    def fold(params_node: Any, stats_node: Any) -> Any:
+        if not isinstance(params_node, Mapping):
+            return params_node
+        out = {
+            key: fold(value, stats_node.get(key, {}) if isinstance(stats_node, Mapping) else {})
+            for key, value in params_node.items()
+        }
+        for conv_name, norm_name in FOLDABLE_PAIRS:
+            norm_stats = stats_node.get(norm_name) if isinstance(stats_node, Mapping) else None
+            if conv_name not in out or norm_name not in out or not norm_stats:
+                continue
+            conv, norm = dict(out[conv_name]), dict(out[norm_name])
+            if "bias" in conv:
+                raise ValueError(f"cannot fold {norm_name!r} into {conv_name!r}: the convolution has a bias")
+            scale = np.asarray(norm["scale"], np.float64)
+            multiplier = scale / np.sqrt(np.asarray(norm_stats["var"], np.float64) + epsilon)
+            shift = np.asarray(norm["bias"], np.float64) - np.asarray(norm_stats["mean"], np.float64) * multiplier
+            kernel = np.asarray(conv["kernel"])
+            conv["kernel"] = (kernel.astype(np.float64) * multiplier).astype(kernel.dtype)
+            norm["scale"] = np.ones_like(np.asarray(norm["scale"]))
+            norm["bias"] = shift.astype(np.asarray(norm["bias"]).dtype)
+            out[conv_name], out[norm_name] = conv, norm
+        return out
+
+    def reset_stats(params_node: Any, stats_node: Any) -> Any:
+        if not isinstance(stats_node, Mapping):
+            return stats_node
+        out = {
+            key: reset_stats(params_node.get(key, {}) if isinstance(params_node, Mapping) else {}, value)
+            for key, value in stats_node.items()
+        }
+        for conv_name, norm_name in FOLDABLE_PAIRS:
+            if isinstance(params_node, Mapping) and conv_name in params_node and norm_name in out:
+                out[norm_name] = {
+                    "mean": np.zeros_like(np.asarray(out[norm_name]["mean"])),
+                    "var": np.ones_like(np.asarray(out[norm_name]["var"])),
+                }
+        return out
+
+    folded = dict(variables)
+    folded["params"] = fold(params, stats)
+    if "batch_stats" in variables:
+        folded["batch_stats"] = reset_stats(params, stats)
+    return folded
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,7 +630,8 @@ class ConvBNReLU(nn.Module):
             ops=self.ops,
             name="conv",
         )(x)
-        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="bn")(x)
+        folded = self.ops.norm == "folded"
+        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, folded=folded, name="bn")(x)
         return nn.relu(x) if self.relu else x
 
 
@@ -706,13 +786,21 @@ class SeparableConv(nn.Module):
             margin=self.margin,
             name="depthwise",
         )(x)
-        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="depthwise_norm")(x)
+        norm = functools.partial(
+            make_norm,
+            self.norm,
+            train=train,
+            dtype=self.dtype,
+            num_groups=self.num_groups,
+            folded=self.ops.norm == "folded",
+        )
+        x = norm(name="depthwise_norm")(x)
         if self.ops.separable == "split":
             # Keeps XLA from pulling the nine depthwise taps into the pointwise matmul's operand, where a
             # tiled GEMM would recompute them for every output tile.
             x = jax.lax.optimization_barrier(x)
         x = conv2d(self.features, 1, dtype=self.dtype, ops=self.ops, name="pointwise")(x)
-        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, name="pointwise_norm")(x)
+        x = norm(name="pointwise_norm")(x)
         return nn.relu(x)
 
 

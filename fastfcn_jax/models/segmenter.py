@@ -67,6 +67,7 @@ class Segmenter(nn.Module):
     dilated_implementation: str = "auto"
     separable_implementation: str = "fused"
     jpu_input_implementation: str = "auto"
+    norm_implementation: str = "standard"  # 'folded': variables from layers.fold_batch_norm, inference only
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -87,6 +88,7 @@ class Segmenter(nn.Module):
             dilated=self.dilated_implementation,
             separable=self.separable_implementation,
             jpu_input=self.jpu_input_implementation,
+            norm=self.norm_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
