@@ -10,7 +10,8 @@
 # them: the environment, and that TensorFlow / ml_collections stay off the model and benchmark import path.
 #   forward      latency at 512x512, batch 1, dilated vs JPU for EncNet, PSP and DeepLabV3 in bfloat16, with
 #                FLOPs, achieved FLOP/s and the measured bf16 matmul peak;
-#   forward_constant  EncNet's pair at batch 1 with the weights compiled into the program (as deployed);
+#   forward_constant  EncNet's pair at batch 1 as exported: weights compiled into the program, BatchNorms
+#                folded into the convolutions (at batch 1 the GPU is bound by kernel count);
 #   forward_b16  the same at batch 16 (throughput; at batch 1 an H200 is launch-bound);
 #   train        the bf16 training step of EncNet+JPU and its dilated twin at batch 2, 256x256 (the reference
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
@@ -73,9 +74,9 @@ STAGES="${GPU_CHECK_STAGES:-forward,forward_constant,train,parity}"
 for name in ${STAGES//,/ }; do
     case $name in
     forward) stage forward_bf16 150 bench forward_bf16 --dtype bfloat16 --models "$PAIRS" --warmup 5 --repeats 30 ;;
-    forward_constant)  # deployment-style: weights compiled in, XLA folds the BN arithmetic (fewer kernels)
+    forward_constant)  # as exported: weights compiled in, BatchNorms folded into the convolutions (fewer kernels)
         stage forward_constant 90 bench forward_constant --dtype bfloat16 --models encnet_jpu_r50,encnet_dilated_r50 \
-            --no-peak --warmup 5 --repeats 30 --constant-weights ;;
+            --no-peak --warmup 5 --repeats 30 --constant-weights --ops norm=folded ;;
     forward_b16)  # throughput: at batch 1 an H200 is launch-bound (~2.5 ms for every model)
         stage forward_bf16_b16 150 bench forward_bf16_b16 --dtype bfloat16 --models "$PAIRS" --batch-size 16 \
             --no-peak --warmup 3 --repeats 10 ;;
