@@ -344,6 +344,23 @@ def test_valid_taps_dilated_conv_equals_convolution_with_gradients(size, dilatio
     assert fraction == pytest.approx(1 / 9) if dilation >= max(size) else 1 / 9 < fraction < 1
 
 
+def _train_mode_logits_and_gradients(model, variables, images):
+    """Logits of a train-mode forward and the gradient of sum(logits^2) w.r.t. the parameters."""
+
+    def loss(params):
+        outputs, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(2)},
+        )
+        return jnp.sum(outputs["logits"] ** 2), outputs["logits"]
+
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    return np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
 def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
     from fastfcn_jax.models import create_model
 
@@ -352,20 +369,9 @@ def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
     for separable in ("fused", "split"):
         model = create_model("encnet_jpu_tiny", 5, separable_implementation=separable)
         variables = model.init(jax.random.PRNGKey(1), images, train=False)
-
-        def loss(params, model=model, variables=variables):
-            outputs, _ = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": jax.random.PRNGKey(2)},
-            )
-            return jnp.sum(outputs["logits"] ** 2)
-
-        grads[separable] = jax.jit(jax.grad(loss))(variables["params"])
-    for fused, split in zip(jax.tree.leaves(grads["fused"]), jax.tree.leaves(grads["split"]), strict=True):
-        np.testing.assert_allclose(np.asarray(split), np.asarray(fused), rtol=1e-5, atol=1e-6)
+        grads[separable] = _train_mode_logits_and_gradients(model, variables, images)[1]
+    for fused, split in zip(grads["fused"], grads["split"], strict=True):
+        np.testing.assert_allclose(split, fused, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="separable_implementation must be one of"):
         layers.OpChoices(separable="barrier")
 
@@ -441,19 +447,7 @@ def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -
             variables = jax.tree.map(
                 lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), images, train=False)
             )
-
-            def loss(params, model=model, variables=variables):
-                outputs, _ = model.apply(
-                    {"params": params, "batch_stats": variables["batch_stats"]},
-                    images,
-                    train=True,
-                    mutable=["batch_stats"],
-                    rngs={"dropout": jax.random.PRNGKey(2)},
-                )
-                return jnp.sum(outputs["logits"] ** 2), outputs["logits"]
-
-            grads, logits = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-            results[jpu_input] = (np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)])
+            results[jpu_input] = _train_mode_logits_and_gradients(model, variables, images)
     (out_fused, grads_fused), (out_padded, grads_padded) = results["fused"], results["padded"]
     # The classifier and the logits stay float32 (the model's policy), everything before them is float64.
     np.testing.assert_allclose(out_padded, out_fused, rtol=1e-6, atol=1e-6)
