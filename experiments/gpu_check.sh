@@ -5,7 +5,7 @@
 #   bash experiments/gpu_check.sh [OUT_DIR]          # GPU_CHECK_QUICK=1: tiny models, a CPU smoke test
 #   GPU_CHECK_STAGES=diagnose,forward bash experiments/gpu_check.sh   # only these stages, in this order
 #
-# Stages (GPU_CHECK_STAGES, default forward,forward_constant,train,parity), each with its own time limit; a failing
+# Stages (GPU_CHECK_STAGES, default forward,train,parity), each with its own time limit; a failing
 # stage does not stop the others (device time is scarce: one run must bring back as much as it can). Before
 # them: the environment, and that TensorFlow / ml_collections stay off the model and benchmark import path.
 #   forward      latency at 512x512, batch 1, dilated vs JPU for EncNet, PSP and DeepLabV3 in bfloat16, with
@@ -70,7 +70,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
     --format=csv | tee -a "$LOG"
 
 PAIRS=encnet_jpu_r50,encnet_dilated_r50,psp_jpu_r50,psp_dilated_r50,deeplab_jpu_r50,deeplab_dilated_r50
-STAGES="${GPU_CHECK_STAGES:-forward,forward_constant,train,parity}"
+STAGES="${GPU_CHECK_STAGES:-forward,train,parity}"
 for name in ${STAGES//,/ }; do
     case $name in
     forward) stage forward_bf16 150 bench forward_bf16 --dtype bfloat16 --models "$PAIRS" --warmup 5 --repeats 30 ;;
