@@ -14,8 +14,8 @@ Needs jax with the CUDA plugin, no GPU (about 5 GB of wheels; Python 3.11 gets j
     PYTHONPATH=. /tmp/gpuaot/bin/python experiments/gpu_aot.py --train --size 480 --no-triton-gemm
 
 ``--hlo-out`` keeps the optimized HLO; ``XLA_FLAGS=--xla_dump_to=DIR`` also dumps each kernel's PTX.
-Op choices: ``'auto'`` resolves by the backend JAX runs on, which is the CPU here, so the script passes
-what ``auto`` picks on a GPU (``GPU_AUTO_OPS``) unless ``--ops`` says otherwise. Without autotuning the
+Op choices: ``'auto'`` resolves for a GPU (``layers.target_backend('gpu')``), not for the CPU the script
+runs on, unless ``--ops`` says otherwise. Without autotuning the
 GEMM tile sizes are XLA's defaults, so compare bytes and fusion structure, not GEMM efficiency.
 The jaxlib 0.10.2 compiler aborts on one Triton GEMM fusion of the EncNet+JPU training step
 (``triton_tiling_propagation.cc``); ``--no-triton-gemm`` (cuBLAS for every matmul) avoids it.
@@ -38,8 +38,6 @@ GPUS = {
     "h200": dict(peak=684e12, bandwidth=4.3e12, memory=150754820096, memory_bandwidth=4800000000000,
                  name="NVIDIA H200"),
 }  # fmt: skip
-# What OpChoices' 'auto' resolves to on a GPU (fastfcn_jax/models/layers.py).
-GPU_AUTO_OPS = {"resize": "gather", "conv_gradient": "xla", "dilated": "conv", "jpu_input": "padded"}
 
 _TARGET = """gpu_device_info {{
   threads_per_block_limit: 1024
@@ -101,6 +99,7 @@ def compile_for_gpu(args: argparse.Namespace) -> str:
 
     from fastfcn_jax.benchmark import op_overrides, parse_ops, synthetic_variables
     from fastfcn_jax.models import create_model
+    from fastfcn_jax.models.layers import target_backend
 
     gpu = GPUS[args.gpu]
     topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")
@@ -110,8 +109,7 @@ def compile_for_gpu(args: argparse.Namespace) -> str:
     def abstract(tree):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
 
-    ops = {**GPU_AUTO_OPS, **parse_ops(args.ops)}
-    model = create_model(args.model, args.num_classes, dtype=args.dtype, **op_overrides(ops))
+    model = create_model(args.model, args.num_classes, dtype=args.dtype, **op_overrides(parse_ops(args.ops)))
     variables = jax.eval_shape(lambda: synthetic_variables(model, jnp.zeros((1, 64, 64, 3), jnp.float32)))
     images = jax.ShapeDtypeStruct((args.batch_size, args.size, args.size, 3), jnp.float32)
     if args.train:
@@ -132,10 +130,12 @@ def compile_for_gpu(args: argparse.Namespace) -> str:
         )
         batch = {"image": images, "label": jax.ShapeDtypeStruct(images.shape[:3], jnp.int32)}
         rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-        lowered = jax.jit(step, donate_argnums=0).lower(abstract(state), abstract(batch), abstract(rng))
+        with target_backend("gpu"):
+            lowered = jax.jit(step, donate_argnums=0).lower(abstract(state), abstract(batch), abstract(rng))
     else:
         forward = jax.jit(functools.partial(model.apply, train=False))
-        lowered = forward.lower(abstract(variables), abstract(images))
+        with target_backend("gpu"):
+            lowered = forward.lower(abstract(variables), abstract(images))
     start = time.perf_counter()
     text = lowered.compile().as_text()
     print(f"compiled for {gpu['name']} in {time.perf_counter() - start:.1f} s (no autotuning)", file=sys.stderr)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     what = "train step" if args.train else "forward"
     print(
         f"{args.model} {what}, batch {args.batch_size}, {args.size}x{args.size}, {args.dtype}, ops "
-        f"{ {**GPU_AUTO_OPS, **dict(kv.split('=') for kv in args.ops.split(',') if kv)} }, roofline at "
+        f"{args.ops or 'auto (for a GPU)'}, roofline at "
         f"{gpu['peak'] / 1e12:.0f} TFLOP/s and {gpu['bandwidth'] / 1e12:.1f} TB/s ({args.gpu})"
     )
     print(roofline.format_report(found, depth=args.depth, top=args.top))

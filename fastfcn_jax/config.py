@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.export.checkpoint = ""  # "": WORKDIR's latest checkpoint
     config.export.embed_params = True  # False: params.npz beside model.stablehlo
     config.export.fold_norm = True  # BatchNorms folded into the convolutions before them
+    config.export.tuned_for = ""  # 'auto' op choices for: "" = the exporting machine's backend, cpu | gpu | tpu
 
     # mode=benchmark (experiments/benchmark.py has the same options as flags).
     config.benchmark = ml_collections.ConfigDict()

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": "",  # "": WORKDIR (its latest checkpoint); or a converter output / another workdir
     "embed_params": True,  # False: parameters go to params.npz beside model.stablehlo
     "fold_norm": True,  # BatchNorms folded into the convolutions before them (models.layers.fold_batch_norm)
+    "tuned_for": "",  # backend whose 'auto' op choices the export uses: "" = this machine's, or cpu | gpu | tpu
 }
 STABLEHLO_FILE = "model.stablehlo"
 METADATA_FILE = "model.json"
@@ -385,6 +386,8 @@ def export_settings(config: Any) -> dict[str, Any]:
         raise ValueError(f"config.export.formats={settings['formats']!r}: choose from {FORMATS}")
     if settings["output"] not in OUTPUTS:
         raise ValueError(f"config.export.output={settings['output']!r}: must be one of {OUTPUTS}")
+    if settings["tuned_for"] not in ("", "cpu", "gpu", "tpu"):
+        raise ValueError(f"config.export.tuned_for={settings['tuned_for']!r}: must be '', 'cpu', 'gpu' or 'tpu'")
     if int(settings["image_size"]) < 0:
         raise ValueError(f"config.export.image_size={settings['image_size']}: must be >= 0 (0 = the crop size)")
     return settings
@@ -409,6 +412,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     from fastfcn_jax import checkpointing
     from fastfcn_jax.data.datasets import get_dataset_info
     from fastfcn_jax.models import create_model
+    from fastfcn_jax.models.layers import fold_batch_norm, target_backend
 
     settings = export_settings(config)
     workdir = Path(workdir).expanduser().absolute()
@@ -431,8 +435,6 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     check_variables(model, variables, image_size, f"checkpoint {source}")
     if settings["fold_norm"]:
         # The same function with one fewer pass per BatchNorm: its scale rides in the convolution's kernel.
-        from fastfcn_jax.models.layers import fold_batch_norm
-
         model = create_model(config.model.name, num_classes, **{**overrides, "norm_implementation": "folded"})
         variables = fold_batch_norm(variables)
 
@@ -448,34 +450,42 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
         "source_checkpoint": {"path": str(source), "step": info.get("step")},
         "jax_version": jax.__version__,
         "batch_norm": "folded" if settings["fold_norm"] else "standard",
+        "op_choices_for": settings["tuned_for"] or jax.default_backend(),
     }
     directory = Path(settings["directory"] or workdir / "export").expanduser().absolute()
     written: dict[str, str] = {}
-    if "stablehlo" in settings["formats"]:
-        paths = export_stablehlo(
-            model,
-            variables,
-            directory,
-            image_size=image_size,
-            metadata=metadata,
-            output=settings["output"],
-            platforms=settings["platforms"],
-            embed_params=bool(settings["embed_params"]),
-        )
-        written.update({k: str(v) for k, v in paths.items()})
-    if "savedmodel" in settings["formats"]:
-        path = export_saved_model(
-            model,
-            variables,
-            directory / SAVED_MODEL_DIR,
-            image_size=image_size,
-            metadata=metadata,
-            output=settings["output"],
-        )
-        written["savedmodel"] = str(path)
-    if "onnx" in settings["formats"]:
-        path = export_onnx(
-            model, variables, directory / ONNX_FILE, image_size=image_size, metadata=metadata, output=settings["output"]
-        )
-        written["onnx"] = str(path)
+    # One trace serves every platform of the module: its 'auto' op choices are made for one backend.
+    with target_backend(settings["tuned_for"] or None):
+        if "stablehlo" in settings["formats"]:
+            paths = export_stablehlo(
+                model,
+                variables,
+                directory,
+                image_size=image_size,
+                metadata=metadata,
+                output=settings["output"],
+                platforms=settings["platforms"],
+                embed_params=bool(settings["embed_params"]),
+            )
+            written.update({k: str(v) for k, v in paths.items()})
+        if "savedmodel" in settings["formats"]:
+            path = export_saved_model(
+                model,
+                variables,
+                directory / SAVED_MODEL_DIR,
+                image_size=image_size,
+                metadata=metadata,
+                output=settings["output"],
+            )
+            written["savedmodel"] = str(path)
+        if "onnx" in settings["formats"]:
+            path = export_onnx(
+                model,
+                variables,
+                directory / ONNX_FILE,
+                image_size=image_size,
+                metadata=metadata,
+                output=settings["output"],
+            )
+            written["onnx"] = str(path)
     return written

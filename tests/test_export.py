@@ -209,6 +209,20 @@ def test_export_settings_reject_unknown_keys_and_formats():
     with pytest.raises(ValueError, match="config.export.formats"):
         export.export_settings(demo_config(formats=("tflite",)))
     assert export.export_settings(load(DEMO).get_config())["formats"] == ("stablehlo",)
+    with pytest.raises(ValueError, match="config.export.tuned_for"):
+        export.export_settings(demo_config(tuned_for="cuda"))
+
+
+def test_export_tuned_for_gpus_on_this_machine_computes_the_same_function(trained, tmp_path):
+    # Made here for GPU serving: the JPU input padded once, the GPU forms of every 'auto' choice.
+    model, variables, workdir = trained
+    paths = export.run_export(demo_config(tuned_for="gpu", platforms=("cpu", "cuda"), directory=str(tmp_path)), workdir)
+    metadata = json.loads(Path(paths["metadata"]).read_text())
+    assert metadata["op_choices_for"] == "gpu" and metadata["batch_norm"] == "folded"
+    segmenter = export.load(paths["stablehlo"])
+    assert "optimization_barrier" in segmenter.exported.mlir_module()
+    images = np.random.default_rng(2).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= 1e-5
 
 
 def test_onnx_export_is_refused_with_an_install_hint_without_jax2onnx(trained, tmp_path, monkeypatch):

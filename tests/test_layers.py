@@ -556,3 +556,36 @@ def test_fold_batch_norm_folds_conv_pairs_only() -> None:
                                   variables["params"]["decode_head"]["enc_bn"]["scale"])  # fmt: skip
     with pytest.raises(ValueError, match="norm_implementation must be one of"):
         layers.OpChoices(norm="merged")
+
+
+def test_target_backend_resolves_auto_choices_for_another_backend() -> None:
+    from fastfcn_jax.models import create_model
+
+    assert layers.backend() == jax.default_backend() == "cpu"
+    x = jnp.ones((1, 16, 16, 4))
+    conv = layers.Conv2D(4, 3, dilation=12)
+    variables = conv.init(jax.random.PRNGKey(0), x)
+    model = create_model("encnet_jpu_tiny", 5)
+    images = jnp.ones((1, 32, 32, 3))
+    model_variables = model.init(jax.random.PRNGKey(0), images, train=False)
+
+    def traced():
+        return (
+            str(jax.make_jaxpr(conv.apply)(variables, x)),
+            str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(model_variables, images)),
+        )
+
+    conv_cpu, model_cpu = traced()
+    with layers.target_backend("gpu"):
+        assert layers.backend() == "gpu"
+        assert layers.choose("auto", tpu="matmul", other="gather", gpu="padded") == "padded"
+        conv_gpu, model_gpu = traced()
+    with layers.target_backend("tpu"):
+        assert layers.choose("auto", tpu="matmul", other="gather") == "matmul"
+    assert layers.backend() == "cpu"
+    # Rate 12 on 16x16: the CPU runs only the taps that read pixels, a GPU the convolution.
+    assert "conv_general_dilated" not in conv_cpu and "conv_general_dilated" in conv_gpu
+    # The JPU's input is padded once and materialised for GPUs only.
+    assert "optimization_barrier" not in model_cpu and "optimization_barrier" in model_gpu
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"), layers.target_backend("cuda"):
+        pass

@@ -8,7 +8,8 @@ matmuls run in ``dtype`` (bfloat16 on accelerators); normalisation is computed i
 
 Performance choices: the same maths in a form each backend runs well. All of them live in
 :class:`OpChoices`, which every module takes as ``ops``, so each can be switched for comparison
-(``create_model(..., resize_implementation='matmul')``); ``'auto'`` picks per backend at trace time.
+(``create_model(..., resize_implementation='matmul')``); ``'auto'`` picks per backend at trace time: JAX's
+default backend, or the one named by :func:`target_backend` (exports and compiles for another machine).
 
 - Bilinear resize: ``'gather'`` (two taps and a lerp per axis) on CPU/GPU, ``'matmul'`` (small interpolation
   matrices by ``einsum``) on TPU, whose MXU prefers matmuls to gathers. On XLA:CPU the matmul form cost
@@ -52,9 +53,11 @@ Performance choices: the same maths in a form each backend runs well. All of the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -144,15 +147,38 @@ class OpChoices:
 DEFAULT_OPS = OpChoices()
 
 
+BACKENDS = ("cpu", "gpu", "tpu")
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastfcn_target_backend", default=None)
+
+
+@contextlib.contextmanager
+def target_backend(name: str | None) -> Iterator[None]:
+    """Within the block, ``'auto'`` op choices resolve for backend ``name`` ('cpu', 'gpu' or 'tpu') instead
+    of the one JAX runs on: for programs traced here and run elsewhere (an export for GPUs made on a CPU
+    machine, ``experiments/gpu_aot.py``). ``None`` restores the default. Trace inside the block."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    token = _TARGET_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
+def backend() -> str:
+    """The backend op choices are made for: :func:`target_backend`'s, else JAX's default backend."""
+    return _TARGET_BACKEND.get() or jax.default_backend()
+
+
 def choose(choice: str, *, tpu: str, other: str, gpu: str | None = None) -> str:
     """Resolves an ``'auto'`` implementation choice for the backend being traced for (``gpu`` defaults to
     ``other``)."""
     if choice != "auto":
         return choice
-    backend = jax.default_backend()
-    if backend == "tpu":
+    name = backend()
+    if name == "tpu":
         return tpu
-    return gpu if gpu is not None and backend == "gpu" else other
+    return gpu if gpu is not None and name == "gpu" else other
 
 
 def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
@@ -547,7 +573,7 @@ class Conv2D(nn.Module):
             return True
         # 'auto': on CPU, when at least a fifth of the multiply-adds would read padding.
         fraction = _valid_tap_fraction(height, width, self.kernel_size, self.dilation)
-        return jax.default_backend() == "cpu" and fraction < 0.8
+        return backend() == "cpu" and fraction < 0.8
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -566,7 +592,7 @@ class Conv2D(nn.Module):
             y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
         elif self.stride == 1 and self._valid_taps(x.shape[1], x.shape[2]):
             y = _conv_valid_taps(x, kernel, self.dilation)
-        elif self.conv_gradient == "im2col" or (self.conv_gradient == "auto" and jax.default_backend() == "cpu"):
+        elif self.conv_gradient == "im2col" or (self.conv_gradient == "auto" and backend() == "cpu"):
             y = _conv_im2col_grad(x, kernel, self.stride, self.dilation)
         else:
             y = _conv_xla(x, kernel, self.stride, self.dilation)
@@ -751,7 +777,7 @@ def _depthwise_shifted_bwd(
     grad_in = jnp.pad(grad, ((0, 0), (margin, margin), (margin, margin), (0, 0))) if margin else grad
     grad_x = _shifted_taps(grad_in, kernel[::-1, ::-1], dilation).astype(x.dtype)
     views = _shifted_views(x, kernel.shape[0], dilation, margin)
-    taps = _tap_gradients(views, grad, stacked=jax.default_backend() != "cpu")
+    taps = _tap_gradients(views, grad, stacked=backend() != "cpu")
     grad_kernel = taps.reshape(kernel.shape).astype(kernel.dtype)
     return grad_x, grad_kernel
 
