@@ -29,15 +29,11 @@ import os
 import sys
 import time
 
-# Roofline ceilings as measured on the lent machines: bf16 matmul peak (8192^3) and device-to-device copy
-# bandwidth counting bytes read and written. H200: the peak from this project's benchmark
-# (docs/performance.md), the copy from the device library's notes; H100: both from those notes.
+# Target descriptions of the lent GPUs (the roofline ceilings are fastfcn_jax.roofline.GPU_CEILINGS).
 GPUS = {
-    "h100": dict(peak=798e12, bandwidth=3.0e12, memory=84929347584, memory_bandwidth=3352320000000,
-                 name="NVIDIA H100 80GB HBM3"),
-    "h200": dict(peak=684e12, bandwidth=4.3e12, memory=150754820096, memory_bandwidth=4800000000000,
-                 name="NVIDIA H200"),
-}  # fmt: skip
+    "h100": dict(memory=84929347584, memory_bandwidth=3352320000000, name="NVIDIA H100 80GB HBM3"),
+    "h200": dict(memory=150754820096, memory_bandwidth=4800000000000, name="NVIDIA H200"),
+}
 
 _TARGET = """gpu_device_info {{
   threads_per_block_limit: 1024
@@ -154,13 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
             f.write(text)
-    gpu = GPUS[args.gpu]
-    found = roofline.kernels(text, peak_flops=gpu["peak"], bandwidth=gpu["bandwidth"])
+    peak, bandwidth = roofline.GPU_CEILINGS[args.gpu]
+    found = roofline.kernels(text, peak_flops=peak, bandwidth=bandwidth)
     what = "train step" if args.train else "forward"
     print(
         f"{args.model} {what}, batch {args.batch_size}, {args.size}x{args.size}, {args.dtype}, ops "
         f"{args.ops or 'auto (for a GPU)'}, roofline at "
-        f"{gpu['peak'] / 1e12:.0f} TFLOP/s and {gpu['bandwidth'] / 1e12:.1f} TB/s ({args.gpu})"
+        f"{peak / 1e12:.0f} TFLOP/s and {bandwidth / 1e12:.1f} TB/s ({args.gpu})"
     )
     print(roofline.format_report(found, depth=args.depth, top=args.top))
 

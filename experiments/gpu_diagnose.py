@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from fastfcn_jax import roofline  # noqa: E402
 from fastfcn_jax.benchmark import (  # noqa: E402
     benchmark_model,
     compile_train_step,
@@ -86,10 +87,18 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
     return scopes
 
 
-def summarize_trace(trace_dir: Path, iterations: int, scopes: dict[str, str], top: int = 25) -> dict[str, Any]:
+def summarize_trace(
+    trace_dir: Path,
+    iterations: int,
+    scopes: dict[str, str],
+    top: int = 25,
+    estimates: list[roofline.Kernel] | None = None,
+) -> dict[str, Any]:
     """Device time per kernel and per model scope from a ``jax.profiler.trace`` directory, in ms per iteration.
 
-    Uses the accelerator's kernel events where the trace has them, else (CPU) the XLA thunks' events.
+    Uses the accelerator's kernel events where the trace has them, else (CPU) the XLA thunks' events. With
+    ``estimates`` (:func:`fastfcn_jax.roofline.kernels` of the same program) also the HLO instructions whose
+    measured time lies furthest above their roofline time: the kernels worth rewriting.
     """
     (path,) = sorted(trace_dir.glob("**/*.trace.json.gz"))[-1:]
     with gzip.open(path) as f:
@@ -100,11 +109,30 @@ def summarize_trace(trace_dir: Path, iterations: int, scopes: dict[str, str], to
     kernels = [e for e in timed if e.get("pid") in device_pids] or [e for e in timed if "hlo_op" in e.get("args", {})]
     by_kernel: dict[str, float] = collections.Counter()
     by_scope: dict[str, float] = collections.Counter()
+    by_op: dict[str, float] = collections.Counter()
     for event in kernels:
         op = event.get("args", {}).get("hlo_op", "")
         scope = scopes.get(op, "(unattributed)")
         by_kernel[f"{scope} | {op} | {event['name'][:60]}"] += event["dur"] / 1e3 / iterations
         by_scope[scope] += event["dur"] / 1e3 / iterations
+        by_op[op] += event["dur"] / 1e3 / iterations
+    above = {}
+    if estimates is not None:
+        rows = []
+        for kernel in estimates:
+            if kernel.name in by_op:
+                measured, floor = by_op[kernel.name], kernel.seconds * 1e3
+                rows.append((measured - floor, kernel, measured, floor))
+        for excess, kernel, measured, floor in sorted(rows, key=lambda row: -row[0])[:top]:
+            above[kernel.name] = {
+                "scope": kernel.scope,
+                "kind": kernel.kind,
+                "measured_ms": measured,
+                "roofline_ms": floor,
+                "excess_ms": excess,
+                "bytes": kernel.bytes,
+                "flops": kernel.flops,
+            }
     return {
         "trace": str(path),
         "processes": sorted(names.values()),
@@ -113,12 +141,23 @@ def summarize_trace(trace_dir: Path, iterations: int, scopes: dict[str, str], to
         "device_ms_per_iteration": sum(by_scope.values()),
         "by_scope_ms": dict(sorted(by_scope.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]),
+        "roofline_ms": sum(k.seconds for k in estimates) * 1e3 if estimates is not None else None,
+        "above_roofline": above,
     }
 
 
-def _profile(label: str, hlo_text: str, step: Any, state: Any, trace_root: Path, iterations: int) -> dict:
+def _profile(
+    label: str,
+    hlo_text: str,
+    step: Any,
+    state: Any,
+    trace_root: Path,
+    iterations: int,
+    ceilings: tuple[float, float] | None = None,
+) -> dict:
     """Warms ``step`` (state -> state) up, traces ``iterations`` calls and summarises them per kernel and
-    scope; the optimized HLO goes beside the trace as ``hlo_<label>.txt.gz``."""
+    scope; the optimized HLO goes beside the trace as ``hlo_<label>.txt.gz``. ``ceilings`` (peak FLOP/s,
+    bytes/s; default: the measured ones of a lent H100/H200, none elsewhere) add each kernel's roofline."""
     trace_root.mkdir(parents=True, exist_ok=True)
     with gzip.open(trace_root / f"hlo_{label}.txt.gz", "wt") as f:
         f.write(hlo_text)
@@ -127,7 +166,11 @@ def _profile(label: str, hlo_text: str, step: Any, state: Any, trace_root: Path,
     with jax.profiler.trace(str(trace_root / label)):
         for _ in range(iterations):
             state = jax.block_until_ready(step(state))
-    return summarize_trace(trace_root / label, iterations, hlo_scopes(hlo_text))
+    ceilings = ceilings or roofline.ceilings_for(jax.devices()[0].device_kind)
+    estimates = None
+    if ceilings is not None:
+        estimates = roofline.kernels(hlo_text, peak_flops=ceilings[0], bandwidth=ceilings[1])
+    return summarize_trace(trace_root / label, iterations, hlo_scopes(hlo_text), estimates=estimates)
 
 
 def profile_forward(
@@ -138,19 +181,29 @@ def profile_forward(
     trace_root: Path,
     iterations: int = 3,
     ops: dict[str, str] | None = None,
+    ceilings: tuple[float, float] | None = None,
 ) -> dict:
     """Device time per kernel and model scope of one forward pass (see :func:`summarize_trace`)."""
     model = create_model(name, 150, dtype=dtype, **op_overrides(ops))
     images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
     variables = synthetic_variables(model, images)
     compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
-    return _profile(name, compiled.as_text(), lambda _: compiled(variables, images), None, trace_root, iterations)
+    run = lambda _: compiled(variables, images)  # noqa: E731
+    return _profile(name, compiled.as_text(), run, None, trace_root, iterations, ceilings)
 
 
-def profile_train_step(name: str, batch: int, size: int, dtype: str, trace_root: Path, iterations: int = 2) -> dict:
+def profile_train_step(
+    name: str,
+    batch: int,
+    size: int,
+    dtype: str,
+    trace_root: Path,
+    iterations: int = 2,
+    ceilings: tuple[float, float] | None = None,
+) -> dict:
     """Like :func:`profile_forward` for one training step (backward ops are scoped ``grad <module>``)."""
     step = compile_train_step(name, image_size=(size, size), batch_size=batch, dtype=dtype)
-    return _profile(f"train_{name}", step.compiled.as_text(), step.run, step.state, trace_root, iterations)
+    return _profile(f"train_{name}", step.compiled.as_text(), step.run, step.state, trace_root, iterations, ceilings)
 
 
 def _print_profile(title: str, summary: dict) -> None:
@@ -164,6 +217,14 @@ def _print_profile(title: str, summary: dict) -> None:
     print("  top kernels:")
     for kernel, ms in summary["top_kernels_ms"].items():
         print(f"  {ms:8.3f} ms  {kernel}")
+    if summary.get("roofline_ms") is not None:
+        print(f"  roofline of the whole program: {summary['roofline_ms']:.2f} ms; furthest above their roofline:")
+        for name, row in summary["above_roofline"].items():
+            print(
+                f"  {row['measured_ms']:8.3f} ms measured, {row['roofline_ms']:7.3f} ms roofline "
+                f"({row['bytes'] / 1e6:.0f} MB, {row['flops'] / 1e9:.1f} GFLOP) {row['kind'][:16]} {name} "
+                f"{row['scope'][:70]}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,21 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+# Roofline ceilings (bf16 matmul FLOP/s, copy bandwidth counting bytes read and written) measured on the
+# lent machines: the H200's matmul peak by this project's benchmark (docs/performance.md), its copy
+# bandwidth and both H100 figures by the device notes of this workplace.
+GPU_CEILINGS = {"h100": (798e12, 3.0e12), "h200": (684e12, 4.3e12)}
+
+
+def ceilings_for(device_kind: str) -> tuple[float, float] | None:
+    """(peak FLOP/s, bandwidth bytes/s) for a device kind such as 'NVIDIA H200', or None if unknown."""
+    kind = device_kind.lower()
+    for name, ceilings in GPU_CEILINGS.items():
+        if name in kind:
+            return ceilings
+    return None
+
+
 _BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
     "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
