@@ -167,8 +167,9 @@ def benchmark_model(
     if model.ops.norm == "folded":
         variables = fold_batch_norm(variables)
 
-    # Variables are an argument rather than a closure so XLA cannot constant-fold the weights, which
-    # would both bloat compilation and make the FLOP count unrepresentative.
+    # By default the variables are an argument rather than a closure, so XLA cannot constant-fold the
+    # weights: the program measured is the one training and evaluation run (constant_weights: as exported).
+    # FLOPs are counted on the lowered program either way.
     forward = jax.jit(functools.partial(model.apply, train=False))
     if until is not None:
         sown = jax.eval_shape(functools.partial(model.apply, train=False, mutable=["intermediates"]), variables, images)
