@@ -153,8 +153,10 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     lo, hi, frac = align_corners_taps(image.shape[0], height)
+    frac = frac.astype(np.float32)
     rows = image[lo] * (1 - frac)[:, None, None] + image[hi] * frac[:, None, None]
     lo, hi, frac = align_corners_taps(image.shape[1], width)
+    frac = frac.astype(np.float32)
     return (rows[:, lo] * (1 - frac)[None, :, None] + rows[:, hi] * frac[None, :, None]).astype(np.float32)
 
 

@@ -427,33 +427,39 @@ def test_depthwise_kernel_gradient_forms_agree(dilation) -> None:
     np.testing.assert_allclose(stacked[6], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
-def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -> None:
+def _float64_train_results(name: str, **overrides) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Train-mode logits and parameter gradients of a tiny model computed in float64.
+
+    In float32 the BatchNorm gradients of a train-mode loss carry summation-order noise of up to 5e-4 of
+    their largest element, which would hide a real difference as well as a false one."""
     from fastfcn_jax.models import create_model
 
-    # In float64: in float32 the BatchNorm gradients of a train-mode loss carry summation-order noise of up
-    # to 5e-4 of their largest element, which would hide a real difference as well as a false one.
-    results = {}
     with jax.enable_x64(True):
         images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3), jnp.float64)
-        for jpu_input in ("fused", "padded"):
-            model = create_model(
-                "encnet_jpu_tiny",
-                5,
-                jpu_input_implementation=jpu_input,
-                depthwise_implementation=depthwise,
-                dtype=jnp.float64,
-            )
-            variables = jax.tree.map(
-                lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), images, train=False)
-            )
-            results[jpu_input] = _train_mode_logits_and_gradients(model, variables, images)
-    (out_fused, grads_fused), (out_padded, grads_padded) = results["fused"], results["padded"]
+        model = create_model(name, 5, dtype=jnp.float64, **overrides)
+        variables = model.init(jax.random.PRNGKey(1), images, train=False)
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+        return _train_mode_logits_and_gradients(model, variables, images)
+
+
+def _assert_same_results(got, want) -> None:
+    (out_got, grads_got), (out_want, grads_want) = got, want
     # The classifier and the logits stay float32 (the model's policy), everything before them is float64.
-    np.testing.assert_allclose(out_padded, out_fused, rtol=1e-6, atol=1e-6)
-    for fused, padded in zip(grads_fused, grads_padded, strict=True):
-        assert fused.dtype == np.float64
-        np.testing.assert_allclose(padded, fused, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(fused).max()))
+    np.testing.assert_allclose(out_got, out_want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads_got, grads_want, strict=True):
+        assert w.dtype == np.float64
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(w).max()))
+
+
+@pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
+def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -> None:
+    results = {
+        jpu_input: _float64_train_results(
+            "encnet_jpu_tiny", jpu_input_implementation=jpu_input, depthwise_implementation=depthwise
+        )
+        for jpu_input in ("fused", "padded")
+    }
+    _assert_same_results(results["padded"], results["fused"])
     with pytest.raises(ValueError, match="jpu_input_implementation must be one of"):
         layers.OpChoices(jpu_input="barrier")
 
@@ -589,3 +595,50 @@ def test_target_backend_resolves_auto_choices_for_another_backend() -> None:
     assert "optimization_barrier" not in model_cpu and "optimization_barrier" in model_gpu
     with pytest.raises(ValueError, match="unknown backend 'cuda'"), layers.target_backend("cuda"):
         pass
+
+
+@pytest.mark.parametrize(
+    ("size", "pooled", "kernel_size"),
+    [((16, 16), [(1, 1), (2, 2), (3, 3), (6, 6)], 3), ((5, 7), [(6, 6), (1, 1)], 3), ((1, 4), [(2, 3)], 3),
+     ((9, 9), [(1, 1)], 1)],
+)  # fmt: skip
+def test_conv_of_resized_is_the_conv_of_the_upsampled_concatenation(size, pooled, kernel_size) -> None:
+    # Includes pooled maps larger than the output (a 6x6 level of a 5x7 map) and a 1-pixel-high output.
+    with jax.enable_x64(True):
+        inputs = [jax.random.normal(jax.random.PRNGKey(i), (2, *s, 4), jnp.float64) for i, s in enumerate(pooled)]
+        kernel = jax.random.normal(jax.random.PRNGKey(9), (kernel_size, kernel_size, 4 * len(pooled), 5), jnp.float64)
+        cotangent = jax.random.normal(jax.random.PRNGKey(10), (2, *size, 5), jnp.float64)
+
+        def reference(inputs, kernel):
+            upsampled = [
+                jnp.einsum(
+                    "oh,pw,bhwc->bopc",
+                    layers.align_corners_matrix(x.shape[1], size[0]),
+                    layers.align_corners_matrix(x.shape[2], size[1]),
+                    x,
+                )
+                for x in inputs
+            ]
+            pad = kernel_size // 2
+            return jax.lax.conv_general_dilated(
+                jnp.concatenate(upsampled, -1), kernel, (1, 1), [(pad, pad)] * 2,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest",
+            )  # fmt: skip
+
+        def low_res(inputs, kernel):
+            return layers.conv_of_resized(inputs, kernel, size, jnp.float64)
+
+        want, want_vjp = jax.vjp(reference, inputs, kernel)
+        got, got_vjp = jax.vjp(low_res, inputs, kernel)
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        for g, w in zip(jax.tree.leaves(got_vjp(cotangent)), jax.tree.leaves(want_vjp(cotangent)), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="resized_implementation must be one of"):
+        layers.OpChoices(resized="lazy")
+
+
+@pytest.mark.parametrize("name", ["psp_jpu_tiny", "deeplab_dilated_tiny"])
+def test_low_res_pooled_branches_have_the_upsampled_forms_outputs_and_gradients(name) -> None:
+    results = {r: _float64_train_results(name, resized_implementation=r) for r in ("low_res", "upsampled")}
+    _assert_same_results(results["low_res"], results["upsampled"])

@@ -32,6 +32,7 @@ ALTERNATIVE_OPS = {
     "depthwise_implementation": "grouped",
     "separable_implementation": "split",
     "jpu_input_implementation": "padded",
+    "resized_implementation": "upsampled",
 }
 CASES = [(fixture, {}) for fixture in sorted(PARITY_FIXTURES)] + [
     ("psp_jpu_r50_pcontext", ALTERNATIVE_OPS),

@@ -68,6 +68,7 @@ class Segmenter(nn.Module):
     separable_implementation: str = "fused"
     jpu_input_implementation: str = "auto"
     norm_implementation: str = "standard"  # 'folded': variables from layers.fold_batch_norm, inference only
+    resized_implementation: str = "low_res"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -89,6 +90,7 @@ class Segmenter(nn.Module):
             separable=self.separable_implementation,
             jpu_input=self.jpu_input_implementation,
             norm=self.norm_implementation,
+            resized=self.resized_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:

@@ -33,12 +33,12 @@ class DeepLabV3Head(nn.Module):
             branches.append(
                 ConvBNReLU(width, 3, dilation=rate, dtype=self.dtype, ops=self.ops, name=f"aspp_b{i + 1}")(x, train)
             )
-        # Align-corners upsampling of a 1x1 map is a broadcast.
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
         pooled = ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_pool")(pooled, train)
-        branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], width)))
+        # The pooled branch is broadcast back (align-corners upsampling of a 1x1 map) after the others;
+        # the projection takes it at 1x1 (ops.resized).
         y = jnp.concatenate(branches, axis=-1)
-        y = ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_project")(y, train)
+        y = ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_project")(y, train, resized=[pooled])
         y = channel_dropout(self.project_dropout, train=train)(y)
         y = ConvBNReLU(width, 3, dtype=self.dtype, ops=self.ops, name="block")(y, train)
         logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(y, train)

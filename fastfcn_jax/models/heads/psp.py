@@ -15,7 +15,6 @@ from fastfcn_jax.models.layers import (
     Dtype,
     OpChoices,
     adaptive_avg_pool,
-    resize_bilinear,
 )
 
 
@@ -32,19 +31,12 @@ class PSPHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        size = x.shape[1:3]
         inter = x.shape[-1] // 4
         pooled = [
-            resize_bilinear(
-                ConvBNReLU(inter, 1, dtype=self.dtype, ops=self.ops, name=f"pool{i + 1}")(
-                    adaptive_avg_pool(x, b), train
-                ),
-                size,
-                self.ops.resize,
-            )
+            ConvBNReLU(inter, 1, dtype=self.dtype, ops=self.ops, name=f"pool{i + 1}")(adaptive_avg_pool(x, b), train)
             for i, b in enumerate(self.bins)
         ]
-        x = jnp.concatenate([x, *pooled], axis=-1)
-        x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, name="conv5")(x, train)
+        # The conv over [x, upsampled levels] takes the levels at their pooled size (ops.resized).
+        x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, name="conv5")(x, train, resized=pooled)
         logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(x, train)
         return {"logits": logits}
