@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     parser.add_argument(
+        "--sequential",
+        dest="interleave",
+        action="store_false",
+        help="time one model after the other instead of all in turn, round by round (the default)",
+    )
+    parser.add_argument(
         "--constant-weights",
         action="store_true",
         help="compile the weights into the forward program as a deployment does (XLA folds the BN arithmetic)",
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         train_names=train_names,
         train_sizes=train_sizes,
         train_batch_size=args.train_batch_size,
+        interleave=args.interleave,
     )
     if args.input_pipeline:
         results["input_pipeline"] = benchmark_input_pipeline(

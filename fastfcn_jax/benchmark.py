@@ -130,36 +130,32 @@ def synthetic_variables(model: Any, images: jax.Array, seed: int = _PARAM_SEED) 
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def benchmark_model(
+@dataclasses.dataclass
+class CompiledForward:
+    """A registered model's compiled forward pass with its inputs (see :func:`compile_forward`)."""
+
+    info: dict[str, Any]  # name, settings, parameter count, FLOPs, compile time
+    compiled: Any
+    arguments: tuple
+
+    def run(self) -> Any:
+        return self.compiled(*self.arguments)
+
+
+def compile_forward(
     name: str,
     *,
     num_classes: int = 150,
     image_size: tuple[int, int] = (512, 512),
     batch_size: int = 1,
-    warmup: int = 2,
-    repeats: int = 5,
     dtype: str = "float32",
     aux: bool = True,
     ops: Mapping[str, str] | None = None,
     until: str | None = None,
     constant_weights: bool = False,
-) -> dict[str, Any]:
-    """Times ``model.apply(variables, images, train=False)`` for one registered model.
-
-    ``ops`` chooses op implementations (``{'depthwise': 'grouped'}`` sets the model's
-    ``depthwise_implementation``; see :class:`fastfcn_jax.models.layers.OpChoices`). ``until`` times only
-    the network up to one sown feature map (``'c4'``: the backbone; ``'jpu'``: backbone and neck;
-    ``'head'``: all but the final upsampling): XLA drops everything the map does not depend on, so
-    differences between such runs locate where the time goes. ``constant_weights`` compiles the weights
-    into the program, as a deployment does (``export_stablehlo(embed_params=True)``): XLA then folds the
-    BatchNorm parameter arithmetic and the weights' dtype and layout conversions at compile time instead of
-    running them as kernels on every call (a third of EncNet+JPU R50's kernels at batch 1 on a GPU, which is
-    bound by kernel count there). Returns a JSON-ready
-    dict: latency statistics in milliseconds (median over ``repeats`` runs after ``warmup`` untimed ones),
-    XLA FLOPs, compile time, parameter count and the settings used.
-    """
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+) -> CompiledForward:
+    """Compiles ``model.apply(variables, images, train=False)`` for one registered model, on random
+    weights and a fixed random input (the options as :func:`benchmark_model`'s)."""
     height, width = (int(s) for s in image_size)
     model = create_model(name, num_classes, dtype=dtype, aux=aux, **op_overrides(ops))
     images = jax.random.normal(jax.random.PRNGKey(_INPUT_SEED), (batch_size, height, width, 3), jnp.float32)
@@ -192,11 +188,8 @@ def benchmark_model(
     lowered = forward.lower(*arguments)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-
-    times_ms = _time(compiled, arguments, warmup, repeats)
-    median_ms = statistics.median(times_ms)
     head, neck, size = _split_name(name)
-    return {
+    info = {
         "name": name,
         "head": head,
         "neck": neck,
@@ -212,17 +205,82 @@ def benchmark_model(
         "params": count_parameters(variables["params"]),
         "flops": _flops(lowered, compiled),
         "compile_s": compile_s,
+    }
+    return CompiledForward(info, compiled, arguments)
+
+
+def _forward_result(forward: CompiledForward, times_ms: Sequence[float], warmup: int, interleaved: bool) -> dict:
+    median_ms = statistics.median(times_ms)
+    return {
+        **forward.info,
         "latency_ms": {
             "median": median_ms,
             "mean": statistics.fmean(times_ms),
             "min": min(times_ms),
             "max": max(times_ms),
-            "runs": times_ms,
+            "runs": list(times_ms),
         },
-        "images_per_s": batch_size * 1e3 / median_ms,
+        "images_per_s": forward.info["batch_size"] * 1e3 / median_ms,
         "warmup": warmup,
-        "repeats": repeats,
+        "repeats": len(times_ms),
+        "interleaved": interleaved,
     }
+
+
+def _check_runs(warmup: int, repeats: int) -> None:
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+
+
+def benchmark_model(name: str, *, warmup: int = 2, repeats: int = 5, **options: Any) -> dict[str, Any]:
+    """Times ``model.apply(variables, images, train=False)`` for one registered model.
+
+    Options (:func:`compile_forward`): ``num_classes``, ``image_size``, ``batch_size``, ``dtype``, ``aux``;
+    ``ops`` chooses op implementations (``{'depthwise': 'grouped'}`` sets the model's
+    ``depthwise_implementation``; see :class:`fastfcn_jax.models.layers.OpChoices`). ``until`` times only
+    the network up to one sown feature map (``'c4'``: the backbone; ``'jpu'``: backbone and neck;
+    ``'head'``: all but the final upsampling): XLA drops everything the map does not depend on, so
+    differences between such runs locate where the time goes. ``constant_weights`` compiles the weights
+    into the program, as a deployment does (``export_stablehlo(embed_params=True)``): XLA then folds the
+    BatchNorm parameter arithmetic and the weights' dtype and layout conversions at compile time instead of
+    running them as kernels on every call (a third of EncNet+JPU R50's kernels at batch 1 on a GPU, which is
+    bound by kernel count there). Returns a JSON-ready
+    dict: latency statistics in milliseconds (median over ``repeats`` runs after ``warmup`` untimed ones),
+    XLA FLOPs, compile time, parameter count and the settings used.
+    """
+    _check_runs(warmup, repeats)
+    forward = compile_forward(name, **options)
+    return _forward_result(forward, _time(forward.run, (), warmup, repeats), warmup, False)
+
+
+def benchmark_models_interleaved(
+    names: Sequence[str], *, warmup: int = 2, repeats: int = 5, log: bool = False, **options: Any
+) -> dict[str, dict[str, Any]]:
+    """:func:`benchmark_model` for several models, timed in turn: all are compiled and warmed up, then
+    each round runs every model once. A machine whose speed drifts over minutes (a shared CPU, a GPU's
+    clocks) then slows all models alike, so the dilated/JPU ratios hold up better than when one model's
+    runs follow the other's. Holds every model's weights and program at once."""
+    _check_runs(warmup, repeats)
+    forwards = {}
+    for name in dict.fromkeys(names):
+        if log:
+            print(f"compiling {name} ...", file=sys.stderr, flush=True)
+        forwards[name] = compile_forward(name, **options)
+        for _ in range(warmup):
+            jax.block_until_ready(forwards[name].run())
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for round_ in range(repeats):
+        for name, forward in forwards.items():
+            start = time.perf_counter()
+            jax.block_until_ready(forward.run())
+            times[name].append((time.perf_counter() - start) * 1e3)
+        if log:
+            print(
+                f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items()),
+                file=sys.stderr,
+                flush=True,
+            )
+    return {name: _forward_result(forward, times[name], warmup, True) for name, forward in forwards.items()}
 
 
 def parse_ops(text: str) -> dict[str, str]:
@@ -444,10 +502,13 @@ def run_benchmark(
     train_names: Sequence[str] = (),
     train_sizes: Sequence[tuple[int, int]] = ((256, 256),),
     train_batch_size: int = 2,
+    interleave: bool = True,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Benchmarks each model in ``names`` (``kwargs`` go to :func:`benchmark_model`) and pairs them.
 
+    With ``interleave`` (and more than one model) the forward passes are timed in turn, round by round
+    (:func:`benchmark_models_interleaved`), otherwise one model after the other.
     With ``peak`` also measures the machine's matmul speed in the same dtype, so achieved FLOP/s read as a
     fraction of it; ``train_names`` are also timed as training steps at each of ``train_sizes`` with
     ``train_batch_size`` images. Returns ``{'environment', 'settings', 'peak', 'models': {name: result},
@@ -459,7 +520,8 @@ def run_benchmark(
         raise ValueError("no models to benchmark")
     defaults = {
         key: parameter.default
-        for key, parameter in inspect.signature(benchmark_model).parameters.items()
+        for function in (benchmark_model, compile_forward)
+        for key, parameter in inspect.signature(function).parameters.items()
         if parameter.default is not inspect.Parameter.empty
     }
     unknown = set(kwargs) - set(defaults)
@@ -477,12 +539,16 @@ def run_benchmark(
         "constant_weights": settings["constant_weights"],
         "warmup": settings["warmup"],
         "repeats": settings["repeats"],
+        "interleaved": bool(interleave and len(names) > 1),
     }
+    _check_runs(settings["warmup"], settings["repeats"])
     for name in [*names, *train_names]:
         # Fail before spending minutes on the models that precede a typo.
         create_model(name, settings["num_classes"], **op_overrides(settings["ops"]))
     models: dict[str, dict[str, Any]] = {}
-    for name in names:
+    if interleave and len(names) > 1:
+        models = benchmark_models_interleaved(names, log=log, **kwargs)
+    for name in names if not models else ():
         if log:
             print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         models[name] = benchmark_model(name, **kwargs)
@@ -553,6 +619,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"batch {settings['batch_size']}, {settings['num_classes']} classes, {settings['dtype']}, "
         f"aux {'on' if settings['aux'] else 'off'}; median of {settings['repeats']} runs "
         f"after {settings['warmup']} warm-up"
+        + ("; models timed in turn, round by round" if settings.get("interleaved") else "")
         + (f"; ops {', '.join(f'{k}={v}' for k, v in settings['ops'].items())}" if settings.get("ops") else "")
         + (f"; forward only up to {settings['until']}" if settings.get("until") else "")
         + ("; weights compiled in as constants" if settings.get("constant_weights") else ""),

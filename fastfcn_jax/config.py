@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.benchmark.until = ""  # "": whole network; c4 | jpu | head: only up to that feature map
     config.benchmark.peak = True  # also measure the matmul peak in benchmark.dtype
     config.benchmark.constant_weights = False  # weights compiled into the forward program (deployment-style)
+    config.benchmark.interleave = True  # models timed in turn, round by round (robust ratios on a drifting machine)
     config.benchmark.train_models = ""  # comma-separated: also time their training step
     config.benchmark.train_sizes = "256,480"
     config.benchmark.train_batch_size = 2

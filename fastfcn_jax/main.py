@@ -98,6 +98,7 @@ def main(argv: list[str]) -> None:
                 train_names=items(settings.train_models),
                 train_sizes=[(int(size), int(size)) for size in items(settings.train_sizes)],
                 train_batch_size=settings.train_batch_size,
+                interleave=settings.interleave,
             )
             Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
             (Path(FLAGS.workdir) / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))

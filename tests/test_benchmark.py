@@ -39,6 +39,7 @@ def test_run_benchmark_structure(results: dict) -> None:
     assert list(results["models"]) == list(PAIR)
     assert results["settings"]["image_size"] == [64, 64]
     assert results["settings"]["num_classes"] == 59
+    assert results["settings"]["interleaved"] is True
     env = results["environment"]
     assert env["backend"] and env["device_kind"] and env["jax_version"]
     for name, result in results["models"].items():
@@ -73,6 +74,31 @@ def test_format_table(results: dict) -> None:
     for name in PAIR:
         assert f"| {name} |" in table
     assert "speed-up" in table and "FLOP ratio" in table
+    assert "models timed in turn, round by round" in table
+
+
+def test_interleaved_timing_runs_the_models_in_turn(monkeypatch) -> None:
+    calls = []
+    run = benchmark.CompiledForward.run
+
+    def recording_run(self):
+        calls.append(self.info["name"])
+        return run(self)
+
+    monkeypatch.setattr(benchmark.CompiledForward, "run", recording_run)
+    kwargs = dict(num_classes=5, image_size=(32, 32), warmup=1, repeats=3)
+    models = benchmark.benchmark_models_interleaved(PAIR, **kwargs)
+    # Each model warmed up right after its compilation, then one run of each per round.
+    assert calls == list(PAIR) + list(PAIR) * 3
+    for name, result in models.items():
+        assert result["name"] == name and result["interleaved"] and result["repeats"] == 3
+        assert len(result["latency_ms"]["runs"]) == 3 and result["flops"] > 0
+    calls.clear()
+    results = benchmark.run_benchmark(PAIR, interleave=False, peak=False, log=False, **kwargs)
+    assert calls == [PAIR[0]] * 4 + [PAIR[1]] * 4
+    assert results["settings"]["interleaved"] is False
+    assert not any(result["interleaved"] for result in results["models"].values())
+    assert "round by round" not in benchmark.format_table(results)
 
 
 def test_compare_pairs_skips_unpaired() -> None:
