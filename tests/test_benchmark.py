@@ -88,8 +88,8 @@ def test_interleaved_timing_runs_the_models_in_turn(monkeypatch) -> None:
     monkeypatch.setattr(benchmark.CompiledForward, "run", recording_run)
     kwargs = dict(num_classes=5, image_size=(32, 32), warmup=1, repeats=3)
     models = benchmark.benchmark_models_interleaved(PAIR, **kwargs)
-    # Each model warmed up right after its compilation, then one run of each per round.
-    assert calls == list(PAIR) + list(PAIR) * 3
+    # Each model warmed up right after its compilation, then two runs of each per round (the first untimed).
+    assert calls == list(PAIR) + [PAIR[0], PAIR[0], PAIR[1], PAIR[1]] * 3
     for name, result in models.items():
         assert result["name"] == name and result["interleaved"] and result["repeats"] == 3
         assert len(result["latency_ms"]["runs"]) == 3 and result["flops"] > 0
