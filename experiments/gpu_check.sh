@@ -18,7 +18,8 @@
 #   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
 #   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
 #   train_ops    the bf16 train step at batch 16, 480x480 with jpu_input=fused (the CPU form; GPUs default to
-#                padded), separable=split and depthwise=grouped;
+#                padded), separable=split and loss_logits=upsampled (the CPU form; GPUs default to the loss
+#                upsampling the heads' logits itself);
 #   fp32         float32 forward of the EncNet pair;
 #   diagnose     experiments/gpu_diagnose.py: where the forward time goes (prefix timings, op variants and
 #                a kernel profile at batch 16), into OUT_DIR/diagnose; then the EncNet pair at batch 16
@@ -91,7 +92,7 @@ for name in ${STAGES//,/ }; do
                 --warmup 5 --repeats 30 --ops "$ops"
         done ;;
     train_ops)  # the b16 480x480 train step under the op variants that could fix the JPU path on GPUs
-        for ops in jpu_input=fused separable=split depthwise=grouped; do
+        for ops in jpu_input=fused separable=split loss_logits=upsampled; do
             stage "train_ops_${ops/=/_}" 150 bench "train_ops_${ops/=/_}" --dtype bfloat16 --models= --no-peak \
                 --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 \
                 --ops "$ops"

@@ -24,7 +24,7 @@ import optax
 from absl import logging
 
 from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
-from fastfcn_jax.models import create_model
+from fastfcn_jax.models import create_model, layers
 
 
 @flax.struct.dataclass
@@ -56,12 +56,15 @@ def make_train_step(
 
     def train_step(state, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
+        # Resolved at trace time, for the backend compiled for (layers.OpChoices.loss_logits).
+        loss_logits = layers.choose(model.ops.loss_logits, tpu="upsampled", other="upsampled", gpu="head")
 
         def loss_fn(params):
             outputs, new_state = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 batch["image"],
                 train=True,
+                upsample_logits=loss_logits == "upsampled",
                 mutable=["batch_stats"],
                 rngs={"dropout": dropout_rng},
             )

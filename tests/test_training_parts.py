@@ -172,3 +172,36 @@ def test_cross_entropy_is_stable_for_large_logits():
     logits = jnp.asarray([[[[1000.0, 0.0, -1000.0], [-500.0, 500.0, 0.0]]]])
     labels = jnp.asarray([[[1, 1]]])
     assert float(losses.cross_entropy(logits, labels)) == pytest.approx(500.0)
+
+
+@pytest.mark.parametrize(("low", "size"), [((5, 7), (33, 20)), ((8, 8), (64, 64)), ((1, 3), (4, 9))])
+def test_cross_entropy_of_head_logits_is_that_of_the_upsampled_logits(low, size):
+    # The loss upsamples logits smaller than the labels itself (OpChoices.loss_logits='head'): the same value
+    # and gradient as the loss of the model's upsampled output, without writing it.
+    from fastfcn_jax.models.layers import resize_bilinear
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, *low, 6)) * 4
+    labels = jax.random.randint(jax.random.PRNGKey(1), (2, *size), -1, 6)
+    labels = labels.at[0, 0, 0].set(-1)
+    fused = jax.jit(jax.value_and_grad(losses.cross_entropy))
+    plain = jax.jit(jax.value_and_grad(lambda z, y: losses.cross_entropy(resize_bilinear(z, size), y)))
+    (value, grad), (want_value, want_grad) = fused(logits, labels), plain(logits, labels)
+    assert float(value) == pytest.approx(float(want_value), rel=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * float(jnp.abs(want_grad).max()))
+    # No labelled pixel: 0 and a zero gradient, as the plain form.
+    ignored = -jnp.ones_like(labels)
+    value, grad = fused(logits, ignored)
+    assert float(value) == 0.0 and not np.any(np.asarray(grad))
+
+
+def test_cross_entropy_of_head_logits_is_stable_for_large_logits():
+    # The one-pass log-sum-exp rescales its running sum at each new maximum; -inf never meets -inf.
+    logits = jnp.asarray([[[[1000.0, 0.0, -1000.0]], [[-500.0, 500.0, 0.0]]]])  # [1, 2, 1, 3]
+    labels = jnp.asarray([[[1, 1], [1, 1], [1, 1]]])  # [1, 3, 2]: the middle row interpolates both
+    value, grad = jax.value_and_grad(losses.cross_entropy)(logits, labels)
+    upsampled = np.array([[1000.0, 0.0, -1000.0], [250.0, 250.0, -500.0], [-500.0, 500.0, 0.0]])
+    per_row = np.log(np.sum(np.exp(upsampled - upsampled.max(-1, keepdims=True)), -1)) + upsampled.max(-1)
+    assert float(value) == pytest.approx(np.mean(per_row - upsampled[:, 1]), rel=1e-6)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    with pytest.raises(ValueError, match="do not match labels"):
+        losses.cross_entropy(logits, labels[0])

@@ -52,6 +52,13 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   first and convolves the concatenation as the reference does. Half of the multiply-adds of PSP's head
   (77 of 155 GFLOPs at 512x512, on every backend) operated on interpolated copies of 50 pooled pixels;
   PSP+JPU R50 at 512x512 on XLA:CPU: 1385 -> 1124 ms, its dilated twin 1763 -> 1448 ms.
+- The logits the training loss receives (``loss_logits``): ``'upsampled'`` (the model's output at image size,
+  as in evaluation) or ``'head'`` (at the heads' stride 8; :func:`fastfcn_jax.losses.cross_entropy` then
+  upsamples them inside a custom-gradient loss that never writes the full-resolution logits: one
+  reduction pass for log-sum-exp and the label's logit, the resize recomputed in the backward pass).
+  ``'auto'``: ``'head'`` on GPUs, where the EncNet+JPU training step at batch 16, 480x480 moves 78 instead of
+  88 GB (compile-only H200 estimate, roofline 25.4 -> 23.2 ms); ``'upsampled'`` on CPU, where the fused loss
+  ran 1.2-2x slower (XLA:CPU's variadic reduction and the recomputation), and on TPUs (unmeasured).
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -136,6 +143,7 @@ class OpChoices:
     jpu_input: str = "auto"  # 'fused' | 'padded' | 'auto' (JPU: padded concatenation materialised; padded on GPU)
     norm: str = "standard"  # 'standard' | 'folded' (inference: BatchNorm folded into the conv before it)
     resized: str = "low_res"  # 'low_res' | 'upsampled' (a conv over upsampled pooled maps: taps at their resolution)
+    loss_logits: str = "auto"  # 'upsampled' | 'head' | 'auto' (training: the loss upsamples the logits; head on GPU)
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -148,6 +156,7 @@ class OpChoices:
             ("jpu_input", ("fused", "padded", "auto")),
             ("norm", ("standard", "folded")),
             ("resized", ("low_res", "upsampled")),
+            ("loss_logits", ("upsampled", "head", "auto")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")

@@ -37,7 +37,8 @@ class Segmenter(nn.Module):
     ``__call__(images [B, H, W, 3] normalised float, train)`` returns a dict with ``logits`` [B, H, W, C]
     (float32, at input size), ``aux_logits`` (when ``aux``) and ``se_logits`` [B, C] (EncNet with
     ``se_loss``). ``train=True`` uses batch statistics (pass ``mutable=['batch_stats']``) and dropout
-    (pass a ``'dropout'`` rng).
+    (pass a ``'dropout'`` rng). ``upsample_logits=False`` leaves ``logits`` and ``aux_logits`` at the heads'
+    resolution (stride 8), for the training loss, which upsamples them itself.
 
     With ``mutable=['intermediates']`` it sows the NHWC feature maps ``c1``..``c4``, ``jpu``, ``head``,
     ``aux_head`` (head outputs before upsampling) and, for EncNet, ``enc_x``, ``enc_e`` [B, K, D],
@@ -69,6 +70,7 @@ class Segmenter(nn.Module):
     jpu_input_implementation: str = "auto"
     norm_implementation: str = "standard"  # 'folded': variables from layers.fold_batch_norm, inference only
     resized_implementation: str = "low_res"
+    loss_logits_implementation: str = "auto"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -91,13 +93,14 @@ class Segmenter(nn.Module):
             jpu_input=self.jpu_input_implementation,
             norm=self.norm_implementation,
             resized=self.resized_implementation,
+            loss_logits=self.loss_logits_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
         self.sow("intermediates", name, value, reduce_fn=_keep_last, init_fn=lambda: None)
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, train: bool = False, upsample_logits: bool = True) -> dict[str, jax.Array]:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be NHWC [B, H, W, 3], got shape {images.shape}")
         size = images.shape[1:3]
@@ -145,7 +148,13 @@ class Segmenter(nn.Module):
         head_out = self._head()(feat, train)
         head_logits = head_out["logits"].astype(jnp.float32)
         self._sow("head", head_logits)
-        outputs = {"logits": resize_bilinear(head_logits, size, self.ops.resize)}
+
+        def upsample(logits: jax.Array) -> jax.Array:
+            # On GPUs the training step takes the heads' logits as they are (upsample_logits=False): its loss
+            # resizes them without writing the full-resolution maps (OpChoices.loss_logits).
+            return resize_bilinear(logits, size, self.ops.resize) if upsample_logits else logits
+
+        outputs = {"logits": upsample(head_logits)}
         for name in ("enc_x", "enc_e", "enc_en"):
             if name in head_out:
                 self._sow(name, head_out[name])
@@ -157,7 +166,7 @@ class Segmenter(nn.Module):
                 self.num_classes, dropout=self.dropout, dtype=self.dtype, ops=self.ops, name="auxiliary_head"
             )(c3, train)["logits"].astype(jnp.float32)
             self._sow("aux_head", aux_logits)
-            outputs["aux_logits"] = resize_bilinear(aux_logits, size, self.ops.resize)
+            outputs["aux_logits"] = upsample(aux_logits)
         return outputs
 
     def _head(self) -> nn.Module:
