@@ -322,13 +322,44 @@ def test_im2col_conv_gradient_equals_xla_convolution_gradient(stride, dilation, 
     )
 
 
+@pytest.mark.parametrize(("batch", "size", "dilation"), [(1, (16, 16), 1), (2, (8, 8), 1), (1, (5, 7), 2)])
+def test_small_maps_run_per_tap_on_cpu_with_the_convolutions_results(batch, size, dilation):
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, *size, 8))
+
+    def conv(small_maps):
+        return layers.Conv2D(
+            4, 3, dilation=dilation, small_maps_implementation=small_maps, dilated_implementation="conv"
+        )
+
+    params = conv("conv").init(jax.random.PRNGKey(1), x)
+    outputs, jaxprs = {}, {}
+    for choice in ("conv", "per_tap", "auto"):
+        with jax.default_matmul_precision("highest"):
+            loss = lambda p, x: jnp.sum(jnp.sin(conv(choice).apply(p, x)))  # noqa: B023, E731
+            outputs[choice] = (conv(choice).apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x))
+        jaxprs[choice] = str(jax.make_jaxpr(conv(choice).apply)(params, x))
+    for choice in ("per_tap", "auto"):
+        for got, want in zip(jax.tree.leaves(outputs[choice]), jax.tree.leaves(outputs["conv"]), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert "conv_general_dilated" in jaxprs["conv"] and "conv_general_dilated" not in jaxprs["per_tap"]
+    assert jaxprs["auto"] == jaxprs["per_tap"]  # this is a CPU, and the map has at most 256 pixels
+    # A larger map keeps XLA's convolution under 'auto'.
+    large = jnp.zeros((1, 17, 16, 8))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(conv("auto").apply)(params, large))
+    with pytest.raises(ValueError, match="small_maps_implementation must be one of"):
+        layers.OpChoices(small_maps="taps")
+
+
 @pytest.mark.parametrize(("size", "dilation"), [((9, 11), 12), ((16, 16), 6), ((7, 5), 2), ((12, 10), 4)])
 def test_valid_taps_dilated_conv_equals_convolution_with_gradients(size, dilation):
     rng = np.random.default_rng(13)
     x = jnp.asarray(rng.standard_normal((2, *size, 3)), jnp.float32)
 
     def run(implementation):
-        conv = layers.Conv2D(4, 3, dilation=dilation, dilated_implementation=implementation, conv_gradient="xla")
+        conv = layers.Conv2D(
+            4, 3, dilation=dilation, dilated_implementation=implementation, conv_gradient="xla",
+            small_maps_implementation="conv",
+        )  # fmt: skip
         params = conv.init(jax.random.PRNGKey(0), x)
         with jax.default_matmul_precision("highest"):
             out = conv.apply(params, x)

@@ -27,6 +27,11 @@ default backend, or the one named by :func:`target_backend` (exports and compile
 - Dilated 3x3 convolutions whose taps mostly read padding (ASPP rates 12/24/36 on 64x64): ``'valid_taps'`` on
   CPU, one matmul per tap over the pixels it reads. XLA:CPU ran rate 36 at about 100 GFLOP/s; DeepLabV3+JPU R50
   at 512x512 went from 1511 to 949 ms.
+- Stride-1 kxk convolutions over small maps (``small_maps``; at most ``SMALL_MAP_PIXELS`` = 256 output
+  pixels over the batch: the JPU's conv5 and the last backbone stage on 16x16 maps at 512x512):
+  ``'per_tap'`` on CPU, the same one-matmul-per-tap form as ``'valid_taps'``. XLA:CPU's convolution ran
+  3x3 2048->512 on 16x16 at 113 GFLOP/s, the per-tap matmuls at 159 (512->512: 229 vs 254); EncNet+JPU R50
+  at 512x512: 670 -> 653 ms, its train step at batch 2, 256x256 not slower (1.82 / 1.79 s).
 - Separable convolutions (JPU): ``'fused'`` lets XLA fuse the depthwise taps (and their norm) into the
   pointwise matmul's operand, as XLA:CPU does well; ``'split'`` materialises the depthwise output first (an
   optimization barrier). A candidate for GPUs, where the JPU path ran far below the hardware (H200, batch 16:
@@ -80,6 +85,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+
+# Convolutions over at most this many output pixels (batch x height x width) run per tap on CPU.
+SMALL_MAP_PIXELS = 256
 
 # PyTorch BatchNorm defaults (momentum 0.1 in PyTorch's convention is 0.9 in Flax's).
 BN_MOMENTUM = 0.9
@@ -139,6 +147,7 @@ class OpChoices:
     depthwise: str = "shifted"  # 'shifted' | 'grouped'
     conv_gradient: str = "auto"  # 'im2col' | 'xla' | 'auto' (im2col on CPU)
     dilated: str = "auto"  # 'valid_taps' | 'conv' | 'auto' (valid taps on CPU when padding is >= 20% of the work)
+    small_maps: str = "auto"  # 'per_tap' | 'conv' | 'auto' (kxk convs over <= 256 pixels: per-tap matmuls on CPU)
     separable: str = "fused"  # 'fused' | 'split' (JPU: depthwise output materialised before the pointwise matmul)
     jpu_input: str = "auto"  # 'fused' | 'padded' | 'auto' (JPU: padded concatenation materialised; padded on GPU)
     norm: str = "standard"  # 'standard' | 'folded' (inference: BatchNorm folded into the conv before it)
@@ -152,6 +161,7 @@ class OpChoices:
             ("depthwise", ("shifted", "grouped")),
             ("conv_gradient", ("im2col", "xla", "auto")),
             ("dilated", ("valid_taps", "conv", "auto")),
+            ("small_maps", ("per_tap", "conv", "auto")),
             ("separable", ("fused", "split")),
             ("jpu_input", ("fused", "padded", "auto")),
             ("norm", ("standard", "folded")),
@@ -644,6 +654,14 @@ class Conv2D(nn.Module):
     dilated_implementation: str = "auto"
     resized_implementation: str = "low_res"
     resize_implementation: str = "auto"
+    small_maps_implementation: str = "auto"
+
+    def _per_tap(self, batch: int, height: int, width: int) -> bool:
+        choice = choose(self.small_maps_implementation, tpu="conv", gpu="conv", other="per_tap")
+        # A symbolic batch (an export for any batch size) is judged by one image, as served.
+        pixels = height * width * (batch if isinstance(batch, int) else 1)
+        small = self.kernel_size > 1 and isinstance(pixels, int) and pixels <= SMALL_MAP_PIXELS
+        return (small and choice == "per_tap") or self._valid_taps(height, width)
 
     def _valid_taps(self, height: int, width: int) -> bool:
         if self.dilated_implementation == "conv" or self.dilation == 1:
@@ -687,7 +705,7 @@ class Conv2D(nn.Module):
             if self.stride > 1:  # PyTorch's 1x1 stride-s conv without padding reads every s-th pixel
                 x = x[:, :: self.stride, :: self.stride, :]
             return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
-        if self.stride == 1 and self._valid_taps(x.shape[1], x.shape[2]):
+        if self.stride == 1 and self._per_tap(*x.shape[:3]):
             return _conv_valid_taps(x, kernel, self.dilation)
         if self.conv_gradient == "im2col" or (self.conv_gradient == "auto" and backend() == "cpu"):
             return _conv_im2col_grad(x, kernel, self.stride, self.dilation)
@@ -720,6 +738,7 @@ def conv2d(
         dilated_implementation=ops.dilated,
         resized_implementation=ops.resized,
         resize_implementation=ops.resize,
+        small_maps_implementation=ops.small_maps,
         name=name,
     )
 

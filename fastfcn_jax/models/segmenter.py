@@ -71,6 +71,7 @@ class Segmenter(nn.Module):
     norm_implementation: str = "standard"  # 'folded': variables from layers.fold_batch_norm, inference only
     resized_implementation: str = "low_res"
     loss_logits_implementation: str = "auto"
+    small_maps_implementation: str = "auto"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -94,6 +95,7 @@ class Segmenter(nn.Module):
             norm=self.norm_implementation,
             resized=self.resized_implementation,
             loss_logits=self.loss_logits_implementation,
+            small_maps=self.small_maps_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
