@@ -31,7 +31,8 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   pixels over the batch: the JPU's conv5 and the last backbone stage on 16x16 maps at 512x512):
   ``'per_tap'`` on CPU, the same one-matmul-per-tap form as ``'valid_taps'``. XLA:CPU's convolution ran
   3x3 2048->512 on 16x16 at 113 GFLOP/s, the per-tap matmuls at 159 (512->512: 229 vs 254); EncNet+JPU R50
-  at 512x512: 670 -> 653 ms, its train step at batch 2, 256x256 not slower (1.82 / 1.79 s).
+  at 512x512: 670 -> 653 and 696 -> 667 ms (two runs, each alternating the two forms), its train step at
+  batch 2, 256x256 not slower (1.82 / 1.79 s).
 - Separable convolutions (JPU): ``'fused'`` lets XLA fuse the depthwise taps (and their norm) into the
   pointwise matmul's operand, as XLA:CPU does well; ``'split'`` materialises the depthwise output first (an
   optimization barrier). A candidate for GPUs, where the JPU path ran far below the hardware (H200, batch 16:
