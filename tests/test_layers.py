@@ -346,6 +346,17 @@ def test_small_maps_run_per_tap_on_cpu_with_the_convolutions_results(batch, size
     # A larger map keeps XLA's convolution under 'auto'.
     large = jnp.zeros((1, 17, 16, 8))
     assert "conv_general_dilated" in str(jax.make_jaxpr(conv("auto").apply)(params, large))
+    # Even kernels shrink the map (PyTorch's symmetric padding): they keep XLA's convolution.
+    even = layers.Conv2D(4, 2, small_maps_implementation="per_tap")
+    even_params = even.init(jax.random.PRNGKey(1), x)
+    assert even.apply(even_params, x).shape == (batch, size[0] - 1, size[1] - 1, 4)
+    # bfloat16: the taps are summed in float32 as the convolution's are.
+    x16, p16 = x.astype(jnp.bfloat16), params
+    tap16 = layers.Conv2D(
+        4, 3, dilation=dilation, dtype=jnp.bfloat16, small_maps_implementation="per_tap", dilated_implementation="conv"
+    ).apply(p16, x16)
+    assert tap16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(tap16, np.float32), outputs["conv"][0], rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="small_maps_implementation must be one of"):
         layers.OpChoices(small_maps="taps")
 

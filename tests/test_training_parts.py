@@ -205,3 +205,5 @@ def test_cross_entropy_of_head_logits_is_stable_for_large_logits():
     assert np.all(np.isfinite(np.asarray(grad)))
     with pytest.raises(ValueError, match="do not match labels"):
         losses.cross_entropy(logits, labels[0])
+    with pytest.raises(ValueError, match="do not match labels"):  # larger logits are not downsampled
+        losses.cross_entropy(logits, labels[:, :1])

@@ -607,10 +607,16 @@ def _conv_valid_taps(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arra
             x0, x1 = max(0, -dx), min(width, width - dx)
             if y0 >= y1 or x0 >= x1:
                 continue
-            part = jnp.einsum("bhwc,co->bhwo", x[:, y0 + dy : y1 + dy, x0 + dx : x1 + dx, :], kernel[i, j])
+            # Summed in float32, as a convolution accumulates, whatever the compute dtype.
+            part = jnp.einsum(
+                "bhwc,co->bhwo",
+                x[:, y0 + dy : y1 + dy, x0 + dx : x1 + dx, :],
+                kernel[i, j],
+                preferred_element_type=exact_dtype(x.dtype),
+            )
             part = jnp.pad(part, ((0, 0), (y0, height - y1), (x0, width - x1), (0, 0)))
             out = part if out is None else out + part
-    return out
+    return out.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -661,6 +667,8 @@ class Conv2D(nn.Module):
         choice = choose(self.small_maps_implementation, tpu="conv", gpu="conv", other="per_tap")
         # A symbolic batch (an export for any batch size) is judged by one image, as served.
         pixels = height * width * (batch if isinstance(batch, int) else 1)
+        if self.kernel_size % 2 == 0:  # the per-tap form keeps the size: 'same' convs only
+            return False
         small = self.kernel_size > 1 and isinstance(pixels, int) and pixels <= SMALL_MAP_PIXELS
         return (small and choice == "per_tap") or self._valid_taps(height, width)
 
@@ -685,8 +693,8 @@ class Conv2D(nn.Module):
             (k, k, in_features, self.features),
             jnp.float32,
         )
-        if resized and (self.stride != 1 or self.dilation != 1):
-            raise ValueError("resized inputs need a stride-1, undilated convolution")
+        if resized and (self.stride != 1 or self.dilation != 1 or k % 2 == 0):
+            raise ValueError("resized inputs need a stride-1, undilated convolution of odd size")
         if resized and self.resized_implementation == "upsampled":
             size = x.shape[1:3]
             x = jnp.concatenate([x, *(resize_bilinear(r, size, self.resize_implementation) for r in resized)], -1)

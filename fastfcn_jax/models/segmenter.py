@@ -38,7 +38,8 @@ class Segmenter(nn.Module):
     (float32, at input size), ``aux_logits`` (when ``aux``) and ``se_logits`` [B, C] (EncNet with
     ``se_loss``). ``train=True`` uses batch statistics (pass ``mutable=['batch_stats']``) and dropout
     (pass a ``'dropout'`` rng). ``upsample_logits=False`` leaves ``logits`` and ``aux_logits`` at the heads'
-    resolution (stride 8), for the training loss, which upsamples them itself.
+    resolutions (stride 8; the auxiliary head on c3: stride 16 after a JPU), for the training loss, which
+    upsamples them itself.
 
     With ``mutable=['intermediates']`` it sows the NHWC feature maps ``c1``..``c4``, ``jpu``, ``head``,
     ``aux_head`` (head outputs before upsampling) and, for EncNet, ``enc_x``, ``enc_e`` [B, K, D],
