@@ -552,17 +552,14 @@ def run_benchmark(
     models: dict[str, dict[str, Any]] = {}
     if interleave and len(names) > 1:
         models = benchmark_models_interleaved(names, log=log, **kwargs)
-    for name in names if not models else ():
-        if log:
-            print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        models[name] = benchmark_model(name, **kwargs)
-        if log:
-            result = models[name]
-            print(
-                f"  {result['latency_ms']['median']:.1f} ms, compile {result['compile_s']:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+    else:
+        for name in names:
+            if log:
+                print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+            models[name] = benchmark_model(name, **kwargs)
+            if log:
+                median, compile_s = models[name]["latency_ms"]["median"], models[name]["compile_s"]
+                print(f"  {median:.1f} ms, compile {compile_s:.1f} s", file=sys.stderr, flush=True)
     train_steps = []
     for name in train_names:
         for size in train_sizes:
