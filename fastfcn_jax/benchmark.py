@@ -260,9 +260,9 @@ def benchmark_models_interleaved(
     each round runs every model once untimed and once timed. A machine whose speed drifts over minutes (a
     shared CPU, a GPU's clocks) then slows all models alike, so the dilated/JPU ratios hold up better than
     when one model's runs follow the other's (on this project's 2-core CPU the EncNet R50 pair measured
-    1.99x one after the other, 1.86x in turn). The untimed run makes each timed one follow a run of the
-    same model, as in serving: a run right after another model's was up to 10% slower on XLA:CPU in some
-    rounds. Holds every model's weights and program at once."""
+    1.99x one after the other, 1.86x in turn, 2.00x in turn with the untimed runs). The untimed run makes
+    each timed one follow a run of the same model, as in serving: a run right after another model's was up
+    to 10% slower on XLA:CPU in some rounds. Holds every model's weights and program at once."""
     _check_runs(warmup, repeats)
     forwards = {}
     for name in dict.fromkeys(names):
@@ -274,10 +274,7 @@ def benchmark_models_interleaved(
     times: dict[str, list[float]] = {name: [] for name in forwards}
     for round_ in range(repeats):
         for name, forward in forwards.items():
-            jax.block_until_ready(forward.run())
-            start = time.perf_counter()
-            jax.block_until_ready(forward.run())
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name] += _time(forward.run, (), warmup=1, repeats=1)
         if log:
             print(
                 f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items()),

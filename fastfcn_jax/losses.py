@@ -41,11 +41,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNO
                 "w <= W for labels [B, H, W])"
             )
         return _upsampled_cross_entropy(logits.astype(jnp.float32), labels, ignore_label)
-    logits = logits.astype(jnp.float32)
-    valid = labels != ignore_label
-    log_sum_exp, picked = _log_sum_exp_and_picked(logits, labels)
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, log_sum_exp - picked, 0.0)) / jnp.maximum(count, 1)
+    log_sum_exp, picked = _log_sum_exp_and_picked(logits.astype(jnp.float32), labels)
+    return _labelled_mean(log_sum_exp - picked, labels != ignore_label)[0]
+
+
+def _labelled_mean(per_pixel: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean over the labelled pixels, their count at least 1): 0, not NaN, when none is labelled."""
+    count = jnp.maximum(jnp.sum(valid), 1)
+    return jnp.sum(jnp.where(valid, per_pixel, 0.0)) / count, count
 
 
 def _log_sum_exp_and_picked(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -84,10 +87,8 @@ def _upsampled_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label:
 
 
 def _upsampled_cross_entropy_fwd(logits: jax.Array, labels: jax.Array, ignore_label: int) -> tuple[jax.Array, tuple]:
-    valid = labels != ignore_label
     log_sum_exp, picked = _one_pass_log_sum_exp_and_picked(resize_bilinear(logits, labels.shape[1:3]), labels)
-    count = jnp.maximum(jnp.sum(valid), 1)
-    loss = jnp.sum(jnp.where(valid, log_sum_exp - picked, 0.0)) / count
+    loss, count = _labelled_mean(log_sum_exp - picked, labels != ignore_label)
     return loss, (logits, labels, log_sum_exp, count)
 
 
