@@ -24,7 +24,6 @@ The jaxlib 0.10.2 compiler aborts on one Triton GEMM fusion of the EncNet+JPU tr
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -89,49 +88,24 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 def compile_for_gpu(args: argparse.Namespace) -> str:
     """The optimized HLO text of the forward pass or training step compiled for ``args.gpu``."""
-    import jax
-    import jax.numpy as jnp
     from jax.experimental.topologies import get_topology_desc
 
-    from fastfcn_jax.benchmark import op_overrides, parse_ops, synthetic_variables
-    from fastfcn_jax.models import create_model
-    from fastfcn_jax.models.layers import target_backend
+    from fastfcn_jax import aot
+    from fastfcn_jax.benchmark import parse_ops
 
     gpu = GPUS[args.gpu]
     topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")
-    mesh = jax.sharding.Mesh(topology.devices, ("data",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def abstract(tree):
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
-
-    model = create_model(args.model, args.num_classes, dtype=args.dtype, **op_overrides(parse_ops(args.ops)))
-    variables = jax.eval_shape(lambda: synthetic_variables(model, jnp.zeros((1, 64, 64, 3), jnp.float32)))
-    images = jax.ShapeDtypeStruct((args.batch_size, args.size, args.size, 3), jnp.float32)
-    if args.train:
-        from fastfcn_jax import optim
-        from fastfcn_jax.train import TrainState, make_train_step
-
-        optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 1000))
-        se_weight = 0.2 if args.model.startswith("encnet") else 0.0
-        step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=se_weight)
-        state = jax.eval_shape(
-            lambda v: TrainState(
-                step=jnp.zeros((), jnp.int32),
-                params=v["params"],
-                batch_stats=v["batch_stats"],
-                opt_state=optimizer.init(v["params"]),
-            ),
-            variables,
-        )
-        batch = {"image": images, "label": jax.ShapeDtypeStruct(images.shape[:3], jnp.int32)}
-        rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-        with target_backend("gpu"):
-            lowered = jax.jit(step, donate_argnums=0).lower(abstract(state), abstract(batch), abstract(rng))
-    else:
-        forward = jax.jit(functools.partial(model.apply, train=False))
-        with target_backend("gpu"):
-            lowered = forward.lower(abstract(variables), abstract(images))
+    lowered = aot.lower(
+        args.model,
+        topology.devices,
+        backend="gpu",
+        num_classes=args.num_classes,
+        batch_size=args.batch_size,
+        size=args.size,
+        dtype=args.dtype,
+        ops=parse_ops(args.ops),
+        train=args.train,
+    )
     start = time.perf_counter()
     text = lowered.compile().as_text()
     print(f"compiled for {gpu['name']} in {time.perf_counter() - start:.1f} s (no autotuning)", file=sys.stderr)

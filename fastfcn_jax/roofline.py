@@ -9,7 +9,9 @@ estimate are where time is lost.
 
 Used by ``experiments/gpu_aot.py``, which compiles a model for an NVIDIA GPU on a machine without one
 (XLA's compile-only GPU topology), so the fusions XLA:GPU makes and the traffic they cause can be read
-before a GPU is available. Reads any backend's HLO text (CPU programs have no library calls).
+before a GPU is available, and by ``experiments/tpu_aot.py`` for TPUs, whose compiler also writes its own
+cost model's estimate into each kernel's backend config (``estimated_cycles``): with the core clock that is
+:attr:`Kernel.estimated_seconds`. Reads any backend's HLO text (CPU programs have no library calls).
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _FREE_OPS = frozenset(
     {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all", "partition-id", "replica-id"}
+    # TPU prefetches between HBM and on-chip memory, overlapped with compute: the kernel that reads the
+    # prefetched operand counts its bytes.
+    | {"copy-start", "copy-done", "slice-start", "slice-done"}
 )
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Kernel:
     flops: int
     seconds: float
     bound: str  # 'memory' or 'compute'
+    estimated_seconds: float | None = None  # the TPU compiler's cost model (estimated cycles / clock)
 
 
 def shapes(type_text: str) -> list[tuple[str, list[int]]]:
@@ -171,8 +178,9 @@ def _scope(instruction: Instruction) -> str:
     return "/".join(p for p in parts if p != "Segmenter") or "?"
 
 
-def kernels(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list[Kernel]:
-    """The kernels of an optimized HLO module with their bytes, FLOPs and roofline time (in order)."""
+def kernels(hlo_text: str, *, peak_flops: float, bandwidth: float, clock_hz: float | None = None) -> list[Kernel]:
+    """The kernels of an optimized HLO module with their bytes, FLOPs and roofline time (in order); with
+    ``clock_hz``, also the compiler's estimate of each kernel that carries ``estimated_cycles`` (TPU)."""
     computations = parse_computations(hlo_text)
     entry = computations["ENTRY"]
     table = {i.name: i for i in entry}
@@ -197,6 +205,7 @@ def kernels(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list[Kerne
             called = re.findall(r"calls=%([\w.\-]+)", instruction.text)
             flops = sum(_computation_flops(name, computations) for name in called)
         memory_s, compute_s = total_bytes / bandwidth, flops / peak_flops
+        cycles = _CYCLES.search(instruction.text) if clock_hz else None
         result.append(
             Kernel(
                 name=instruction.name,
@@ -206,50 +215,68 @@ def kernels(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list[Kerne
                 flops=flops,
                 seconds=max(memory_s, compute_s),
                 bound="compute" if compute_s > memory_s else "memory",
+                estimated_seconds=int(cycles.group(1)) / clock_hz if cycles and clock_hz else None,
             )
         )
     return result
 
 
 def by_scope(found: Iterable[Kernel], depth: int = 2) -> list[dict[str, object]]:
-    """Kernels, bytes, FLOPs and roofline seconds summed per scope prefix of ``depth`` parts, largest first.
+    """Kernels, bytes, FLOPs, roofline seconds and estimated seconds (0 where no kernel has an estimate)
+    summed per scope prefix of ``depth`` parts, largest first.
 
     Autodiff's prefixes (``jvp(...)``, ``transpose(...)``) stay in front, so forward and backward appear
     apart: ``transpose(jvp(Segmenter))/neck`` is the neck's backward pass.
     """
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0, 0.0])
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
     for kernel in found:
         row = totals["/".join(kernel.scope.split("/")[:depth])]
         row[0] += 1
         row[1] += kernel.bytes
         row[2] += kernel.flops
         row[3] += kernel.seconds
+        row[4] += kernel.estimated_seconds or 0.0
     rows = [
-        {"scope": scope, "kernels": int(n), "bytes": int(b), "flops": int(f), "seconds": s}
-        for scope, (n, b, f, s) in totals.items()
+        {"scope": scope, "kernels": int(n), "bytes": int(b), "flops": int(f), "seconds": s, "estimated_seconds": e}
+        for scope, (n, b, f, s, e) in totals.items()
     ]
-    return sorted(rows, key=lambda row: -row["seconds"])
+    return sorted(rows, key=lambda row: -max(row["seconds"], row["estimated_seconds"]))
+
+
+def estimated_total(found: Sequence[Kernel]) -> float | None:
+    """The compiler's estimate for the whole program (the sum over kernels), or None without estimates."""
+    estimates = [k.estimated_seconds for k in found if k.estimated_seconds is not None]
+    return sum(estimates) if estimates else None
 
 
 def format_report(found: Sequence[Kernel], *, depth: int = 2, top: int = 20) -> str:
-    """A plain-text table per scope, the total, and the ``top`` kernels by roofline time."""
-    lines = [f"{'scope':52s} {'kernels':>7s} {'GB':>8s} {'GFLOP':>9s} {'roofline ms':>11s}"]
+    """A plain-text table per scope, the total, and the ``top`` kernels by time (the compiler's estimate
+    where there is one, else the roofline)."""
+    estimated = estimated_total(found) is not None
+    extra = f" {'estimate ms':>11s}" if estimated else ""
+    lines = [f"{'scope':52s} {'kernels':>7s} {'GB':>8s} {'GFLOP':>9s} {'roofline ms':>11s}{extra}"]
     for row in by_scope(found, depth):
+        extra = f" {row['estimated_seconds'] * 1e3:11.3f}" if estimated else ""
         lines.append(
             f"{str(row['scope'])[:52]:52s} {row['kernels']:7d} {row['bytes'] / 1e9:8.2f} "
-            f"{row['flops'] / 1e9:9.1f} {row['seconds'] * 1e3:11.3f}"
+            f"{row['flops'] / 1e9:9.1f} {row['seconds'] * 1e3:11.3f}{extra}"
         )
     total_s = sum(k.seconds for k in found)
+    extra = f" {estimated_total(found) * 1e3:11.3f}" if estimated else ""
     lines.append(
         f"{'TOTAL':52s} {len(found):7d} {sum(k.bytes for k in found) / 1e9:8.2f} "
-        f"{sum(k.flops for k in found) / 1e9:9.1f} {total_s * 1e3:11.3f}"
+        f"{sum(k.flops for k in found) / 1e9:9.1f} {total_s * 1e3:11.3f}{extra}"
     )
     if top:
+
+        def time_of(k: Kernel) -> float:
+            return k.estimated_seconds if estimated and k.estimated_seconds is not None else k.seconds
+
         lines.append("")
-        lines.append(f"top {top} kernels by roofline time:")
-        for k in sorted(found, key=lambda k: -k.seconds)[:top]:
+        lines.append(f"top {top} kernels by {'estimated' if estimated else 'roofline'} time:")
+        for k in sorted(found, key=lambda k: -time_of(k))[:top]:
             lines.append(
-                f"{k.seconds * 1e3:8.3f} ms {k.bound:7s} {k.bytes / 1e6:9.1f} MB {k.flops / 1e9:8.1f} GF "
+                f"{time_of(k) * 1e3:8.3f} ms {k.bound:7s} {k.bytes / 1e6:9.1f} MB {k.flops / 1e9:8.1f} GF "
                 f"{k.kind[:18]:18s} {k.name[:32]:32s} {k.scope[:90]}"
             )
     return "\n".join(lines)

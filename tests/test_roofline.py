@@ -79,3 +79,43 @@ def test_reads_a_program_xla_compiled_here():
 def test_rejects_text_without_an_entry_computation():
     with pytest.raises(ValueError, match="ENTRY"):
         roofline.kernels("HloModule empty\n", peak_flops=1.0, bandwidth=1.0)
+
+
+# A small program (3x3 conv 64->128, ReLU, spatial sum) compiled by libtpu for a compile-only TPU v5e
+# (experiments/tpu_aot.py's route), stack-frame tables removed: prefetches, a convolution fusion in the
+# TPU's tiled layout, and the compiler's estimated cycles on each kernel.
+TPU_HLO = (Path(__file__).parent / "fixtures" / "tpu_hlo_excerpt.txt").read_text()
+TPU_CYCLES = {
+    "copy_bitcast_fusion": 5526,
+    "pad": 5806,
+    "slice.2": 3299,
+    "fusion.1": 9698,
+    "fusion.8": 8440,
+    "copy.4": 4801,
+    "slice_reduce_fusion": 5334,
+}
+
+
+def test_tpu_kernels_carry_the_compilers_cycle_estimates():
+    found = _by_name(roofline.kernels(TPU_HLO, peak_flops=197e12, bandwidth=819e9, clock_hz=1.5e9))
+    # HBM <-> on-chip prefetches (copy-start / copy-done) are not kernels: their reader counts the bytes.
+    assert set(found) == set(TPU_CYCLES)
+    for name, cycles in TPU_CYCLES.items():
+        assert found[name].estimated_seconds == pytest.approx(cycles / 1.5e9)
+    # The convolution over the TPU's padded tiling (output [32,16,5,128] for 2x32x32): 9 x 64 inputs each.
+    assert found["fusion.8"].flops == 2 * 32 * 16 * 5 * 128 * 9 * 64
+    assert found["fusion.8"].kind == "kOutput"
+    assert roofline.estimated_total(list(found.values())) == pytest.approx(sum(TPU_CYCLES.values()) / 1.5e9)
+    report = roofline.format_report(list(found.values()), top=2)
+    assert "estimate ms" in report and "top 2 kernels by estimated time" in report
+    # The two largest estimates, not the two largest roofline times, are listed.
+    listed = report.split("by estimated time:")[1]
+    assert "fusion.1" in listed and "fusion.8" in listed and "pad" not in listed
+
+
+def test_without_a_clock_there_is_no_estimate():
+    found = roofline.kernels(TPU_HLO, peak_flops=197e12, bandwidth=819e9)
+    assert all(k.estimated_seconds is None for k in found)
+    assert roofline.estimated_total(found) is None
+    assert "estimate ms" not in roofline.format_report(found)
+    assert roofline.estimated_total(roofline.kernels(GPU_HLO, peak_flops=1e15, bandwidth=1e12, clock_hz=1e9)) is None
