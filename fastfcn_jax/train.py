@@ -57,7 +57,7 @@ def make_train_step(
     def train_step(state, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
         # Resolved at trace time, for the backend compiled for (layers.OpChoices.loss_logits).
-        loss_logits = layers.choose(model.ops.loss_logits, tpu="upsampled", other="upsampled", gpu="head")
+        loss_logits = layers.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
 
         def loss_fn(params):
             outputs, new_state = model.apply(

@@ -454,7 +454,7 @@ def test_shifted_depthwise_gradients_match_grouped_convolution(dilation) -> None
 
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_depthwise_kernel_gradient_forms_agree(dilation) -> None:
-    # The stacked single reduction (GPU/TPU) and the nine sums (CPU) are the same kernel gradient.
+    # The stacked single reduction (GPU) and the nine sums (CPU, TPU) are the same kernel gradient.
     key_x, key_g = jax.random.split(jax.random.PRNGKey(4))
     x = jax.random.normal(key_x, (2, 7, 9, 5), jnp.float32)
     grad = jax.random.normal(key_g, (2, 7, 9, 5), jnp.float32)

@@ -163,3 +163,24 @@ def test_loss_on_head_logits_trains_as_the_loss_on_upsampled_logits():
     assert_trees_close(head_state.batch_stats, state.batch_stats, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="loss_logits_implementation must be one of"):
         layers.OpChoices(loss_logits="full")
+
+
+def test_the_loss_form_follows_the_backend_traced_for():
+    # OpChoices.loss_logits='auto': the loss on head logits (its one-pass log-sum-exp is a variadic reduce,
+    # one per cross-entropy: main and auxiliary) on GPUs and TPUs, the loss on upsampled logits on CPUs.
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES)
+    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
+    batch = make_batch(2)
+    variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=optimizer.init(variables["params"]),
+    )
+    for backend, reductions in (("cpu", 0), ("gpu", 2), ("tpu", 2)):
+        # A new step function per backend: jax caches traces per function, not per target backend.
+        step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2)
+        with layers.target_backend(backend):
+            jaxpr = str(jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(1)))
+        assert jaxpr.count(" reduce[") == reductions, backend

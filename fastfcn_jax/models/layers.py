@@ -22,8 +22,10 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   about 0.3 GFLOP/s on XLA:CPU and their kernel gradient runs as a dense convolution. Its gradient is a
   custom VJP: the input gradient as the same shifted form with the kernel flipped, one fused pass, where
   autodiff built nine padded copies of the incoming gradient (EncNet+JPU R50 train step at batch 2,
-  256x256 on XLA:CPU: 1.93 -> 1.70 s). Its kernel gradient is nine sums on CPU and one sum over the stacked
-  taps elsewhere (fewer passes over the activations on XLA:GPU, slower on XLA:CPU).
+  256x256 on XLA:CPU: 1.93 -> 1.70 s). Its kernel gradient is one sum over the stacked taps on GPUs (fewer
+  passes over the activations on XLA:GPU) and nine sums elsewhere (the stacked form was slower on XLA:CPU,
+  and the TPU compiler writes the stack out in float32: EncNet+JPU R50 train step at batch 16, 480x480,
+  compile-only v5e estimate 280 -> 218 ms with nine sums).
 - Dilated 3x3 convolutions whose taps mostly read padding (ASPP rates 12/24/36 on 64x64): ``'valid_taps'`` on
   CPU, one matmul per tap over the pixels it reads. XLA:CPU ran rate 36 at about 100 GFLOP/s; DeepLabV3+JPU R50
   at 512x512 went from 1511 to 949 ms.
@@ -63,8 +65,10 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   upsamples them inside a custom-gradient loss that never writes the full-resolution logits: one
   reduction pass for log-sum-exp and the label's logit, the resize recomputed in the backward pass).
   ``'auto'``: ``'head'`` on GPUs, where the EncNet+JPU training step at batch 16, 480x480 moves 78 instead of
-  88 GB (compile-only H200 estimate, roofline 25.4 -> 23.2 ms); ``'upsampled'`` on CPU, where the fused loss
-  ran 1.2-2x slower (XLA:CPU's variadic reduction and the recomputation), and on TPUs (unmeasured).
+  88 GB (compile-only H200 estimate, roofline 25.4 -> 23.2 ms), and on TPUs (compile-only v5e estimate of the
+  same step: 218 -> 191 ms, 11.2 -> 9.9 GiB per chip; the full-resolution logits' 150 classes fill 256
+  lanes there); ``'upsampled'`` on CPU, where the fused loss ran 1.2-2x slower (XLA:CPU's variadic
+  reduction and the recomputation).
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -153,7 +157,7 @@ class OpChoices:
     jpu_input: str = "auto"  # 'fused' | 'padded' | 'auto' (JPU: padded concatenation materialised; padded on GPU)
     norm: str = "standard"  # 'standard' | 'folded' (inference: BatchNorm folded into the conv before it)
     resized: str = "low_res"  # 'low_res' | 'upsampled' (a conv over upsampled pooled maps: taps at their resolution)
-    loss_logits: str = "auto"  # 'upsampled' | 'head' | 'auto' (training: the loss upsamples the logits; head on GPU)
+    loss_logits: str = "auto"  # 'upsampled' | 'head' | 'auto' (training: the loss upsamples; head on GPU/TPU)
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -184,7 +188,8 @@ _TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("fa
 def target_backend(name: str | None) -> Iterator[None]:
     """Within the block, ``'auto'`` op choices resolve for backend ``name`` ('cpu', 'gpu' or 'tpu') instead
     of the one JAX runs on: for programs traced here and run elsewhere (an export for GPUs made on a CPU
-    machine, ``experiments/gpu_aot.py``). ``None`` restores the default. Trace inside the block."""
+    machine, ``experiments/gpu_aot.py``). ``None`` restores the default. Trace inside the block, and trace a
+    function not traced before: ``jit`` caches a function's trace without regard to this setting."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     token = _TARGET_BACKEND.set(name)
@@ -883,7 +888,10 @@ def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, stacked: bool) ->
     views = [view.astype(jnp.float32) for view in views]
     if not stacked:
         # XLA:CPU: nine reductions beat one over a stacked [k*k, B, H, W, C] operand by about 6% of the
-        # EncNet+JPU R50 train step (batch 2, 256x256: 1.75 vs 1.86 s).
+        # EncNet+JPU R50 train step (batch 2, 256x256: 1.75 vs 1.86 s). The TPU compiler writes the stack
+        # out in float32 (nine in-place updates, then four 10 ms reductions for the JPU at batch 16,
+        # 480x480); nine sums take its EncNet+JPU train-step estimate from 280 to 218 ms
+        # (experiments/tpu_aot.py, v5e).
         return jnp.stack([jnp.sum(view * grad32, (0, 1, 2)) for view in views])
     # XLA:GPU splits nine separate sums into several reduction kernels that each re-read x and the gradient;
     # one reduction over the stacked taps reads them once (compile-only H200 estimate, experiments/gpu_aot.py:
@@ -902,7 +910,7 @@ def _depthwise_shifted_bwd(
     grad_in = jnp.pad(grad, ((0, 0), (margin, margin), (margin, margin), (0, 0))) if margin else grad
     grad_x = _shifted_taps(grad_in, kernel[::-1, ::-1], dilation).astype(x.dtype)
     views = _shifted_views(x, kernel.shape[0], dilation, margin)
-    taps = _tap_gradients(views, grad, stacked=backend() != "cpu")
+    taps = _tap_gradients(views, grad, stacked=backend() == "gpu")
     grad_kernel = taps.reshape(kernel.shape).astype(kernel.dtype)
     return grad_x, grad_kernel
 
