@@ -23,10 +23,10 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     DEFAULT_MODELS,
     benchmark_input_pipeline,
     format_table,
-    parse_ops,
     run_benchmark,
     tiny_variant,
 )
+from fastfcn_jax.models.layers import parse_ops  # noqa: E402
 
 
 def _image_size(text: str) -> tuple[int, int]:

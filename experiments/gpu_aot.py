@@ -91,7 +91,7 @@ def compile_for_gpu(args: argparse.Namespace) -> str:
     from jax.experimental.topologies import get_topology_desc
 
     from fastfcn_jax import aot
-    from fastfcn_jax.benchmark import parse_ops
+    from fastfcn_jax.models.layers import parse_ops
 
     gpu = GPUS[args.gpu]
     topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")

@@ -43,11 +43,11 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     benchmark_model,
     compile_train_step,
     environment,
-    op_overrides,
     synthetic_variables,
     tiny_variant,
 )
 from fastfcn_jax.models import create_model  # noqa: E402
+from fastfcn_jax.models.layers import op_overrides  # noqa: E402
 
 JPU, DILATED = "encnet_jpu_r50", "encnet_dilated_r50"
 # (model, until, ops): prefixes of both models, then the JPU prefix under each alternative op.

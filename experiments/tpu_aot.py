@@ -50,7 +50,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 def analyse(args: argparse.Namespace, model: str, ops: str) -> dict:
     """Compiles one program for the TPU and returns its summary row (and its kernels)."""
     from fastfcn_jax import aot, roofline
-    from fastfcn_jax.benchmark import parse_ops
+    from fastfcn_jax.models.layers import parse_ops
 
     target = aot.TPUS[args.tpu]
     devices = aot.tpu_devices(target, args.devices)

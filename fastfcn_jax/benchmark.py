@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models import create_model
-from fastfcn_jax.models.layers import OpChoices, fold_batch_norm
+from fastfcn_jax.models.layers import fold_batch_norm, op_overrides
 from fastfcn_jax.summary import count_parameters
 
 DEFAULT_MODELS = (
@@ -282,25 +282,6 @@ def benchmark_models_interleaved(
                 flush=True,
             )
     return {name: _forward_result(forward, times[name], warmup, True) for name, forward in forwards.items()}
-
-
-def parse_ops(text: str) -> dict[str, str]:
-    """``'depthwise=grouped,resize=matmul'`` -> ``{'depthwise': 'grouped', 'resize': 'matmul'}`` ('' -> {})."""
-    pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
-    if not all(pair.count("=") == 1 for pair in pairs):
-        raise ValueError(f"expected OP=CHOICE[,OP=CHOICE...], got {text!r}")
-    return dict(pair.split("=") for pair in pairs)
-
-
-def op_overrides(ops: Mapping[str, str] | None) -> dict[str, str]:
-    """``{'depthwise': 'grouped'}`` -> ``{'depthwise_implementation': 'grouped'}``, rejecting unknown ops."""
-    known = {f.name for f in dataclasses.fields(OpChoices)}
-    unknown = set(ops or {}) - known
-    if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {sorted(known)}")
-    overrides = {f"{op}_implementation": choice for op, choice in (ops or {}).items()}
-    OpChoices(**dict(ops or {}))  # validates the choices
-    return overrides
 
 
 def _flops(lowered: Any, compiled: Any) -> float | None:

@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.name = "encnet_jpu_r50"
     config.model.num_classes = 0  # 0: the dataset's class count
     config.model.overrides = ml_collections.ConfigDict({"dtype": "float32", "aux": True})
+    # How performance-sensitive ops are computed, e.g. "depthwise=grouped,loss_logits=head" (OpChoices in
+    # fastfcn_jax/models/layers.py; same maths): "" = each op's default, 'auto' choices made per backend.
+    config.model.ops = ""
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "pcontext"
@@ -178,10 +181,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "benchmark.train_sizes",
         "must be positive integers, e.g. 256,480",
     )
-    pairs = [p.strip() for p in bench.ops.split(",") if p.strip()]
-    check(all(p.count("=") == 1 for p in pairs), "benchmark.ops", "must be OP=CHOICE[,OP=CHOICE...]")
+    for key in ("benchmark.ops", "model.ops"):
+        pairs = [p.strip() for p in config_value(config, key).split(",") if p.strip()]
+        check(all(p.count("=") == 1 for p in pairs), key, "must be OP=CHOICE[,OP=CHOICE...]")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+    """``create_model`` keyword arguments of ``config.model``: its ``overrides`` and its ``ops``."""
+    from fastfcn_jax.models.layers import op_overrides, parse_ops
+
+    try:
+        ops = op_overrides(parse_ops(config.model.ops))
+    except ValueError as error:
+        raise ValueError(f"config.model.ops={config.model.ops!r}: {error}") from None
+    return {**dict(config.model.overrides.items()), **ops}
 
 
 def config_value(config: ml_collections.ConfigDict, dotted: str):

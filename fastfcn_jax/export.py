@@ -410,6 +410,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     those written. The model is ``config.model``; a checkpoint of another model or class count is an error.
     """
     from fastfcn_jax import checkpointing
+    from fastfcn_jax.config import model_overrides
     from fastfcn_jax.data.datasets import get_dataset_info
     from fastfcn_jax.models import create_model
     from fastfcn_jax.models.layers import fold_batch_norm, target_backend
@@ -427,7 +428,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
             f"asks for {config.model.name} with {num_classes} (config.model.name / config.model.num_classes): "
             "export with the config the checkpoint was trained with, or set config.export.checkpoint"
         )
-    overrides = dict(config.model.overrides.items())
+    overrides = model_overrides(config)
     model = create_model(config.model.name, num_classes, **overrides)
     size = int(settings["image_size"]) or config.dataset.crop_size or dataset.crop_size
     image_size = (size, size)

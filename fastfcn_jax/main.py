@@ -75,7 +75,8 @@ def main(argv: list[str]) -> None:
             import json
             from pathlib import Path
 
-            from fastfcn_jax.benchmark import format_table, parse_ops, run_benchmark
+            from fastfcn_jax.benchmark import format_table, run_benchmark
+            from fastfcn_jax.models.layers import parse_ops
 
             settings = config.benchmark
 

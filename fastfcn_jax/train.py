@@ -198,6 +198,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     Returns the last validation metrics (also written to ``WORKDIR/metrics.json``).
     """
     from fastfcn_jax import summary_writer
+    from fastfcn_jax.config import model_overrides
     from fastfcn_jax.data import pipeline
     from fastfcn_jax.data.datasets import get_dataset_info
 
@@ -207,7 +208,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     dataset = get_dataset_info(config.dataset.name)
     num_classes = config.model.num_classes or dataset.num_classes
     crop = config.dataset.crop_size or dataset.crop_size
-    overrides = dict(config.model.overrides.items())
+    overrides = model_overrides(config)
     model = create_model(config.model.name, num_classes, **overrides)
 
     global_batch = config.train.batch_size

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastfcn_jax.config import validate
+from fastfcn_jax.config import model_overrides, validate
 from fastfcn_jax.models import model_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.py"))
@@ -49,4 +49,19 @@ def test_impossible_values_are_rejected_by_key():
     config.train.momentum = 1.5
     config.train.batch_size = -2
     with pytest.raises(ValueError, match=r"config\.train\.momentum=1\.5.*\n.*config\.train\.batch_size=-2|batch_size"):
+        validate(config)
+
+
+def test_model_ops_reach_the_model_and_bad_ones_name_the_key():
+    config = load(CONFIGS[0]).get_config()
+    config.model.ops = "depthwise=grouped, loss_logits=head"
+    overrides = model_overrides(config)
+    assert overrides["depthwise_implementation"] == "grouped" and overrides["loss_logits_implementation"] == "head"
+    assert overrides["dtype"] == config.model.overrides.dtype
+    for bad, message in (("depthwise=dense", "depthwise_implementation must be one of"), ("warp=on", "unknown op")):
+        config.model.ops = bad
+        with pytest.raises(ValueError, match=rf"config\.model\.ops='{bad}': .*{message}"):
+            model_overrides(config)
+    config.model.ops = "grouped"
+    with pytest.raises(ValueError, match=r"config\.model\.ops='grouped': must be OP=CHOICE"):
         validate(config)

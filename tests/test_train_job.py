@@ -38,7 +38,9 @@ def small_config(data_dir: str, **train):
 
 
 def test_train_job_writes_metrics_checkpoints_tensorboard_and_pictures(data_dir, tmp_path):
-    final = train_and_evaluate(small_config(data_dir), tmp_path)
+    config = small_config(data_dir)
+    config.model.ops = "loss_logits=head"  # an op choice of the command line, recorded with the weights
+    final = train_and_evaluate(config, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["step"] == 6 == final["step"]
     for key in ("pixel_accuracy", "mean_iou", "mean_iou_present"):
@@ -53,6 +55,7 @@ def test_train_job_writes_metrics_checkpoints_tensorboard_and_pictures(data_dir,
     variables, info = checkpointing.restore_variables(tmp_path)
     assert info["model_name"] == "encnet_jpu_tiny" and info["num_classes"] == 6 and info["step"] == 6
     assert len(info["class_names"]) == 6
+    assert info["model_overrides"]["loss_logits_implementation"] == "head"
 
 
 def test_time_boxed_run_resumed_equals_uninterrupted_run(data_dir, tmp_path):

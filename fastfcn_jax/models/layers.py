@@ -180,6 +180,25 @@ class OpChoices:
 DEFAULT_OPS = OpChoices()
 
 
+def parse_ops(text: str) -> dict[str, str]:
+    """``'depthwise=grouped,resize=matmul'`` -> ``{'depthwise': 'grouped', 'resize': 'matmul'}`` ('' -> {})."""
+    pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+    if not all(pair.count("=") == 1 for pair in pairs):
+        raise ValueError(f"expected OP=CHOICE[,OP=CHOICE...], got {text!r}")
+    return dict(pair.split("=") for pair in pairs)
+
+
+def op_overrides(ops: Mapping[str, str] | None) -> dict[str, str]:
+    """``{'depthwise': 'grouped'}`` -> ``{'depthwise_implementation': 'grouped'}``, rejecting unknown ops."""
+    known = {f.name for f in dataclasses.fields(OpChoices)}
+    unknown = set(ops or {}) - known
+    if unknown:
+        raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {sorted(known)}")
+    overrides = {f"{op}_implementation": choice for op, choice in (ops or {}).items()}
+    OpChoices(**dict(ops or {}))  # validates the choices
+    return overrides
+
+
 BACKENDS = ("cpu", "gpu", "tpu")
 _TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastfcn_target_backend", default=None)
 
