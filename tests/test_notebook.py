@@ -59,6 +59,7 @@ def test_notebook_trains_evaluates_shows_predictions_and_exports_on_cpu(tmp_path
     assert "4 cpu devices" in text
     assert json.loads((workdir / "metrics.json").read_text())["step"] == 4
     assert "pixAcc" in text and "mIoU" in text
+    assert "| encnet_jpu_tiny vs encnet_dilated_tiny |" in text and "| train step |" in text
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 4 + 1  # the training run's 4 panels and the overlay strip
     assert (workdir / "export" / "model.stablehlo").is_file()
