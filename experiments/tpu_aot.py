@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+_COLLECTIVES = frozenset({"all-reduce", "all-reduce-start", "all-gather", "all-gather-start", "reduce-scatter"})
+
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     from fastfcn_jax.aot import TPUS
@@ -79,6 +81,8 @@ def analyse(args: argparse.Namespace, model: str, ops: str) -> dict:
     # FLOPs per device: the program is one device's share of the global batch.
     flops = sum(k.flops for k in found)
     memory = aot.memory_per_device(compiled)
+    # The cost model gives no cycles for collectives: their bytes are reported beside the estimate.
+    collective_bytes = sum(k.bytes for k in found if k.kind in _COLLECTIVES)
     return {
         "model": model,
         "ops": ops or "auto",
@@ -90,6 +94,7 @@ def analyse(args: argparse.Namespace, model: str, ops: str) -> dict:
         "of_peak": flops / estimate / target.peak_flops,
         "memory": memory,
         "fits": memory["total"] <= target.memory,
+        "collective_mb": collective_bytes / 1e6,
         "kernels": found,
     }
 
@@ -118,16 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         "| model | ops | GFLOPs/device | estimated ms | img/s | of peak | roofline ms | memory/device GiB "
-        "(args + out + temp) | fits |"
+        "(args + out + temp) | fits | all-reduce MB/device (not in the estimate) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for row in rows:
         m = row["memory"]
         print(
             f"| {row['model']} | {row['ops']} | {row['gflops']:.1f} | {row['estimate_ms']:.2f} | "
             f"{row['images_per_s']:.1f} | {row['of_peak']:.0%} | {row['roofline_ms']:.2f} | "
             f"{m['total'] / 2**30:.2f} ({m['arguments'] / 2**30:.2f} + {m['outputs'] / 2**30:.2f} + "
-            f"{m['temporaries'] / 2**30:.2f}) | {'yes' if row['fits'] else 'NO'} |"
+            f"{m['temporaries'] / 2**30:.2f}) | {'yes' if row['fits'] else 'NO'} | {row['collective_mb']:.0f} |"
         )
 
 
