@@ -66,12 +66,10 @@ def tpu_devices(target: TpuTarget, count: int) -> list[Any]:
 
 
 def _state_and_step(model: Any, variables: Any, name: str) -> tuple[Any, Any]:
-    from fastfcn_jax import optim
-    from fastfcn_jax.train import TrainState, make_train_step
+    from fastfcn_jax.benchmark import recipe_train_step
+    from fastfcn_jax.train import TrainState
 
-    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 1000))
-    # The paper's recipe: aux weight 0.2 and the SE loss for EncNet (as the benchmark's train step).
-    step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2 if name.startswith("encnet") else 0.0)
+    optimizer, step = recipe_train_step(model, name)
     state = jax.eval_shape(
         lambda v: TrainState(
             step=jnp.zeros((), jnp.int32),

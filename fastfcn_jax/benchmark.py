@@ -329,6 +329,17 @@ class CompiledTrainStep:
         return self.compiled(state, self.batch, self.rng)[0]
 
 
+def recipe_train_step(model: Any, name: str) -> tuple[Any, Any]:
+    """(optimizer, train_step) of the paper's recipe for model ``name``: SGD with the poly schedule and the 10x
+    new-layer rate, aux loss weight 0.2 and, for EncNet, the SE loss (0.2)."""
+    from fastfcn_jax import optim
+    from fastfcn_jax.train import make_train_step
+
+    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 1000))
+    step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2 if name.startswith("encnet") else 0.0)
+    return optimizer, step
+
+
 def compile_train_step(
     name: str,
     *,
@@ -341,13 +352,11 @@ def compile_train_step(
     """The jitted training step of :mod:`fastfcn_jax.train` (forward, backward, SGD update, BN statistics;
     aux and SE losses as the paper's recipe) for a registered model, compiled with the state donated, on
     random images and labels."""
-    from fastfcn_jax import optim
-    from fastfcn_jax.train import TrainState, make_train_step
+    from fastfcn_jax.train import TrainState
 
     height, width = (int(s) for s in image_size)
     model = create_model(name, num_classes, dtype=dtype, **op_overrides(ops))
-    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 1000))
-    step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2 if name.startswith("encnet") else 0.0)
+    optimizer, step = recipe_train_step(model, name)
     key = jax.random.PRNGKey(_INPUT_SEED)
     batch = {
         "image": jax.random.normal(key, (batch_size, height, width, 3), jnp.float32),
