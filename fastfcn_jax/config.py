@@ -190,13 +190,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
     """``create_model`` keyword arguments of ``config.model``: its ``overrides`` and its ``ops``."""
-    from fastfcn_jax.models.layers import op_overrides, parse_ops
+    from fastfcn_jax.models.registry import model_kwargs
 
-    try:
-        ops = op_overrides(parse_ops(config.model.ops))
-    except ValueError as error:
-        raise ValueError(f"config.model.ops={config.model.ops!r}: {error}") from None
-    return {**dict(config.model.overrides.items()), **ops}
+    return model_kwargs(config.model, ops_key="config.model.ops")
 
 
 def config_value(config: ml_collections.ConfigDict, dotted: str):

@@ -164,6 +164,11 @@ def test_model_from_config_mapping():
     assert model.head == "psp" and model.num_classes == 5 and not model.aux
     with pytest.raises(ValueError, match="unknown model config key"):
         model_from_config({"name": "psp_jpu_tiny", "num_classes": 5, "classes": 3})
+    # Op choices come as the command line writes them (config.model.ops).
+    model = model_from_config({"name": "psp_jpu_tiny", "num_classes": 5, "ops": "depthwise=grouped"})
+    assert model.ops.depthwise == "grouped" and model.aux
+    with pytest.raises(ValueError, match="ops='depthwise=dense': depthwise_implementation must be one of"):
+        model_from_config({"name": "psp_jpu_tiny", "num_classes": 5, "ops": "depthwise=dense"})
 
 
 TINY_MODELS = [f"{h}_{n}_tiny" for h in ("encnet", "psp", "deeplab", "fcn") for n in ("jpu", "jpux", "dilated")]

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from fastfcn_jax.models.layers import op_overrides, parse_ops
 from fastfcn_jax.models.segmenter import HEADS, NECKS, Segmenter
 
 DEPTHS = (50, 101, 152)
@@ -112,15 +113,25 @@ def create_model(name: str, num_classes: int, **overrides: Any) -> Segmenter:
     return Segmenter(num_classes=int(num_classes), **model_config(name, **overrides))
 
 
+def model_kwargs(config: Mapping[str, Any], ops_key: str = "ops") -> dict[str, Any]:
+    """The :func:`create_model` overrides of a model config: its ``overrides`` mapping and its ``ops`` string
+    of op choices (``"depthwise=grouped,loss_logits=head"``, see :class:`OpChoices`); errors name the ops
+    as ``ops_key``."""
+    try:
+        ops = op_overrides(parse_ops(config.get("ops") or ""))
+    except ValueError as error:
+        raise ValueError(f"{ops_key}={config.get('ops')!r}: {error}") from None
+    return {**dict((config.get("overrides") or {}).items()), **ops}
+
+
 def model_from_config(config: Mapping[str, Any]) -> Segmenter:
     """Builds a model from a mapping (dict or ``ml_collections.ConfigDict``) with keys ``name``,
-    ``num_classes`` and optional ``overrides``."""
+    ``num_classes`` and optional ``overrides`` and ``ops``."""
     config = dict(config.items())
     missing = {"name", "num_classes"} - set(config)
     if missing:
         raise ValueError(f"model config needs {sorted(missing)}; got keys {sorted(config)}")
-    unknown = set(config) - {"name", "num_classes", "overrides"}
+    unknown = set(config) - {"name", "num_classes", "overrides", "ops"}
     if unknown:
-        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; expected name, num_classes, overrides")
-    overrides = dict((config.get("overrides") or {}).items())
-    return create_model(config["name"], config["num_classes"], **overrides)
+        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; expected name, num_classes, overrides, ops")
+    return create_model(config["name"], config["num_classes"], **model_kwargs(config))
