@@ -66,9 +66,8 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   reduction pass for log-sum-exp and the label's logit, the resize recomputed in the backward pass).
   ``'auto'``: ``'head'`` on GPUs, where the EncNet+JPU training step at batch 16, 480x480 moves 78 instead of
   88 GB (compile-only H200 estimate, roofline 25.4 -> 23.2 ms), and on TPUs (compile-only v5e estimate of the
-  same step: 218 -> 191 ms, 11.2 -> 9.9 GiB per chip; the full-resolution logits' 150 classes fill 256
-  lanes there); ``'upsampled'`` on CPU, where the fused loss ran 1.2-2x slower (XLA:CPU's variadic
-  reduction and the recomputation).
+  same step: 218 -> 191 ms, 11.2 -> 9.9 GiB per chip); ``'upsampled'`` on CPU, where the fused loss ran
+  1.2-2x slower (XLA:CPU's variadic reduction and the recomputation).
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
