@@ -174,24 +174,26 @@ def test_cross_entropy_is_stable_for_large_logits():
     assert float(losses.cross_entropy(logits, labels)) == pytest.approx(500.0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
 @pytest.mark.parametrize(("low", "size"), [((5, 7), (33, 20)), ((8, 8), (64, 64)), ((1, 3), (4, 9))])
-def test_cross_entropy_of_head_logits_is_that_of_the_upsampled_logits(low, size):
-    # The loss upsamples logits smaller than the labels itself (OpChoices.loss_logits='head'): the same value
-    # and gradient as the loss of the model's upsampled output, without writing it.
-    from fastfcn_jax.models.layers import resize_bilinear
+def test_cross_entropy_of_head_logits_is_that_of_the_upsampled_logits(low, size, backend):
+    # The loss upsamples logits smaller than the labels itself (OpChoices.loss_logits='head', on GPUs and
+    # TPUs): the same value and gradient as the loss of the model's upsampled output, without writing it.
+    # Traced for a TPU, the resize inside is the interpolation-matrix form (layers.resize_bilinear).
+    from fastfcn_jax.models.layers import resize_bilinear, target_backend
 
     logits = jax.random.normal(jax.random.PRNGKey(0), (2, *low, 6)) * 4
     labels = jax.random.randint(jax.random.PRNGKey(1), (2, *size), -1, 6)
     labels = labels.at[0, 0, 0].set(-1)
     fused = jax.jit(jax.value_and_grad(losses.cross_entropy))
     plain = jax.jit(jax.value_and_grad(lambda z, y: losses.cross_entropy(resize_bilinear(z, size), y)))
-    (value, grad), (want_value, want_grad) = fused(logits, labels), plain(logits, labels)
+    with target_backend(backend):
+        (value, grad), (want_value, want_grad) = fused(logits, labels), plain(logits, labels)
+        # No labelled pixel: 0 and a zero gradient, as the plain form.
+        ignored_value, ignored_grad = fused(logits, -jnp.ones_like(labels))
     assert float(value) == pytest.approx(float(want_value), rel=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * float(jnp.abs(want_grad).max()))
-    # No labelled pixel: 0 and a zero gradient, as the plain form.
-    ignored = -jnp.ones_like(labels)
-    value, grad = fused(logits, ignored)
-    assert float(value) == 0.0 and not np.any(np.asarray(grad))
+    assert float(ignored_value) == 0.0 and not np.any(np.asarray(ignored_grad))
 
 
 def test_cross_entropy_of_head_logits_is_stable_for_large_logits():
