@@ -19,9 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from fastfcn_jax.sharding import DATA_AXIS
+from fastfcn_jax.sharding import DATA_AXIS, batch_sharded
+from fastfcn_jax.sharding import replicated as replicated_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +107,9 @@ def lower(
 
     if batch_size % len(devices):
         raise ValueError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")
+    # The training job's shardings (fastfcn_jax.sharding) over a mesh of the target's devices.
     mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    replicated, batched = replicated_sharding(mesh), batch_sharded(mesh)
 
     def shaped(tree: Any, sharding: NamedSharding) -> Any:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
