@@ -4,6 +4,10 @@
 #
 #   bash experiments/gpu_check.sh [OUT_DIR]          # GPU_CHECK_QUICK=1: tiny models, a CPU smoke test
 #   GPU_CHECK_STAGES=diagnose,forward bash experiments/gpu_check.sh   # only these stages, in this order
+#   GPU_CHECK_DEADLINE=500 ...   # seconds for the whole check: each stage's limit is cut to what is left, and a
+#                                # stage with under 30 s left is skipped (a lease's call must end in time to
+#                                # bring its files back)
+#   GPU_CHECK_B16_MODELS=encnet_jpu_r50,encnet_dilated_r50 ...   # the models of forward_b16 (default: all six)
 #
 # Stages (GPU_CHECK_STAGES, default forward,train,parity), each with its own time limit; a failing
 # stage does not stop the others (device time is scarce: one run must bring back as much as it can). Before
@@ -41,9 +45,19 @@ QUICK=()
 [[ -n "${GPU_CHECK_QUICK:-}" ]] && QUICK=(--quick --warmup 1 --repeats 2)
 FAILED=()
 
+DEADLINE="${GPU_CHECK_DEADLINE:-}"
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [[ -n $DEADLINE ]]; then
+        local left=$((DEADLINE - SECONDS))
+        if ((left < 30)); then
+            echo "=== $name: skipped, ${left}s left of GPU_CHECK_DEADLINE=$DEADLINE" | tee -a "$LOG"
+            FAILED+=("$name(skipped)")
+            return
+        fi
+        ((limit > left)) && limit=$left
+    fi
     echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
     if [[ $1 == bench ]]; then  # bench OUTPUT_NAME BENCHMARK_ARGS...: experiments/benchmark.py, JSON kept
         local output=$2
@@ -79,7 +93,8 @@ for name in ${STAGES//,/ }; do
         stage forward_constant 90 bench forward_constant --dtype bfloat16 --models encnet_jpu_r50,encnet_dilated_r50 \
             --no-peak --warmup 5 --repeats 30 --constant-weights --ops norm=folded ;;
     forward_b16)  # throughput: at batch 1 an H200 is launch-bound (~2.5 ms for every model)
-        stage forward_bf16_b16 150 bench forward_bf16_b16 --dtype bfloat16 --models "$PAIRS" --batch-size 16 \
+        stage forward_bf16_b16 150 bench forward_bf16_b16 --dtype bfloat16 --models "${GPU_CHECK_B16_MODELS:-$PAIRS}" \
+            --batch-size 16 \
             --no-peak --warmup 3 --repeats 10 ;;
     train)
         stage train_bf16 200 bench train_bf16 --dtype bfloat16 --models= --warmup 3 --repeats 10 \
