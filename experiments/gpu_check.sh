@@ -21,6 +21,8 @@
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
 #   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
 #   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
+#   train_variants  the bf16 train step at batch 16, 480x480 under each op choice of its backward pass
+#                (experiments/train_variants.py: one process, variants timed in turn) and its dilated twin;
 #   train_ops    the bf16 train step at batch 16, 480x480 with jpu_input=fused (the CPU form; GPUs default to
 #                padded), separable=split and loss_logits=upsampled (the CPU form; GPUs default to the loss
 #                upsampling the heads' logits itself);
@@ -112,6 +114,12 @@ for name in ${STAGES//,/ }; do
                 --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 \
                 --ops "$ops"
         done ;;
+    train_variants)  # the b16 480x480 train step under each op choice of its backward, one process, in turn
+        stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
+            --variant default --variant depthwise_input_grad=fused,loss_gradient=float32 \
+            --variant depthwise_input_grad=fused --variant loss_gradient=float32 \
+            --variant depthwise_kernel_grad=per_tap --variant depthwise=grouped --variant loss_logits=upsampled \
+            --variant model=encnet_dilated_r50 ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
     fp32)
         stage forward_fp32 90 bench forward_fp32 --dtype float32 --models encnet_jpu_r50,encnet_dilated_r50 \
@@ -128,7 +136,7 @@ for name in ${STAGES//,/ }; do
     diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
         stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
             --train-profile encnet_jpu_r50 ${GPU_CHECK_QUICK:+--quick} ;;
-    *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_ops, ops, parity, fp32, diagnose," \
+    *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_variants, train_ops, ops, parity, fp32, diagnose," \
            "diagnose_train)" \
            | tee -a "$LOG"
        FAILED+=("$name") ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,9 @@ from fastfcn_jax.models.layers import resize_bilinear
 IGNORE_LABEL = -1
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL, *, gradient_dtype: Any = jnp.float32
+) -> jax.Array:
     """Pixel cross-entropy averaged over non-ignored pixels (PyTorch ``CrossEntropyLoss(ignore_index)``).
 
     logits [B, h, w, C], labels [B, H, W] integer. Logits smaller than the labels are first resized to them
@@ -27,6 +30,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNO
     scatter-add. At the paper's crop the logits are full-resolution (batch 16, 480x480, 150 classes: 2.2 GB
     in float32 per head): XLA:GPU's memory traffic for the two heads' losses fell from about 60 to 21 GB,
     the training step's roofline estimate on an H200 from 37 to 29 ms (``experiments/gpu_aot.py``).
+
+    ``gradient_dtype`` (logits smaller than the labels only; ``OpChoices.loss_gradient``): the full-resolution
+    gradient is rounded to it before it is resized back to the logits' size (in float32). The training step
+    passes the model's compute dtype: bfloat16 is what autodiff of a bfloat16 model hands its last layer
+    anyway, and half the bytes of the largest array of its training step.
     """
     if logits.shape[:-1] != labels.shape:
         smaller = (
@@ -40,7 +48,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNO
                 f"logits {logits.shape} do not match labels {labels.shape} (expected [B, h, w, C] with h <= H, "
                 "w <= W for labels [B, H, W])"
             )
-        return _upsampled_cross_entropy(logits.astype(jnp.float32), labels, ignore_label)
+        narrow = jnp.dtype(gradient_dtype).name
+        return _upsampled_cross_entropy(logits.astype(jnp.float32), labels, ignore_label, narrow)
     log_sum_exp, picked = _log_sum_exp_and_picked(logits.astype(jnp.float32), labels)
     return _labelled_mean(log_sum_exp - picked, labels != ignore_label)[0]
 
@@ -75,24 +84,31 @@ def _one_pass_log_sum_exp_and_picked(logits: jax.Array, labels: jax.Array) -> tu
     return m + jnp.log(total), picked
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _upsampled_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _upsampled_cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_label: int, gradient_dtype: str = "float32"
+) -> jax.Array:
     """:func:`cross_entropy` of ``logits`` resized to the labels' size, never writing the resized logits:
     the forward pass reduces them in one pass (:func:`_one_pass_log_sum_exp_and_picked`) as XLA computes
     them, the backward pass recomputes them and keeps only the per-pixel log-sum-exp in between, where
     autodiff would write the [B, H, W, C] array and read it three times. For XLA:GPU: the EncNet+JPU
     training step at batch 16, 480x480 moves 78 instead of 88 GB (compile-only H200 estimate); on XLA:CPU
-    the plain form is faster (see ``OpChoices.loss_logits``)."""
-    return _upsampled_cross_entropy_fwd(logits, labels, ignore_label)[0]
+    the plain form is faster (see ``OpChoices.loss_logits``). The full-resolution gradient is rounded to
+    ``gradient_dtype`` before it is resized back."""
+    return _upsampled_cross_entropy_fwd(logits, labels, ignore_label, gradient_dtype)[0]
 
 
-def _upsampled_cross_entropy_fwd(logits: jax.Array, labels: jax.Array, ignore_label: int) -> tuple[jax.Array, tuple]:
+def _upsampled_cross_entropy_fwd(
+    logits: jax.Array, labels: jax.Array, ignore_label: int, gradient_dtype: str
+) -> tuple[jax.Array, tuple]:
     log_sum_exp, picked = _one_pass_log_sum_exp_and_picked(resize_bilinear(logits, labels.shape[1:3]), labels)
     loss, count = _labelled_mean(log_sum_exp - picked, labels != ignore_label)
     return loss, (logits, labels, log_sum_exp, count)
 
 
-def _upsampled_cross_entropy_bwd(ignore_label: int, residuals: tuple, grad: jax.Array) -> tuple[jax.Array, None]:
+def _upsampled_cross_entropy_bwd(
+    ignore_label: int, gradient_dtype: str, residuals: tuple, grad: jax.Array
+) -> tuple[jax.Array, None]:
     logits, labels, log_sum_exp, count = residuals
     size = labels.shape[1:3]
     # Without the barrier XLA merges this resize with the forward's and keeps its full-resolution output
@@ -102,7 +118,13 @@ def _upsampled_cross_entropy_bwd(ignore_label: int, residuals: tuple, grad: jax.
     classes = jnp.arange(logits.shape[-1], dtype=labels.dtype)
     scale = jnp.where(labels != ignore_label, grad / count, 0.0)[..., None]
     softmax = jnp.exp(upsampled - log_sum_exp[..., None])
-    (grad_logits,) = adjoint((softmax - (classes == labels[..., None])) * scale)
+    full = (softmax - (classes == labels[..., None])) * scale
+    if gradient_dtype != "float32":
+        # XLA:GPU writes this array for the resize's adjoint (a K-tap gather accumulating in float32): 2.2 GB
+        # per head in float32 at batch 16, 480x480, 150 classes. The barrier keeps it in the narrow dtype,
+        # where XLA had moved the conversion back to float32 into the writing kernel.
+        full = jax.lax.optimization_barrier(full.astype(gradient_dtype)).astype(jnp.float32)
+    (grad_logits,) = adjoint(full)
     return grad_logits, None
 
 
@@ -133,16 +155,17 @@ def segmentation_loss(
     aux_weight: float,
     se_weight: float,
     ignore_label: int = IGNORE_LABEL,
+    gradient_dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total = CE(logits) + aux_weight * CE(aux_logits) + se_weight * BCE(se_logits, presence).
 
     Terms whose outputs the model does not produce (no aux head, no SE branch) are left out. Returns the
-    total and each term.
+    total and each term. ``gradient_dtype``: see :func:`cross_entropy`.
     """
-    terms = {"ce": cross_entropy(outputs["logits"], labels, ignore_label)}
+    terms = {"ce": cross_entropy(outputs["logits"], labels, ignore_label, gradient_dtype=gradient_dtype)}
     total = terms["ce"]
     if "aux_logits" in outputs and aux_weight:
-        terms["aux_ce"] = cross_entropy(outputs["aux_logits"], labels, ignore_label)
+        terms["aux_ce"] = cross_entropy(outputs["aux_logits"], labels, ignore_label, gradient_dtype=gradient_dtype)
         total = total + aux_weight * terms["aux_ce"]
     if "se_logits" in outputs and se_weight:
         targets = class_presence(labels, outputs["se_logits"].shape[-1])

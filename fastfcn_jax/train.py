@@ -58,6 +58,9 @@ def make_train_step(
         dropout_rng = jax.random.fold_in(rng, state.step)
         # Resolved at trace time, for the backend compiled for (layers.OpChoices.loss_logits).
         loss_logits = layers.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
+        # OpChoices.loss_gradient: the full-resolution loss gradient in the model's compute dtype.
+        compute_dtype = getattr(model, "dtype", jnp.float32)
+        loss_gradient_dtype = compute_dtype if model.ops.loss_gradient == "compute" else jnp.float32
 
         def loss_fn(params):
             outputs, new_state = model.apply(
@@ -68,7 +71,13 @@ def make_train_step(
                 mutable=["batch_stats"],
                 rngs={"dropout": dropout_rng},
             )
-            total, terms = losses.segmentation_loss(outputs, batch["label"], aux_weight=aux_weight, se_weight=se_weight)
+            total, terms = losses.segmentation_loss(
+                outputs,
+                batch["label"],
+                aux_weight=aux_weight,
+                se_weight=se_weight,
+                gradient_dtype=loss_gradient_dtype,
+            )
             return total, (terms, new_state["batch_stats"])
 
         grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)

@@ -73,6 +73,9 @@ class Segmenter(nn.Module):
     resized_implementation: str = "low_res"
     loss_logits_implementation: str = "auto"
     small_maps_implementation: str = "auto"
+    depthwise_input_grad_implementation: str = "auto"
+    depthwise_kernel_grad_implementation: str = "auto"
+    loss_gradient_implementation: str = "compute"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -97,6 +100,9 @@ class Segmenter(nn.Module):
             resized=self.resized_implementation,
             loss_logits=self.loss_logits_implementation,
             small_maps=self.small_maps_implementation,
+            depthwise_input_grad=self.depthwise_input_grad_implementation,
+            depthwise_kernel_grad=self.depthwise_kernel_grad_implementation,
+            loss_gradient=self.loss_gradient_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
