@@ -114,12 +114,14 @@ for name in ${STAGES//,/ }; do
                 --warmup 3 --repeats 10 --train-models encnet_jpu_r50 --train-sizes 480 --train-batch-size 16 \
                 --ops "$ops"
         done ;;
-    train_variants)  # the b16 480x480 train step under each op choice of its backward, one process, in turn
+    train_variants)  # the b16 480x480 train step under each op choice of its backward, one process. Each
+        # variant's compile takes about 45 s on an H200 (session 6: seven in 330 s): most telling first, and
+        # each row is printed as soon as it is measured.
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             --variant default --variant depthwise_input_grad=fused,loss_gradient=float32 \
-            --variant depthwise_input_grad=fused --variant loss_gradient=float32 \
-            --variant depthwise_kernel_grad=per_tap --variant depthwise=grouped --variant loss_logits=upsampled \
-            --variant model=encnet_dilated_r50 ${GPU_CHECK_QUICK:+--quick} ;;
+            --variant model=encnet_dilated_r50 --variant depthwise_kernel_grad=per_tap \
+            --variant depthwise=grouped --variant depthwise_input_grad=fused --variant loss_gradient=float32 \
+            --variant loss_logits=upsampled ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
     fp32)
         stage forward_fp32 90 bench forward_fp32 --dtype float32 --models encnet_jpu_r50,encnet_dilated_r50 \

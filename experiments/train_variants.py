@@ -5,8 +5,9 @@
     python experiments/train_variants.py --quick          # tiny model at 64x64 on CPU: a smoke test
 
 Why one process: on a lent GPU each new process pays JAX's start and XLA's autotuning again, and timings
-taken in different processes of the same machine differed by up to 15%. Variants are compiled first, then
-timed round-robin (one step of each per round), so a slow drift of the machine hits all alike. A variant
+taken in different processes of the same machine differed by up to 15%. Each variant is timed as soon as it
+is compiled (its row printed and saved at once: a time limit loses only what was not reached), then all of
+them again in turn, round by round, so that a slow drift of the machine hits all alike. A variant
 is ``default`` or ``OP=CHOICE[,OP=CHOICE...]`` (see ``fastfcn_jax.models.layers.OpChoices``); ``--model``
 may name other models too (``--variant model=encnet_dilated_r50``). Prints a markdown table; ``--output``
 writes the JSON. Needs only jax, flax, optax and numpy.
@@ -20,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -33,6 +35,30 @@ def parse_variant(text: str, model: str) -> tuple[str, str, dict[str, str]]:
     return text, ops.pop("model", model), ops
 
 
+def _time(step: Any, state: Any, warmup: int, repeats: int) -> tuple[Any, list[float]]:
+    for _ in range(warmup):
+        state = jax.block_until_ready(step.run(state))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = jax.block_until_ready(step.run(state))
+        times.append((time.perf_counter() - start) * 1e3)
+    return state, times
+
+
+def _row(row: dict, first_ms: float) -> str:
+    tflops = f"{row['flops'] / row['median_ms'] / 1e9:.1f}" if row["flops"] else "n/a"
+    return (
+        f"| {row['variant']} | {row['model']} | {row['median_ms']:.2f} | {row['min_ms']:.2f} "
+        f"| {row['images_per_s']:.1f} | {tflops} | {row['median_ms'] / first_ms:.3f} | {row['compile_s']:.0f} |"
+    )
+
+
+def _save(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="encnet_jpu_r50")
@@ -44,50 +70,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny model, 64x64, batch 2, 2 repeats")
+    parser.add_argument(
+        "--no-interleave", dest="interleave", action="store_false", help="skip the second, round-robin pass"
+    )
     args = parser.parse_args(argv)
     variants = [parse_variant(v, args.model) for v in (args.variant or ["default"])]
     batch, size, repeats = (2, 64, 2) if args.quick else (args.batch_size, args.size, args.repeats)
     if args.quick:
         variants = [(label, tiny_variant(model), ops) for label, model, ops in variants]
     env = environment()
-    steps = {}
-    for label, model, ops in variants:
-        print(f"compiling {label} ({model}) ...", file=sys.stderr, flush=True)
-        steps[label] = compile_train_step(model, image_size=(size, size), batch_size=batch, dtype=args.dtype, ops=ops)
-    states = {label: step.state for label, step in steps.items()}
-    for _ in range(args.warmup):
-        for label, step in steps.items():
-            states[label] = jax.block_until_ready(step.run(states[label]))
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(repeats):
-        for label, step in steps.items():
-            start = time.perf_counter()
-            states[label] = jax.block_until_ready(step.run(states[label]))
-            times[label].append((time.perf_counter() - start) * 1e3)
-    rows = []
-    for (label, model, ops), step in zip(variants, steps.values(), strict=True):
-        median = statistics.median(times[label])
-        rows.append({
-            "variant": label, "model": model, "ops": ops, "median_ms": median, "min_ms": min(times[label]),
-            "runs_ms": times[label], "images_per_s": batch * 1e3 / median, "flops": step.flops,
-            "compile_s": step.compile_s,
-        })  # fmt: skip
     print(
         f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}; train step, batch {batch}, "
-        f"{size}x{size}, {args.dtype}; median of {repeats} after {args.warmup} warm-up, variants in turn\n"
+        f"{size}x{size}, {args.dtype}; median of {repeats} after {args.warmup} warm-up\n",
+        flush=True,
     )
-    print("| variant | model | median ms | min ms | img/s | TFLOP/s | vs first |\n|---|---|---:|---:|---:|---:|---:|")
-    first = rows[0]["median_ms"]
-    for row in rows:
-        tflops = f"{row['flops'] / row['median_ms'] / 1e9:.1f}" if row["flops"] else "n/a"
-        print(
-            f"| {row['variant']} | {row['model']} | {row['median_ms']:.2f} | {row['min_ms']:.2f} "
-            f"| {row['images_per_s']:.1f} | {tflops} | {row['median_ms'] / first:.3f} |"
-        )
-    if args.output:
-        args.output.write_text(
-            json.dumps({"environment": env, "batch_size": batch, "size": size, "rows": rows}, indent=1)
-        )
+    print("| variant | model | median ms | min ms | img/s | TFLOP/s | vs first | compile s |", flush=True)
+    print("|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    steps, states, rows = {}, {}, []
+    report = {"environment": env, "batch_size": batch, "size": size, "rows": rows, "interleaved": None}
+    for label, model, ops in variants:
+        # Each variant is timed as soon as it is compiled and its row printed and saved: a compile takes about
+        # 45 s on a lent H200, and a run cut by its time limit must still bring back what it measured.
+        print(f"compiling {label} ({model}) ...", file=sys.stderr, flush=True)
+        step = compile_train_step(model, image_size=(size, size), batch_size=batch, dtype=args.dtype, ops=ops)
+        steps[label], states[label] = step, step.state
+        states[label], times = _time(step, states[label], args.warmup, repeats)
+        row = {
+            "variant": label, "model": model, "ops": ops, "median_ms": statistics.median(times),
+            "min_ms": min(times), "runs_ms": times, "flops": step.flops, "compile_s": step.compile_s,
+        }  # fmt: skip
+        row["images_per_s"] = batch * 1e3 / row["median_ms"]
+        rows.append(row)
+        print(_row(row, rows[0]["median_ms"]), flush=True)
+        _save(args.output, report)
+    if args.interleave and len(steps) > 1:
+        # A second pass, variants in turn round by round, so that a drift of the machine hits all alike.
+        times = {label: [] for label in steps}
+        for _ in range(repeats):
+            for label, step in steps.items():
+                states[label], run = _time(step, states[label], 0, 1)
+                times[label] += run
+        report["interleaved"] = {label: statistics.median(t) for label, t in times.items()}
+        print("\ninterleaved pass (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in report["interleaved"].items()))
+        _save(args.output, report)
     return 0
 
 
