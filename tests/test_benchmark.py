@@ -298,3 +298,34 @@ def test_input_pipeline_throughput_is_measured_on_real_batches(tmp_path) -> None
         }
     )
     assert "input pipeline (synthetic_shapes, 48x48 crops, batch 4)" in text
+
+
+def test_flops_are_counted_on_the_cpu_lowering_whatever_the_backend() -> None:
+    # On an H200 with jax 0.11.2 the GPU lowering's cost analysis skipped cuDNN's work (705 of ~5600 GFLOPs of
+    # a train step), so _flops counts the program as lowered for the CPU, from shapes alone, and falls back
+    # to the lowered and then the compiled program where that lowering fails.
+    import jax
+    import jax.numpy as jnp
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+    jitted = jax.jit(conv)
+    lowered = jitted.lower(x, w)
+    want = 2 * 2 * 6 * 6 * 6 * 3 * 3 * 4
+    assert benchmark._flops(jitted, (x, w), lowered, None) == pytest.approx(want, rel=0.01)
+
+    class Unlowerable:
+        def trace(self, *args):
+            raise RuntimeError("no CPU lowering")
+
+    class Counted:
+        def __init__(self, flops):
+            self.flops = flops
+
+        def cost_analysis(self):
+            return {"flops": self.flops}
+
+    assert benchmark._flops(Unlowerable(), (x, w), Counted(7.0), Counted(9.0)) == 7.0
+    assert benchmark._flops(Unlowerable(), (x, w), Counted(-1.0), Counted(9.0)) == 9.0

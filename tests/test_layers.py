@@ -469,6 +469,57 @@ def test_depthwise_kernel_gradient_forms_agree(dilation) -> None:
     np.testing.assert_allclose(stacked[6], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dilation", [1, 4])
+def test_depthwise_gradient_choices_give_the_same_gradients(dilation) -> None:
+    # OpChoices.depthwise_input_grad / depthwise_kernel_grad change how XLA schedules the backward pass
+    # (an optimization barrier per branch; one stacked reduction or nine), never its values. The margin
+    # case is the JPU's: four branches reading one pre-padded input, their input gradients added.
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 12, 10, 6))
+    x = jnp.pad(x, ((0, 0), (8, 8), (8, 8), (0, 0)))
+    results = {}
+    for input_grad in ("fused", "materialized"):
+        for kernel_grad in ("stacked", "per_tap"):
+            branches = [
+                layers.DepthwiseConv(dilation=d, margin=8, input_grad=input_grad, kernel_grad=kernel_grad)
+                for d in (dilation, 2 * dilation)
+            ]
+            params = [b.init(jax.random.PRNGKey(i), x) for i, b in enumerate(branches)]
+
+            def loss(params, x, branches=branches):
+                return sum(jnp.sum(jnp.sin(b.apply(p, x))) for b, p in zip(branches, params, strict=True))
+
+            with jax.default_matmul_precision("highest"):
+                results[input_grad, kernel_grad] = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    want = jax.tree.leaves(results["fused", "per_tap"])
+    assert float(jnp.abs(want[-1]).max()) > 0
+    for key, got in results.items():
+        for g, w in zip(jax.tree.leaves(got), want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=str(key))
+    with pytest.raises(ValueError, match="depthwise_input_grad_implementation must be one of"):
+        layers.OpChoices(depthwise_input_grad="barrier")
+    with pytest.raises(ValueError, match="depthwise_kernel_grad_implementation must be one of"):
+        layers.OpChoices(depthwise_kernel_grad="nine")
+
+
+def test_depthwise_gradient_auto_choices_per_backend() -> None:
+    # 'auto': materialized input gradients and the stacked kernel gradient on GPUs only; the barrier shows
+    # in the backward program as an optimization_barrier.
+    x = jnp.ones((1, 10, 10, 4))
+    module = layers.DepthwiseConv(dilation=2, margin=2)
+    variables = module.init(jax.random.PRNGKey(0), x)
+
+    def backward_text(backend):
+        def grad(v, x):
+            return jax.grad(lambda v, x: jnp.sum(module.apply(v, x)), argnums=(0, 1))(v, x)
+
+        with layers.target_backend(backend):
+            return str(jax.make_jaxpr(grad)(variables, x))
+
+    assert "optimization_barrier" in backward_text("gpu")
+    assert "optimization_barrier" not in backward_text("cpu")
+    assert "optimization_barrier" not in backward_text("tpu")
+
+
 def _float64_train_results(name: str, **overrides) -> tuple[np.ndarray, list[np.ndarray]]:
     """Train-mode logits and parameter gradients of a tiny model computed in float64.
 

@@ -4,6 +4,9 @@ trace summary, run on CPU at tiny sizes (their numbers are never asserted; their
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +82,35 @@ def test_gpu_aot_builds_a_target_description_for_each_gpu_and_parses_its_options
         target = script._TARGET.format(**gpu)
         assert f'device_description_str: "{gpu["name"]}"' in target
         assert "cuda_compute_capability {\n    major: 9" in target
+
+
+def test_train_variants_times_each_variant_as_it_compiles(tmp_path: Path, capsys) -> None:
+    script = _load("train_variants")
+    output = tmp_path / "variants.json"
+    assert script.parse_variant("model=encnet_dilated_r50,depthwise=grouped", "encnet_jpu_r50") == (
+        "model=encnet_dilated_r50,depthwise=grouped",
+        "encnet_dilated_r50",
+        {"depthwise": "grouped"},
+    )
+    variants = ["--variant", "default", "--variant", "depthwise_input_grad=materialized"]
+    assert script.main(["--quick", *variants, "--output", str(output), "--warmup", "0"]) == 0
+    report = json.loads(output.read_text())
+    rows = report["rows"]
+    assert [r["variant"] for r in rows] == ["default", "depthwise_input_grad=materialized"]
+    assert rows[1]["ops"] == {"depthwise_input_grad": "materialized"} and rows[0]["model"] == "encnet_jpu_tiny"
+    assert all(len(r["runs_ms"]) == 2 and r["median_ms"] > 0 and r["flops"] > 0 for r in rows)
+    assert set(report["interleaved"]) == {r["variant"] for r in rows}
+    assert "| depthwise_input_grad=materialized | encnet_jpu_tiny |" in capsys.readouterr().out
+
+
+def test_gpu_check_skips_stages_past_its_deadline(tmp_path: Path) -> None:
+    # A lease's call must end in time to bring its files back: no stage starts with under 30 s left.
+    env = {**os.environ, "GPU_CHECK_DEADLINE": "20", "GPU_CHECK_STAGES": "forward,train", "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", str(REPO / "experiments" / "gpu_check.sh"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    log = (tmp_path / "log.txt").read_text()
+    assert "=== forward_bf16: skipped" in log and "=== train_bf16: skipped" in log
+    assert "failed stages: environment(skipped) forward_bf16(skipped)" in log

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,6 +196,27 @@ def test_cross_entropy_of_head_logits_is_that_of_the_upsampled_logits(low, size,
     assert float(value) == pytest.approx(float(want_value), rel=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * float(jnp.abs(want_grad).max()))
     assert float(ignored_value) == 0.0 and not np.any(np.asarray(ignored_grad))
+
+
+def test_cross_entropy_of_head_logits_rounds_the_full_resolution_gradient_to_the_gradient_dtype():
+    # OpChoices.loss_gradient='compute': the full-resolution gradient is rounded to the model's compute dtype
+    # before it is resized back (half the bytes in bfloat16); the value is unchanged and the gradient
+    # differs from the float32 one by that rounding only.
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 7)) * 3
+    labels = jax.random.randint(jax.random.PRNGKey(1), (2, 41, 33), -1, 7)
+    results = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        loss = functools.partial(losses.cross_entropy, gradient_dtype=dtype)
+        results[jnp.dtype(dtype).name] = jax.jit(jax.value_and_grad(loss))(logits, labels)
+    (value32, grad32), (value16, grad16) = results["float32"], results["bfloat16"]
+    assert float(value16) == float(value32)
+    assert grad16.dtype == grad32.dtype == jnp.float32
+    scale = float(jnp.abs(grad32).max())
+    np.testing.assert_allclose(grad16, grad32, rtol=0, atol=2e-2 * scale)
+    assert not np.array_equal(np.asarray(grad16), np.asarray(grad32))  # the rounding happened
+    # Rounding each full-resolution term to bfloat16 (8 bits) then summing ~ (41/6) * (33/5) terms per
+    # head pixel: far below 1% of the gradient's scale on average.
+    assert float(jnp.abs(grad16 - grad32).mean()) < 2e-3 * scale
 
 
 def test_cross_entropy_of_head_logits_is_stable_for_large_logits():
