@@ -67,7 +67,17 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   ``'auto'``: ``'head'`` on GPUs, where the EncNet+JPU training step at batch 16, 480x480 moves 78 instead of
   88 GB (compile-only H200 estimate, roofline 25.4 -> 23.2 ms), and on TPUs (compile-only v5e estimate of the
   same step: 218 -> 191 ms, 11.2 -> 9.9 GiB per chip); ``'upsampled'`` on CPU, where the fused loss ran
-  1.2-2x slower (XLA:CPU's variadic reduction and the recomputation).
+  1.2-2x slower (XLA:CPU's variadic reduction and the recomputation). ``loss_gradient``: ``'compute'`` (the
+  default) rounds that loss's full-resolution gradient to the model's compute dtype before resizing it
+  back, so a bfloat16 step writes it in bfloat16 (compile-only H200: 80.4 -> 76.0 GB per EncNet+JPU step
+  at batch 16, 480x480; the H200 had spent 2.4 ms writing it in float32); ``'float32'`` keeps it wide.
+- The shifted depthwise conv's backward pass (``depthwise_input_grad``, ``depthwise_kernel_grad``): the
+  JPU's four branches read one padded input, so their input gradients are added; XLA:GPU fused the four
+  9-tap input-gradient correlations and the sum into one kernel of 236 registers per thread at 12.5%
+  occupancy, 7.7 ms of the 48.6 ms EncNet+JPU step on an H200 (batch 16, 480x480). ``'materialized'``
+  writes each branch's gradient first (an optimization barrier; ``'auto'``: on GPUs, not yet measured
+  there), ``'fused'`` leaves the fusion to XLA (CPU, TPU). The kernel gradient is ``'stacked'`` (one
+  reduction over the nine stacked taps; ``'auto'``: GPUs) or ``'per_tap'`` (nine sums; CPU, TPU).
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
