@@ -41,6 +41,9 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Stages that compile the same program (train's batch-16 step, diagnose_train's, train_variants' default: about
+# 45 s each on an H200) load it from JAX's persistent cache after the first.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}"  # not in $WORK: kept out of results.tgz
 LOG="$OUT_DIR/log.txt"
 : >"$LOG"
 QUICK=()

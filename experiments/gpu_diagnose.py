@@ -110,8 +110,13 @@ def summarize_trace(
     by_kernel: dict[str, float] = collections.Counter()
     by_scope: dict[str, float] = collections.Counter()
     by_op: dict[str, float] = collections.Counter()
+    # Inside a CUDA command buffer (XLA:GPU's default on jax 0.11) an event's hlo_op names the buffer; its
+    # kernel name is the fusion's HLO name with '_' for '.' ('loop_add_fusion_5' for 'loop_add_fusion.5').
+    underscored = {name.replace(".", "_"): name for name in scopes}
     for event in kernels:
         op = event.get("args", {}).get("hlo_op", "")
+        if op not in scopes and event["name"] in underscored:
+            op = underscored[event["name"]]
         scope = scopes.get(op, "(unattributed)")
         by_kernel[f"{scope} | {op} | {event['name'][:60]}"] += event["dur"] / 1e3 / iterations
         by_scope[scope] += event["dur"] / 1e3 / iterations
