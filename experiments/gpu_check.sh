@@ -122,7 +122,8 @@ for name in ${STAGES//,/ }; do
         # each row is printed as soon as it is measured.
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             --variant default --variant depthwise_input_grad=fused,loss_gradient=float32 \
-            --variant model=encnet_dilated_r50 --variant depthwise_kernel_grad=per_tap \
+            --variant model=encnet_dilated_r50 --variant depthwise_kernel_grad=stacked_minor \
+            --variant depthwise_kernel_grad=per_tap \
             --variant depthwise=grouped --variant depthwise_input_grad=fused --variant loss_gradient=float32 \
             --variant loss_logits=upsampled ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;

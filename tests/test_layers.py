@@ -459,10 +459,12 @@ def test_depthwise_kernel_gradient_forms_agree(dilation) -> None:
     x = jax.random.normal(key_x, (2, 7, 9, 5), jnp.float32)
     grad = jax.random.normal(key_g, (2, 7, 9, 5), jnp.float32)
     views = layers._shifted_views(x, 3, dilation)
-    stacked = layers._tap_gradients(views, grad, stacked=True)
-    separate = layers._tap_gradients(views, grad, stacked=False)
-    assert stacked.shape == separate.shape == (9, 5)
+    stacked = layers._tap_gradients(views, grad, form="stacked")
+    separate = layers._tap_gradients(views, grad, form="per_tap")
+    minor = layers._tap_gradients(views, grad, form="stacked_minor")
+    assert stacked.shape == separate.shape == minor.shape == (9, 5)
     np.testing.assert_allclose(stacked, separate, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(minor, separate, rtol=1e-5, atol=1e-5)
     # Tap (i, j) pairs the gradient with x shifted by ((i-1)*d, (j-1)*d), zero outside the image.
     padded = np.pad(np.asarray(x), ((0, 0), (dilation, dilation), (dilation, dilation), (0, 0)))
     want = (padded[:, 2 * dilation : 2 * dilation + 7, 0:9] * np.asarray(grad)).sum((0, 1, 2))
@@ -478,7 +480,7 @@ def test_depthwise_gradient_choices_give_the_same_gradients(dilation) -> None:
     x = jnp.pad(x, ((0, 0), (8, 8), (8, 8), (0, 0)))
     results = {}
     for input_grad in ("fused", "materialized"):
-        for kernel_grad in ("stacked", "per_tap"):
+        for kernel_grad in ("stacked", "stacked_minor", "per_tap"):
             branches = [
                 layers.DepthwiseConv(dilation=d, margin=8, input_grad=input_grad, kernel_grad=kernel_grad)
                 for d in (dilation, 2 * dilation)

@@ -76,8 +76,11 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   9-tap input-gradient correlations and the sum into one kernel of 236 registers per thread at 12.5%
   occupancy, 7.7 ms of the 48.6 ms EncNet+JPU step on an H200 (batch 16, 480x480). ``'materialized'``
   writes each branch's gradient first (an optimization barrier; ``'auto'``: on GPUs, not yet measured
-  there), ``'fused'`` leaves the fusion to XLA (CPU, TPU). The kernel gradient is ``'stacked'`` (one
-  reduction over the nine stacked taps; ``'auto'``: GPUs) or ``'per_tap'`` (nine sums; CPU, TPU).
+  there; the compile-only build's PTX has 62-64 registers per thread for each branch's kernel, where it
+  reproduces the 236 of the fused one), ``'fused'`` leaves the fusion to XLA (CPU, TPU). The kernel
+  gradient is ``'stacked'`` (one reduction over the nine stacked taps, taps major; ``'auto'``: GPUs, where
+  it ran at a tenth of its roofline), ``'stacked_minor'`` (taps as the minor dimension; a candidate for
+  GPUs, not yet measured) or ``'per_tap'`` (nine sums; CPU, TPU).
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -170,7 +173,7 @@ class OpChoices:
     # The shifted depthwise conv's input gradient: 'fused' (XLA may fuse the four JPU branches' gradients into
     # one kernel) | 'materialized' (each branch's written first) | 'auto' (materialized on GPU).
     depthwise_input_grad: str = "auto"
-    depthwise_kernel_grad: str = "auto"  # 'stacked' | 'per_tap' | 'auto' (stacked on GPU)
+    depthwise_kernel_grad: str = "auto"  # 'stacked' | 'stacked_minor' | 'per_tap' | 'auto' (stacked on GPU)
     loss_gradient: str = "compute"  # 'compute' (in the logits' dtype) | 'float32' (the head-logits loss's gradient)
 
     def __post_init__(self) -> None:
@@ -187,7 +190,7 @@ class OpChoices:
             ("resized", ("low_res", "upsampled")),
             ("loss_logits", ("upsampled", "head", "auto")),
             ("depthwise_input_grad", ("fused", "materialized", "auto")),
-            ("depthwise_kernel_grad", ("stacked", "per_tap", "auto")),
+            ("depthwise_kernel_grad", ("stacked", "stacked_minor", "per_tap", "auto")),
             ("loss_gradient", ("compute", "float32")),
         ):
             if getattr(self, field) not in allowed:
@@ -931,11 +934,20 @@ def _depthwise_shifted_fwd(
     return _depthwise_shifted(x, kernel, dilation, margin, input_grad, kernel_grad), (x, kernel)
 
 
-def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, stacked: bool) -> jax.Array:
-    """[k*k, C] kernel gradient of a depthwise conv: sum over B, H, W of each tap's view times ``grad``."""
+def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, form: str) -> jax.Array:
+    """[k*k, C] kernel gradient of a depthwise conv: sum over B, H, W of each tap's view times ``grad``.
+
+    ``form`` (``OpChoices.depthwise_kernel_grad``): ``'per_tap'``, ``'stacked'`` or ``'stacked_minor'``."""
     grad32 = grad.astype(jnp.float32)
     views = [view.astype(jnp.float32) for view in views]
-    if not stacked:
+    if form == "stacked_minor":
+        # The taps as the minor dimension of one reduction to [C, k*k]: the threads of a warp that share a
+        # channel read the same gradient element. With the taps major ('stacked') XLA:GPU gave each tap its
+        # own thread blocks, which re-read the float32 gradient from memory once per tap: on an H200 two
+        # branches' kernel gradients took 2.4 ms for 1 GB of unique traffic (batch 16, 480x480), about what
+        # nine reads of the gradient cost. Not yet measured on a GPU.
+        return jnp.sum(jnp.stack(views, axis=-1) * grad32[..., None], (0, 1, 2)).T
+    if form == "per_tap":
         # XLA:CPU: nine reductions beat one over a stacked [k*k, B, H, W, C] operand by about 6% of the
         # EncNet+JPU R50 train step (batch 2, 256x256: 1.75 vs 1.86 s). The TPU compiler writes the stack
         # out in float32 (nine in-place updates, then four 10 ms reductions for the JPU at batch 16,
@@ -943,8 +955,9 @@ def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, stacked: bool) ->
         # (experiments/tpu_aot.py, v5e).
         return jnp.stack([jnp.sum(view * grad32, (0, 1, 2)) for view in views])
     # XLA:GPU splits nine separate sums into several reduction kernels that each re-read x and the gradient;
-    # one reduction over the stacked taps reads them once (compile-only H200 estimate, experiments/gpu_aot.py:
-    # the JPU's backward traffic at batch 16, 480x480 fell from 24.3 to 17.2 GB).
+    # one reduction over the stacked taps reads them once by the compile-only H200 estimate
+    # (experiments/gpu_aot.py: the JPU's backward traffic at batch 16, 480x480 fell from 24.3 to 17.2 GB),
+    # but on the H200 it ran at a tenth of that estimate's speed (see 'stacked_minor' above).
     return jnp.sum(jnp.stack(views) * grad32, (1, 2, 3))
 
 
@@ -964,7 +977,7 @@ def _depthwise_shifted_bwd(
         # step at batch 16, 480x480 on an H200, for about 1.7 GB of traffic (0.4 ms at 4.3 TB/s).
         grad_x = jax.lax.optimization_barrier(grad_x)
     views = _shifted_views(x, kernel.shape[0], dilation, margin)
-    taps = _tap_gradients(views, grad, stacked=kernel_grad == "stacked")
+    taps = _tap_gradients(views, grad, form=kernel_grad)
     grad_kernel = taps.reshape(kernel.shape).astype(kernel.dtype)
     return grad_x, grad_kernel
 
