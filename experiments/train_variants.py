@@ -19,11 +19,7 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any
-
-import jax
 
 from fastfcn_jax.benchmark import compile_train_step, environment, tiny_variant
 from fastfcn_jax.models.layers import parse_ops
@@ -33,17 +29,6 @@ def parse_variant(text: str, model: str) -> tuple[str, str, dict[str, str]]:
     """``'model=NAME,OP=CHOICE'`` -> (label, model, ops); ``'default'`` -> the default ops of ``model``."""
     ops = {} if text == "default" else parse_ops(text)
     return text, ops.pop("model", model), ops
-
-
-def _time(step: Any, state: Any, warmup: int, repeats: int) -> tuple[Any, list[float]]:
-    for _ in range(warmup):
-        state = jax.block_until_ready(step.run(state))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state = jax.block_until_ready(step.run(state))
-        times.append((time.perf_counter() - start) * 1e3)
-    return state, times
 
 
 def _row(row: dict, first_ms: float) -> str:
@@ -94,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compiling {label} ({model}) ...", file=sys.stderr, flush=True)
         step = compile_train_step(model, image_size=(size, size), batch_size=batch, dtype=args.dtype, ops=ops)
         steps[label], states[label] = step, step.state
-        states[label], times = _time(step, states[label], args.warmup, repeats)
+        states[label], times = step.timed_steps(states[label], args.warmup, repeats)
         row = {
             "variant": label, "model": model, "ops": ops, "median_ms": statistics.median(times),
             "min_ms": min(times), "runs_ms": times, "flops": step.flops, "compile_s": step.compile_s,
@@ -108,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         times = {label: [] for label in steps}
         for _ in range(repeats):
             for label, step in steps.items():
-                states[label], run = _time(step, states[label], 0, 1)
+                states[label], run = step.timed_steps(states[label], 0, 1)
                 times[label] += run
         report["interleaved"] = {label: statistics.median(t) for label, t in times.items()}
         print("\ninterleaved pass (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in report["interleaved"].items()))

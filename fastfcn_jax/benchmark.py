@@ -339,6 +339,17 @@ class CompiledTrainStep:
     def run(self, state: Any) -> Any:
         return self.compiled(state, self.batch, self.rng)[0]
 
+    def timed_steps(self, state: Any, warmup: int, repeats: int) -> tuple[Any, list[float]]:
+        """(the state after ``warmup + repeats`` steps from ``state``, each timed step's milliseconds)."""
+        for _ in range(warmup):
+            state = jax.block_until_ready(self.run(state))
+        times_ms = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            state = jax.block_until_ready(self.run(state))
+            times_ms.append((time.perf_counter() - start) * 1e3)
+        return state, times_ms
+
 
 def recipe_train_step(model: Any, name: str) -> tuple[Any, Any]:
     """(optimizer, train_step) of the paper's recipe for model ``name``: SGD with the poly schedule and the 10x
@@ -406,14 +417,7 @@ def benchmark_train_step(
     step = compile_train_step(
         name, num_classes=num_classes, image_size=image_size, batch_size=batch_size, dtype=dtype, ops=ops
     )
-    state = step.state
-    for _ in range(warmup):
-        state = jax.block_until_ready(step.run(state))
-    times_ms = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state = jax.block_until_ready(step.run(state))
-        times_ms.append((time.perf_counter() - start) * 1e3)
+    _, times_ms = step.timed_steps(step.state, warmup, repeats)
     median_ms = statistics.median(times_ms)
     return {
         "name": name,

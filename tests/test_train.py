@@ -169,30 +169,15 @@ def test_the_loss_form_follows_the_backend_traced_for():
     # OpChoices.loss_logits='auto': the loss on head logits (its one-pass log-sum-exp is a variadic reduce,
     # one per cross-entropy: main and auxiliary) on GPUs and TPUs, the loss on upsampled logits on CPUs.
     model = create_model("encnet_jpu_tiny", NUM_CLASSES)
-    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
-    batch = make_batch(2)
-    variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=optimizer.init(variables["params"]),
-    )
     for backend, reductions in (("cpu", 0), ("gpu", 2), ("tpu", 2)):
         # A new step function per backend: jax caches traces per function, not per target backend.
-        step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2)
-        with layers.target_backend(backend):
-            jaxpr = str(jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(1)))
+        jaxpr = _train_step_jaxpr(model, make_batch(2), backend)
         assert jaxpr.count(" reduce[") == reductions, backend
 
 
-@pytest.mark.parametrize(("loss_gradient", "narrow"), [("compute", 2), ("float32", 0)])
-def test_the_loss_gradient_is_written_in_the_compute_dtype(loss_gradient, narrow):
-    # OpChoices.loss_gradient='compute': with the loss on head logits, each head's full-resolution gradient
-    # passes an optimization barrier in bfloat16 ([B, H, W, classes]), one per cross-entropy (main, aux).
-    model = create_model("encnet_jpu_tiny", NUM_CLASSES, dtype=jnp.bfloat16, loss_gradient_implementation=loss_gradient)
+def _train_step_jaxpr(model, batch, backend: str) -> str:
+    """The recipe's training step of ``model`` on ``batch``, traced for ``backend``, as text."""
     optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
-    batch = make_batch(2, batch_size=2)
     variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -201,8 +186,17 @@ def test_the_loss_gradient_is_written_in_the_compute_dtype(loss_gradient, narrow
         opt_state=optimizer.init(variables["params"]),
     )
     step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2)
-    with layers.target_backend("tpu"):  # the loss on head logits, without the GPU's depthwise barriers
-        jaxpr = str(jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(1)))
+    with layers.target_backend(backend):
+        return str(jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(1)))
+
+
+@pytest.mark.parametrize(("loss_gradient", "narrow"), [("compute", 2), ("float32", 0)])
+def test_the_loss_gradient_is_written_in_the_compute_dtype(loss_gradient, narrow):
+    # OpChoices.loss_gradient='compute': with the loss on head logits, each head's full-resolution gradient
+    # passes an optimization barrier in bfloat16 ([B, H, W, classes]), one per cross-entropy (main, aux).
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES, dtype=jnp.bfloat16, loss_gradient_implementation=loss_gradient)
+    # Traced for a TPU: the loss on head logits, without the GPU's depthwise barriers.
+    jaxpr = _train_step_jaxpr(model, make_batch(2, batch_size=2), "tpu")
     full = f"bf16[2,{IMAGE_SHAPE[1]},{IMAGE_SHAPE[2]},{NUM_CLASSES}]"
     barriers = [line for line in jaxpr.splitlines() if "optimization_barrier" in line]
     assert sum(full in line for line in barriers) == narrow
