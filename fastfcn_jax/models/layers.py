@@ -174,7 +174,7 @@ class OpChoices:
     # one kernel) | 'materialized' (each branch's written first) | 'auto' (materialized on GPU).
     depthwise_input_grad: str = "auto"
     depthwise_kernel_grad: str = "auto"  # 'stacked' | 'stacked_minor' | 'per_tap' | 'auto' (stacked on GPU)
-    loss_gradient: str = "compute"  # 'compute' (in the logits' dtype) | 'float32' (the head-logits loss's gradient)
+    loss_gradient: str = "compute"  # the head-logits loss's gradient: 'compute' (model's dtype) | 'float32'
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -882,6 +882,7 @@ class DepthwiseConv(nn.Module):
             raise ValueError(f"unknown depthwise implementation {self.implementation!r}")
         input_grad = choose(self.input_grad, tpu="fused", other="fused", gpu="materialized")
         kernel_grad = choose(self.kernel_grad, tpu="per_tap", other="per_tap", gpu="stacked")
+        OpChoices(depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates both
         return _depthwise_shifted(x, kernel, d, self.margin, input_grad, kernel_grad)
 
 
