@@ -38,8 +38,8 @@ default backend, or the one named by :func:`target_backend` (exports and compile
 - Separable convolutions (JPU): ``'fused'`` lets XLA fuse the depthwise taps (and their norm) into the
   pointwise matmul's operand, as XLA:CPU does well; ``'split'`` materialises the depthwise output first (an
   optimization barrier). A candidate for GPUs, where the JPU path ran far below the hardware (H200, batch 16:
-  EncNet+JPU 21.4 ms vs 15.9 ms for the dilated model with 2.3x its FLOPs; see docs/performance.md); not
-  measured there yet, so no ``'auto'``.
+  EncNet+JPU 21.4 ms vs 15.9 ms for the dilated model with 2.3x its FLOPs in session 2, 11.5 vs 15.2 ms
+  after sessions 3-5; see docs/performance.md); not measured there yet, so no ``'auto'``.
 - JPU input (``jpu_input``): ``'fused'`` lets XLA fuse the concatenation of the three resized maps and each
   branch's zero padding into the depthwise taps, as XLA:CPU does well; ``'padded'`` writes the concatenation
   padded once by the largest dilation (an optimization barrier) and the four branches slice it in place.
