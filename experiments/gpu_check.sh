@@ -8,6 +8,8 @@
 #                                # stage with under 30 s left is skipped (a lease's call must end in time to
 #                                # bring its files back)
 #   GPU_CHECK_B16_MODELS=encnet_jpu_r50,encnet_dilated_r50 ...   # the models of forward_b16 (default: all six)
+#   GPU_CHECK_TRAIN_OPS=depthwise_kernel_grad=pallas ...   # op choices of diagnose_train's profiled step
+#   GPU_CHECK_VARIANTS="default depthwise=pallas,..."      # train_variants' variants (default: the list below)
 #
 # Stages (GPU_CHECK_STAGES, default forward,train,parity), each with its own time limit; a failing
 # stage does not stop the others (device time is scarce: one run must bring back as much as it can). Before
@@ -118,14 +120,14 @@ for name in ${STAGES//,/ }; do
                 --ops "$ops"
         done ;;
     train_variants)  # the b16 480x480 train step under each op choice of its backward, one process. Each
-        # variant's compile takes about 45 s on an H200 (session 6: seven in 330 s): most telling first, and
-        # each row is printed as soon as it is measured.
+        # variant's compile takes 20-45 s on an H200: most telling first, each row printed as soon as it is
+        # measured. Session 7 measured the XLA forms (stacked_minor, per_tap, grouped, fused, float32 loss
+        # gradient, upsampled logits: docs/performance.md); these are the Pallas kernels against today's default.
+        PALLAS_GRADS=depthwise_kernel_grad=pallas,depthwise_input_grad=pallas
+        VARIANTS=(${GPU_CHECK_VARIANTS:-default depthwise_kernel_grad=pallas $PALLAS_GRADS \
+            depthwise=pallas,$PALLAS_GRADS depthwise_input_grad=pallas model=encnet_dilated_r50})
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
-            --variant default --variant depthwise_input_grad=fused,loss_gradient=float32 \
-            --variant model=encnet_dilated_r50 --variant depthwise_kernel_grad=stacked_minor \
-            --variant depthwise_kernel_grad=per_tap \
-            --variant depthwise=grouped --variant depthwise_input_grad=fused --variant loss_gradient=float32 \
-            --variant loss_logits=upsampled ${GPU_CHECK_QUICK:+--quick} ;;
+            "${VARIANTS[@]/#/--variant=}" ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
     fp32)
         stage forward_fp32 90 bench forward_fp32 --dtype float32 --models encnet_jpu_r50,encnet_dilated_r50 \
@@ -141,7 +143,7 @@ for name in ${STAGES//,/ }; do
             --repeats 10 "${QUICK[@]}" ;;
     diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
         stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
-            --train-profile encnet_jpu_r50 ${GPU_CHECK_QUICK:+--quick} ;;
+            --train-profile encnet_jpu_r50 --train-ops "${GPU_CHECK_TRAIN_OPS:-}" ${GPU_CHECK_QUICK:+--quick} ;;
     *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_variants, train_ops, ops, parity, fp32, diagnose," \
            "diagnose_train)" \
            | tee -a "$LOG"

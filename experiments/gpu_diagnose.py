@@ -47,7 +47,7 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     tiny_variant,
 )
 from fastfcn_jax.models import create_model  # noqa: E402
-from fastfcn_jax.models.layers import op_overrides  # noqa: E402
+from fastfcn_jax.models.layers import op_overrides, parse_ops  # noqa: E402
 
 JPU, DILATED = "encnet_jpu_r50", "encnet_dilated_r50"
 # (model, until, ops): prefixes of both models, then the JPU prefix under each alternative op.
@@ -205,9 +205,11 @@ def profile_train_step(
     trace_root: Path,
     iterations: int = 2,
     ceilings: tuple[float, float] | None = None,
+    ops: dict[str, str] | None = None,
 ) -> dict:
-    """Like :func:`profile_forward` for one training step (backward ops are scoped ``grad <module>``)."""
-    step = compile_train_step(name, image_size=(size, size), batch_size=batch, dtype=dtype)
+    """Like :func:`profile_forward` for one training step (backward ops are scoped ``grad <module>``), under
+    op choices ``ops`` (``OpChoices`` fields; the defaults where absent)."""
+    step = compile_train_step(name, image_size=(size, size), batch_size=batch, dtype=dtype, ops=ops)
     return _profile(f"train_{name}", step.compiled.as_text(), step.run, step.state, trace_root, iterations, ceilings)
 
 
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-profile", default="", help="comma-separated models whose train step to profile")
     parser.add_argument("--train-batch-size", type=int, default=16)
     parser.add_argument("--train-size", type=int, default=480)
+    parser.add_argument("--train-ops", default="", help="op choices of the profiled train step, OP=CHOICE,...")
     args = parser.parse_args(argv)
     rename = tiny_variant if args.quick else (lambda n: n)
     batch, size = (2, 64) if args.quick else (args.batch_size, args.size)
@@ -282,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             report_path.write_text(json.dumps(report, indent=1))
     for name in [n.strip() for n in args.train_profile.split(",") if n.strip()]:
         train_batch, train_size = (2, 64) if args.quick else (args.train_batch_size, args.train_size)
-        summary = profile_train_step(rename(name), train_batch, train_size, args.dtype, trace_root)
+        summary = profile_train_step(
+            rename(name), train_batch, train_size, args.dtype, trace_root, ops=parse_ops(args.train_ops)
+        )
         report["profiles"][f"train_{rename(name)}"] = summary
         _print_profile(f"{rename(name)} train step, batch {train_batch}, {train_size}x{train_size}", summary)
         report_path.write_text(json.dumps(report, indent=1))

@@ -267,6 +267,23 @@ def test_train_step_is_timed_with_its_flops(results: dict) -> None:
     # Forward + backward of two 48x48 images costs more than one 64x64 forward pass.
     assert step["flops"] > forward["flops"] * (2 * 48 * 48) / (64 * 64)
     assert len(step["latency_ms"]["runs"]) == 1
+    assert step["back_to_back_ms"] > 0
+    assert step["back_to_back_images_per_s"] == pytest.approx(2 * 1e3 / step["back_to_back_ms"])
+    assert "| back to back (ms) |" in benchmark.format_table(results)
+
+
+def test_back_to_back_steps_thread_the_state_through_every_step() -> None:
+    import jax.numpy as jnp
+
+    calls = []
+
+    def compiled(state, batch, rng):
+        calls.append(state)
+        return (state + 1, {"loss": 0.0})
+
+    step = benchmark.CompiledTrainStep(None, compiled, 0.0, jnp.int32(0), {}, None)
+    state, ms = step.back_to_back_ms(jnp.int32(5), 4)
+    assert int(state) == 9 and len(calls) == 4 and ms > 0
 
 
 def test_matmul_peak_counts_two_flops_per_multiply_add() -> None:
@@ -300,7 +317,7 @@ def test_input_pipeline_throughput_is_measured_on_real_batches(tmp_path) -> None
     assert "input pipeline (synthetic_shapes, 48x48 crops, batch 4)" in text
 
 
-def test_flops_are_counted_on_the_cpu_lowering_whatever_the_backend() -> None:
+def test_flops_are_counted_on_the_cpu_lowering_whatever_the_backend(capsys) -> None:
     # On an H200 with jax 0.11.2 the GPU lowering's cost analysis skipped cuDNN's work (705 of ~5600 GFLOPs of
     # a train step), so _flops counts the program as lowered for the CPU, from shapes alone, and falls back
     # to the lowered and then the compiled program where that lowering fails.
@@ -316,8 +333,19 @@ def test_flops_are_counted_on_the_cpu_lowering_whatever_the_backend() -> None:
     want = 2 * 2 * 6 * 6 * 6 * 3 * 3 * 4
     assert benchmark._flops(jitted, (x, w), lowered, None) == pytest.approx(want, rel=0.01)
 
-    class Unlowerable:
+    class TraceFails:  # the second way: lowered from shapes with the CPU as the default device
         def trace(self, *args):
+            raise RuntimeError("no trace")
+
+        def lower(self, *args):
+            assert all(isinstance(a, jax.ShapeDtypeStruct) for a in args)
+            return jitted.lower(*args)
+
+    assert benchmark._flops(TraceFails(), (x, w), None, None) == pytest.approx(want, rel=0.01)
+    assert "CPU lowering by lowering_platforms=('cpu',) failed: RuntimeError: no trace" in capsys.readouterr().err
+
+    class Unlowerable(TraceFails):
+        def lower(self, *args):
             raise RuntimeError("no CPU lowering")
 
     class Counted:

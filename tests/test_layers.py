@@ -152,7 +152,7 @@ def test_op_choices_reject_unknown_implementations():
 
 
 @pytest.mark.parametrize("dilation", [1, 2, 4, 8])
-@pytest.mark.parametrize("implementation", ["shifted", "grouped"])
+@pytest.mark.parametrize("implementation", ["shifted", "grouped", "pallas"])
 def test_depthwise_conv_matches_grouped_convolution(dilation, implementation):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 9, 11, 5)).astype(np.float32)
@@ -442,14 +442,16 @@ def test_shifted_depthwise_gradients_match_grouped_convolution(dilation) -> None
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 11, 5))
     cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 11, 5))
     grads = {}
-    for implementation in ("shifted", "grouped"):
-        module = layers.DepthwiseConv(3, dilation, implementation=implementation)
+    for implementation in ("shifted", "grouped", "pallas"):
+        grad_forms = {"input_grad": "pallas", "kernel_grad": "pallas"} if implementation == "pallas" else {}
+        module = layers.DepthwiseConv(3, dilation, implementation=implementation, **grad_forms)
         variables = module.init(jax.random.PRNGKey(2), x)
         grads[implementation] = jax.grad(lambda v, x, m=module: jnp.sum(m.apply(v, x) * cotangent), argnums=(0, 1))(
             variables, x
         )
-    for shifted, grouped in zip(jax.tree.leaves(grads["shifted"]), jax.tree.leaves(grads["grouped"]), strict=True):
-        np.testing.assert_allclose(np.asarray(shifted), np.asarray(grouped), rtol=1e-5, atol=5e-5)
+    for implementation in ("shifted", "pallas"):
+        for got, grouped in zip(jax.tree.leaves(grads[implementation]), jax.tree.leaves(grads["grouped"]), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(grouped), rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("dilation", [1, 3])
@@ -479,8 +481,8 @@ def test_depthwise_gradient_choices_give_the_same_gradients(dilation) -> None:
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 12, 10, 6))
     x = jnp.pad(x, ((0, 0), (8, 8), (8, 8), (0, 0)))
     results = {}
-    for input_grad in ("fused", "materialized"):
-        for kernel_grad in ("stacked", "stacked_minor", "per_tap"):
+    for input_grad in ("fused", "materialized", "pallas"):
+        for kernel_grad in ("stacked", "stacked_minor", "per_tap", "pallas"):
             branches = [
                 layers.DepthwiseConv(dilation=d, margin=8, input_grad=input_grad, kernel_grad=kernel_grad)
                 for d in (dilation, 2 * dilation)
@@ -559,11 +561,13 @@ def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -
         layers.OpChoices(jpu_input="barrier")
 
 
-@pytest.mark.parametrize("implementation", ["shifted", "grouped"])
+@pytest.mark.parametrize("implementation", ["shifted", "grouped", "pallas"])
 def test_depthwise_conv_on_a_pre_padded_input_equals_padding_inside(implementation) -> None:
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 7, 4))
-    inner = layers.DepthwiseConv(dilation=2, implementation=implementation)
-    outer = layers.DepthwiseConv(dilation=2, implementation=implementation, margin=3)
+    # The Pallas forward with the Pallas gradients: every offset of the kernels' zero border is exercised.
+    forms = {"input_grad": "pallas", "kernel_grad": "pallas"} if implementation == "pallas" else {}
+    inner = layers.DepthwiseConv(dilation=2, implementation=implementation, **forms)
+    outer = layers.DepthwiseConv(dilation=2, implementation=implementation, margin=3, **forms)
     variables = inner.init(jax.random.PRNGKey(0), x)
 
     def run(module, margin):

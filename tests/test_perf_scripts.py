@@ -92,15 +92,28 @@ def test_train_variants_times_each_variant_as_it_compiles(tmp_path: Path, capsys
         "encnet_dilated_r50",
         {"depthwise": "grouped"},
     )
-    variants = ["--variant", "default", "--variant", "depthwise_input_grad=materialized"]
+    # A variant that fails (here an unknown choice; on a GPU, say, a kernel that does not compile) is reported
+    # and the others still run.
+    variants = [
+        "--variant",
+        "default",
+        "--variant",
+        "depthwise=bogus",
+        "--variant",
+        "depthwise_input_grad=materialized",
+    ]
     assert script.main(["--quick", *variants, "--output", str(output), "--warmup", "0"]) == 0
     report = json.loads(output.read_text())
     rows = report["rows"]
     assert [r["variant"] for r in rows] == ["default", "depthwise_input_grad=materialized"]
     assert rows[1]["ops"] == {"depthwise_input_grad": "materialized"} and rows[0]["model"] == "encnet_jpu_tiny"
     assert all(len(r["runs_ms"]) == 2 and r["median_ms"] > 0 and r["flops"] > 0 for r in rows)
+    assert all(r["back_to_back_ms"] > 0 and r["images_per_s"] == 2e3 / r["back_to_back_ms"] for r in rows)
     assert set(report["interleaved"]) == {r["variant"] for r in rows}
-    assert "| depthwise_input_grad=materialized | encnet_jpu_tiny |" in capsys.readouterr().out
+    assert "depthwise_implementation must be one of" in report["failed"]["depthwise=bogus"]
+    out = capsys.readouterr().out
+    assert "| depthwise_input_grad=materialized | encnet_jpu_tiny |" in out
+    assert "| depthwise=bogus | encnet_jpu_tiny | failed: ValueError" in out
 
 
 def test_gpu_check_skips_stages_past_its_deadline(tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastfcn_jax.models import depthwise_pallas
+
 Dtype = Any
 
 # Convolutions over at most this many output pixels (batch x height x width) run per tap on CPU.
@@ -161,7 +163,7 @@ class OpChoices:
 
     resize: str = "auto"  # 'gather' | 'matmul' | 'auto'
     pointwise: str = "dot"  # 'dot' | 'conv'
-    depthwise: str = "shifted"  # 'shifted' | 'grouped'
+    depthwise: str = "shifted"  # 'shifted' | 'grouped' | 'pallas' (shifted, its forward a Pallas kernel: GPUs)
     conv_gradient: str = "auto"  # 'im2col' | 'xla' | 'auto' (im2col on CPU)
     dilated: str = "auto"  # 'valid_taps' | 'conv' | 'auto' (valid taps on CPU when padding is >= 20% of the work)
     small_maps: str = "auto"  # 'per_tap' | 'conv' | 'auto' (kxk convs over <= 256 pixels: per-tap matmuls on CPU)
@@ -171,16 +173,18 @@ class OpChoices:
     resized: str = "low_res"  # 'low_res' | 'upsampled' (a conv over upsampled pooled maps: taps at their resolution)
     loss_logits: str = "auto"  # 'upsampled' | 'head' | 'auto' (training: the loss upsamples; head on GPU/TPU)
     # The shifted depthwise conv's input gradient: 'fused' (XLA may fuse the four JPU branches' gradients into
-    # one kernel) | 'materialized' (each branch's written first) | 'auto' (materialized on GPU).
+    # one kernel) | 'materialized' (each branch's written first) | 'pallas' (a Pallas kernel: GPUs) | 'auto'
+    # (materialized on GPU).
     depthwise_input_grad: str = "auto"
-    depthwise_kernel_grad: str = "auto"  # 'stacked' | 'stacked_minor' | 'per_tap' | 'auto' (stacked on GPU)
+    # 'stacked' | 'stacked_minor' | 'per_tap' | 'pallas' (a Pallas kernel: GPUs) | 'auto' (stacked on GPU)
+    depthwise_kernel_grad: str = "auto"
     loss_gradient: str = "compute"  # the head-logits loss's gradient: 'compute' (model's dtype) | 'float32'
 
     def __post_init__(self) -> None:
         for field, allowed in (
             ("resize", ("gather", "matmul", "auto")),
             ("pointwise", ("dot", "conv")),
-            ("depthwise", ("shifted", "grouped")),
+            ("depthwise", ("shifted", "grouped", "pallas")),
             ("conv_gradient", ("im2col", "xla", "auto")),
             ("dilated", ("valid_taps", "conv", "auto")),
             ("small_maps", ("per_tap", "conv", "auto")),
@@ -189,8 +193,8 @@ class OpChoices:
             ("norm", ("standard", "folded")),
             ("resized", ("low_res", "upsampled")),
             ("loss_logits", ("upsampled", "head", "auto")),
-            ("depthwise_input_grad", ("fused", "materialized", "auto")),
-            ("depthwise_kernel_grad", ("stacked", "stacked_minor", "per_tap", "auto")),
+            ("depthwise_input_grad", ("fused", "materialized", "pallas", "auto")),
+            ("depthwise_kernel_grad", ("stacked", "stacked_minor", "per_tap", "pallas", "auto")),
             ("loss_gradient", ("compute", "float32")),
         ):
             if getattr(self, field) not in allowed:
@@ -836,10 +840,11 @@ class DepthwiseConv(nn.Module):
     The kernel has Flax's depthwise layout [k, k, 1, C]. It is computed as k*k shifted multiply-adds
     (``implementation='shifted'``): on XLA:CPU ``feature_group_count`` convolutions are very slow (and
     their kernel gradient runs as a dense conv), while the shifted form is exact and fuses well on every
-    backend. ``implementation='grouped'`` uses ``lax.conv_general_dilated`` with ``feature_group_count``.
-    ``margin`` > 0 says ``x`` already carries that many zero rows and columns on each side (at least the
-    padding): the output is then ``x``'s size less ``2 * margin``, the taps read the margin in place of
-    padding, and the input gradient covers the whole padded array.
+    backend. ``implementation='grouped'`` uses ``lax.conv_general_dilated`` with ``feature_group_count``;
+    ``'pallas'`` is the shifted form with its forward as a Pallas kernel (:mod:`depthwise_pallas`; GPUs, and
+    Pallas's interpreter elsewhere). ``margin`` > 0 says ``x`` already carries that many zero rows and
+    columns on each side (at least the padding): the output is then ``x``'s size less ``2 * margin``, the taps
+    read the margin in place of padding, and the input gradient covers the whole padded array.
     """
 
     kernel_size: int = 3
@@ -878,12 +883,13 @@ class DepthwiseConv(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=channels,
             )
-        if self.implementation != "shifted":
+        if self.implementation not in ("shifted", "pallas"):
             raise ValueError(f"unknown depthwise implementation {self.implementation!r}")
         input_grad = choose(self.input_grad, tpu="fused", other="fused", gpu="materialized")
         kernel_grad = choose(self.kernel_grad, tpu="per_tap", other="per_tap", gpu="stacked")
         OpChoices(depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates both
-        return _depthwise_shifted(x, kernel, d, self.margin, input_grad, kernel_grad)
+        forms = (self.implementation, input_grad, kernel_grad)
+        return _depthwise_shifted(x, kernel, d, self.margin, forms)
 
 
 def _shifted_views(x: jax.Array, kernel_size: int, dilation: int, margin: int = 0) -> list[jax.Array]:
@@ -917,22 +923,33 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, dilation: int, margin: int = 
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _pallas_interpret() -> bool:
+    """Pallas kernels compile for GPUs (Triton); elsewhere they run in Pallas's interpreter."""
+    return backend() != "gpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _depthwise_shifted(
     x: jax.Array,
     kernel: jax.Array,
     dilation: int,
     margin: int = 0,
-    input_grad: str = "fused",
-    kernel_grad: str = "per_tap",
+    forms: tuple[str, str, str] = ("shifted", "fused", "per_tap"),
 ) -> jax.Array:
+    """``forms``: (forward, input gradient, kernel gradient) implementations, as in :class:`OpChoices`."""
+    if forms[0] == "pallas":
+        pad = dilation * (kernel.shape[0] - 1) // 2
+        size = (x.shape[1] - 2 * margin, x.shape[2] - 2 * margin)
+        return depthwise_pallas.depthwise_correlate(
+            x, kernel[:, :, 0], dilation=dilation, offset=pad - margin, out_size=size, interpret=_pallas_interpret()
+        )
     return _shifted_taps(x, kernel, dilation, margin).astype(x.dtype)
 
 
 def _depthwise_shifted_fwd(
-    x: jax.Array, kernel: jax.Array, dilation: int, margin: int, input_grad: str, kernel_grad: str
+    x: jax.Array, kernel: jax.Array, dilation: int, margin: int, forms: tuple[str, str, str]
 ) -> tuple[jax.Array, tuple]:
-    return _depthwise_shifted(x, kernel, dilation, margin, input_grad, kernel_grad), (x, kernel)
+    return _depthwise_shifted(x, kernel, dilation, margin, forms), (x, kernel)
 
 
 def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, form: str) -> jax.Array:
@@ -963,24 +980,47 @@ def _tap_gradients(views: list[jax.Array], grad: jax.Array, *, form: str) -> jax
 
 
 def _depthwise_shifted_bwd(
-    dilation: int, margin: int, input_grad: str, kernel_grad: str, residuals: tuple, grad: jax.Array
+    dilation: int, margin: int, forms: tuple[str, str, str], residuals: tuple, grad: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
+    _, input_grad, kernel_grad = forms
+    x, kernel = residuals
+    k, pad = kernel.shape[0], dilation * (kernel.shape[0] - 1) // 2
+    if input_grad == "pallas":
+        grad_x = depthwise_pallas.depthwise_correlate(
+            grad,
+            kernel[::-1, ::-1, 0],
+            dilation=dilation,
+            offset=pad + margin,
+            out_size=x.shape[1:3],
+            out_dtype=x.dtype,
+            interpret=_pallas_interpret(),
+        )
+    else:
+        grad_x = _xla_input_gradient(x, kernel, dilation, margin, grad, input_grad)
+    if kernel_grad == "pallas":
+        taps = depthwise_pallas.depthwise_kernel_gradient(
+            x, grad, dilation=dilation, offset=pad - margin, kernel_size=k, interpret=_pallas_interpret()
+        )
+    else:
+        taps = _tap_gradients(_shifted_views(x, k, dilation, margin), grad, form=kernel_grad)
+    return grad_x, taps.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _xla_input_gradient(
+    x: jax.Array, kernel: jax.Array, dilation: int, margin: int, grad: jax.Array, form: str
+) -> jax.Array:
     # Autodiff would transpose each tap's slice into a pad: nine padded copies of the incoming gradient,
     # summed (about 25 ms each on XLA:CPU for the JPU at batch 2, 256x256). The input gradient of a
     # stride-1 'same' correlation is the same correlation with the kernel flipped: one fused pass. For a
     # pre-padded input it is that correlation over the gradient padded by the margin (the whole array).
-    x, kernel = residuals
     grad_in = jnp.pad(grad, ((0, 0), (margin, margin), (margin, margin), (0, 0))) if margin else grad
     grad_x = _shifted_taps(grad_in, kernel[::-1, ::-1], dilation).astype(x.dtype)
-    if input_grad == "materialized":
+    if form == "materialized":
         # XLA:GPU fused the four JPU branches' input gradients (added where their input is shared) into one
         # 36-tap kernel of 236 registers per thread at 12.5% occupancy: 7.7 ms of the EncNet+JPU R50 train
         # step at batch 16, 480x480 on an H200, for about 1.7 GB of traffic (0.4 ms at 4.3 TB/s).
         grad_x = jax.lax.optimization_barrier(grad_x)
-    views = _shifted_views(x, kernel.shape[0], dilation, margin)
-    taps = _tap_gradients(views, grad, form=kernel_grad)
-    grad_kernel = taps.reshape(kernel.shape).astype(kernel.dtype)
-    return grad_x, grad_kernel
+    return grad_x
 
 
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)

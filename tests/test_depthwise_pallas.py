@@ -1,0 +1,77 @@
+"""The Pallas depthwise kernels (fastfcn_jax.models.depthwise_pallas), run in Pallas's interpreter: the same
+kernel bodies a GPU compiles, with every window that reaches past an edge zero-filled."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastfcn_jax.models import depthwise_pallas, layers
+
+
+def _reference_correlation(x, kernel, dilation, offset, out_size):
+    k = kernel.shape[0]
+    rows, cols = out_size
+    border = max(0, offset) + (k - 1) * dilation + max(rows, cols)
+    padded = np.pad(np.asarray(x, np.float64), ((0, 0), (border, border), (border, border), (0, 0)))
+    out = np.zeros((x.shape[0], rows, cols, x.shape[-1]))
+    for a in range(k):
+        for b in range(k):
+            r0, c0 = border + a * dilation - offset, border + b * dilation - offset
+            out += padded[:, r0 : r0 + rows, c0 : c0 + cols] * np.asarray(kernel[a, b], np.float64)
+    return out
+
+
+# (batch, height, width, channels, dilation, margin): widths over one 64-column window (70), odd channel
+# counts (block of 1 channel), the JPU's pre-padded input (margin 8) and a margin smaller than it needs.
+CASES = [(2, 9, 11, 16, 2, 0), (1, 7, 6, 5, 1, 3), (2, 10, 70, 32, 4, 4), (1, 5, 40, 48, 8, 8)]
+
+
+@pytest.mark.parametrize("batch,height,width,channels,dilation,margin", CASES)
+def test_pallas_kernels_match_the_correlation_and_its_gradients(batch, height, width, channels, dilation, margin):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, height + 2 * margin, width + 2 * margin, channels)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, channels)), jnp.float32)
+    grad = jnp.asarray(rng.normal(size=(batch, height, width, channels)), jnp.float32)
+    pad = dilation
+    forward = depthwise_pallas.depthwise_correlate(
+        x, kernel, dilation=dilation, offset=pad - margin, out_size=(height, width), interpret=True
+    )
+    np.testing.assert_allclose(
+        forward, _reference_correlation(x, kernel, dilation, pad - margin, (height, width)), rtol=1e-5, atol=1e-4
+    )
+    # The gradients against autodiff of the XLA shifted form.
+    _, vjp = jax.vjp(lambda x, k: layers._shifted_taps(x, k[:, :, None], dilation, margin), x, kernel)
+    want_x, want_kernel = vjp(grad)
+    got_x = depthwise_pallas.depthwise_correlate(
+        grad, kernel[::-1, ::-1], dilation=dilation, offset=pad + margin, out_size=x.shape[1:3], interpret=True
+    )
+    got_kernel = depthwise_pallas.depthwise_kernel_gradient(
+        x, grad, dilation=dilation, offset=pad - margin, kernel_size=3, interpret=True
+    )
+    assert got_x.shape == x.shape and got_kernel.shape == (9, channels)
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got_kernel.reshape(3, 3, channels), want_kernel, rtol=1e-5, atol=1e-3)
+
+
+def test_pallas_forward_keeps_the_requested_dtype_and_accumulates_in_float32():
+    x = jnp.full((1, 4, 4, 8), 1.0 + 2.0**-6, jnp.bfloat16)  # a bf16 value; sums of several of them are not
+    kernel = jnp.ones((3, 3, 8), jnp.float32)
+    out = depthwise_pallas.depthwise_correlate(x, kernel, dilation=1, offset=1, out_size=(4, 4), interpret=True)
+    assert out.dtype == jnp.bfloat16
+    # The centre pixel sums nine taps: float32 accumulation, then one rounding to bf16.
+    want = float(jnp.asarray(9 * (1.0 + 2.0**-6), jnp.float32).astype(jnp.bfloat16))
+    running = jnp.bfloat16(0)
+    for _ in range(9):
+        running = (running + x[0, 0, 0, 0]).astype(jnp.bfloat16)
+    assert float(running) != want  # so the check below tells the two accumulations apart
+    assert float(out[0, 1, 1, 0]) == want
+
+
+def test_column_windows_cover_the_width_with_the_fewest_wasted_columns():
+    assert depthwise_pallas._column_block(60) == 64
+    assert depthwise_pallas._column_block(76) == 32
+    assert depthwise_pallas._column_block(11) == 16
+    assert depthwise_pallas._channel_block(1536) == 64
+    assert depthwise_pallas._channel_block(48) == 16
+    assert depthwise_pallas._channel_block(5) == 1
