@@ -22,6 +22,7 @@
 #   train        the bf16 training step of EncNet+JPU and its dilated twin at batch 2, 256x256 (the reference
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
 #   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
+#   pallas_check the Pallas (Triton) depthwise kernels against the XLA forms (experiments/pallas_check.py);
 #   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
 #   train_variants  the bf16 train step at batch 16, 480x480 under each op choice of its backward pass
 #                (experiments/train_variants.py: one process, variants timed in turn) and its dilated twin;
@@ -129,6 +130,8 @@ for name in ${STAGES//,/ }; do
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             "${VARIANTS[@]/#/--variant=}" ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
+    pallas_check)  # the Pallas depthwise kernels' values against the XLA forms, at the JPU's shapes
+        stage pallas_check 120 "$PY" experiments/pallas_check.py ${GPU_CHECK_QUICK:+--quick} ;;
     fp32)
         stage forward_fp32 90 bench forward_fp32 --dtype float32 --models encnet_jpu_r50,encnet_dilated_r50 \
             --warmup 5 --repeats 20 ;;
@@ -144,8 +147,8 @@ for name in ${STAGES//,/ }; do
     diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
         stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
             --train-profile encnet_jpu_r50 --train-ops "${GPU_CHECK_TRAIN_OPS:-}" ${GPU_CHECK_QUICK:+--quick} ;;
-    *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_variants, train_ops, ops, parity, fp32, diagnose," \
-           "diagnose_train)" \
+    *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_variants, train_ops, ops, parity," \
+           "pallas_check, fp32, diagnose, diagnose_train)" \
            | tee -a "$LOG"
        FAILED+=("$name") ;;
     esac

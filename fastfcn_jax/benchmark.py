@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models import create_model
-from fastfcn_jax.models.layers import fold_batch_norm, op_overrides
+from fastfcn_jax.models.layers import fold_batch_norm, op_overrides, xla_forms
 from fastfcn_jax.summary import count_parameters
 
 DEFAULT_MODELS = (
@@ -166,7 +166,7 @@ def compile_forward(
     # By default the variables are an argument rather than a closure, so XLA cannot constant-fold the
     # weights: the program measured is the one training and evaluation run (constant_weights: as exported).
     # FLOPs are counted on the lowered program either way.
-    forward = jax.jit(functools.partial(model.apply, train=False))
+    apply: Any = functools.partial(model.apply, train=False)
     if until is not None:
         sown = jax.eval_shape(functools.partial(model.apply, train=False, mutable=["intermediates"]), variables, images)
         available = sorted(sown[1]["intermediates"])
@@ -177,15 +177,15 @@ def compile_forward(
             _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
             return state["intermediates"][until]
 
-        forward = jax.jit(forward_until)
+        apply = forward_until
     start = time.perf_counter()
     if constant_weights:
         # Concrete arrays closed over by the jitted function become constants of the program.
-        forward = jax.jit(functools.partial(forward, variables))
+        apply = functools.partial(apply, variables)
         arguments: tuple = (images,)
     else:
         arguments = (variables, images)
-    lowered = forward.lower(*arguments)
+    lowered = jax.jit(apply).lower(*arguments)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     head, neck, size = _split_name(name)
@@ -203,7 +203,7 @@ def compile_forward(
         "until": until,
         "constant_weights": constant_weights,
         "params": count_parameters(variables["params"]),
-        "flops": _flops(forward, arguments, lowered, compiled),
+        "flops": _flops(apply, arguments, lowered, compiled),
         "compile_s": compile_s,
     }
     return CompiledForward(info, compiled, arguments)
@@ -284,21 +284,30 @@ def benchmark_models_interleaved(
     return {name: _forward_result(forward, times[name], warmup, True) for name, forward in forwards.items()}
 
 
-def _flops(jitted: Any, arguments: tuple, lowered: Any, compiled: Any) -> float | None:
-    """The FLOPs of the program as traced, counted on its lowering for the CPU: on an H200 with jax 0.11.2 the
-    GPU lowering's cost analysis counted what the compiled program does outside cuDNN (EncNet+JPU R50 train
-    step at batch 16, 480x480: 705 of its about 5600 GFLOPs), so the count would depend on the backend.
-    A failed CPU lowering is reported on stderr (the fallbacks undercount on GPUs)."""
+def _flops(fn: Any, arguments: tuple, lowered: Any, compiled: Any) -> float | None:
+    """The FLOPs of the program ``fn`` (the Python function, not jitted) traces, counted on its lowering for
+    the CPU: on an H200 with jax 0.11.2 the GPU lowering's cost analysis counted what the compiled program
+    does outside cuDNN (EncNet+JPU R50 train step at batch 16, 480x480: 705 of its about 5600 GFLOPs), so
+    the count would depend on the backend. Pallas kernels are counted as their XLA forms (they have no CPU
+    lowering, and the analysis does not see into them). A failed CPU lowering is reported on stderr (the
+    fallbacks, the program's own lowering and then its compiled form, undercount on GPUs)."""
     # Shapes only: the arguments' placement on an accelerator must not pin the lowering to it.
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arguments)
+
+    def trace_anew() -> Any:
+        # A new function object: jit's trace cache would otherwise hand back the program traced with its
+        # Pallas kernels, whatever the xla_forms() setting.
+        return jax.jit(lambda *args: fn(*args))
+
     attempts = (
-        ("lowering_platforms=('cpu',)", lambda: jitted.trace(*shapes).lower(lowering_platforms=("cpu",))),
-        ("default_device(cpu)", lambda: _lower_on_cpu_device(jitted, shapes)),
+        ("lowering_platforms=('cpu',)", lambda: trace_anew().trace(*shapes).lower(lowering_platforms=("cpu",))),
+        ("default_device(cpu)", lambda: _lower_on_cpu_device(trace_anew(), shapes)),
     )
     flops = None
     for name, lower in attempts:
         try:
-            flops = xla_flops(lower())
+            with xla_forms():
+                flops = xla_flops(lower())
         except Exception as error:  # noqa: BLE001 - e.g. arguments sharded over accelerator devices
             print(f"FLOP count: CPU lowering by {name} failed: {type(error).__name__}: {error}"[:400], file=sys.stderr)
             continue
@@ -425,7 +434,7 @@ def compile_train_step(
     lowered = jitted.lower(state, batch, rng)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = _flops(jitted, (state, batch, rng), lowered, compiled)
+    flops = _flops(step, (state, batch, rng), lowered, compiled)
     return CompiledTrainStep(lowered, compiled, compile_s, state, batch, rng, flops)
 
 

@@ -328,25 +328,11 @@ def test_flops_are_counted_on_the_cpu_lowering_whatever_the_backend(capsys) -> N
         return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
-    jitted = jax.jit(conv)
-    lowered = jitted.lower(x, w)
     want = 2 * 2 * 6 * 6 * 6 * 3 * 3 * 4
-    assert benchmark._flops(jitted, (x, w), lowered, None) == pytest.approx(want, rel=0.01)
+    assert benchmark._flops(conv, (x, w), None, None) == pytest.approx(want, rel=0.01)
 
-    class TraceFails:  # the second way: lowered from shapes with the CPU as the default device
-        def trace(self, *args):
-            raise RuntimeError("no trace")
-
-        def lower(self, *args):
-            assert all(isinstance(a, jax.ShapeDtypeStruct) for a in args)
-            return jitted.lower(*args)
-
-    assert benchmark._flops(TraceFails(), (x, w), None, None) == pytest.approx(want, rel=0.01)
-    assert "CPU lowering by lowering_platforms=('cpu',) failed: RuntimeError: no trace" in capsys.readouterr().err
-
-    class Unlowerable(TraceFails):
-        def lower(self, *args):
-            raise RuntimeError("no CPU lowering")
+    def unlowerable(x, w):
+        raise RuntimeError("no CPU lowering")
 
     class Counted:
         def __init__(self, flops):
@@ -355,5 +341,38 @@ def test_flops_are_counted_on_the_cpu_lowering_whatever_the_backend(capsys) -> N
         def cost_analysis(self):
             return {"flops": self.flops}
 
-    assert benchmark._flops(Unlowerable(), (x, w), Counted(7.0), Counted(9.0)) == 7.0
-    assert benchmark._flops(Unlowerable(), (x, w), Counted(-1.0), Counted(9.0)) == 9.0
+    assert benchmark._flops(unlowerable, (x, w), Counted(7.0), Counted(9.0)) == 7.0
+    assert benchmark._flops(unlowerable, (x, w), Counted(-1.0), Counted(9.0)) == 9.0
+    err = capsys.readouterr().err
+    assert "CPU lowering by lowering_platforms=('cpu',) failed: RuntimeError: no CPU lowering" in err
+    assert "CPU lowering by default_device(cpu) failed: RuntimeError: no CPU lowering" in err
+
+
+def test_pallas_kernels_are_counted_as_their_xla_forms(capsys) -> None:
+    # A Pallas GPU kernel has no CPU lowering ("Only interpret mode is supported on CPU backend" on the
+    # H200): its FLOPs are those of the XLA form of the same maths, traced in its place.
+    import jax
+    import jax.numpy as jnp
+
+    from fastfcn_jax.models import layers
+
+    x = jnp.ones((2, 12, 12, 8))
+
+    def gradient_program(**forms):
+        module = layers.DepthwiseConv(dilation=2, **forms)
+        variables = module.init(jax.random.PRNGKey(0), x)
+
+        def program(v, x):
+            return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2), argnums=(0, 1))(v, x)
+
+        return program, (variables, x)
+
+    with layers.target_backend("gpu"):  # the Pallas kernels as a GPU traces them: Triton, not interpreted
+        pallas, arguments = gradient_program(implementation="pallas", input_grad="pallas", kernel_grad="pallas")
+        xla, _ = gradient_program(implementation="shifted", input_grad="materialized", kernel_grad="stacked")
+        with pytest.raises(ValueError, match="interpret"):
+            jax.jit(pallas).trace(*arguments).lower(lowering_platforms=("cpu",))
+        counted = benchmark._flops(pallas, arguments, None, None)
+        assert counted is not None and counted == benchmark._flops(xla, arguments, None, None)
+    assert counted > 3 * 2 * 12 * 12 * 8 * 9 * 2  # forward, input and kernel gradients: 9 multiply-adds each
+    assert "failed" not in capsys.readouterr().err

@@ -507,12 +507,13 @@ def test_depthwise_gradient_choices_give_the_same_gradients(dilation) -> None:
 
 def test_depthwise_gradient_auto_choices_per_backend() -> None:
     # 'auto': materialized input gradients and the stacked kernel gradient on GPUs only; the barrier shows
-    # in the backward program as an optimization_barrier.
+    # in the backward program as an optimization_barrier. The Pallas kernels are chosen explicitly.
     x = jnp.ones((1, 10, 10, 4))
-    module = layers.DepthwiseConv(dilation=2, margin=2)
-    variables = module.init(jax.random.PRNGKey(0), x)
 
-    def backward_text(backend):
+    def backward_text(backend, **forms):
+        module = layers.DepthwiseConv(dilation=2, margin=2, **forms)
+        variables = module.init(jax.random.PRNGKey(0), x)
+
         def grad(v, x):
             return jax.grad(lambda v, x: jnp.sum(module.apply(v, x)), argnums=(0, 1))(v, x)
 
@@ -520,8 +521,11 @@ def test_depthwise_gradient_auto_choices_per_backend() -> None:
             return str(jax.make_jaxpr(grad)(variables, x))
 
     assert "optimization_barrier" in backward_text("gpu")
-    assert "optimization_barrier" not in backward_text("cpu")
-    assert "optimization_barrier" not in backward_text("tpu")
+    for backend in ("cpu", "tpu"):
+        text = backward_text(backend)
+        assert "optimization_barrier" not in text and "pallas_call" not in text
+    pallas = backward_text("gpu", input_grad="pallas", kernel_grad="pallas")
+    assert pallas.count("pallas_call") == 2 and "optimization_barrier" not in pallas
 
 
 def _float64_train_results(name: str, **overrides) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -116,6 +116,16 @@ def test_train_variants_times_each_variant_as_it_compiles(tmp_path: Path, capsys
     assert "| depthwise=bogus | encnet_jpu_tiny | failed: ValueError" in out
 
 
+def test_pallas_check_compares_the_kernels_with_the_xla_forms(capsys) -> None:
+    script = _load("pallas_check")
+    assert script.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 |" in out and "PASS" in out and "interpreted" in out
+    # Summation order differs between the forms, so a tolerance of zero must fail.
+    assert script.main(["--quick", "--tolerance", "0"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_gpu_check_skips_stages_past_its_deadline(tmp_path: Path) -> None:
     # A lease's call must end in time to bring its files back: no stage starts with under 30 s left.
     env = {**os.environ, "GPU_CHECK_DEADLINE": "20", "GPU_CHECK_STAGES": "forward,train", "PYTHON": sys.executable}

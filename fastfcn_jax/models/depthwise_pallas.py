@@ -14,6 +14,13 @@ Both are written over one correlation with a zero border (``offset``)::
 which is the forward conv (``offset = padding - margin``) and, over the gradient with the kernel flipped,
 its input gradient (``offset = padding + margin``). Off GPUs they run in Pallas's interpreter
 (``interpret=True``: tests).
+
+Measured on an H200 (jax 0.11.2, batch 16, 480x480, bf16, steps back to back): the EncNet+JPU R50 train step
+43.4 ms with XLA's forms, 40.4 with this kernel gradient, 38.7 with both gradients, 37.9 with the forward
+too; kernel gradients 0.42-0.50 ms per branch, input gradients 0.26-0.33 ms. Their values have been
+checked in the interpreter only (``experiments/pallas_check.py`` checks them on a GPU), so ``'auto'`` does
+not pick them yet. On one device only: XLA's SPMD partitioner does not split a custom call over a
+data-parallel batch (it would gather the batch onto every device).
 """
 
 from __future__ import annotations

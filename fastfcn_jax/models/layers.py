@@ -173,10 +173,10 @@ class OpChoices:
     resized: str = "low_res"  # 'low_res' | 'upsampled' (a conv over upsampled pooled maps: taps at their resolution)
     loss_logits: str = "auto"  # 'upsampled' | 'head' | 'auto' (training: the loss upsamples; head on GPU/TPU)
     # The shifted depthwise conv's input gradient: 'fused' (XLA may fuse the four JPU branches' gradients into
-    # one kernel) | 'materialized' (each branch's written first) | 'pallas' (a Pallas kernel: GPUs) | 'auto'
-    # (materialized on GPU).
+    # one kernel) | 'materialized' (each branch's written first) | 'pallas' (a Pallas kernel: GPUs, one device:
+    # see depthwise_pallas) | 'auto' (materialized on GPU).
     depthwise_input_grad: str = "auto"
-    # 'stacked' | 'stacked_minor' | 'per_tap' | 'pallas' (a Pallas kernel: GPUs) | 'auto' (stacked on GPU)
+    # 'stacked' | 'stacked_minor' | 'per_tap' | 'pallas' (as above) | 'auto' (stacked on GPU)
     depthwise_kernel_grad: str = "auto"
     loss_gradient: str = "compute"  # the head-logits loss's gradient: 'compute' (model's dtype) | 'float32'
 
@@ -245,6 +245,32 @@ def target_backend(name: str | None) -> Iterator[None]:
 def backend() -> str:
     """The backend op choices are made for: :func:`target_backend`'s, else JAX's default backend."""
     return _TARGET_BACKEND.get() or jax.default_backend()
+
+
+_XLA_FORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("fastfcn_xla_forms", default=False)
+# The XLA form each Pallas choice stands in for: the same maths and the same multiply-adds.
+_XLA_FORM_OF_PALLAS = {
+    "depthwise": "shifted",
+    "depthwise_input_grad": "materialized",
+    "depthwise_kernel_grad": "stacked",
+}
+
+
+@contextlib.contextmanager
+def xla_forms() -> Iterator[None]:
+    """Within the block, op choices that name a Pallas kernel (explicitly or through ``'auto'``) trace as
+    their XLA forms of the same maths: for counting a program's FLOPs on its CPU lowering, which a Pallas
+    GPU kernel does not have (and XLA's cost analysis does not see into). Trace a function not traced
+    before, as for :func:`target_backend`."""
+    token = _XLA_FORMS.set(True)
+    try:
+        yield
+    finally:
+        _XLA_FORMS.reset(token)
+
+
+def _unless_xla_forms(op: str, choice: str) -> str:
+    return _XLA_FORM_OF_PALLAS[op] if choice == "pallas" and _XLA_FORMS.get() else choice
 
 
 def choose(choice: str, *, tpu: str, other: str, gpu: str | None = None) -> str:
@@ -885,10 +911,15 @@ class DepthwiseConv(nn.Module):
             )
         if self.implementation not in ("shifted", "pallas"):
             raise ValueError(f"unknown depthwise implementation {self.implementation!r}")
+        # The Pallas kernels are 'auto''s GPU choice once a GPU has checked their values (docs/performance.md).
         input_grad = choose(self.input_grad, tpu="fused", other="fused", gpu="materialized")
         kernel_grad = choose(self.kernel_grad, tpu="per_tap", other="per_tap", gpu="stacked")
         OpChoices(depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates both
-        forms = (self.implementation, input_grad, kernel_grad)
+        forms = (
+            _unless_xla_forms("depthwise", self.implementation),
+            _unless_xla_forms("depthwise_input_grad", input_grad),
+            _unless_xla_forms("depthwise_kernel_grad", kernel_grad),
+        )
         return _depthwise_shifted(x, kernel, d, self.margin, forms)
 
 
