@@ -165,7 +165,6 @@ def compile_forward(
 
     # By default the variables are an argument rather than a closure, so XLA cannot constant-fold the
     # weights: the program measured is the one training and evaluation run (constant_weights: as exported).
-    # FLOPs are counted on the lowered program either way.
     apply: Any = functools.partial(model.apply, train=False)
     if until is not None:
         sown = jax.eval_shape(functools.partial(model.apply, train=False, mutable=["intermediates"]), variables, images)
@@ -179,6 +178,9 @@ def compile_forward(
 
         apply = forward_until
     start = time.perf_counter()
+    # FLOPs of the program with the weights as arguments: closed over as constants, the weights' own
+    # arithmetic (casts, folded scales) would run at trace time and drop out of the count.
+    counted, counted_arguments = apply, (variables, images)
     if constant_weights:
         # Concrete arrays closed over by the jitted function become constants of the program.
         apply = functools.partial(apply, variables)
@@ -203,7 +205,7 @@ def compile_forward(
         "until": until,
         "constant_weights": constant_weights,
         "params": count_parameters(variables["params"]),
-        "flops": _flops(apply, arguments, lowered, compiled),
+        "flops": _flops(counted, counted_arguments, lowered, compiled),
         "compile_s": compile_s,
     }
     return CompiledForward(info, compiled, arguments)

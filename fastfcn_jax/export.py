@@ -413,7 +413,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     from fastfcn_jax.config import model_overrides
     from fastfcn_jax.data.datasets import get_dataset_info
     from fastfcn_jax.models import create_model
-    from fastfcn_jax.models.layers import fold_batch_norm, target_backend
+    from fastfcn_jax.models.layers import fold_batch_norm, target_backend, xla_forms
 
     settings = export_settings(config)
     workdir = Path(workdir).expanduser().absolute()
@@ -455,8 +455,10 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     }
     directory = Path(settings["directory"] or workdir / "export").expanduser().absolute()
     written: dict[str, str] = {}
-    # One trace serves every platform of the module: its 'auto' op choices are made for one backend.
-    with target_backend(settings["tuned_for"] or None):
+    # One trace serves every platform of the module: its 'auto' op choices are made for one backend. Pallas
+    # kernels (a training choice) are exported as their XLA forms: a Triton kernel has no CPU or TPU lowering
+    # and would tie the artifact to one GPU generation.
+    with target_backend(settings["tuned_for"] or None), xla_forms():
         if "stablehlo" in settings["formats"]:
             paths = export_stablehlo(
                 model,

@@ -225,6 +225,19 @@ def test_export_tuned_for_gpus_on_this_machine_computes_the_same_function(traine
     assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= 1e-5
 
 
+def test_a_model_trained_with_pallas_kernels_exports_their_xla_forms(trained, tmp_path):
+    # The config's Pallas choices (GPU training) would have no CPU lowering in a cpu+cuda module.
+    model, variables, workdir = trained
+    config = demo_config(tuned_for="gpu", platforms=("cpu", "cuda"), directory=str(tmp_path), formats=("stablehlo",))
+    with config.unlocked():
+        config.model.ops = "depthwise=pallas,depthwise_input_grad=pallas,depthwise_kernel_grad=pallas"
+    paths = export.run_export(config, workdir)
+    segmenter = export.load(paths["stablehlo"])
+    assert "triton" not in segmenter.exported.mlir_module().lower()
+    images = np.random.default_rng(3).normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
+    assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= 1e-5
+
+
 def test_onnx_export_is_refused_with_an_install_hint_without_jax2onnx(trained, tmp_path, monkeypatch):
     # jax2onnx is not a test dependency: every release that converts the model pins orbax-checkpoint below
     # 0.11.37, and the one that installs (0.13) gives outputs 0.14 x std away from JAX (see export_onnx).

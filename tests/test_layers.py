@@ -565,6 +565,18 @@ def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -
         layers.OpChoices(jpu_input="barrier")
 
 
+def test_pallas_depthwise_kernels_train_like_the_xla_forms_in_the_jpu() -> None:
+    # The whole JPU (four branches reading one pre-padded input, their input gradients summed) with every
+    # depthwise op a Pallas kernel (interpreted here) against the XLA forms. The kernels round to float32
+    # as the shifted form does, in another order, hence a float32-sized tolerance on top of float64.
+    pallas = {f"{op}_implementation": "pallas" for op in ("depthwise", "depthwise_input_grad", "depthwise_kernel_grad")}
+    (out_p, grads_p) = _float64_train_results("encnet_jpu_tiny", jpu_input_implementation="padded", **pallas)
+    (out_x, grads_x) = _float64_train_results("encnet_jpu_tiny", jpu_input_implementation="padded")
+    np.testing.assert_allclose(out_p, out_x, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads_p, grads_x, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(w).max()))
+
+
 @pytest.mark.parametrize("implementation", ["shifted", "grouped", "pallas"])
 def test_depthwise_conv_on_a_pre_padded_input_equals_padding_inside(implementation) -> None:
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 7, 4))
