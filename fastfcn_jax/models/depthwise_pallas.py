@@ -1,10 +1,10 @@
-"""The JPU's depthwise convolution gradients as Pallas (Triton) kernels for GPUs.
+"""The JPU's depthwise convolution and its gradients as Pallas (Triton) kernels for GPUs.
 
 XLA:GPU computes the gradients of the shifted depthwise conv (``layers._depthwise_shifted``) at a fraction
 of their memory roofline: its reductions over nine shifted views re-read the gradient and the input once
 per tap (H200, EncNet+JPU R50 train step at batch 16, 480x480: 4.5 ms for the four branches' kernel
-gradients, 0.23 ms of unique traffic each), and its input-gradient kernels reached a fifth of theirs
-(0.6-0.74 ms per branch). Each kernel here walks the rows of one image and one block of channels, so
+gradients in two kernels whose memory roofline is 0.23 ms each), and its input-gradient kernels reached a
+fifth of theirs (0.6-0.74 ms per branch). Each kernel here walks the rows of one image and one block of channels, so
 the nine taps' reads of a row hit the cache and every element leaves memory once.
 
 Both are written over one correlation with a zero border (``offset``)::
@@ -19,8 +19,8 @@ Measured on an H200 (jax 0.11.2, batch 16, 480x480, bf16, steps back to back): t
 43.4 ms with XLA's forms, 40.4 with this kernel gradient, 38.7 with both gradients, 37.9 with the forward
 too; kernel gradients 0.42-0.50 ms per branch, input gradients 0.26-0.33 ms. Their values have been
 checked in the interpreter only (``experiments/pallas_check.py`` checks them on a GPU), so ``'auto'`` does
-not pick them yet. On one device only: XLA's SPMD partitioner does not split a custom call over a
-data-parallel batch (it would gather the batch onto every device).
+not pick them yet. They are for one device: XLA's SPMD partitioner cannot split a custom call it knows
+nothing about over a data-parallel batch, and replicates its operands instead.
 """
 
 from __future__ import annotations

@@ -75,12 +75,13 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   JPU's four branches read one padded input, so their input gradients are added; XLA:GPU fused the four
   9-tap input-gradient correlations and the sum into one kernel of 236 registers per thread at 12.5%
   occupancy, 7.7 ms of the 48.6 ms EncNet+JPU step on an H200 (batch 16, 480x480). ``'materialized'``
-  writes each branch's gradient first (an optimization barrier; ``'auto'``: on GPUs, not yet measured
-  there; the compile-only build's PTX has 62-64 registers per thread for each branch's kernel, where it
-  reproduces the 236 of the fused one), ``'fused'`` leaves the fusion to XLA (CPU, TPU). The kernel
-  gradient is ``'stacked'`` (one reduction over the nine stacked taps, taps major; ``'auto'``: GPUs, where
-  it ran at a tenth of its roofline), ``'stacked_minor'`` (taps as the minor dimension; a candidate for
-  GPUs, not yet measured) or ``'per_tap'`` (nine sums; CPU, TPU).
+  writes each branch's gradient first (an optimization barrier; ``'auto'`` on GPUs: the H200's step went
+  from 57.2 to 50.7 ms), ``'fused'`` leaves the fusion to XLA (CPU, TPU). The kernel gradient is
+  ``'stacked'`` (one reduction over the nine stacked taps, taps major; ``'auto'``: GPUs, where it ran at a
+  tenth of its roofline), ``'stacked_minor'`` (taps as the minor dimension: no faster on the H200) or
+  ``'per_tap'`` (nine sums; CPU, TPU). ``'pallas'``, for both and for the forward (``depthwise``): Triton
+  kernels (``depthwise_pallas``) that read each element once, 43.4 -> 37.9 ms per H200 step at batch 16,
+  opt-in until a GPU has checked their values (``experiments/pallas_check.py``) and for one device.
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
