@@ -94,6 +94,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -957,6 +958,13 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, dilation: int, margin: int = 
 
 def _pallas_interpret() -> bool:
     """Pallas kernels compile for GPUs (Triton); elsewhere they run in Pallas's interpreter."""
+    if backend() == "gpu" and jax.device_count() > 1:
+        warnings.warn(
+            f"a Pallas depthwise kernel traced with {jax.device_count()} devices: XLA does not split it over a "
+            "data-parallel batch but replicates its operands on every device; on several GPUs use the XLA forms "
+            "(depthwise=shifted, depthwise_input_grad/depthwise_kernel_grad=auto)",
+            stacklevel=2,
+        )
     return backend() != "gpu"
 
 
