@@ -70,6 +70,18 @@ def _masked_window(ref, n, row, col0, cols, c0, block, *, rows, width, limit, or
     return plgpu.load(ref.at[n, safe_row, pl.ds(start, cols), pl.ds(c0, block)], mask=mask, other=0)
 
 
+def _tap_windows(x_ref, n, r, j0, cols, c0, block, *, k, dilation, offset, rows, width, limit, origin):
+    """The k*k float32 windows of ``x`` that output row ``r``, columns ``j0:j0 + cols`` read, tap (a, b) at
+    ``a * k + b`` (see :func:`_masked_window`). A generator: each window is loaded as it is consumed, so the
+    kernel holds one in registers at a time."""
+    for a in range(k):
+        for b in range(k):
+            yield _masked_window(
+                x_ref, n, r + a * dilation - offset, j0 + b * dilation - offset, cols, c0, block,
+                rows=rows, width=width, limit=limit, origin=origin,
+            ).astype(jnp.float32)  # fmt: skip
+
+
 def _border(x: jax.Array, border: int, width_to: int | None = None) -> jax.Array:
     """``x`` with ``border`` zeros around its rows and columns (and columns up to ``width_to``): the
     interpreter clamps out-of-bounds windows where a GPU masks them."""
@@ -107,25 +119,15 @@ def depthwise_correlate(
         taps = [k_ref[t, pl.ds(c0, block)].astype(jnp.float32) for t in range(k * k)]
         for j0 in chunks:
             acc = jnp.zeros((cols, block), jnp.float32)
-            for a in range(k):
-                for b in range(k):
-                    view = _masked_window(
-                        x_ref,
-                        n,
-                        r + a * dilation - offset,
-                        j0 + b * dilation - offset,
-                        cols,
-                        c0,
-                        block,
-                        rows=height,
-                        width=width,
-                        limit=out_w - j0,
-                        origin=origin,
-                    )
-                    acc += view.astype(jnp.float32) * taps[a * k + b][None, :]
+            windows = _tap_windows(
+                x_ref, n, r, j0, cols, c0, block,
+                k=k, dilation=dilation, offset=offset, rows=height, width=width, limit=out_w - j0, origin=origin,
+            )  # fmt: skip
+            for tap, window in zip(taps, windows, strict=True):
+                acc += window * tap[None, :]
             mask = jnp.broadcast_to((jnp.arange(cols) < out_w - j0)[:, None], (cols, block))
-            window = o_ref.at[n, r, pl.ds(jnp.asarray(j0, jnp.int32), cols), pl.ds(c0, block)]
-            plgpu.store(window, acc.astype(o_ref.dtype), mask=mask)
+            out_window = o_ref.at[n, r, pl.ds(jnp.asarray(j0, jnp.int32), cols), pl.ds(c0, block)]
+            plgpu.store(out_window, acc.astype(o_ref.dtype), mask=mask)
 
     out = pl.pallas_call(
         body,
@@ -161,22 +163,12 @@ def depthwise_kernel_gradient(
                 g = _masked_window(
                     g_ref, n, r, j0, cols, c0, block, rows=out_h, width=out_w, limit=limit, origin=origin
                 ).astype(jnp.float32)
-                for a in range(k):
-                    for b in range(k):
-                        view = _masked_window(
-                            x_ref,
-                            n,
-                            r + a * dilation - offset,
-                            j0 + b * dilation - offset,
-                            cols,
-                            c0,
-                            block,
-                            rows=height,
-                            width=width,
-                            limit=limit,
-                            origin=origin,
-                        )
-                        accs[a * k + b] += jnp.sum(view.astype(jnp.float32) * g, axis=0)
+                windows = _tap_windows(
+                    x_ref, n, r, j0, cols, c0, block,
+                    k=k, dilation=dilation, offset=offset, rows=height, width=width, limit=limit, origin=origin,
+                )  # fmt: skip
+                for t, window in enumerate(windows):
+                    accs[t] += jnp.sum(window * g, axis=0)
             return tuple(accs)
 
         init = tuple(jnp.zeros((block,), jnp.float32) for _ in range(k * k))
