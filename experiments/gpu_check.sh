@@ -22,7 +22,8 @@
 #   train        the bf16 training step of EncNet+JPU and its dilated twin at batch 2, 256x256 (the reference
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
 #   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
-#   pallas_check the Pallas (Triton) depthwise kernels against the XLA forms (experiments/pallas_check.py);
+#   pallas_check the Pallas (Triton) depthwise and loss kernels against the XLA forms, and the loss kernel's
+#                time under several block shapes (experiments/pallas_check.py);
 #   ops          the OpChoices implementations compared on EncNet+JPU (bf16 forward, batch 1);
 #   train_variants  the bf16 train step at batch 16, 480x480 under each op choice of its backward pass
 #                (experiments/train_variants.py: one process, variants timed in turn) and its dilated twin;
@@ -123,14 +124,14 @@ for name in ${STAGES//,/ }; do
     train_variants)  # the b16 480x480 train step under each op choice of its backward, one process. Each
         # variant's compile takes 20-45 s on an H200: most telling first, each row printed as soon as it is
         # measured. Session 7 measured the XLA forms (stacked_minor, per_tap, grouped, fused, float32 loss
-        # gradient, upsampled logits: docs/performance.md); these are the Pallas kernels against today's default.
-        PALLAS_GRADS=depthwise_kernel_grad=pallas,depthwise_input_grad=pallas
-        VARIANTS=(${GPU_CHECK_VARIANTS:-default depthwise_kernel_grad=pallas $PALLAS_GRADS \
-            depthwise=pallas,$PALLAS_GRADS depthwise_input_grad=pallas model=encnet_dilated_r50})
+        # gradient, upsampled logits: docs/performance.md) and the depthwise Pallas kernels; these are the
+        # loss's Pallas kernel (session 8) alone and with the depthwise ones, against today's default.
+        PALLAS_DW=depthwise=pallas,depthwise_kernel_grad=pallas,depthwise_input_grad=pallas
+        VARIANTS=(${GPU_CHECK_VARIANTS:-default $PALLAS_DW,loss_upsample=pallas loss_upsample=pallas $PALLAS_DW})
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             "${VARIANTS[@]/#/--variant=}" ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
-    pallas_check)  # the Pallas depthwise kernels' values against the XLA forms, at the JPU's shapes
+    pallas_check)  # the Pallas kernels' values against the XLA forms, at the training step's shapes
         stage pallas_check 120 "$PY" experiments/pallas_check.py ${GPU_CHECK_QUICK:+--quick} ;;
     fp32)
         stage forward_fp32 90 bench forward_fp32 --dtype float32 --models encnet_jpu_r50,encnet_dilated_r50 \

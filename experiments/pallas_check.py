@@ -1,25 +1,40 @@
-"""Checks the Pallas depthwise kernels against the XLA forms of the same maths, on this machine's backend.
+"""Checks the Pallas kernels against the XLA forms of the same maths, on this machine's backend.
 
-    python experiments/pallas_check.py            # the JPU's shapes: batch 16, 60x60 (+ margin 8), 1536 channels
+    python experiments/pallas_check.py            # the training step's shapes (batch 16, 480x480 crops)
     python experiments/pallas_check.py --quick    # small shapes (CPU: Pallas's interpreter)
 
 On a GPU the kernels are the Triton programs training would run (``OpChoices`` ``depthwise``,
 ``depthwise_input_grad``, ``depthwise_kernel_grad`` = ``'pallas'``); elsewhere Pallas's interpreter runs them.
 Inputs are float32, so the only differences are summation order. For each dilation of the JPU (1, 2, 4, 8):
 the forward, the input gradient and the kernel gradient, their largest absolute error relative to the
-largest reference value. Exits 1 if any exceeds ``--tolerance``. Needs only jax and numpy.
+largest reference value. Then the training loss with ``OpChoices.loss_upsample='pallas'`` against
+``'fused'`` (150 classes at stride 8, labels at full resolution, a tenth of them ignored): the loss and its
+gradient with respect to the logits, and on a GPU their times and the kernel's under other column blocks
+and warp counts (``upsampled_loss_pallas``). Exits 1 if any error exceeds ``--tolerance``. Needs only jax
+and numpy.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastfcn_jax import losses, upsampled_loss_pallas
 from fastfcn_jax.models import depthwise_pallas, layers
+
+# (column block, warps) of the loss kernel timed on a GPU; the first is the default.
+LOSS_KERNEL_CONFIGS = (
+    (upsampled_loss_pallas.COLUMN_BLOCK, upsampled_loss_pallas.NUM_WARPS),
+    (2, 4),
+    (8, 4),
+    (8, 8),
+    (16, 8),
+)
 
 
 def check(batch: int, size: int, channels: int, dilation: int, margin: int, interpret: bool) -> dict[str, float]:
@@ -43,21 +58,82 @@ def check(batch: int, size: int, channels: int, dilation: int, margin: int, inte
         x, grad, dilation=dilation, offset=pad - margin, kernel_size=3, interpret=interpret
     ).reshape(kernel.shape)
 
-    def error(got: jax.Array, want: jax.Array) -> float:
-        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-
     return {
-        "forward": error(forward, want_forward),
-        "input_grad": error(got_x, want_x),
-        "kernel_grad": error(got_kernel, want_kernel),
+        "forward": _error(forward, want_forward),
+        "input_grad": _error(got_x, want_x),
+        "kernel_grad": _error(got_kernel, want_kernel),
     }
+
+
+def _error(got: jax.Array, want: jax.Array) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def _loss_inputs(batch: int, low: int, high: int, classes: int) -> tuple[jax.Array, jax.Array]:
+    keys = jax.random.split(jax.random.PRNGKey(7))
+    logits = 4.0 * jax.random.normal(keys[0], (batch, low, low, classes), jnp.float32)
+    labels = jax.random.randint(keys[1], (batch, high, high), 0, classes)
+    ignored = jax.random.uniform(keys[1], labels.shape) < 0.1
+    return logits, jnp.where(ignored, losses.IGNORE_LABEL, labels)
+
+
+def _loss_functions(labels: jax.Array) -> dict[str, object]:
+    return {
+        upsample: jax.jit(jax.value_and_grad(lambda z, u=upsample: losses.cross_entropy(z, labels, upsample=u)))
+        for upsample in ("fused", "pallas")
+    }
+
+
+def check_loss(batch: int, low: int, high: int, classes: int) -> dict[str, float]:
+    """Relative errors of the Pallas loss (value, gradient) against the fused XLA form, float32 gradients."""
+    logits, labels = _loss_inputs(batch, low, high, classes)
+    functions = _loss_functions(labels)
+    (want, want_grad), (got, got_grad) = (functions[name](logits) for name in ("fused", "pallas"))
+    return {"loss": _error(got, want), "loss_grad": _error(got_grad, want_grad)}
+
+
+def _median_ms(function, *args, runs: int = 20) -> float:
+    jax.block_until_ready(function(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(function(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def time_loss(
+    batch: int, low: int, high: int, classes: int, *, interpret: bool, runs: int = 20
+) -> list[tuple[str, float]]:
+    """(what, median ms) of one head's loss and gradient in both forms, and of the kernel alone under
+    :data:`LOSS_KERNEL_CONFIGS` (GPUs: Triton)."""
+    logits, labels = _loss_inputs(batch, low, high, classes)
+    rows = layers.resize_bilinear(logits, (low, high))
+    timings = [
+        (f"loss + gradient, {name}", _median_ms(f, logits, runs=runs)) for name, f in _loss_functions(labels).items()
+    ]
+    for block, warps in LOSS_KERNEL_CONFIGS:
+        kernel = jax.jit(
+            lambda r, block=block, warps=warps: upsampled_loss_pallas.height_upsampled_cross_entropy(
+                r,
+                labels,
+                ignore_label=losses.IGNORE_LABEL,
+                gradient_dtype=jnp.bfloat16,
+                block=block,
+                num_warps=warps,
+                interpret=interpret,
+            )
+        )
+        timings.append((f"kernel alone, {block} columns, {warps} warps", _median_ms(kernel, rows, runs=runs)))
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 2, 13x13, 96 channels")
     parser.add_argument("--tolerance", type=float, default=1e-5)
+    parser.add_argument("--time", action="store_true", help="time the loss forms in the interpreter too")
     args = parser.parse_args(argv)
     batch, size, channels = (2, 13, 96) if args.quick else (16, 60, 1536)
     interpret = jax.default_backend() != "gpu"
@@ -75,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
             f"| {dilation} | {errors['forward']:.2e} | {errors['input_grad']:.2e} | {errors['kernel_grad']:.2e} |",
             flush=True,
         )
+    loss_shape = (2, 5, 33, 150) if args.quick else (batch, 60, 480, 150)
+    print(
+        f"\nloss (one head): logits [{loss_shape[0]}, {loss_shape[1]}, {loss_shape[1]}, {loss_shape[3]}], labels "
+        f"{loss_shape[2]}x{loss_shape[2]}\n\n| loss | gradient |\n|---:|---:|"
+    )
+    errors = check_loss(*loss_shape)
+    worst = max(worst, *errors.values())
+    print(f"| {errors['loss']:.2e} | {errors['loss_grad']:.2e} |", flush=True)
+    if not interpret or args.time:
+        print(f"\n| one head's loss, batch {loss_shape[0]} | ms |\n|---|---:|")
+        for what, ms in time_loss(*loss_shape, interpret=interpret, runs=2 if args.quick else 20):
+            print(f"| {what} | {ms:.3f} |", flush=True)
     verdict = "PASS" if worst <= args.tolerance else "FAIL"
     print(f"\nworst relative error {worst:.2e} (tolerance {args.tolerance:.0e}): {verdict}")
     return 0 if verdict == "PASS" else 1

@@ -9,13 +9,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fastfcn_jax import upsampled_loss_pallas
+from fastfcn_jax.models import layers
 from fastfcn_jax.models.layers import resize_bilinear
 
 IGNORE_LABEL = -1
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL, *, gradient_dtype: Any = jnp.float32
+    logits: jax.Array,
+    labels: jax.Array,
+    ignore_label: int = IGNORE_LABEL,
+    *,
+    gradient_dtype: Any = jnp.float32,
+    upsample: str = "fused",
 ) -> jax.Array:
     """Pixel cross-entropy averaged over non-ignored pixels (PyTorch ``CrossEntropyLoss(ignore_index)``).
 
@@ -35,6 +42,10 @@ def cross_entropy(
     gradient is rounded to it before it is resized back to the logits' size (in float32). The training step
     passes the model's compute dtype: bfloat16 is what autodiff of a bfloat16 model hands its last layer
     anyway, and half the bytes of the largest array of its training step.
+
+    ``upsample`` (logits smaller than the labels only; ``OpChoices.loss_upsample``): ``'fused'`` as above;
+    ``'pallas'`` resizes the width at the logits' height and hands the rest to one Pallas kernel
+    (:func:`_pallas_upsampled_cross_entropy`).
     """
     if logits.shape[:-1] != labels.shape:
         smaller = (
@@ -49,6 +60,10 @@ def cross_entropy(
                 "w <= W for labels [B, H, W])"
             )
         narrow = jnp.dtype(gradient_dtype).name
+        if upsample == "pallas":
+            return _pallas_upsampled_cross_entropy(logits.astype(jnp.float32), labels, ignore_label, narrow)
+        if upsample != "fused":
+            raise ValueError(f"unknown upsample {upsample!r}; expected 'fused' or 'pallas'")
         return _upsampled_cross_entropy(logits.astype(jnp.float32), labels, ignore_label, narrow)
     log_sum_exp, picked = _log_sum_exp_and_picked(logits.astype(jnp.float32), labels)
     return _labelled_mean(log_sum_exp - picked, labels != ignore_label)[0]
@@ -131,6 +146,43 @@ def _upsampled_cross_entropy_bwd(
 _upsampled_cross_entropy.defvjp(_upsampled_cross_entropy_fwd, _upsampled_cross_entropy_bwd)
 
 
+def _pallas_upsampled_cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_label: int, gradient_dtype: str
+) -> jax.Array:
+    """:func:`cross_entropy` of ``logits`` resized to the labels' size: the width resized here (a [B, h, W, C]
+    array, the labels' width at the logits' height; its gradient is the resize's K-tap adjoint), the height,
+    the log-sum-exp and the gradient by ``upsampled_loss_pallas`` in one pass, which accumulates the
+    gradient of each source row in float32 and writes it in ``gradient_dtype``."""
+    rows = resize_bilinear(logits, (logits.shape[1], labels.shape[2]))
+    count = jnp.maximum(jnp.sum(labels != ignore_label), 1)
+    return _height_upsampled_sum(rows, labels, ignore_label, gradient_dtype, layers.pallas_interpret()) / count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _height_upsampled_sum(
+    rows: jax.Array, labels: jax.Array, ignore_label: int, gradient_dtype: str, interpret: bool
+) -> jax.Array:
+    loss, _ = upsampled_loss_pallas.height_upsampled_cross_entropy(
+        rows, labels, ignore_label=ignore_label, with_gradient=False, interpret=interpret
+    )
+    return loss
+
+
+def _height_upsampled_sum_fwd(rows, labels, ignore_label, gradient_dtype, interpret):
+    # The gradient is computed with the value, in the same pass over the logits; the backward pass scales it.
+    loss, grad = upsampled_loss_pallas.height_upsampled_cross_entropy(
+        rows, labels, ignore_label=ignore_label, gradient_dtype=gradient_dtype, interpret=interpret
+    )
+    return loss, grad
+
+
+def _height_upsampled_sum_bwd(ignore_label, gradient_dtype, interpret, grad_rows, grad):
+    return grad_rows.astype(jnp.float32) * grad, None
+
+
+_height_upsampled_sum.defvjp(_height_upsampled_sum_fwd, _height_upsampled_sum_bwd)
+
+
 def class_presence(labels: jax.Array, num_classes: int) -> jax.Array:
     """[B, C] float targets of the SE loss: 1 where class c occurs among the image's labelled pixels.
 
@@ -156,16 +208,18 @@ def segmentation_loss(
     se_weight: float,
     ignore_label: int = IGNORE_LABEL,
     gradient_dtype: Any = jnp.float32,
+    upsample: str = "fused",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total = CE(logits) + aux_weight * CE(aux_logits) + se_weight * BCE(se_logits, presence).
 
     Terms whose outputs the model does not produce (no aux head, no SE branch) are left out. Returns the
-    total and each term. ``gradient_dtype``: see :func:`cross_entropy`.
+    total and each term. ``gradient_dtype``, ``upsample``: see :func:`cross_entropy`.
     """
-    terms = {"ce": cross_entropy(outputs["logits"], labels, ignore_label, gradient_dtype=gradient_dtype)}
+    options = {"gradient_dtype": gradient_dtype, "upsample": upsample}
+    terms = {"ce": cross_entropy(outputs["logits"], labels, ignore_label, **options)}
     total = terms["ce"]
     if "aux_logits" in outputs and aux_weight:
-        terms["aux_ce"] = cross_entropy(outputs["aux_logits"], labels, ignore_label, gradient_dtype=gradient_dtype)
+        terms["aux_ce"] = cross_entropy(outputs["aux_logits"], labels, ignore_label, **options)
         total = total + aux_weight * terms["aux_ce"]
     if "se_logits" in outputs and se_weight:
         targets = class_presence(labels, outputs["se_logits"].shape[-1])

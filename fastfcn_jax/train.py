@@ -61,6 +61,7 @@ def make_train_step(
         # OpChoices.loss_gradient: the full-resolution loss gradient in the model's compute dtype.
         compute_dtype = getattr(model, "dtype", jnp.float32)
         loss_gradient_dtype = compute_dtype if model.ops.loss_gradient == "compute" else jnp.float32
+        loss_upsample = layers.unless_xla_forms("loss_upsample", model.ops.loss_upsample)
 
         def loss_fn(params):
             outputs, new_state = model.apply(
@@ -77,6 +78,7 @@ def make_train_step(
                 aux_weight=aux_weight,
                 se_weight=se_weight,
                 gradient_dtype=loss_gradient_dtype,
+                upsample=loss_upsample,
             )
             return total, (terms, new_state["batch_stats"])
 

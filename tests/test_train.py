@@ -165,6 +165,19 @@ def test_loss_on_head_logits_trains_as_the_loss_on_upsampled_logits():
         layers.OpChoices(loss_logits="full")
 
 
+def test_the_pallas_loss_is_traced_where_chosen():
+    # OpChoices.loss_upsample='pallas': the training step's two cross-entropies (main, auxiliary) each run the
+    # loss kernel (its values: tests/test_upsampled_loss_pallas.py); xla_forms() traces the fused XLA form.
+    batch = make_batch(3, batch_size=2)
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES, loss_upsample_implementation="pallas")
+    with pytest.warns(UserWarning, match="replicates its operands"):  # four devices in these tests
+        assert _train_step_jaxpr(model, batch, "gpu").count("pallas_call") == 2
+    with layers.xla_forms():
+        assert "pallas_call" not in _train_step_jaxpr(model, batch, "gpu")
+    with pytest.raises(ValueError, match="loss_upsample_implementation must be one of"):
+        layers.OpChoices(loss_upsample="triton")
+
+
 def test_the_loss_form_follows_the_backend_traced_for():
     # OpChoices.loss_logits='auto': the loss on head logits (its one-pass log-sum-exp is a variadic reduce,
     # one per cross-entropy: main and auxiliary) on GPUs and TPUs, the loss on upsampled logits on CPUs.

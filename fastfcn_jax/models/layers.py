@@ -181,6 +181,9 @@ class OpChoices:
     # 'stacked' | 'stacked_minor' | 'per_tap' | 'pallas' (as above) | 'auto' (stacked on GPU)
     depthwise_kernel_grad: str = "auto"
     loss_gradient: str = "compute"  # the head-logits loss's gradient: 'compute' (model's dtype) | 'float32'
+    # How that loss upsamples the heads' logits: 'fused' (XLA: the 2-D resize recomputed inside its passes)
+    # | 'pallas' (the width resized at the logits' height, the rest one Pallas kernel: GPUs, one device)
+    loss_upsample: str = "fused"
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -198,6 +201,7 @@ class OpChoices:
             ("depthwise_input_grad", ("fused", "materialized", "pallas", "auto")),
             ("depthwise_kernel_grad", ("stacked", "stacked_minor", "per_tap", "pallas", "auto")),
             ("loss_gradient", ("compute", "float32")),
+            ("loss_upsample", ("fused", "pallas")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")
@@ -255,6 +259,7 @@ _XLA_FORM_OF_PALLAS = {
     "depthwise": "shifted",
     "depthwise_input_grad": "materialized",
     "depthwise_kernel_grad": "stacked",
+    "loss_upsample": "fused",
 }
 
 
@@ -271,7 +276,8 @@ def xla_forms() -> Iterator[None]:
         _XLA_FORMS.reset(token)
 
 
-def _unless_xla_forms(op: str, choice: str) -> str:
+def unless_xla_forms(op: str, choice: str) -> str:
+    """``choice`` for ``op``, or the XLA form of a Pallas choice inside :func:`xla_forms`."""
     return _XLA_FORM_OF_PALLAS[op] if choice == "pallas" and _XLA_FORMS.get() else choice
 
 
@@ -918,9 +924,9 @@ class DepthwiseConv(nn.Module):
         kernel_grad = choose(self.kernel_grad, tpu="per_tap", other="per_tap", gpu="stacked")
         OpChoices(depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates both
         forms = (
-            _unless_xla_forms("depthwise", self.implementation),
-            _unless_xla_forms("depthwise_input_grad", input_grad),
-            _unless_xla_forms("depthwise_kernel_grad", kernel_grad),
+            unless_xla_forms("depthwise", self.implementation),
+            unless_xla_forms("depthwise_input_grad", input_grad),
+            unless_xla_forms("depthwise_kernel_grad", kernel_grad),
         )
         return _depthwise_shifted(x, kernel, d, self.margin, forms)
 
@@ -956,13 +962,13 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, dilation: int, margin: int = 
     return out
 
 
-def _pallas_interpret() -> bool:
+def pallas_interpret() -> bool:
     """Pallas kernels compile for GPUs (Triton); elsewhere they run in Pallas's interpreter."""
     if backend() == "gpu" and jax.device_count() > 1:
         warnings.warn(
-            f"a Pallas depthwise kernel traced with {jax.device_count()} devices: XLA does not split it over a "
+            f"a Pallas kernel traced with {jax.device_count()} devices: XLA does not split it over a "
             "data-parallel batch but replicates its operands on every device; on several GPUs use the XLA forms "
-            "(depthwise=shifted, depthwise_input_grad/depthwise_kernel_grad=auto)",
+            "(depthwise=shifted, depthwise_input_grad/depthwise_kernel_grad=auto, loss_upsample=fused)",
             stacklevel=2,
         )
     return backend() != "gpu"
@@ -981,7 +987,7 @@ def _depthwise_shifted(
         pad = dilation * (kernel.shape[0] - 1) // 2
         size = (x.shape[1] - 2 * margin, x.shape[2] - 2 * margin)
         return depthwise_pallas.depthwise_correlate(
-            x, kernel[:, :, 0], dilation=dilation, offset=pad - margin, out_size=size, interpret=_pallas_interpret()
+            x, kernel[:, :, 0], dilation=dilation, offset=pad - margin, out_size=size, interpret=pallas_interpret()
         )
     return _shifted_taps(x, kernel, dilation, margin).astype(x.dtype)
 
@@ -1033,13 +1039,13 @@ def _depthwise_shifted_bwd(
             offset=pad + margin,
             out_size=x.shape[1:3],
             out_dtype=x.dtype,
-            interpret=_pallas_interpret(),
+            interpret=pallas_interpret(),
         )
     else:
         grad_x = _xla_input_gradient(x, kernel, dilation, margin, grad, input_grad)
     if kernel_grad == "pallas":
         taps = depthwise_pallas.depthwise_kernel_gradient(
-            x, grad, dilation=dilation, offset=pad - margin, kernel_size=k, interpret=_pallas_interpret()
+            x, grad, dilation=dilation, offset=pad - margin, kernel_size=k, interpret=pallas_interpret()
         )
     else:
         taps = _tap_gradients(_shifted_views(x, k, dilation, margin), grad, form=kernel_grad)

@@ -76,6 +76,7 @@ class Segmenter(nn.Module):
     depthwise_input_grad_implementation: str = "auto"
     depthwise_kernel_grad_implementation: str = "auto"
     loss_gradient_implementation: str = "compute"
+    loss_upsample_implementation: str = "fused"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -103,6 +104,7 @@ class Segmenter(nn.Module):
             depthwise_input_grad=self.depthwise_input_grad_implementation,
             depthwise_kernel_grad=self.depthwise_kernel_grad_implementation,
             loss_gradient=self.loss_gradient_implementation,
+            loss_upsample=self.loss_upsample_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
