@@ -129,6 +129,31 @@ def time_loss(
     return timings
 
 
+# Output rows per program of the depthwise kernel gradient timed on a GPU (None: all, the H200-timed default).
+KERNEL_GRAD_ROWS = (None, 30, 15, 8, 4)
+
+
+def time_kernel_gradient(
+    batch: int, size: int, channels: int, dilation: int, margin: int, *, interpret: bool, runs: int = 20
+) -> list[tuple[str, float]]:
+    """(what, median ms) of one JPU branch's depthwise kernel gradient: XLA's stacked form, and the Pallas
+    kernel under :data:`KERNEL_GRAD_ROWS` (the activations in bfloat16, as training has them)."""
+    keys = jax.random.split(jax.random.PRNGKey(dilation))
+    x = jax.random.normal(keys[0], (batch, size + 2 * margin, size + 2 * margin, channels), jnp.bfloat16)
+    grad = jax.random.normal(keys[1], (batch, size, size, channels), jnp.bfloat16)
+    xla = jax.jit(lambda x, g: layers._tap_gradients(layers._shifted_views(x, 3, dilation, margin), g, form="stacked"))
+    timings = [("XLA, stacked taps", _median_ms(xla, x, grad, runs=runs))]
+    for rows in KERNEL_GRAD_ROWS:
+        kernel = jax.jit(
+            lambda x, g, rows=rows: depthwise_pallas.depthwise_kernel_gradient(
+                x, g, dilation=dilation, offset=dilation - margin, kernel_size=3, rows_per_program=rows,
+                interpret=interpret,
+            )
+        )  # fmt: skip
+        timings.append((f"Pallas, {min(rows or size, size)} rows per program", _median_ms(kernel, x, grad, runs=runs)))
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 2, 13x13, 96 channels")
@@ -151,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {dilation} | {errors['forward']:.2e} | {errors['input_grad']:.2e} | {errors['kernel_grad']:.2e} |",
             flush=True,
         )
+    if not interpret or args.time:
+        print("\n| one branch's depthwise kernel gradient, dilation 4 | ms |\n|---|---:|")
+        runs = 2 if args.quick else 20
+        for what, ms in time_kernel_gradient(batch, size, channels, 4, 8, interpret=interpret, runs=runs):
+            print(f"| {what} | {ms:.3f} |", flush=True)
     loss_shape = (2, 5, 33, 150) if args.quick else (batch, 60, 480, 150)
     print(
         f"\nloss (one head): logits [{loss_shape[0]}, {loss_shape[1]}, {loss_shape[1]}, {loss_shape[3]}], labels "

@@ -52,6 +52,11 @@ def test_pallas_kernels_match_the_correlation_and_its_gradients(batch, height, w
     assert got_x.shape == x.shape and got_kernel.shape == (9, channels)
     np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got_kernel.reshape(3, 3, channels), want_kernel, rtol=1e-5, atol=1e-3)
+    # The rows split over programs (the last group past the last row): the same sums, in another order.
+    split = depthwise_pallas.depthwise_kernel_gradient(
+        x, grad, dilation=dilation, offset=pad - margin, kernel_size=3, rows_per_program=2, interpret=True
+    )
+    np.testing.assert_allclose(split, got_kernel, rtol=1e-5, atol=1e-4)
 
 
 def test_pallas_forward_keeps_the_requested_dtype_and_accumulates_in_float32():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -760,3 +761,39 @@ def test_conv_of_resized_is_the_conv_of_the_upsampled_concatenation(size, pooled
 def test_low_res_pooled_branches_have_the_upsampled_forms_outputs_and_gradients(name) -> None:
     results = {r: _float64_train_results(name, resized_implementation=r) for r in ("low_res", "upsampled")}
     _assert_same_results(results["low_res"], results["upsampled"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "ties"),
+    [((2, 9, 11, 3), jnp.float32, True), ((1, 8, 8, 5), jnp.float32, False), ((2, 16, 15, 4), jnp.bfloat16, True),
+     ((1, 1, 1, 2), jnp.float32, False), ((1, 2, 3, 2), jnp.float32, True)],
+)  # fmt: skip
+def test_max_pool_gradient_goes_to_each_windows_first_maximum_as_autodiffs(shape, dtype, ties):
+    # OpChoices.max_pool_grad='taps': the stem's 3x3 stride-2 pool with its gradient as a fused gather equals
+    # autodiff's select-and-scatter exactly, ties included (small integers: many equal maxima per window;
+    # integer gradients: sums exact in any order).
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 3, size=shape) if ties else rng.normal(size=shape), dtype)
+    want, want_vjp = jax.vjp(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
+    got, got_vjp = jax.vjp(lambda x: layers.max_pool(x, 3, 2, 1), x)
+    grad = jnp.asarray(rng.integers(1, 8, size=want.shape), dtype)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_vjp(grad)[0], want_vjp(grad)[0])
+    assert got_vjp(grad)[0].dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("backend", "choice", "scatters"),
+    [("cpu", "auto", 0), ("gpu", "auto", 0), ("tpu", "auto", 1), ("cpu", "select", 1)],
+)
+def test_the_stem_pool_gradient_follows_the_choice_and_backend(backend, choice, scatters):
+    # OpChoices.max_pool_grad: the fused gather on CPUs and GPUs, autodiff's select-and-scatter on TPUs.
+    from fastfcn_jax.models.resnet import ResNet
+
+    model = ResNet(stage_sizes=(1, 1, 1, 1), stem_width=4, base_width=4, ops=layers.OpChoices(max_pool_grad=choice))
+    x = jnp.ones((1, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    loss = lambda x: sum(jnp.sum(f) for f in model.apply(variables, x))  # noqa: E731
+    with layers.target_backend(backend):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
+    assert jaxpr.count("select_and_scatter_add") == scatters

@@ -118,9 +118,10 @@ def test_train_variants_times_each_variant_as_it_compiles(tmp_path: Path, capsys
 
 def test_pallas_check_compares_the_kernels_with_the_xla_forms(capsys) -> None:
     script = _load("pallas_check")
-    assert script.main(["--quick"]) == 0
+    assert script.main(["--quick", "--time"]) == 0
     out = capsys.readouterr().out
     assert "| 8 |" in out and "PASS" in out and "interpreted" in out
+    assert "rows per program" in out and "loss + gradient, pallas" in out and "kernel alone" in out
     # Summation order differs between the forms, so a tolerance of zero must fail.
     assert script.main(["--quick", "--tolerance", "0"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -140,23 +140,37 @@ def depthwise_correlate(
     return out[:, :, :out_w] if interpret else out
 
 
-@functools.partial(jax.jit, static_argnames=("dilation", "offset", "kernel_size", "interpret"))
+@functools.partial(jax.jit, static_argnames=("dilation", "offset", "kernel_size", "rows_per_program", "interpret"))
 def depthwise_kernel_gradient(
-    x: jax.Array, grad: jax.Array, *, dilation: int, offset: int, kernel_size: int, interpret: bool = False
+    x: jax.Array,
+    grad: jax.Array,
+    *,
+    dilation: int,
+    offset: int,
+    kernel_size: int,
+    rows_per_program: int | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """[k*k, C] float32: sum over n, r, j of x[n, r + a*d - offset, j + b*d - offset, c] * grad[n, r, j, c],
-    tap (a, b) at a*k + b (zero outside ``x``): the kernel gradient of :func:`depthwise_correlate`."""
+    tap (a, b) at a*k + b (zero outside ``x``): the kernel gradient of :func:`depthwise_correlate`.
+
+    ``rows_per_program``: each program sums this many output rows (None: all of them, one program per image
+    and channel block, as timed on the H200; fewer rows give more programs, partial sums added after)."""
     batch, height, width, channels = x.shape
     _, out_h, out_w, _ = grad.shape
     k = kernel_size
     block, cols = _channel_block(channels), _column_block(out_w)
     chunks = range(0, out_w, cols)
     origin = (k - 1) * dilation + abs(offset) + cols if interpret else 0
+    rows_per_program = min(rows_per_program or out_h, out_h)
+    groups = -(-out_h // rows_per_program)
 
     def body(x_ref, g_ref, o_ref):
-        n, c0 = pl.program_id(0), pl.program_id(1) * block
+        n, c0, first = pl.program_id(0), pl.program_id(1) * block, pl.program_id(2) * rows_per_program
 
-        def row_step(r, accs):
+        def row_step(t, accs):
+            # Rows past the last (in the last group) read a masked, zero gradient window.
+            r = first + t
             accs = list(accs)
             for j0 in chunks:
                 limit = out_w - j0
@@ -172,18 +186,18 @@ def depthwise_kernel_gradient(
             return tuple(accs)
 
         init = tuple(jnp.zeros((block,), jnp.float32) for _ in range(k * k))
-        accs = jax.lax.fori_loop(0, out_h, row_step, init)
+        accs = jax.lax.fori_loop(0, rows_per_program, row_step, init)
         for t, acc in enumerate(accs):
-            o_ref[n, t, pl.ds(c0, block)] = acc
+            o_ref[n, pl.program_id(2), t, pl.ds(c0, block)] = acc
 
     if interpret:
         x, grad = _border(x, origin), _border(grad, origin)
     partial = pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((batch, k * k, channels), jnp.float32),
-        grid=(batch, channels // block),
+        out_shape=jax.ShapeDtypeStruct((batch, groups, k * k, channels), jnp.float32),
+        grid=(batch, channels // block, groups),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="depthwise_kernel_gradient",
     )(x, grad)
-    return jnp.sum(partial, axis=0)
+    return jnp.sum(partial, axis=(0, 1))

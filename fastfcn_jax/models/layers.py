@@ -71,6 +71,12 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   default) rounds that loss's full-resolution gradient to the model's compute dtype before resizing it
   back, so a bfloat16 step writes it in bfloat16 (compile-only H200: 80.4 -> 76.0 GB per EncNet+JPU step
   at batch 16, 480x480; the H200 had spent 2.4 ms writing it in float32); ``'float32'`` keeps it wide.
+  ``loss_upsample``: ``'fused'`` (XLA; the 2-D resize recomputed inside the log-sum-exp reduction and the
+  gradient written at full resolution for the resize's adjoint: about 6.7 ms of the H200's 37.9 ms step)
+  or ``'pallas'``: the width resized at the logits' height, then one Pallas kernel
+  (``fastfcn_jax.upsampled_loss_pallas``) for the height, the log-sum-exp and the gradient, which never
+  writes a full-resolution array (compile-only H200: 71.7 -> 65.6 GB per step). Opt-in until a GPU has
+  checked and timed it (``experiments/pallas_check.py``); one device, as the depthwise kernels.
 - The shifted depthwise conv's backward pass (``depthwise_input_grad``, ``depthwise_kernel_grad``): the
   JPU's four branches read one padded input, so their input gradients are added; XLA:GPU fused the four
   9-tap input-gradient correlations and the sum into one kernel of 236 registers per thread at 12.5%
@@ -82,6 +88,13 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   ``'per_tap'`` (nine sums; CPU, TPU). ``'pallas'``, for both and for the forward (``depthwise``): Triton
   kernels (``depthwise_pallas``) that read each element once, 43.4 -> 37.9 ms per H200 step at batch 16,
   opt-in until a GPU has checked their values (``experiments/pallas_check.py``) and for one device.
+- The stem's max-pool gradient (``max_pool_grad``): ``'taps'`` (:func:`max_pool`: each window's first
+  maximum found from its nine taps, the gradient placed by strided pads, fused elementwise) or ``'select'``
+  (autodiff's select-and-scatter; the same values, ties included). XLA:CPU, batch 2, 256x256 stem output
+  (128 channels): 60 -> 12 ms for the pool's backward; compile-only H200 (EncNet+JPU R50 train step at
+  batch 16, 480x480): a 1.01 GB scatter kernel (measured 0.76 ms in session 7) becomes part of a 0.41 GB
+  fusion, 65.6 -> 64.3 GB per step. ``'auto'``: taps, but select on TPUs, whose compiler runs the scatter
+  natively (compile-only v5e estimate of that step: 185.6 ms with select, 190.5 with taps).
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -184,6 +197,8 @@ class OpChoices:
     # How that loss upsamples the heads' logits: 'fused' (XLA: the 2-D resize recomputed inside its passes)
     # | 'pallas' (the width resized at the logits' height, the rest one Pallas kernel: GPUs, one device)
     loss_upsample: str = "fused"
+    # The stem's max-pool gradient: 'taps' (a fused gather) | 'select' (autodiff's) | 'auto' (select on TPU)
+    max_pool_grad: str = "auto"
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -202,6 +217,7 @@ class OpChoices:
             ("depthwise_kernel_grad", ("stacked", "stacked_minor", "per_tap", "pallas", "auto")),
             ("loss_gradient", ("compute", "float32")),
             ("loss_upsample", ("fused", "pallas")),
+            ("max_pool_grad", ("taps", "select", "auto")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")
@@ -406,6 +422,64 @@ def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
     out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     in_h, in_w = x.shape[1], x.shape[2]
     return _apply_separable(x, adaptive_pool_matrix(in_h, out_h), adaptive_pool_matrix(in_w, out_w))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    """PyTorch ``MaxPool2d(window, stride, padding)`` on ``x`` [B, H, W, C] (padding never selected), whose
+    gradient goes to the first maximum of each window in row-major order, as autodiff's (and PyTorch's).
+
+    The gradient is computed as a gather (``OpChoices.max_pool_grad='taps'``): each window's first maximum
+    tap, then each tap's gradients placed by a strided pad, all elementwise and fused by XLA, where
+    autodiff's select-and-scatter visits every window again with a scatter (H200: 0.76 ms for the ResNet
+    stem's pool at batch 16, 480x480, four times its memory roofline)."""
+    return _max_pool_forward(x, window, stride, padding)
+
+
+def _max_pool_forward(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((padding, padding),) * 2)
+
+
+def _max_pool_taps(x: jax.Array, out_shape: Sequence[int], window: int, stride: int, padding: int):
+    """Tap (a, b) of every window: x[:, s*p - pad + a, s*q - pad + b], -inf outside ``x``."""
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    rows, cols = out_shape[1], out_shape[2]
+    for a in range(window):
+        for b in range(window):
+            yield (a, b), padded[:, a : a + stride * (rows - 1) + 1 : stride, b : b + stride * (cols - 1) + 1 : stride]
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    y = _max_pool_forward(x, window, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, padding, residuals, grad):
+    x, y = residuals
+    # The first tap equal to the window's maximum (window * window: none, for a NaN maximum).
+    first = jnp.full(y.shape, window * window, jnp.int32)
+    for (a, b), tap in reversed(list(_max_pool_taps(x, y.shape, window, stride, padding))):
+        first = jnp.where(tap == y, a * window + b, first)
+    height, width = x.shape[1], x.shape[2]
+    total = None
+    for a in range(window):
+        for b in range(window):
+            # Output (p, q)'s tap (a, b) is input (s*p - pad + a, s*q - pad + b): interior padding spreads
+            # the outputs by the stride, negative edge padding crops what falls outside the input.
+            low_h, low_w = a - padding, b - padding
+            high_h = height - (low_h + stride * (y.shape[1] - 1) + 1)
+            high_w = width - (low_w + stride * (y.shape[2] - 1) + 1)
+            chosen = jnp.where(first == a * window + b, grad, jnp.zeros((), grad.dtype))
+            placed = jax.lax.pad(
+                chosen,
+                jnp.zeros((), grad.dtype),
+                ((0, 0, 0), (low_h, high_h, stride - 1), (low_w, high_w, stride - 1), (0, 0, 0)),
+            )
+            total = placed if total is None else total + placed
+    return (total,)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 @functools.lru_cache(maxsize=512)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import DEFAULT_OPS, ConvBNReLU, Dtype, OpChoices, conv_kernel_init
+from fastfcn_jax.models.layers import DEFAULT_OPS, ConvBNReLU, Dtype, OpChoices, choose, conv_kernel_init, max_pool
 
 STAGE_SIZES = {
     50: (3, 4, 6, 3),
@@ -124,7 +124,10 @@ class ResNet(nn.Module):
             x = stem_conv(self.stem_width, 7, 2, True, "stem1")(x, train)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; expected 'deep' or 'standard'")
-        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if choose(self.ops.max_pool_grad, tpu="select", other="taps") == "taps":
+            x = max_pool(x, 3, 2, 1)
+        else:
+            x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         features = []
         for stage, ((stride, dilation), num_blocks) in enumerate(

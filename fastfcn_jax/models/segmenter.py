@@ -77,6 +77,7 @@ class Segmenter(nn.Module):
     depthwise_kernel_grad_implementation: str = "auto"
     loss_gradient_implementation: str = "compute"
     loss_upsample_implementation: str = "fused"
+    max_pool_grad_implementation: str = "auto"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -105,6 +106,7 @@ class Segmenter(nn.Module):
             depthwise_kernel_grad=self.depthwise_kernel_grad_implementation,
             loss_gradient=self.loss_gradient_implementation,
             loss_upsample=self.loss_upsample_implementation,
+            max_pool_grad=self.max_pool_grad_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
