@@ -89,14 +89,10 @@ def _one_pass_log_sum_exp_and_picked(logits: jax.Array, labels: jax.Array) -> tu
     picked_terms = jnp.where(classes == labels[..., None], logits, 0.0)
 
     def combine(a, b):
-        # One exponential per step: the smaller running maximum's sum is rescaled to the larger's (XLA:CPU,
-        # batch 2, 128x128, 150 classes: 19 -> 15 ms against rescaling both). Equal maxima (both -inf
-        # included, before anything is summed) add the sums as they are.
         (m_a, s_a, p_a), (m_b, s_b, p_b) = a, b
-        a_wins = m_a >= m_b
-        m, low = jnp.where(a_wins, m_a, m_b), jnp.where(a_wins, m_b, m_a)
-        scale = jnp.exp(jnp.where(low == m, 0.0, low - m))
-        return m, jnp.where(a_wins, s_a + s_b * scale, s_a * scale + s_b), p_a + p_b
+        m = jnp.maximum(m_a, m_b)
+        safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        return m, s_a * jnp.exp(m_a - safe) + s_b * jnp.exp(m_b - safe), p_a + p_b
 
     init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(0.0))
     m, total, picked = jax.lax.reduce((logits, jnp.ones_like(logits), picked_terms), init, combine, (logits.ndim - 1,))

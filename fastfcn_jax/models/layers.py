@@ -456,8 +456,9 @@ def _max_pool_fwd(x, window, stride, padding):
 
 def _max_pool_bwd(window, stride, padding, residuals, grad):
     x, y = residuals
-    # The first tap equal to the window's maximum (window * window: none, for a NaN maximum).
-    first = jnp.full(y.shape, window * window, jnp.int32)
+    # The first tap equal to the window's maximum (window * window: none, for a NaN maximum). XLA:GPU writes
+    # this index array for the fused placement below to read: int8, a quarter of int32's bytes.
+    first = jnp.full(y.shape, window * window, jnp.int8 if window * window < 128 else jnp.int32)
     for (a, b), tap in reversed(list(_max_pool_taps(x, y.shape, window, stride, padding))):
         first = jnp.where(tap == y, a * window + b, first)
     height, width = x.shape[1], x.shape[2]
