@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from fastfcn_jax.sharding import DATA_AXIS, batch_sharded
+from fastfcn_jax.sharding import DATA_AXIS, batch_sharded, with_mesh
 from fastfcn_jax.sharding import replicated as replicated_sharding
 
 
@@ -119,12 +119,12 @@ def lower(
     images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32, sharding=batched)
     with target_backend(backend):
         if not train:
-            forward = jax.jit(functools.partial(model.apply, train=False))
+            forward = jax.jit(with_mesh(functools.partial(model.apply, train=False), mesh))
             return forward.lower(shaped(variables, replicated), images)
         state, step = _state_and_step(model, variables, name)
         batch = {"image": images, "label": jax.ShapeDtypeStruct(images.shape[:3], jnp.int32, sharding=batched)}
         rng = shaped(jax.eval_shape(lambda: jax.random.PRNGKey(0)), replicated)
-        return jax.jit(step, donate_argnums=0).lower(shaped(state, replicated), batch, rng)
+        return jax.jit(with_mesh(step, mesh), donate_argnums=0).lower(shaped(state, replicated), batch, rng)
 
 
 def memory_per_device(compiled: Any) -> dict[str, int]:

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax import upsampled_loss_pallas
+from fastfcn_jax import sharding, upsampled_loss_pallas
 from fastfcn_jax.models import layers
 from fastfcn_jax.models.layers import resize_bilinear
 
@@ -162,16 +162,29 @@ def _pallas_upsampled_cross_entropy(
 def _height_upsampled_sum(
     rows: jax.Array, labels: jax.Array, ignore_label: int, gradient_dtype: str, interpret: bool
 ) -> jax.Array:
-    loss, _ = upsampled_loss_pallas.height_upsampled_cross_entropy(
-        rows, labels, ignore_label=ignore_label, with_gradient=False, interpret=interpret
+    (loss,) = sharding.over_batch(
+        lambda rows, labels: upsampled_loss_pallas.height_upsampled_cross_entropy(
+            rows, labels, ignore_label=ignore_label, with_gradient=False, interpret=interpret
+        )[:1],
+        rows,
+        labels,
+        batched=(True, True),
+        summed=(True,),
     )
     return loss
 
 
 def _height_upsampled_sum_fwd(rows, labels, ignore_label, gradient_dtype, interpret):
     # The gradient is computed with the value, in the same pass over the logits; the backward pass scales it.
-    loss, grad = upsampled_loss_pallas.height_upsampled_cross_entropy(
-        rows, labels, ignore_label=ignore_label, gradient_dtype=gradient_dtype, interpret=interpret
+    # Each device computes its examples' (sharding.over_batch): the sum is added over devices.
+    loss, grad = sharding.over_batch(
+        lambda rows, labels: upsampled_loss_pallas.height_upsampled_cross_entropy(
+            rows, labels, ignore_label=ignore_label, gradient_dtype=gradient_dtype, interpret=interpret
+        ),
+        rows,
+        labels,
+        batched=(True, True),
+        summed=(True, False),
     )
     return loss, grad
 

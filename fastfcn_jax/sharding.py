@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -49,3 +51,49 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
             )
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def with_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """``fn`` traced with ``mesh`` as the context mesh, for :func:`over_batch` inside it (``jax.set_mesh``
+    cannot be entered under ``jit``; this wraps the function that ``jit`` traces)."""
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def data_parallel_size() -> int:
+    """Devices on the ``'data'`` axis of the context mesh (``jax.set_mesh``, :func:`with_mesh`; 1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[DATA_AXIS]
+
+
+def over_batch(
+    fn: Callable[..., Sequence[jax.Array]], *args: jax.Array, batched: Sequence[bool], summed: Sequence[bool]
+) -> tuple[jax.Array, ...]:
+    """``fn(*args)`` run on each device's part of the batch of the context mesh (:func:`with_mesh`).
+
+    For Pallas kernels: XLA's SPMD partitioner cannot split a custom call it knows nothing about, so it
+    gathers the batch-sharded operands onto every device and runs the whole batch everywhere. Here each
+    device runs ``fn`` on its own examples (``jax.shard_map`` over ``'data'``). ``batched[i]``: argument i is
+    split along its leading axis (else every device gets all of it). ``fn`` returns a tuple; ``summed[j]``:
+    output j is a sum over the batch, added over the devices (else it is split along its leading axis).
+    Without a data-parallel mesh, ``fn(*args)``.
+    """
+    if data_parallel_size() == 1:
+        return tuple(fn(*args))
+    in_specs = tuple(PartitionSpec(DATA_AXIS) if b else PartitionSpec() for b in batched)
+    out_specs = tuple(PartitionSpec() if s else PartitionSpec(DATA_AXIS) for s in summed)
+
+    def local(*local_args):
+        outs = fn(*local_args)
+        return tuple(jax.lax.psum(o, DATA_AXIS) if s else o for o, s in zip(outs, summed, strict=True))
+
+    # check_vma=False: a pallas_call's outputs carry no record of how they vary over the mesh.
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)

@@ -281,14 +281,20 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
+    # Traced with the mesh as context: Pallas kernels (opt-in op choices) then run per device.
     train_step = jax.jit(
-        make_train_step(model, optimizer, aux_weight=config.train.aux_weight, se_weight=config.train.se_weight),
+        sharding.with_mesh(
+            make_train_step(model, optimizer, aux_weight=config.train.aux_weight, se_weight=config.train.se_weight),
+            mesh,
+        ),
         in_shardings=(state_sharding, batched, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(model, num_classes), in_shardings=(state_sharding, batched), out_shardings=replicated
+        sharding.with_mesh(make_eval_step(model, num_classes), mesh),
+        in_shardings=(state_sharding, batched),
+        out_shardings=replicated,
     )
 
     local_batch = global_batch // jax.process_count()

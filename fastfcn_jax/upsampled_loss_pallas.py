@@ -18,8 +18,8 @@ element is read once and the full-resolution logits and gradient never exist in 
 
 Off GPUs the kernel runs in Pallas's interpreter (``interpret=True``: tests). Checked against XLA's forms
 in the interpreter and by ``experiments/pallas_check.py`` (which also runs it as Triton on a GPU); opt-in
-(``OpChoices.loss_upsample='pallas'``) until a GPU has run that check. One device only, as the depthwise
-kernels (``depthwise_pallas``).
+(``OpChoices.loss_upsample='pallas'``) until a GPU has run that check. Over several devices each runs its own
+examples (``sharding.over_batch``), as the depthwise kernels (``depthwise_pallas``).
 """
 
 from __future__ import annotations

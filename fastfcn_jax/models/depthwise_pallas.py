@@ -19,8 +19,9 @@ Measured on an H200 (jax 0.11.2, batch 16, 480x480, bf16, steps back to back): t
 43.4 ms with XLA's forms, 40.4 with this kernel gradient, 38.7 with both gradients, 37.9 with the forward
 too; kernel gradients 0.42-0.50 ms per branch, input gradients 0.26-0.33 ms. Their values have been
 checked in the interpreter only (``experiments/pallas_check.py`` checks them on a GPU), so ``'auto'`` does
-not pick them yet. They are for one device: XLA's SPMD partitioner cannot split a custom call it knows
-nothing about over a data-parallel batch, and replicates its operands instead.
+not pick them yet. Over several devices they run on each device's examples when traced with the mesh as
+context (``sharding.with_mesh``, as the training loop does; ``sharding.over_batch``): XLA's SPMD
+partitioner cannot split a custom call it knows nothing about, and would replicate its operands.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   or ``'pallas'``: the width resized at the logits' height, then one Pallas kernel
   (``fastfcn_jax.upsampled_loss_pallas``) for the height, the log-sum-exp and the gradient, which never
   writes a full-resolution array (compile-only H200: 71.7 -> 65.6 GB per step). Opt-in until a GPU has
-  checked and timed it (``experiments/pallas_check.py``); one device, as the depthwise kernels.
+  checked and timed it (``experiments/pallas_check.py``).
 - The shifted depthwise conv's backward pass (``depthwise_input_grad``, ``depthwise_kernel_grad``): the
   JPU's four branches read one padded input, so their input gradients are added; XLA:GPU fused the four
   9-tap input-gradient correlations and the sum into one kernel of 236 registers per thread at 12.5%
@@ -87,7 +87,10 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   tenth of its roofline), ``'stacked_minor'`` (taps as the minor dimension: no faster on the H200) or
   ``'per_tap'`` (nine sums; CPU, TPU). ``'pallas'``, for both and for the forward (``depthwise``): Triton
   kernels (``depthwise_pallas``) that read each element once, 43.4 -> 37.9 ms per H200 step at batch 16,
-  opt-in until a GPU has checked their values (``experiments/pallas_check.py``) and for one device.
+  opt-in until a GPU has checked their values (``experiments/pallas_check.py``). Over several devices every
+  Pallas kernel runs on each device's examples (``shard_map``, :func:`fastfcn_jax.sharding.over_batch`)
+  when traced with the mesh as context (:func:`fastfcn_jax.sharding.with_mesh`: the training loop, the
+  compile-only builds); otherwise XLA would gather the batch onto every device, and tracing warns.
 - The stem's max-pool gradient (``max_pool_grad``): ``'taps'`` (:func:`max_pool`: each window's first
   maximum found from its nine taps, the gradient placed by strided pads, fused elementwise) or ``'select'``
   (autodiff's select-and-scatter; the same values, ties included). XLA:CPU, batch 2, 256x256 stem output
@@ -116,6 +119,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastfcn_jax import sharding
 from fastfcn_jax.models import depthwise_pallas
 
 Dtype = Any
@@ -188,14 +192,14 @@ class OpChoices:
     resized: str = "low_res"  # 'low_res' | 'upsampled' (a conv over upsampled pooled maps: taps at their resolution)
     loss_logits: str = "auto"  # 'upsampled' | 'head' | 'auto' (training: the loss upsamples; head on GPU/TPU)
     # The shifted depthwise conv's input gradient: 'fused' (XLA may fuse the four JPU branches' gradients into
-    # one kernel) | 'materialized' (each branch's written first) | 'pallas' (a Pallas kernel: GPUs, one device:
+    # one kernel) | 'materialized' (each branch's written first) | 'pallas' (a Pallas kernel for GPUs,
     # see depthwise_pallas) | 'auto' (materialized on GPU).
     depthwise_input_grad: str = "auto"
     # 'stacked' | 'stacked_minor' | 'per_tap' | 'pallas' (as above) | 'auto' (stacked on GPU)
     depthwise_kernel_grad: str = "auto"
     loss_gradient: str = "compute"  # the head-logits loss's gradient: 'compute' (model's dtype) | 'float32'
     # How that loss upsamples the heads' logits: 'fused' (XLA: the 2-D resize recomputed inside its passes)
-    # | 'pallas' (the width resized at the logits' height, the rest one Pallas kernel: GPUs, one device)
+    # | 'pallas' (the width resized at the logits' height, the rest one Pallas kernel: GPUs)
     loss_upsample: str = "fused"
     # The stem's max-pool gradient: 'taps' (a fused gather) | 'select' (autodiff's) | 'auto' (select on TPU)
     max_pool_grad: str = "auto"
@@ -1038,15 +1042,34 @@ def _shifted_taps(x: jax.Array, kernel: jax.Array, dilation: int, margin: int = 
 
 
 def pallas_interpret() -> bool:
-    """Pallas kernels compile for GPUs (Triton); elsewhere they run in Pallas's interpreter."""
-    if backend() == "gpu" and jax.device_count() > 1:
+    """Pallas kernels compile for GPUs (Triton); elsewhere they run in Pallas's interpreter.
+
+    Traced for several GPUs, the kernels need the training mesh as context (:func:`fastfcn_jax.sharding.with_mesh`,
+    as the training loop does) to run on each device's part of the batch (:func:`fastfcn_jax.sharding.over_batch`);
+    without it XLA replicates their operands on every device, which this warns about."""
+    if backend() == "gpu" and jax.device_count() > 1 and sharding.data_parallel_size() == 1:
         warnings.warn(
-            f"a Pallas kernel traced with {jax.device_count()} devices: XLA does not split it over a "
-            "data-parallel batch but replicates its operands on every device; on several GPUs use the XLA forms "
-            "(depthwise=shifted, depthwise_input_grad/depthwise_kernel_grad=auto, loss_upsample=fused)",
+            f"a Pallas kernel traced with {jax.device_count()} devices and no data-parallel mesh: if the program "
+            "runs over several devices, XLA does not split the kernel over the batch but replicates its operands "
+            "on every device; trace it with the mesh (fastfcn_jax.sharding.with_mesh, as the training loop "
+            "does), or use the XLA forms (depthwise=shifted, depthwise_input_grad/depthwise_kernel_grad=auto, "
+            "loss_upsample=fused)",
             stacklevel=2,
         )
     return backend() != "gpu"
+
+
+def _pallas_correlate(x: jax.Array, kernel: jax.Array, **options: Any) -> jax.Array:
+    """:func:`depthwise_pallas.depthwise_correlate` on each device's part of the batch."""
+    interpret = pallas_interpret()
+    (out,) = sharding.over_batch(
+        lambda x, kernel: (depthwise_pallas.depthwise_correlate(x, kernel, interpret=interpret, **options),),
+        x,
+        kernel,
+        batched=(True, False),
+        summed=(False,),
+    )
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -1061,9 +1084,7 @@ def _depthwise_shifted(
     if forms[0] == "pallas":
         pad = dilation * (kernel.shape[0] - 1) // 2
         size = (x.shape[1] - 2 * margin, x.shape[2] - 2 * margin)
-        return depthwise_pallas.depthwise_correlate(
-            x, kernel[:, :, 0], dilation=dilation, offset=pad - margin, out_size=size, interpret=pallas_interpret()
-        )
+        return _pallas_correlate(x, kernel[:, :, 0], dilation=dilation, offset=pad - margin, out_size=size)
     return _shifted_taps(x, kernel, dilation, margin).astype(x.dtype)
 
 
@@ -1107,20 +1128,28 @@ def _depthwise_shifted_bwd(
     x, kernel = residuals
     k, pad = kernel.shape[0], dilation * (kernel.shape[0] - 1) // 2
     if input_grad == "pallas":
-        grad_x = depthwise_pallas.depthwise_correlate(
+        grad_x = _pallas_correlate(
             grad,
             kernel[::-1, ::-1, 0],
             dilation=dilation,
             offset=pad + margin,
             out_size=x.shape[1:3],
             out_dtype=x.dtype,
-            interpret=pallas_interpret(),
         )
     else:
         grad_x = _xla_input_gradient(x, kernel, dilation, margin, grad, input_grad)
     if kernel_grad == "pallas":
-        taps = depthwise_pallas.depthwise_kernel_gradient(
-            x, grad, dilation=dilation, offset=pad - margin, kernel_size=k, interpret=pallas_interpret()
+        interpret = pallas_interpret()
+        (taps,) = sharding.over_batch(
+            lambda x, grad: (
+                depthwise_pallas.depthwise_kernel_gradient(
+                    x, grad, dilation=dilation, offset=pad - margin, kernel_size=k, interpret=interpret
+                ),
+            ),
+            x,
+            grad,
+            batched=(True, True),
+            summed=(True,),
         )
     else:
         taps = _tap_gradients(_shifted_views(x, k, dilation, margin), grad, form=kernel_grad)
