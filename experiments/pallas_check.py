@@ -71,10 +71,10 @@ def _error(got: jax.Array, want: jax.Array) -> float:
 
 
 def _loss_inputs(batch: int, low: int, high: int, classes: int) -> tuple[jax.Array, jax.Array]:
-    keys = jax.random.split(jax.random.PRNGKey(7))
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
     logits = 4.0 * jax.random.normal(keys[0], (batch, low, low, classes), jnp.float32)
     labels = jax.random.randint(keys[1], (batch, high, high), 0, classes)
-    ignored = jax.random.uniform(keys[1], labels.shape) < 0.1
+    ignored = jax.random.uniform(keys[2], labels.shape) < 0.1
     return logits, jnp.where(ignored, losses.IGNORE_LABEL, labels)
 
 

@@ -47,6 +47,8 @@ def cross_entropy(
     ``'pallas'`` resizes the width at the logits' height and hands the rest to one Pallas kernel
     (:func:`_pallas_upsampled_cross_entropy`).
     """
+    if upsample not in ("fused", "pallas"):
+        raise ValueError(f"unknown upsample {upsample!r}; expected 'fused' or 'pallas'")
     if logits.shape[:-1] != labels.shape:
         smaller = (
             logits.ndim == 4
@@ -62,8 +64,6 @@ def cross_entropy(
         narrow = jnp.dtype(gradient_dtype).name
         if upsample == "pallas":
             return _pallas_upsampled_cross_entropy(logits.astype(jnp.float32), labels, ignore_label, narrow)
-        if upsample != "fused":
-            raise ValueError(f"unknown upsample {upsample!r}; expected 'fused' or 'pallas'")
         return _upsampled_cross_entropy(logits.astype(jnp.float32), labels, ignore_label, narrow)
     log_sum_exp, picked = _log_sum_exp_and_picked(logits.astype(jnp.float32), labels)
     return _labelled_mean(log_sum_exp - picked, labels != ignore_label)[0]

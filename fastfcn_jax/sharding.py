@@ -85,8 +85,15 @@ def over_batch(
     output j is a sum over the batch, added over the devices (else it is split along its leading axis).
     Without a data-parallel mesh, ``fn(*args)``.
     """
-    if data_parallel_size() == 1:
+    devices = data_parallel_size()
+    if devices == 1:
         return tuple(fn(*args))
+    for arg, split in zip(args, batched, strict=True):
+        if split and arg.shape[0] % devices:
+            raise ValueError(
+                f"a batch of {arg.shape[0]} (argument of shape {arg.shape}) does not split over the {devices} "
+                "devices of the mesh's 'data' axis: choose a batch size divisible by the device count"
+            )
     in_specs = tuple(PartitionSpec(DATA_AXIS) if b else PartitionSpec() for b in batched)
     out_specs = tuple(PartitionSpec() if s else PartitionSpec(DATA_AXIS) for s in summed)
 

@@ -112,3 +112,46 @@ def test_pallas_kernels_run_per_device_under_a_data_parallel_mesh():
     assert got[1][0].sharding.spec[0] == sharding.DATA_AXIS  # the input gradient stays split over the batch
     compiled = per_device.lower(*args).compile().as_text()
     assert "all-gather" not in compiled and "all-reduce" in compiled  # partial sums are added, nothing gathered
+    # The loss alone, as evaluation computes it (the kernel's value-only form).
+    value = jax.jit(sharding.with_mesh(lambda z: losses.cross_entropy(z, labels, upsample="pallas"), mesh))
+    assert float(value(args[2])) == pytest.approx(float(losses.cross_entropy(logits, labels)), rel=1e-6)
+    with pytest.raises(ValueError, match="does not split over the 4 devices"):
+        jax.jit(sharding.with_mesh(lambda z: losses.cross_entropy(z, labels[:3], upsample="pallas"), mesh))(logits[:3])
+
+
+def test_pallas_kernels_lower_to_triton_without_a_gpu():
+    # The interpreter accepts programs Triton rejects (e.g. tensors of three columns): lowering each kernel
+    # for CUDA here checks the Triton side before a GPU is lent (it compiles and runs only on one).
+    from fastfcn_jax import upsampled_loss_pallas
+
+    def lowers(fn, *shapes):
+        jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+
+    bf16 = jnp.bfloat16
+    x, grad = jax.ShapeDtypeStruct((2, 76, 76, 96), bf16), jax.ShapeDtypeStruct((2, 60, 60, 96), bf16)
+    kernel = jax.ShapeDtypeStruct((3, 3, 96), bf16)
+    lowers(lambda x, k: depthwise_pallas.depthwise_correlate(x, k, dilation=4, offset=-4, out_size=(60, 60)), x, kernel)
+    lowers(
+        lambda g, k: depthwise_pallas.depthwise_correlate(g, k, dilation=4, offset=12, out_size=(76, 76)), grad, kernel
+    )
+    for rows in (None, 7):
+        lowers(
+            lambda x, g, rows=rows: depthwise_pallas.depthwise_kernel_gradient(
+                x, g, dilation=4, offset=-4, kernel_size=3, rows_per_program=rows
+            ),
+            x,
+            grad,
+        )
+    rows, labels = jax.ShapeDtypeStruct((2, 60, 480, 150), jnp.float32), jax.ShapeDtypeStruct((2, 480, 480), jnp.int32)
+    for block, with_gradient in ((upsampled_loss_pallas.COLUMN_BLOCK, True), (16, False)):
+        lowers(
+            lambda r, y, block=block, with_gradient=with_gradient: upsampled_loss_pallas.height_upsampled_cross_entropy(
+                r, y, ignore_label=-1, gradient_dtype=bf16, block=block, with_gradient=with_gradient
+            ),
+            rows,
+            labels,
+        )
+    with pytest.raises(ValueError, match="power of two"):
+        upsampled_loss_pallas.height_upsampled_cross_entropy(
+            jnp.zeros((1, 2, 6, 3)), jnp.zeros((1, 4, 6), jnp.int32), ignore_label=-1, block=3, interpret=True
+        )

@@ -103,3 +103,5 @@ def test_pallas_loss_equals_the_fused_loss(gradient_dtype):
     assert float(empty) == 0.0 and not np.any(np.asarray(empty_grad))
     with pytest.raises(ValueError, match="unknown upsample"):
         losses.cross_entropy(logits, labels, upsample="matmul")
+    with pytest.raises(ValueError, match="unknown upsample"):  # checked whether or not the loss resizes
+        losses.cross_entropy(logits, jnp.zeros(logits.shape[:3], jnp.int32), upsample="matmul")

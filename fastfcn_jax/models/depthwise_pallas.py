@@ -182,8 +182,8 @@ def depthwise_kernel_gradient(
                     x_ref, n, r, j0, cols, c0, block,
                     k=k, dilation=dilation, offset=offset, rows=height, width=width, limit=limit, origin=origin,
                 )  # fmt: skip
-                for t, window in enumerate(windows):
-                    accs[t] += jnp.sum(window * g, axis=0)
+                for tap, window in enumerate(windows):
+                    accs[tap] += jnp.sum(window * g, axis=0)
             return tuple(accs)
 
         init = tuple(jnp.zeros((block,), jnp.float32) for _ in range(k * k))

@@ -431,7 +431,8 @@ def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """PyTorch ``MaxPool2d(window, stride, padding)`` on ``x`` [B, H, W, C] (padding never selected), whose
-    gradient goes to the first maximum of each window in row-major order, as autodiff's (and PyTorch's).
+    gradient goes to the first maximum of each window in row-major order, as autodiff's (and PyTorch's);
+    only windows holding a NaN (the loss is NaN anyway) or nothing but -inf may send theirs elsewhere.
 
     The gradient is computed as a gather (``OpChoices.max_pool_grad='taps'``): each window's first maximum
     tap, then each tap's gradients placed by a strided pad, all elementwise and fused by XLA, where
@@ -454,17 +455,24 @@ def _max_pool_taps(x: jax.Array, out_shape: Sequence[int], window: int, stride: 
 
 
 def _max_pool_fwd(x, window, stride, padding):
-    y = _max_pool_forward(x, window, stride, padding)
-    return y, (x, y)
+    return _max_pool_forward(x, window, stride, padding), x
 
 
-def _max_pool_bwd(window, stride, padding, residuals, grad):
-    x, y = residuals
-    # The first tap equal to the window's maximum (window * window: none, for a NaN maximum). XLA:GPU writes
-    # this index array for the fused placement below to read: int8, a quarter of int32's bytes.
-    first = jnp.full(y.shape, window * window, jnp.int8 if window * window < 128 else jnp.int32)
-    for (a, b), tap in reversed(list(_max_pool_taps(x, y.shape, window, stride, padding))):
-        first = jnp.where(tap == y, a * window + b, first)
+def _max_pool_bwd(window, stride, padding, x, grad):
+    # Each window's first maximum tap in row-major order (a later tap wins only if strictly greater), found
+    # from x alone, so the pooled output need not be kept for the backward pass. XLA:GPU writes this index
+    # array for the fused placement below to read: int8, a quarter of int32's bytes.
+    index_dtype = jnp.int8 if window * window < 128 else jnp.int32
+    first, best = None, None
+    for (a, b), tap in _max_pool_taps(x, grad.shape, window, stride, padding):
+        if first is None:
+            first, best = jnp.zeros(grad.shape, index_dtype), tap
+        else:
+            better = tap > best
+            first, best = (
+                jnp.where(better, jnp.asarray(a * window + b, index_dtype), first),
+                jnp.where(better, tap, best),
+            )
     height, width = x.shape[1], x.shape[2]
     total = None
     for a in range(window):
@@ -472,8 +480,8 @@ def _max_pool_bwd(window, stride, padding, residuals, grad):
             # Output (p, q)'s tap (a, b) is input (s*p - pad + a, s*q - pad + b): interior padding spreads
             # the outputs by the stride, negative edge padding crops what falls outside the input.
             low_h, low_w = a - padding, b - padding
-            high_h = height - (low_h + stride * (y.shape[1] - 1) + 1)
-            high_w = width - (low_w + stride * (y.shape[2] - 1) + 1)
+            high_h = height - (low_h + stride * (grad.shape[1] - 1) + 1)
+            high_w = width - (low_w + stride * (grad.shape[2] - 1) + 1)
             chosen = jnp.where(first == a * window + b, grad, jnp.zeros((), grad.dtype))
             placed = jax.lax.pad(
                 chosen,
