@@ -125,9 +125,11 @@ for name in ${STAGES//,/ }; do
         # variant's compile takes 20-45 s on an H200: most telling first, each row printed as soon as it is
         # measured. Session 7 measured the XLA forms (stacked_minor, per_tap, grouped, fused, float32 loss
         # gradient, upsampled logits: docs/performance.md) and the depthwise Pallas kernels; these are the
-        # loss's Pallas kernel (session 8) alone and with the depthwise ones, against today's default.
+        # loss's Pallas kernel (session 8) alone and with the depthwise ones (per branch, and joint: one
+        # kernel per pass for the JPU's four branches), against today's default.
         PALLAS_DW=depthwise=pallas,depthwise_kernel_grad=pallas,depthwise_input_grad=pallas
-        VARIANTS=(${GPU_CHECK_VARIANTS:-default $PALLAS_DW,loss_upsample=pallas loss_upsample=pallas $PALLAS_DW})
+        VARIANTS=(${GPU_CHECK_VARIANTS:-default $PALLAS_DW,loss_upsample=pallas \
+            $PALLAS_DW,loss_upsample=pallas,jpu_depthwise=joint loss_upsample=pallas $PALLAS_DW})
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             "${VARIANTS[@]/#/--variant=}" ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;

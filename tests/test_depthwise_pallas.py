@@ -99,7 +99,10 @@ def test_pallas_kernels_run_per_device_under_a_data_parallel_mesh():
 
     def loss(x, kernel, logits):
         y = layers._depthwise_shifted(x, kernel, 2, 2, pallas)
-        return jnp.sum(y**2) + losses.cross_entropy(logits, labels, upsample="pallas")
+        joint = layers.depthwise_joint(x, [kernel, 2 * kernel], (1, 2), 2)  # the JPU's joint kernels
+        return (
+            jnp.sum(y**2) + sum(jnp.sum(j * y) for j in joint) + losses.cross_entropy(logits, labels, upsample="pallas")
+        )
 
     value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
     want = jax.jit(value_and_grad)(x, kernel, logits)
@@ -133,6 +136,24 @@ def test_pallas_kernels_lower_to_triton_without_a_gpu():
     lowers(lambda x, k: depthwise_pallas.depthwise_correlate(x, k, dilation=4, offset=-4, out_size=(60, 60)), x, kernel)
     lowers(
         lambda g, k: depthwise_pallas.depthwise_correlate(g, k, dilation=4, offset=12, out_size=(76, 76)), grad, kernel
+    )
+    # The JPU's joint kernels (OpChoices.jpu_depthwise='joint'): four branches' terms in one kernel.
+    kernels, dilations = jax.ShapeDtypeStruct((4, 3, 3, 96), bf16), (1, 2, 4, 8)
+    forward_terms = tuple((0, b, d, d - 8, b) for b, d in enumerate(dilations))
+    lowers(
+        lambda x, k: depthwise_pallas.correlate_terms((x,), k, terms=forward_terms, outputs=4, out_size=(60, 60)),
+        x,
+        kernels,
+    )
+    input_terms = tuple((b, b, d, d + 8, 0) for b, d in enumerate(dilations))
+    lowers(
+        lambda k, *g: depthwise_pallas.correlate_terms(g, k, terms=input_terms, outputs=1, out_size=(76, 76)),
+        kernels,
+        *(grad,) * 4,
+    )
+    kernel_terms = tuple((b, d, d - 8) for b, d in enumerate(dilations))
+    lowers(
+        lambda x, *g: depthwise_pallas.kernel_gradient_terms(x, g, terms=kernel_terms, kernel_size=3), x, *(grad,) * 4
     )
     for rows in (None, 7):
         lowers(

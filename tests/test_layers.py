@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -574,11 +575,14 @@ def test_pallas_depthwise_kernels_train_like_the_xla_forms_in_the_jpu() -> None:
     # depthwise op a Pallas kernel (interpreted here) against the XLA forms. The kernels round to float32
     # as the shifted form does, in another order, hence a float32-sized tolerance on top of float64.
     pallas = {f"{op}_implementation": "pallas" for op in ("depthwise", "depthwise_input_grad", "depthwise_kernel_grad")}
-    (out_p, grads_p) = _float64_train_results("encnet_jpu_tiny", jpu_input_implementation="padded", **pallas)
     (out_x, grads_x) = _float64_train_results("encnet_jpu_tiny", jpu_input_implementation="padded")
-    np.testing.assert_allclose(out_p, out_x, rtol=1e-5, atol=1e-5)
-    for g, w in zip(grads_p, grads_x, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(w).max()))
+    for jpu_depthwise in ("branches", "joint"):  # OpChoices.jpu_depthwise: per branch, or one kernel for all
+        (out_p, grads_p) = _float64_train_results(
+            "encnet_jpu_tiny", jpu_input_implementation="padded", jpu_depthwise_implementation=jpu_depthwise, **pallas
+        )
+        np.testing.assert_allclose(out_p, out_x, rtol=1e-5, atol=1e-5)
+        for g, w in zip(grads_p, grads_x, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(w).max()))
 
 
 @pytest.mark.parametrize("implementation", ["shifted", "grouped", "pallas"])
@@ -797,3 +801,30 @@ def test_the_stem_pool_gradient_follows_the_choice_and_backend(backend, choice, 
     with layers.target_backend(backend):
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
     assert jaxpr.count("select_and_scatter_add") == scatters
+
+
+@pytest.mark.parametrize(
+    ("jpu_input", "jpu_depthwise", "kernels"),
+    [("padded", "joint", 3), ("fused", "joint", 12), ("padded", "branches", 12)],
+)
+def test_the_jpu_runs_its_branches_depthwise_kernels_jointly(jpu_input, jpu_depthwise, kernels):
+    # OpChoices.jpu_depthwise='joint': with every depthwise form a Pallas kernel and the input padded once, one
+    # kernel per pass serves the four branches (layers.depthwise_joint: forward, summed input gradient, kernel
+    # gradients); without the shared padded input, or with 'branches', each branch has its own three. The
+    # parameters are the same either way.
+    from fastfcn_jax.models.jpu import JPU
+
+    pallas = dict(depthwise="pallas", depthwise_input_grad="pallas", depthwise_kernel_grad="pallas")
+    jpu = JPU(width=8, ops=layers.OpChoices(jpu_input=jpu_input, jpu_depthwise=jpu_depthwise, **pallas))
+    c2, c3, c4 = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 4, 4, 6)), jnp.ones((1, 2, 2, 8))
+    variables = jpu.init(jax.random.PRNGKey(0), c2, c3, c4)
+    reference = JPU(width=8).init(jax.random.PRNGKey(0), c2, c3, c4)
+    assert jax.tree.structure(variables) == jax.tree.structure(reference)
+
+    def loss(params):
+        return jnp.sum(jpu.apply({**variables, "params": params}, c2, c3, c4) ** 2)
+
+    with layers.target_backend("gpu"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # four host devices and no mesh: the replication warning
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    assert jaxpr.count("pallas_call") == kernels

@@ -104,41 +104,85 @@ def depthwise_correlate(
     """out[n, r, j, c] = sum_ab x[n, r + a*d - offset, j + b*d - offset, c] * kernel[a, b, c] (zero outside
     ``x``), accumulated in float32; x [N, H, W, C], kernel [k, k, C], out [N, *out_size, C]. ``interpret``:
     Pallas's interpreter (any backend) instead of a Triton kernel (GPUs)."""
-    batch, height, width, channels = x.shape
-    k = kernel.shape[0]
+    (out,) = correlate_terms(
+        (x,),
+        kernel[None],
+        terms=((0, 0, dilation, offset, 0),),
+        outputs=1,
+        out_size=out_size,
+        out_dtype=out_dtype,
+        interpret=interpret,
+    )
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("terms", "outputs", "out_size", "out_dtype", "interpret"))
+def correlate_terms(
+    inputs: tuple[jax.Array, ...],
+    kernels: jax.Array,
+    *,
+    terms: tuple[tuple[int, int, int, int, int], ...],
+    outputs: int,
+    out_size: tuple[int, int],
+    out_dtype=None,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Sums of correlations in one kernel: output ``o`` is the sum over the terms ``(i, b, d, offset, o)`` of
+    :func:`depthwise_correlate` of ``inputs[i]`` with ``kernels[b]`` ([B, k, k, C]), dilation ``d``.
+
+    The JPU's four branches read one padded input: their forwards are four terms of one input into four
+    outputs (the input leaves memory once), their input gradients four terms of four gradients into one
+    output (no per-branch gradient written and added)."""
+    batch, _, _, channels = inputs[0].shape
+    k = kernels.shape[1]
     out_h, out_w = out_size
     block, cols = _channel_block(channels), _column_block(out_w)
     chunks = range(0, out_w, cols)
-    out_dtype = out_dtype or x.dtype
-    origin = (k - 1) * dilation + abs(offset) + cols if interpret else 0
+    out_dtype = out_dtype or inputs[0].dtype
+    origin = max((k - 1) * d + abs(offset) for _, _, d, offset, _ in terms) + cols if interpret else 0
     # The interpreter also clamps the last column window of the output: it writes a wider array, cut below.
     stored_w = len(chunks) * cols if interpret else out_w
+    shapes = [x.shape[1:3] for x in inputs]
 
-    def body(x_ref, k_ref, o_ref):
+    def body(*refs):
+        in_refs, k_ref, out_refs = refs[: len(inputs)], refs[len(inputs)], refs[len(inputs) + 1 :]
         n, c0, r = pl.program_id(0), pl.program_id(1) * block, pl.program_id(2)
         # One [block] row per tap: Triton arrays have power-of-two sizes, and k*k is not.
-        taps = [k_ref[t, pl.ds(c0, block)].astype(jnp.float32) for t in range(k * k)]
-        for j0 in chunks:
-            acc = jnp.zeros((cols, block), jnp.float32)
-            windows = _tap_windows(
-                x_ref, n, r, j0, cols, c0, block,
-                k=k, dilation=dilation, offset=offset, rows=height, width=width, limit=out_w - j0, origin=origin,
-            )  # fmt: skip
-            for tap, window in zip(taps, windows, strict=True):
-                acc += window * tap[None, :]
-            mask = jnp.broadcast_to((jnp.arange(cols) < out_w - j0)[:, None], (cols, block))
-            out_window = o_ref.at[n, r, pl.ds(jnp.asarray(j0, jnp.int32), cols), pl.ds(c0, block)]
-            plgpu.store(out_window, acc.astype(o_ref.dtype), mask=mask)
+        taps = {
+            b: [k_ref[b * k * k + t, pl.ds(c0, block)].astype(jnp.float32) for t in range(k * k)]
+            for b in sorted({term[1] for term in terms})
+        }
 
-    out = pl.pallas_call(
+        def add_term(term, j0, acc):
+            i, b, dilation, offset, _ = term
+            (rows, width) = shapes[i]
+            windows = _tap_windows(
+                in_refs[i], n, r, j0, cols, c0, block,
+                k=k, dilation=dilation, offset=offset, rows=rows, width=width, limit=out_w - j0, origin=origin,
+            )  # fmt: skip
+            for tap, window in zip(taps[b], windows, strict=True):
+                acc += window * tap[None, :]
+            return acc
+
+        for o, o_ref in enumerate(out_refs):
+            summed = [term for term in terms if term[4] == o]
+            for j0 in chunks:
+                acc = jnp.zeros((cols, block), jnp.float32)
+                for term in summed:
+                    acc = add_term(term, j0, acc)
+                mask = jnp.broadcast_to((jnp.arange(cols) < out_w - j0)[:, None], (cols, block))
+                out_window = o_ref.at[n, r, pl.ds(jnp.asarray(j0, jnp.int32), cols), pl.ds(c0, block)]
+                plgpu.store(out_window, acc.astype(o_ref.dtype), mask=mask)
+
+    results = pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((batch, out_h, stored_w, channels), out_dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, out_h, stored_w, channels), out_dtype)] * outputs,
         grid=(batch, channels // block, out_h),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="depthwise_correlate",
-    )(_border(x, origin) if interpret else x, kernel.reshape(k * k, channels))
-    return out[:, :, :out_w] if interpret else out
+    )(*(_border(x, origin) if interpret else x for x in inputs), kernels.reshape(-1, channels))
+    return tuple(out[:, :, :out_w] if interpret else out for out in results)
 
 
 @functools.partial(jax.jit, static_argnames=("dilation", "offset", "kernel_size", "rows_per_program", "interpret"))
@@ -157,16 +201,39 @@ def depthwise_kernel_gradient(
 
     ``rows_per_program``: each program sums this many output rows (None: all of them, one program per image
     and channel block, as timed on the H200; fewer rows give more programs, partial sums added after)."""
+    return kernel_gradient_terms(
+        x,
+        (grad,),
+        terms=((0, dilation, offset),),
+        kernel_size=kernel_size,
+        rows_per_program=rows_per_program,
+        interpret=interpret,
+    )[0]
+
+
+@functools.partial(jax.jit, static_argnames=("terms", "kernel_size", "rows_per_program", "interpret"))
+def kernel_gradient_terms(
+    x: jax.Array,
+    grads: tuple[jax.Array, ...],
+    *,
+    terms: tuple[tuple[int, int, int], ...],
+    kernel_size: int,
+    rows_per_program: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """[T, k*k, C]: for each term ``(g, d, offset)`` the :func:`depthwise_kernel_gradient` of ``x`` and
+    ``grads[g]`` at dilation ``d``, in one kernel that reads ``x`` once for all of them (the JPU's branches)."""
     batch, height, width, channels = x.shape
-    _, out_h, out_w, _ = grad.shape
+    _, out_h, out_w, _ = grads[0].shape
     k = kernel_size
     block, cols = _channel_block(channels), _column_block(out_w)
     chunks = range(0, out_w, cols)
-    origin = (k - 1) * dilation + abs(offset) + cols if interpret else 0
+    origin = max((k - 1) * d + abs(offset) for _, d, offset in terms) + cols if interpret else 0
     rows_per_program = min(rows_per_program or out_h, out_h)
     groups = -(-out_h // rows_per_program)
 
-    def body(x_ref, g_ref, o_ref):
+    def body(x_ref, *refs):
+        g_refs, o_ref = refs[:-1], refs[-1]
         n, c0, first = pl.program_id(0), pl.program_id(1) * block, pl.program_id(2) * rows_per_program
 
         def row_step(t, accs):
@@ -175,30 +242,31 @@ def depthwise_kernel_gradient(
             accs = list(accs)
             for j0 in chunks:
                 limit = out_w - j0
-                g = _masked_window(
-                    g_ref, n, r, j0, cols, c0, block, rows=out_h, width=out_w, limit=limit, origin=origin
-                ).astype(jnp.float32)
-                windows = _tap_windows(
-                    x_ref, n, r, j0, cols, c0, block,
-                    k=k, dilation=dilation, offset=offset, rows=height, width=width, limit=limit, origin=origin,
-                )  # fmt: skip
-                for tap, window in enumerate(windows):
-                    accs[tap] += jnp.sum(window * g, axis=0)
+                for term, (g_index, dilation, offset) in enumerate(terms):
+                    g = _masked_window(
+                        g_refs[g_index], n, r, j0, cols, c0, block, rows=out_h, width=out_w, limit=limit, origin=origin
+                    ).astype(jnp.float32)
+                    windows = _tap_windows(
+                        x_ref, n, r, j0, cols, c0, block,
+                        k=k, dilation=dilation, offset=offset, rows=height, width=width, limit=limit, origin=origin,
+                    )  # fmt: skip
+                    for tap, window in enumerate(windows):
+                        accs[term * k * k + tap] += jnp.sum(window * g, axis=0)
             return tuple(accs)
 
-        init = tuple(jnp.zeros((block,), jnp.float32) for _ in range(k * k))
+        init = tuple(jnp.zeros((block,), jnp.float32) for _ in range(len(terms) * k * k))
         accs = jax.lax.fori_loop(0, rows_per_program, row_step, init)
-        for t, acc in enumerate(accs):
-            o_ref[n, pl.program_id(2), t, pl.ds(c0, block)] = acc
+        for index, acc in enumerate(accs):
+            o_ref[n, pl.program_id(2), index, pl.ds(c0, block)] = acc
 
     if interpret:
-        x, grad = _border(x, origin), _border(grad, origin)
+        x, grads = _border(x, origin), tuple(_border(g, origin) for g in grads)
     partial = pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((batch, groups, k * k, channels), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((batch, groups, len(terms) * k * k, channels), jnp.float32),
         grid=(batch, channels // block, groups),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="depthwise_kernel_gradient",
-    )(x, grad)
-    return jnp.sum(partial, axis=(0, 1))
+    )(x, *grads)
+    return jnp.sum(partial, axis=(0, 1)).reshape(len(terms), k * k, channels)

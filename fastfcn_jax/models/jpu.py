@@ -24,6 +24,8 @@ from fastfcn_jax.models.layers import (
     OpChoices,
     SeparableConv,
     choose,
+    depthwise_forms,
+    depthwise_joint,
     resize_bilinear,
 )
 
@@ -52,16 +54,19 @@ class JPU(nn.Module):
             feat = jax.lax.optimization_barrier(jnp.pad(feat, ((0, 0), (margin, margin), (margin, margin), (0, 0))))
         branches = [
             SeparableConv(
-                self.width,
-                dilation=d,
-                dtype=self.dtype,
-                ops=self.ops,
-                margin=margin,
-                name=f"dilation{i + 1}",
-            )(feat, train)
+                self.width, dilation=d, dtype=self.dtype, ops=self.ops, margin=margin, name=f"dilation{i + 1}"
+            )
             for i, d in enumerate(self.dilations)
         ]
-        return jnp.concatenate(branches, axis=-1)
+        forms = depthwise_forms(self.ops.depthwise, self.ops.depthwise_input_grad, self.ops.depthwise_kernel_grad)
+        if margin and forms == ("pallas",) * 3 and self.ops.jpu_depthwise == "joint":
+            # One kernel per pass serves the four branches (depthwise_joint).
+            kernels = [branch(feat, train, stage="kernel") for branch in branches]
+            outputs = depthwise_joint(feat.astype(self.dtype), kernels, self.dilations, margin)
+            return jnp.concatenate(
+                [branch(y, train, stage="rest") for branch, y in zip(branches, outputs, strict=True)], axis=-1
+            )
+        return jnp.concatenate([branch(feat, train) for branch in branches], axis=-1)
 
 
 class JUM(nn.Module):

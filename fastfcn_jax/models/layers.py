@@ -201,6 +201,9 @@ class OpChoices:
     # How that loss upsamples the heads' logits: 'fused' (XLA: the 2-D resize recomputed inside its passes)
     # | 'pallas' (the width resized at the logits' height, the rest one Pallas kernel: GPUs)
     loss_upsample: str = "fused"
+    # The JPU's depthwise convs with every form 'pallas' and the input padded once: 'branches' (three kernels
+    # per branch) | 'joint' (one kernel per pass for the four branches: layers.depthwise_joint)
+    jpu_depthwise: str = "branches"
     # The stem's max-pool gradient: 'taps' (a fused gather) | 'select' (autodiff's) | 'auto' (select on TPU)
     max_pool_grad: str = "auto"
 
@@ -222,6 +225,7 @@ class OpChoices:
             ("loss_gradient", ("compute", "float32")),
             ("loss_upsample", ("fused", "pallas")),
             ("max_pool_grad", ("taps", "select", "auto")),
+            ("jpu_depthwise", ("branches", "joint")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")
@@ -977,7 +981,9 @@ class DepthwiseConv(nn.Module):
     kernel_grad: str = "auto"  # OpChoices.depthwise_kernel_grad
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, kernel_only: bool = False) -> jax.Array:
+        """The convolution of ``x``; with ``kernel_only``, the kernel in the compute dtype (for
+        :func:`depthwise_joint`, which convolves several branches' kernels at once)."""
         channels = x.shape[-1]
         k, d = self.kernel_size, self.dilation
         kernel = self.param(
@@ -987,6 +993,8 @@ class DepthwiseConv(nn.Module):
             jnp.float32,
         )
         kernel = kernel.astype(self.dtype)
+        if kernel_only:
+            return kernel
         x = x.astype(self.dtype)
         pad = d * (k - 1) // 2
         if self.margin and self.margin < pad:
@@ -1006,16 +1014,22 @@ class DepthwiseConv(nn.Module):
             )
         if self.implementation not in ("shifted", "pallas"):
             raise ValueError(f"unknown depthwise implementation {self.implementation!r}")
-        # The Pallas kernels are 'auto''s GPU choice once a GPU has checked their values (docs/performance.md).
-        input_grad = choose(self.input_grad, tpu="fused", other="fused", gpu="materialized")
-        kernel_grad = choose(self.kernel_grad, tpu="per_tap", other="per_tap", gpu="stacked")
-        OpChoices(depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates both
-        forms = (
-            unless_xla_forms("depthwise", self.implementation),
-            unless_xla_forms("depthwise_input_grad", input_grad),
-            unless_xla_forms("depthwise_kernel_grad", kernel_grad),
-        )
+        forms = depthwise_forms(self.implementation, self.input_grad, self.kernel_grad)
         return _depthwise_shifted(x, kernel, d, self.margin, forms)
+
+
+def depthwise_forms(forward: str, input_grad: str, kernel_grad: str) -> tuple[str, str, str]:
+    """(forward, input gradient, kernel gradient) forms of the shifted depthwise conv for the backend traced
+    for (``OpChoices`` ``depthwise``, ``depthwise_input_grad``, ``depthwise_kernel_grad``)."""
+    # The Pallas kernels are 'auto''s GPU choice once a GPU has checked their values (docs/performance.md).
+    input_grad = choose(input_grad, tpu="fused", other="fused", gpu="materialized")
+    kernel_grad = choose(kernel_grad, tpu="per_tap", other="per_tap", gpu="stacked")
+    OpChoices(depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates both
+    return (
+        unless_xla_forms("depthwise", forward),
+        unless_xla_forms("depthwise_input_grad", input_grad),
+        unless_xla_forms("depthwise_kernel_grad", kernel_grad),
+    )
 
 
 def _shifted_views(x: jax.Array, kernel_size: int, dilation: int, margin: int = 0) -> list[jax.Array]:
@@ -1184,6 +1198,75 @@ def _xla_input_gradient(
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
+def depthwise_joint(
+    x: jax.Array, kernels: Sequence[jax.Array], dilations: Sequence[int], margin: int
+) -> tuple[jax.Array, ...]:
+    """The depthwise convs of several branches over one input padded by ``margin`` (the JPU's), each
+    kernel [k, k, 1, C] at its dilation, as Pallas kernels that serve all branches at once: one forward
+    reads ``x`` once for every branch, one backward kernel writes the sum of the branches' input gradients
+    (no per-branch gradient written and added) and one reads ``x`` once for all kernel gradients. For the
+    all-Pallas forms (``depthwise``, ``depthwise_input_grad``, ``depthwise_kernel_grad`` = ``'pallas'``)."""
+    return _depthwise_joint(x, jnp.stack([k[:, :, 0] for k in kernels]), tuple(dilations), margin)
+
+
+def _joint_terms(kernel_size: int, dilations: tuple[int, ...], sign: int, margin: int):
+    # (branch, dilation, offset): offset = padding - margin for the forward and the kernel gradient,
+    # padding + margin for the input gradient (sign +1).
+    return tuple((b, d, d * (kernel_size - 1) // 2 + sign * margin) for b, d in enumerate(dilations))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_joint(
+    x: jax.Array, kernels: jax.Array, dilations: tuple[int, ...], margin: int
+) -> tuple[jax.Array, ...]:
+    k, interpret = kernels.shape[1], pallas_interpret()
+    terms = tuple((0, b, d, offset, b) for b, d, offset in _joint_terms(k, dilations, -1, margin))
+    size = (x.shape[1] - 2 * margin, x.shape[2] - 2 * margin)
+    return sharding.over_batch(
+        lambda x, kernels: depthwise_pallas.correlate_terms(
+            (x,), kernels, terms=terms, outputs=len(dilations), out_size=size, interpret=interpret
+        ),
+        x,
+        kernels,
+        batched=(True, False),
+        summed=(False,) * len(dilations),
+    )
+
+
+def _depthwise_joint_fwd(x, kernels, dilations, margin):
+    return _depthwise_joint(x, kernels, dilations, margin), (x, kernels)
+
+
+def _depthwise_joint_bwd(dilations, margin, residuals, grads):
+    x, kernels = residuals
+    k, interpret, branches = kernels.shape[1], pallas_interpret(), len(dilations)
+    input_terms = tuple((b, b, d, offset, 0) for b, d, offset in _joint_terms(k, dilations, 1, margin))
+    (grad_x,) = sharding.over_batch(
+        lambda flipped, *grads: depthwise_pallas.correlate_terms(
+            grads, flipped, terms=input_terms, outputs=1, out_size=x.shape[1:3], out_dtype=x.dtype, interpret=interpret
+        ),
+        kernels[:, ::-1, ::-1],
+        *grads,
+        batched=(False,) + (True,) * branches,
+        summed=(False,),
+    )
+    (taps,) = sharding.over_batch(
+        lambda x, *grads: (
+            depthwise_pallas.kernel_gradient_terms(
+                x, grads, terms=_joint_terms(k, dilations, -1, margin), kernel_size=k, interpret=interpret
+            ),
+        ),
+        x,
+        *grads,
+        batched=(True,) * (branches + 1),
+        summed=(True,),
+    )
+    return grad_x, taps.reshape(kernels.shape).astype(kernels.dtype)
+
+
+_depthwise_joint.defvjp(_depthwise_joint_fwd, _depthwise_joint_bwd)
+
+
 class SeparableConv(nn.Module):
     """The reference's JPU branch: depthwise dilated conv -> norm -> pointwise 1x1 -> norm -> ReLU.
 
@@ -1202,17 +1285,25 @@ class SeparableConv(nn.Module):
     margin: int = 0  # the input is already zero-padded by this much (see DepthwiseConv)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = DepthwiseConv(
-            self.kernel_size,
-            self.dilation,
-            dtype=self.dtype,
-            implementation=self.ops.depthwise,
-            margin=self.margin,
-            input_grad=self.ops.depthwise_input_grad,
-            kernel_grad=self.ops.depthwise_kernel_grad,
-            name="depthwise",
-        )(x)
+    def __call__(self, x: jax.Array, train: bool = False, *, stage: str = "all") -> jax.Array:
+        """The branch on ``x``. ``stage`` (the JPU's joint depthwise, :func:`depthwise_joint`): ``'kernel'``
+        returns the depthwise kernel only, ``'rest'`` takes ``x`` as the depthwise conv's output and applies
+        the rest; ``'all'``: everything."""
+        if stage not in ("all", "kernel", "rest"):
+            raise ValueError(f"unknown stage {stage!r}; expected 'all', 'kernel' or 'rest'")
+        if stage != "rest":
+            x = DepthwiseConv(
+                self.kernel_size,
+                self.dilation,
+                dtype=self.dtype,
+                implementation=self.ops.depthwise,
+                margin=self.margin,
+                input_grad=self.ops.depthwise_input_grad,
+                kernel_grad=self.ops.depthwise_kernel_grad,
+                name="depthwise",
+            )(x, kernel_only=stage == "kernel")
+            if stage == "kernel":
+                return x
         norm = functools.partial(
             make_norm,
             self.norm,

@@ -78,6 +78,7 @@ class Segmenter(nn.Module):
     loss_gradient_implementation: str = "compute"
     loss_upsample_implementation: str = "fused"
     max_pool_grad_implementation: str = "auto"
+    jpu_depthwise_implementation: str = "branches"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -107,6 +108,7 @@ class Segmenter(nn.Module):
             loss_gradient=self.loss_gradient_implementation,
             loss_upsample=self.loss_upsample_implementation,
             max_pool_grad=self.max_pool_grad_implementation,
+            jpu_depthwise=self.jpu_depthwise_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:
