@@ -91,6 +91,13 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   Pallas kernel runs on each device's examples (``shard_map``, :func:`fastfcn_jax.sharding.over_batch`)
   when traced with the mesh as context (:func:`fastfcn_jax.sharding.with_mesh`: the training loop, the
   compile-only builds); otherwise XLA would gather the batch onto every device, and tracing warns.
+- The JPU's depthwise convs with every depthwise form ``'pallas'`` and the input padded once
+  (``jpu_depthwise``): ``'branches'`` (three kernels per branch, as the H200 timed in session 7) or
+  ``'joint'`` (:func:`depthwise_joint`: one kernel per pass serves the four branches, reading the padded
+  input once and writing one summed input gradient instead of four that XLA then adds). Compile-only H200
+  (EncNet+JPU R50 train step at batch 16, 480x480, all Pallas kernels): 64.1 -> 60.2 GB, roofline 19.9 ->
+  19.0 ms; but ptxas gives the joint kernels 174 (forward) and 255 registers with spills (gradients)
+  against 71 / 128 / 176 per branch, so only a GPU can say which is faster. Not measured; opt-in.
 - The stem's max-pool gradient (``max_pool_grad``): ``'taps'`` (:func:`max_pool`: each window's first
   maximum found from its nine taps, the gradient placed by strided pads, fused elementwise) or ``'select'``
   (autodiff's select-and-scatter; the same values, ties included). XLA:CPU, batch 2, 256x256 stem output
