@@ -10,21 +10,21 @@ the forward, the input gradient and the kernel gradient, their largest absolute 
 largest reference value. Then the training loss with ``OpChoices.loss_upsample='pallas'`` against
 ``'fused'`` (150 classes at stride 8, labels at full resolution, a tenth of them ignored): the loss and its
 gradient with respect to the logits, and on a GPU their times and the kernel's under other column blocks
-and warp counts (``upsampled_loss_pallas``). Exits 1 if any error exceeds ``--tolerance``. Needs only jax
-and numpy.
+and warp counts (``upsampled_loss_pallas``). Exits 1 if any error exceeds ``--tolerance``. Needs only jax,
+flax and numpy (as the benchmark).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax import losses, upsampled_loss_pallas
+from fastfcn_jax.benchmark import time_calls
 from fastfcn_jax.models import depthwise_pallas, layers
 
 # (column block, warps) of the loss kernel timed on a GPU; the first is the default.
@@ -94,13 +94,7 @@ def check_loss(batch: int, low: int, high: int, classes: int) -> dict[str, float
 
 
 def _median_ms(function, *args, runs: int = 20) -> float:
-    jax.block_until_ready(function(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(function(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+    return float(np.median(time_calls(function, args, warmup=1, repeats=runs)))
 
 
 def time_loss(

@@ -252,7 +252,7 @@ def benchmark_model(name: str, *, warmup: int = 2, repeats: int = 5, **options: 
     """
     _check_runs(warmup, repeats)
     forward = compile_forward(name, **options)
-    return _forward_result(forward, _time(forward.run, (), warmup, repeats), warmup, False)
+    return _forward_result(forward, time_calls(forward.run, (), warmup, repeats), warmup, False)
 
 
 def benchmark_models_interleaved(
@@ -276,7 +276,7 @@ def benchmark_models_interleaved(
     times: dict[str, list[float]] = {name: [] for name in forwards}
     for round_ in range(repeats):
         for name, forward in forwards.items():
-            times[name] += _time(forward.run, (), warmup=1, repeats=1)
+            times[name] += time_calls(forward.run, (), warmup=1, repeats=1)
         if log:
             print(
                 f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items()),
@@ -325,7 +325,8 @@ def _lower_on_cpu_device(jitted: Any, shapes: tuple) -> Any:
         return jitted.lower(*shapes)
 
 
-def _time(fn: Any, args: tuple, warmup: int, repeats: int) -> list[float]:
+def time_calls(fn: Any, args: tuple, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``fn(*args)`` (waited for), after ``warmup`` untimed ones."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times_ms = []
@@ -344,7 +345,7 @@ def matmul_peak(dtype: str = "float32", size: int = 4096, repeats: int = 5) -> d
     """
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32).astype(dtype)
     compiled = jax.jit(lambda x: x @ x).lower(a).compile()
-    times_ms = _time(compiled, (a,), warmup=2, repeats=repeats)
+    times_ms = time_calls(compiled, (a,), warmup=2, repeats=repeats)
     best_s = min(times_ms) / 1e3
     return {"dtype": dtype, "size": size, "gflops_per_s": 2.0 * size**3 / best_s / 1e9, "best_ms": min(times_ms)}
 
