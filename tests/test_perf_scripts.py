@@ -118,10 +118,17 @@ def test_train_variants_times_each_variant_as_it_compiles(tmp_path: Path, capsys
 
 def test_pallas_check_compares_the_kernels_with_the_xla_forms(capsys) -> None:
     script = _load("pallas_check")
-    assert script.main(["--quick", "--time"]) == 0
+    assert script.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert "| 8 |" in out and "PASS" in out and "interpreted" in out
-    assert "rows per program" in out and "loss + gradient, pallas" in out and "kernel alone" in out
+    assert "| 8 |" in out and "PASS" in out and "interpreted" in out and "| loss | gradient |" in out
+    # The GPU's timing tables (--time), on tiny shapes: every form and block shape runs and is timed.
+    loss_times = script.time_loss(1, 2, 5, 20, interpret=True, runs=1)
+    grad_times = script.time_kernel_gradient(1, 5, 16, 1, 2, interpret=True, runs=1)
+    assert [what for what, _ in loss_times][:2] == ["loss + gradient, fused", "loss + gradient, pallas"]
+    assert len(loss_times) == 2 + len(script.LOSS_KERNEL_CONFIGS) and len(grad_times) == 1 + len(
+        script.KERNEL_GRAD_ROWS
+    )
+    assert all(ms > 0 for _, ms in loss_times + grad_times)
     # Summation order differs between the forms, so a tolerance of zero must fail.
     assert script.main(["--quick", "--tolerance", "0"]) == 1
     assert "FAIL" in capsys.readouterr().out
