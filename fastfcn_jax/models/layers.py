@@ -1088,17 +1088,63 @@ def pallas_interpret() -> bool:
     return backend() != "gpu"
 
 
-def _pallas_correlate(x: jax.Array, kernel: jax.Array, **options: Any) -> jax.Array:
-    """:func:`depthwise_pallas.depthwise_correlate` on each device's part of the batch."""
-    interpret = pallas_interpret()
-    (out,) = sharding.over_batch(
-        lambda x, kernel: (depthwise_pallas.depthwise_correlate(x, kernel, interpret=interpret, **options),),
+def _pallas_terms(kernel_size: int, dilations: tuple[int, ...], sign: int, margin: int):
+    # (branch, dilation, offset): offset = padding - margin for the forward and the kernel gradient,
+    # padding + margin for the input gradient (sign +1).
+    return tuple((b, d, d * (kernel_size - 1) // 2 + sign * margin) for b, d in enumerate(dilations))
+
+
+def _pallas_forward(x: jax.Array, kernels: jax.Array, dilations: tuple[int, ...], margin: int) -> tuple[jax.Array, ...]:
+    """Each branch's depthwise conv of ``x`` (kernels [B, k, k, C]), one Pallas kernel for all branches, on
+    each device's part of the batch."""
+    k, interpret = kernels.shape[1], pallas_interpret()
+    terms = tuple((0, b, d, offset, b) for b, d, offset in _pallas_terms(k, dilations, -1, margin))
+    size = (x.shape[1] - 2 * margin, x.shape[2] - 2 * margin)
+    return sharding.over_batch(
+        lambda x, kernels: depthwise_pallas.correlate_terms(
+            (x,), kernels, terms=terms, outputs=len(dilations), out_size=size, interpret=interpret
+        ),
         x,
-        kernel,
+        kernels,
         batched=(True, False),
+        summed=(False,) * len(dilations),
+    )
+
+
+def _pallas_input_gradient(
+    x: jax.Array, kernels: jax.Array, dilations: tuple[int, ...], margin: int, grads: Sequence[jax.Array]
+) -> jax.Array:
+    """The sum of the branches' input gradients (their outputs' gradients correlated with the flipped
+    kernels), one Pallas kernel."""
+    k, interpret = kernels.shape[1], pallas_interpret()
+    terms = tuple((b, b, d, offset, 0) for b, d, offset in _pallas_terms(k, dilations, 1, margin))
+    (grad_x,) = sharding.over_batch(
+        lambda flipped, *grads: depthwise_pallas.correlate_terms(
+            grads, flipped, terms=terms, outputs=1, out_size=x.shape[1:3], out_dtype=x.dtype, interpret=interpret
+        ),
+        kernels[:, ::-1, ::-1],
+        *grads,
+        batched=(False,) + (True,) * len(grads),
         summed=(False,),
     )
-    return out
+    return grad_x
+
+
+def _pallas_kernel_gradients(
+    x: jax.Array, kernel_size: int, dilations: tuple[int, ...], margin: int, grads: Sequence[jax.Array]
+) -> jax.Array:
+    """[B, k*k, C] float32: each branch's kernel gradient, one Pallas kernel."""
+    interpret, terms = pallas_interpret(), _pallas_terms(kernel_size, dilations, -1, margin)
+    (taps,) = sharding.over_batch(
+        lambda x, *grads: (
+            depthwise_pallas.kernel_gradient_terms(x, grads, terms=terms, kernel_size=kernel_size, interpret=interpret),
+        ),
+        x,
+        *grads,
+        batched=(True,) * (len(grads) + 1),
+        summed=(True,),
+    )
+    return taps
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -1111,9 +1157,7 @@ def _depthwise_shifted(
 ) -> jax.Array:
     """``forms``: (forward, input gradient, kernel gradient) implementations, as in :class:`OpChoices`."""
     if forms[0] == "pallas":
-        pad = dilation * (kernel.shape[0] - 1) // 2
-        size = (x.shape[1] - 2 * margin, x.shape[2] - 2 * margin)
-        return _pallas_correlate(x, kernel[:, :, 0], dilation=dilation, offset=pad - margin, out_size=size)
+        return _pallas_forward(x, kernel[None, :, :, 0], (dilation,), margin)[0]
     return _shifted_taps(x, kernel, dilation, margin).astype(x.dtype)
 
 
@@ -1155,31 +1199,13 @@ def _depthwise_shifted_bwd(
 ) -> tuple[jax.Array, jax.Array]:
     _, input_grad, kernel_grad = forms
     x, kernel = residuals
-    k, pad = kernel.shape[0], dilation * (kernel.shape[0] - 1) // 2
+    k = kernel.shape[0]
     if input_grad == "pallas":
-        grad_x = _pallas_correlate(
-            grad,
-            kernel[::-1, ::-1, 0],
-            dilation=dilation,
-            offset=pad + margin,
-            out_size=x.shape[1:3],
-            out_dtype=x.dtype,
-        )
+        grad_x = _pallas_input_gradient(x, kernel[None, :, :, 0], (dilation,), margin, (grad,))
     else:
         grad_x = _xla_input_gradient(x, kernel, dilation, margin, grad, input_grad)
     if kernel_grad == "pallas":
-        interpret = pallas_interpret()
-        (taps,) = sharding.over_batch(
-            lambda x, grad: (
-                depthwise_pallas.depthwise_kernel_gradient(
-                    x, grad, dilation=dilation, offset=pad - margin, kernel_size=k, interpret=interpret
-                ),
-            ),
-            x,
-            grad,
-            batched=(True, True),
-            summed=(True,),
-        )
+        taps = _pallas_kernel_gradients(x, k, (dilation,), margin, (grad,))[0]
     else:
         taps = _tap_gradients(_shifted_views(x, k, dilation, margin), grad, form=kernel_grad)
     return grad_x, taps.reshape(kernel.shape).astype(kernel.dtype)
@@ -1216,28 +1242,11 @@ def depthwise_joint(
     return _depthwise_joint(x, jnp.stack([k[:, :, 0] for k in kernels]), tuple(dilations), margin)
 
 
-def _joint_terms(kernel_size: int, dilations: tuple[int, ...], sign: int, margin: int):
-    # (branch, dilation, offset): offset = padding - margin for the forward and the kernel gradient,
-    # padding + margin for the input gradient (sign +1).
-    return tuple((b, d, d * (kernel_size - 1) // 2 + sign * margin) for b, d in enumerate(dilations))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_joint(
     x: jax.Array, kernels: jax.Array, dilations: tuple[int, ...], margin: int
 ) -> tuple[jax.Array, ...]:
-    k, interpret = kernels.shape[1], pallas_interpret()
-    terms = tuple((0, b, d, offset, b) for b, d, offset in _joint_terms(k, dilations, -1, margin))
-    size = (x.shape[1] - 2 * margin, x.shape[2] - 2 * margin)
-    return sharding.over_batch(
-        lambda x, kernels: depthwise_pallas.correlate_terms(
-            (x,), kernels, terms=terms, outputs=len(dilations), out_size=size, interpret=interpret
-        ),
-        x,
-        kernels,
-        batched=(True, False),
-        summed=(False,) * len(dilations),
-    )
+    return _pallas_forward(x, kernels, dilations, margin)
 
 
 def _depthwise_joint_fwd(x, kernels, dilations, margin):
@@ -1246,28 +1255,8 @@ def _depthwise_joint_fwd(x, kernels, dilations, margin):
 
 def _depthwise_joint_bwd(dilations, margin, residuals, grads):
     x, kernels = residuals
-    k, interpret, branches = kernels.shape[1], pallas_interpret(), len(dilations)
-    input_terms = tuple((b, b, d, offset, 0) for b, d, offset in _joint_terms(k, dilations, 1, margin))
-    (grad_x,) = sharding.over_batch(
-        lambda flipped, *grads: depthwise_pallas.correlate_terms(
-            grads, flipped, terms=input_terms, outputs=1, out_size=x.shape[1:3], out_dtype=x.dtype, interpret=interpret
-        ),
-        kernels[:, ::-1, ::-1],
-        *grads,
-        batched=(False,) + (True,) * branches,
-        summed=(False,),
-    )
-    (taps,) = sharding.over_batch(
-        lambda x, *grads: (
-            depthwise_pallas.kernel_gradient_terms(
-                x, grads, terms=_joint_terms(k, dilations, -1, margin), kernel_size=k, interpret=interpret
-            ),
-        ),
-        x,
-        *grads,
-        batched=(True,) * (branches + 1),
-        summed=(True,),
-    )
+    grad_x = _pallas_input_gradient(x, kernels, dilations, margin, grads)
+    taps = _pallas_kernel_gradients(x, kernels.shape[1], dilations, margin, grads)
     return grad_x, taps.reshape(kernels.shape).astype(kernels.dtype)
 
 
