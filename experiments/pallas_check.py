@@ -45,9 +45,15 @@ def check(batch: int, size: int, channels: int, dilation: int, margin: int, inte
     grad = jax.random.normal(keys[2], (batch, size, size, channels), jnp.float32)
     pad = dilation
 
-    # The XLA form and autodiff's gradients of it (elementwise multiply-adds: no matmul precision to set).
-    want_forward, vjp = jax.vjp(lambda x, k: layers._shifted_taps(x, k, dilation, margin), x, kernel)
-    want_x, want_kernel = jax.jit(vjp)(grad)
+    # The XLA form and autodiff's gradients of it (elementwise multiply-adds: no matmul precision to set). One
+    # jitted function of the arrays: jitting the vjp closure would compile its residuals in as constants (3 GB
+    # at the training shapes, minutes of compile on an H200).
+    @jax.jit
+    def reference(x, kernel, grad):
+        forward, vjp = jax.vjp(lambda x, k: layers._shifted_taps(x, k, dilation, margin), x, kernel)
+        return forward, *vjp(grad)
+
+    want_forward, want_x, want_kernel = reference(x, kernel, grad)
     forward = depthwise_pallas.depthwise_correlate(
         x, kernel[:, :, 0], dilation=dilation, offset=pad - margin, out_size=(size, size), interpret=interpret
     )
@@ -78,9 +84,10 @@ def _loss_inputs(batch: int, low: int, high: int, classes: int) -> tuple[jax.Arr
     return logits, jnp.where(ignored, losses.IGNORE_LABEL, labels)
 
 
-def _loss_functions(labels: jax.Array) -> dict[str, object]:
+def _loss_functions() -> dict[str, object]:
+    """Loss and logits gradient, ``f(logits, labels)``, per form (labels an argument, not a compiled constant)."""
     return {
-        upsample: jax.jit(jax.value_and_grad(lambda z, u=upsample: losses.cross_entropy(z, labels, upsample=u)))
+        upsample: jax.jit(jax.value_and_grad(lambda z, y, u=upsample: losses.cross_entropy(z, y, upsample=u)))
         for upsample in ("fused", "pallas")
     }
 
@@ -88,8 +95,8 @@ def _loss_functions(labels: jax.Array) -> dict[str, object]:
 def check_loss(batch: int, low: int, high: int, classes: int) -> dict[str, float]:
     """Relative errors of the Pallas loss (value, gradient) against the fused XLA form, float32 gradients."""
     logits, labels = _loss_inputs(batch, low, high, classes)
-    functions = _loss_functions(labels)
-    (want, want_grad), (got, got_grad) = (functions[name](logits) for name in ("fused", "pallas"))
+    functions = _loss_functions()
+    (want, want_grad), (got, got_grad) = (functions[name](logits, labels) for name in ("fused", "pallas"))
     return {"loss": _error(got, want), "loss_grad": _error(got_grad, want_grad)}
 
 
@@ -105,13 +112,14 @@ def time_loss(
     logits, labels = _loss_inputs(batch, low, high, classes)
     rows = layers.resize_bilinear(logits, (low, high))
     timings = [
-        (f"loss + gradient, {name}", _median_ms(f, logits, runs=runs)) for name, f in _loss_functions(labels).items()
+        (f"loss + gradient, {name}", _median_ms(f, logits, labels, runs=runs))
+        for name, f in _loss_functions().items()
     ]
     for block, warps in LOSS_KERNEL_CONFIGS:
         kernel = jax.jit(
-            lambda r, block=block, warps=warps: upsampled_loss_pallas.height_upsampled_cross_entropy(
+            lambda r, y, block=block, warps=warps: upsampled_loss_pallas.height_upsampled_cross_entropy(
                 r,
-                labels,
+                y,
                 ignore_label=losses.IGNORE_LABEL,
                 gradient_dtype=jnp.bfloat16,
                 block=block,
@@ -119,7 +127,7 @@ def time_loss(
                 interpret=interpret,
             )
         )
-        timings.append((f"kernel alone, {block} columns, {warps} warps", _median_ms(kernel, rows, runs=runs)))
+        timings.append((f"kernel alone, {block} columns, {warps} warps", _median_ms(kernel, rows, labels, runs=runs)))
     return timings
 
 
