@@ -112,8 +112,7 @@ def time_loss(
     logits, labels = _loss_inputs(batch, low, high, classes)
     rows = layers.resize_bilinear(logits, (low, high))
     timings = [
-        (f"loss + gradient, {name}", _median_ms(f, logits, labels, runs=runs))
-        for name, f in _loss_functions().items()
+        (f"loss + gradient, {name}", _median_ms(f, logits, labels, runs=runs)) for name, f in _loss_functions().items()
     ]
     for block, warps in LOSS_KERNEL_CONFIGS:
         kernel = jax.jit(
