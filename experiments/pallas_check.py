@@ -130,8 +130,9 @@ def time_loss(
     return timings
 
 
-# Output rows per program of the depthwise kernel gradient timed on a GPU (None: all, the H200-timed default).
-KERNEL_GRAD_ROWS = (None, 30, 15, 8, 4)
+# Output rows per program of the depthwise kernel gradient timed on a GPU (None: the default,
+# depthwise_pallas.KERNEL_GRAD_ROW_BANDS bands).
+KERNEL_GRAD_ROWS = (None, 60, 30, 8, 4)
 
 
 def time_kernel_gradient(
@@ -151,7 +152,9 @@ def time_kernel_gradient(
                 interpret=interpret,
             )
         )  # fmt: skip
-        timings.append((f"Pallas, {min(rows or size, size)} rows per program", _median_ms(kernel, x, grad, runs=runs)))
+        per_program = min(rows or -(-size // depthwise_pallas.KERNEL_GRAD_ROW_BANDS), size)
+        what = f"Pallas, {per_program} rows per program{' (default)' if rows is None else ''}"
+        timings.append((what, _median_ms(kernel, x, grad, runs=runs)))
     return timings
 
 

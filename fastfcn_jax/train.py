@@ -61,7 +61,7 @@ def make_train_step(
         # OpChoices.loss_gradient: the full-resolution loss gradient in the model's compute dtype.
         compute_dtype = getattr(model, "dtype", jnp.float32)
         loss_gradient_dtype = compute_dtype if model.ops.loss_gradient == "compute" else jnp.float32
-        loss_upsample = layers.unless_xla_forms("loss_upsample", model.ops.loss_upsample)
+        loss_upsample = layers.choose_pallas("loss_upsample", model.ops.loss_upsample, "fused")
 
         def loss_fn(params):
             outputs, new_state = model.apply(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fastfcn_jax import sharding
 from fastfcn_jax.models import layers
 
 
@@ -508,29 +510,41 @@ def test_depthwise_gradient_choices_give_the_same_gradients(dilation) -> None:
 
 
 def test_depthwise_gradient_auto_choices_per_backend() -> None:
-    # 'auto': materialized input gradients and the stacked kernel gradient on GPUs only; the barrier shows
-    # in the backward program as an optimization_barrier. The Pallas kernels are chosen explicitly.
-    x = jnp.ones((1, 10, 10, 4))
+    # 'auto' on GPUs: the Pallas kernels (checked on an H200) when they run on each device's examples (one
+    # device, or the data mesh as context), else materialized input gradients (an optimization_barrier in the
+    # backward program) and the stacked kernel gradient. The forward is a Pallas kernel in training only.
+    x = jnp.ones((4, 10, 10, 4))
 
-    def backward_text(backend, **forms):
+    def backward_text(backend, *, train=False, mesh=False, **forms):
         module = layers.DepthwiseConv(dilation=2, margin=2, **forms)
         variables = module.init(jax.random.PRNGKey(0), x)
 
         def grad(v, x):
-            return jax.grad(lambda v, x: jnp.sum(module.apply(v, x)), argnums=(0, 1))(v, x)
+            return jax.grad(lambda v, x: jnp.sum(module.apply(v, x, train=train)), argnums=(0, 1))(v, x)
 
-        with layers.target_backend(backend):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(layers.target_backend(backend))
+            if mesh:
+                stack.enter_context(jax.sharding.use_abstract_mesh(sharding.make_mesh().abstract_mesh))
             return str(jax.make_jaxpr(grad)(variables, x))
 
-    assert "optimization_barrier" in backward_text("gpu")
+    # The tests run on 4 host devices (conftest): without the mesh 'auto' keeps the XLA forms.
+    gpu = backward_text("gpu", train=True)
+    assert "optimization_barrier" in gpu and "pallas_call" not in gpu
+    assert backward_text("gpu", mesh=True).count("pallas_call") == 2  # inference: XLA's forward
+    assert backward_text("gpu", train=True, mesh=True).count("pallas_call") == 3
+    with layers.xla_forms():  # FLOP counting: the XLA forms of the same maths
+        assert "pallas_call" not in backward_text("gpu", train=True, mesh=True)
     for backend in ("cpu", "tpu"):
-        text = backward_text(backend)
+        text = backward_text(backend, train=True, mesh=True)
         assert "optimization_barrier" not in text and "pallas_call" not in text
-    # The tests run on 4 host devices (conftest): a GPU with several devices would replicate the kernels'
-    # operands, which the trace says.
+    # Chosen explicitly without the mesh, a GPU with several devices would replicate the kernels' operands,
+    # which the trace says.
     with pytest.warns(UserWarning, match="replicates its operands"):
         pallas = backward_text("gpu", input_grad="pallas", kernel_grad="pallas")
     assert pallas.count("pallas_call") == 2 and "optimization_barrier" not in pallas
+    with pytest.raises(ValueError, match="depthwise_implementation must be one of"):
+        layers.depthwise_forms("triton", "auto", "auto", train=True)
 
 
 def _float64_train_results(name: str, **overrides) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,8 +190,22 @@ def test_the_loss_form_follows_the_backend_traced_for():
         assert jaxpr.count(" reduce[") == reductions, backend
 
 
-def _train_step_jaxpr(model, batch, backend: str) -> str:
-    """The recipe's training step of ``model`` on ``batch``, traced for ``backend``, as text."""
+def test_a_gpu_training_step_takes_the_pallas_kernels_with_its_mesh():
+    # 'auto' on GPUs (checked and timed on an H200): the loss kernel for both heads and the depthwise forward,
+    # input and kernel gradient kernels for the JPU's four branches, when the step is traced with its data mesh
+    # as the training loop does; without it (four devices here) the XLA forms, and no warning.
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES)
+    batch = make_batch(2, batch_size=4)
+    assert _train_step_jaxpr(model, batch, "gpu", mesh=sharding.make_mesh()).count("pallas_call") == 2 + 4 * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "pallas_call" not in _train_step_jaxpr(model, batch, "gpu")
+    assert "pallas_call" not in _train_step_jaxpr(model, batch, "cpu", mesh=sharding.make_mesh())
+
+
+def _train_step_jaxpr(model, batch, backend: str, mesh=None) -> str:
+    """The recipe's training step of ``model`` on ``batch``, traced for ``backend`` (with ``mesh`` as its
+    context, as the training loop does), as text."""
     optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
     variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
     state = TrainState(
@@ -199,6 +215,8 @@ def _train_step_jaxpr(model, batch, backend: str) -> str:
         opt_state=optimizer.init(variables["params"]),
     )
     step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2)
+    if mesh is not None:
+        step = sharding.with_mesh(step, mesh)
     with layers.target_backend(backend):
         return str(jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(1)))
 

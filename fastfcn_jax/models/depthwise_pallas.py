@@ -17,11 +17,12 @@ its input gradient (``offset = padding + margin``). Off GPUs they run in Pallas'
 
 Measured on an H200 (jax 0.11.2, batch 16, 480x480, bf16, steps back to back): the EncNet+JPU R50 train step
 43.4 ms with XLA's forms, 40.4 with this kernel gradient, 38.7 with both gradients, 37.9 with the forward
-too; kernel gradients 0.42-0.50 ms per branch, input gradients 0.26-0.33 ms. Their values have been
-checked in the interpreter only (``experiments/pallas_check.py`` checks them on a GPU), so ``'auto'`` does
-not pick them yet. Over several devices they run on each device's examples when traced with the mesh as
-context (``sharding.with_mesh``, as the training loop does; ``sharding.over_batch``): XLA's SPMD
-partitioner cannot split a custom call it knows nothing about, and would replicate its operands.
+too (session 7); kernel gradients 0.42-0.50 ms per branch, input gradients 0.26-0.33 ms. Session 9 checked
+their values on the H200 against the XLA forms (``experiments/pallas_check.py``: relative errors <= 3.2e-7
+in float32), so ``'auto'`` picks them on GPUs (``layers.pallas_for_auto``). Over several devices they run on
+each device's examples when traced with the mesh as context (``sharding.with_mesh``, as the training loop
+does; ``sharding.over_batch``): XLA's SPMD partitioner cannot split a custom call it knows nothing about,
+and would replicate its operands.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _NUM_WARPS = 4
+# The kernel gradient's output rows are split into this many bands, one program each (per image and channel
+# block). H200, one JPU branch at batch 16, 60x60, 1536 channels, bfloat16 (session 9, pallas_check): 60
+# rows per program 1.09 ms, 30 0.90, 15 0.81, 8 1.11, 4 1.27 (XLA's stacked reduction 1.28).
+KERNEL_GRAD_ROW_BANDS = 4
 
 
 def _channel_block(channels: int) -> int:
@@ -199,8 +204,8 @@ def depthwise_kernel_gradient(
     """[k*k, C] float32: sum over n, r, j of x[n, r + a*d - offset, j + b*d - offset, c] * grad[n, r, j, c],
     tap (a, b) at a*k + b (zero outside ``x``): the kernel gradient of :func:`depthwise_correlate`.
 
-    ``rows_per_program``: each program sums this many output rows (None: all of them, one program per image
-    and channel block, as timed on the H200; fewer rows give more programs, partial sums added after)."""
+    ``rows_per_program``: each program sums this many output rows, partial sums added after (None: the rows
+    in :data:`KERNEL_GRAD_ROW_BANDS` bands)."""
     return kernel_gradient_terms(
         x,
         (grad,),
@@ -229,7 +234,7 @@ def kernel_gradient_terms(
     block, cols = _channel_block(channels), _column_block(out_w)
     chunks = range(0, out_w, cols)
     origin = max((k - 1) * d + abs(offset) for _, d, offset in terms) + cols if interpret else 0
-    rows_per_program = min(rows_per_program or out_h, out_h)
+    rows_per_program = min(rows_per_program or -(-out_h // KERNEL_GRAD_ROW_BANDS), out_h)
     groups = -(-out_h // rows_per_program)
 
     def body(x_ref, *refs):

@@ -58,7 +58,9 @@ class JPU(nn.Module):
             )
             for i, d in enumerate(self.dilations)
         ]
-        forms = depthwise_forms(self.ops.depthwise, self.ops.depthwise_input_grad, self.ops.depthwise_kernel_grad)
+        forms = depthwise_forms(
+            self.ops.depthwise, self.ops.depthwise_input_grad, self.ops.depthwise_kernel_grad, train=train
+        )
         if margin and forms == ("pallas",) * 3 and self.ops.jpu_depthwise == "joint":
             # One kernel per pass serves the four branches (depthwise_joint).
             kernels = [branch(feat, train, stage="kernel") for branch in branches]

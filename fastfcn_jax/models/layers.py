@@ -189,7 +189,9 @@ class OpChoices:
 
     resize: str = "auto"  # 'gather' | 'matmul' | 'auto'
     pointwise: str = "dot"  # 'dot' | 'conv'
-    depthwise: str = "shifted"  # 'shifted' | 'grouped' | 'pallas' (shifted, its forward a Pallas kernel: GPUs)
+    # 'shifted' | 'grouped' | 'pallas' (shifted, its forward a Pallas kernel: GPUs) | 'auto' (pallas when
+    # training where pallas_for_auto(), else shifted)
+    depthwise: str = "auto"
     conv_gradient: str = "auto"  # 'im2col' | 'xla' | 'auto' (im2col on CPU)
     dilated: str = "auto"  # 'valid_taps' | 'conv' | 'auto' (valid taps on CPU when padding is >= 20% of the work)
     small_maps: str = "auto"  # 'per_tap' | 'conv' | 'auto' (kxk convs over <= 256 pixels: per-tap matmuls on CPU)
@@ -200,14 +202,16 @@ class OpChoices:
     loss_logits: str = "auto"  # 'upsampled' | 'head' | 'auto' (training: the loss upsamples; head on GPU/TPU)
     # The shifted depthwise conv's input gradient: 'fused' (XLA may fuse the four JPU branches' gradients into
     # one kernel) | 'materialized' (each branch's written first) | 'pallas' (a Pallas kernel for GPUs,
-    # see depthwise_pallas) | 'auto' (materialized on GPU).
+    # see depthwise_pallas) | 'auto' (pallas where pallas_for_auto(), else materialized on GPU, fused elsewhere).
     depthwise_input_grad: str = "auto"
-    # 'stacked' | 'stacked_minor' | 'per_tap' | 'pallas' (as above) | 'auto' (stacked on GPU)
+    # 'stacked' | 'stacked_minor' | 'per_tap' | 'pallas' (as above) | 'auto' (pallas where pallas_for_auto(),
+    # else stacked on GPU, per_tap elsewhere)
     depthwise_kernel_grad: str = "auto"
     loss_gradient: str = "compute"  # the head-logits loss's gradient: 'compute' (model's dtype) | 'float32'
     # How that loss upsamples the heads' logits: 'fused' (XLA: the 2-D resize recomputed inside its passes)
-    # | 'pallas' (the width resized at the logits' height, the rest one Pallas kernel: GPUs)
-    loss_upsample: str = "fused"
+    # | 'pallas' (the width resized at the logits' height, the rest one Pallas kernel: GPUs) | 'auto' (pallas
+    # where pallas_for_auto(), else fused)
+    loss_upsample: str = "auto"
     # The JPU's depthwise convs with every form 'pallas' and the input padded once: 'branches' (three kernels
     # per branch) | 'joint' (one kernel per pass for the four branches: layers.depthwise_joint)
     jpu_depthwise: str = "branches"
@@ -218,7 +222,7 @@ class OpChoices:
         for field, allowed in (
             ("resize", ("gather", "matmul", "auto")),
             ("pointwise", ("dot", "conv")),
-            ("depthwise", ("shifted", "grouped", "pallas")),
+            ("depthwise", ("shifted", "grouped", "pallas", "auto")),
             ("conv_gradient", ("im2col", "xla", "auto")),
             ("dilated", ("valid_taps", "conv", "auto")),
             ("small_maps", ("per_tap", "conv", "auto")),
@@ -230,7 +234,7 @@ class OpChoices:
             ("depthwise_input_grad", ("fused", "materialized", "pallas", "auto")),
             ("depthwise_kernel_grad", ("stacked", "stacked_minor", "per_tap", "pallas", "auto")),
             ("loss_gradient", ("compute", "float32")),
-            ("loss_upsample", ("fused", "pallas")),
+            ("loss_upsample", ("fused", "pallas", "auto")),
             ("max_pool_grad", ("taps", "select", "auto")),
             ("jpu_depthwise", ("branches", "joint")),
         ):
@@ -321,6 +325,23 @@ def choose(choice: str, *, tpu: str, other: str, gpu: str | None = None) -> str:
     if name == "tpu":
         return tpu
     return gpu if gpu is not None and name == "gpu" else other
+
+
+def pallas_for_auto() -> bool:
+    """Whether ``'auto'`` picks the Pallas kernels (``depthwise*``, ``loss_upsample``): when tracing for GPUs,
+    where an H200 checked their values and timed them (session 9: the EncNet+JPU R50 train step at batch 16,
+    480x480 from 43.2 to 34.1 ms), and when the kernels will run on each device's examples: one device, or the
+    data mesh as context (:func:`fastfcn_jax.sharding.with_mesh`, as the training loop does). Otherwise XLA
+    would replicate the kernels' operands on every device, so the XLA forms are taken."""
+    return backend() == "gpu" and (jax.device_count() == 1 or sharding.data_parallel_size() > 1)
+
+
+def choose_pallas(op: str, choice: str, otherwise: str) -> str:
+    """Resolves ``op``'s ``'auto'`` to ``'pallas'`` where :func:`pallas_for_auto`, else to ``otherwise``;
+    inside :func:`xla_forms` a Pallas choice becomes its XLA form."""
+    if choice == "auto":
+        choice = "pallas" if pallas_for_auto() else otherwise
+    return unless_xla_forms(op, choice)
 
 
 def exact_dtype(dtype: Dtype) -> Dtype:
@@ -982,15 +1003,16 @@ class DepthwiseConv(nn.Module):
     kernel_size: int = 3
     dilation: int = 1
     dtype: Dtype = jnp.float32
-    implementation: str = "shifted"
+    implementation: str = "auto"  # OpChoices.depthwise
     margin: int = 0
     input_grad: str = "auto"  # OpChoices.depthwise_input_grad
     kernel_grad: str = "auto"  # OpChoices.depthwise_kernel_grad
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, kernel_only: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, kernel_only: bool = False) -> jax.Array:
         """The convolution of ``x``; with ``kernel_only``, the kernel in the compute dtype (for
-        :func:`depthwise_joint`, which convolves several branches' kernels at once)."""
+        :func:`depthwise_joint`, which convolves several branches' kernels at once). ``train`` only picks the
+        forward's form (:func:`depthwise_forms`)."""
         channels = x.shape[-1]
         k, d = self.kernel_size, self.dilation
         kernel = self.param(
@@ -1019,23 +1041,29 @@ class DepthwiseConv(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=channels,
             )
-        if self.implementation not in ("shifted", "pallas"):
+        if self.implementation not in ("shifted", "pallas", "auto"):
             raise ValueError(f"unknown depthwise implementation {self.implementation!r}")
-        forms = depthwise_forms(self.implementation, self.input_grad, self.kernel_grad)
+        forms = depthwise_forms(self.implementation, self.input_grad, self.kernel_grad, train=train)
         return _depthwise_shifted(x, kernel, d, self.margin, forms)
 
 
-def depthwise_forms(forward: str, input_grad: str, kernel_grad: str) -> tuple[str, str, str]:
+def depthwise_forms(forward: str, input_grad: str, kernel_grad: str, *, train: bool) -> tuple[str, str, str]:
     """(forward, input gradient, kernel gradient) forms of the shifted depthwise conv for the backend traced
-    for (``OpChoices`` ``depthwise``, ``depthwise_input_grad``, ``depthwise_kernel_grad``)."""
-    # The Pallas kernels are 'auto''s GPU choice once a GPU has checked their values (docs/performance.md).
-    input_grad = choose(input_grad, tpu="fused", other="fused", gpu="materialized")
-    kernel_grad = choose(kernel_grad, tpu="per_tap", other="per_tap", gpu="stacked")
-    OpChoices(depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates both
+    for (``OpChoices`` ``depthwise``, ``depthwise_input_grad``, ``depthwise_kernel_grad``). ``'auto'`` takes
+    the Pallas kernels where :func:`pallas_for_auto`; the forward's only when ``train``: its speed-up was
+    timed in the training step (H200, session 7: 38.7 -> 37.9 ms), while inference keeps XLA's one fused
+    kernel for the JPU's four branches (at batch 1 a GPU is bound by the number of kernels)."""
+    OpChoices(depthwise=forward, depthwise_input_grad=input_grad, depthwise_kernel_grad=kernel_grad)  # validates
+    if forward == "auto" and not train:
+        forward = "shifted"
     return (
-        unless_xla_forms("depthwise", forward),
-        unless_xla_forms("depthwise_input_grad", input_grad),
-        unless_xla_forms("depthwise_kernel_grad", kernel_grad),
+        choose_pallas("depthwise", forward, "shifted"),
+        choose_pallas(
+            "depthwise_input_grad", input_grad, choose("auto", tpu="fused", other="fused", gpu="materialized")
+        ),
+        choose_pallas(
+            "depthwise_kernel_grad", kernel_grad, choose("auto", tpu="per_tap", other="per_tap", gpu="stacked")
+        ),
     )
 
 
@@ -1297,7 +1325,7 @@ class SeparableConv(nn.Module):
                 input_grad=self.ops.depthwise_input_grad,
                 kernel_grad=self.ops.depthwise_kernel_grad,
                 name="depthwise",
-            )(x, kernel_only=stage == "kernel")
+            )(x, train=train, kernel_only=stage == "kernel")
             if stage == "kernel":
                 return x
         norm = functools.partial(

@@ -64,7 +64,7 @@ class Segmenter(nn.Module):
     # How performance-sensitive ops are computed (same maths; see fastfcn_jax/models/layers.py).
     resize_implementation: str = "auto"
     pointwise_implementation: str = "dot"
-    depthwise_implementation: str = "shifted"
+    depthwise_implementation: str = "auto"
     conv_gradient_implementation: str = "auto"
     dilated_implementation: str = "auto"
     separable_implementation: str = "fused"
@@ -76,7 +76,7 @@ class Segmenter(nn.Module):
     depthwise_input_grad_implementation: str = "auto"
     depthwise_kernel_grad_implementation: str = "auto"
     loss_gradient_implementation: str = "compute"
-    loss_upsample_implementation: str = "fused"
+    loss_upsample_implementation: str = "auto"
     max_pool_grad_implementation: str = "auto"
     jpu_depthwise_implementation: str = "branches"
     # Heads.
