@@ -122,14 +122,12 @@ for name in ${STAGES//,/ }; do
                 --ops "$ops"
         done ;;
     train_variants)  # the b16 480x480 train step under each op choice of its backward, one process. Each
-        # variant's compile takes 20-45 s on an H200: most telling first, each row printed as soon as it is
-        # measured. Session 7 measured the XLA forms (stacked_minor, per_tap, grouped, fused, float32 loss
-        # gradient, upsampled logits: docs/performance.md) and the depthwise Pallas kernels; these are the
-        # loss's Pallas kernel (session 8) alone and with the depthwise ones (per branch, and joint: one
-        # kernel per pass for the JPU's four branches), against today's default.
-        PALLAS_DW=depthwise=pallas,depthwise_kernel_grad=pallas,depthwise_input_grad=pallas
-        VARIANTS=(${GPU_CHECK_VARIANTS:-default $PALLAS_DW,loss_upsample=pallas \
-            $PALLAS_DW,loss_upsample=pallas,jpu_depthwise=joint loss_upsample=pallas $PALLAS_DW})
+        # variant's compile takes 20-75 s on an H200: most telling first, each row printed as soon as it is
+        # measured. Sessions 7 and 9 measured the XLA forms and the Pallas depthwise and loss kernels (now
+        # the GPU default; docs/performance.md); these are BatchNorm's sums as a Pallas kernel (session 9,
+        # not yet timed) and the XLA forms of the depthwise and loss kernels, against today's default.
+        XLA_FORMS=depthwise=shifted,depthwise_kernel_grad=stacked,depthwise_input_grad=materialized,loss_upsample=fused
+        VARIANTS=(${GPU_CHECK_VARIANTS:-default norm_statistics=pallas $XLA_FORMS})
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             "${VARIANTS[@]/#/--variant=}" ${GPU_CHECK_QUICK:+--quick} ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;

@@ -10,8 +10,10 @@ the forward, the input gradient and the kernel gradient, their largest absolute 
 largest reference value. Then the training loss with ``OpChoices.loss_upsample='pallas'`` against
 ``'fused'`` (150 classes at stride 8, labels at full resolution, a tenth of them ignored): the loss and its
 gradient with respect to the logits, and on a GPU their times and the kernel's under other column blocks
-and warp counts (``upsampled_loss_pallas``). Exits 1 if any error exceeds ``--tolerance``. Needs only jax,
-flax and numpy (as the benchmark).
+and warp counts (``upsampled_loss_pallas``). Then BatchNorm's sums (``OpChoices.norm_statistics='pallas'``,
+``batch_norm_pallas``): the forward's moments and the backward's ``sum(dy)``, ``sum(dy * x)`` at three of
+the training step's shapes, and on a GPU their times against XLA's reductions. Exits 1 if any error
+exceeds ``--tolerance``. Needs only jax, flax and numpy (as the benchmark).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import numpy as np
 
 from fastfcn_jax import losses, upsampled_loss_pallas
 from fastfcn_jax.benchmark import time_calls
-from fastfcn_jax.models import depthwise_pallas, layers
+from fastfcn_jax.models import batch_norm_pallas, depthwise_pallas, layers
 
 # (column block, warps) of the loss kernel timed on a GPU; the first is the default.
 LOSS_KERNEL_CONFIGS = (
     (upsampled_loss_pallas.COLUMN_BLOCK, upsampled_loss_pallas.NUM_WARPS),
-    (2, 4),
-    (8, 4),
+    (4, 4),
+    (16, 4),
     (8, 8),
     (16, 8),
 )
@@ -158,6 +160,62 @@ def time_kernel_gradient(
     return timings
 
 
+# (rows, channels) of BatchNorm inputs in the training step (batch 16, 480x480): layer1's 120x120x256, the
+# JPU's and layer2's 60x60x512, layer3's 30x30x1024; and the programs the kernel is split over.
+NORM_SHAPES = ((16 * 120 * 120, 256), (16 * 60 * 60, 512), (16 * 30 * 30, 1024))
+NORM_PROGRAMS = (batch_norm_pallas.TARGET_PROGRAMS, 256, 4096)
+
+
+def _norm_inputs(rows: int, channels: int, dtype=jnp.bfloat16) -> tuple[jax.Array, ...]:
+    keys = jax.random.split(jax.random.PRNGKey(rows + channels), 4)
+    x = (2.0 * jax.random.normal(keys[0], (rows, channels)) + 1.0).astype(dtype)
+    dy = jax.random.normal(keys[1], (rows, channels)).astype(dtype)
+    return x, dy, jax.random.normal(keys[2], (channels,)), jnp.zeros((channels,))
+
+
+def _xla_norm_sums(x, dy, shift):
+    """XLA's forms: the forward's moments about ``shift`` and the backward's sum(dy), sum(dy * x)."""
+    d, g = x.astype(jnp.float32) - shift, dy.astype(jnp.float32)
+    return (jnp.sum(d, 0), jnp.sum(d * d, 0)), (jnp.sum(g, 0), jnp.sum(g * x.astype(jnp.float32), 0))
+
+
+def check_norm_statistics(rows: int, channels: int, interpret: bool) -> dict[str, float]:
+    """Relative errors of the BatchNorm sums kernel (``OpChoices.norm_statistics='pallas'``) against XLA's
+    reductions, float32 inputs."""
+    x, dy, shift, zeros = _norm_inputs(rows, channels, jnp.float32)
+    (want_sum, want_square), (want_dy, want_dyx) = jax.jit(_xla_norm_sums)(x, dy, shift)
+    got_sum, got_square = batch_norm_pallas.channel_sums(x, shift, interpret=interpret)
+    got_dy, got_dyx = batch_norm_pallas.channel_sums(dy, zeros, x, zeros, interpret=interpret)
+    return {
+        "moments": max(_error(got_sum, want_sum), _error(got_square, want_square)),
+        "gradient_sums": max(_error(got_dy, want_dy), _error(got_dyx, want_dyx)),
+    }
+
+
+def time_norm_statistics(rows: int, channels: int, *, interpret: bool, runs: int = 20) -> list[tuple[str, float]]:
+    """(what, median ms) of one BatchNorm's sums (bfloat16 activations, as training has them): XLA's
+    reductions and the Pallas kernel split over :data:`NORM_PROGRAMS` programs, forward and backward."""
+    x, dy, shift, zeros = _norm_inputs(rows, channels)
+    forward = jax.jit(lambda x, s: _xla_norm_sums(x, x, s)[0])
+    backward = jax.jit(lambda x, g: _xla_norm_sums(x, g, 0.0)[1])
+    timings = [
+        ("XLA, moments", _median_ms(forward, x, shift, runs=runs)),
+        ("XLA, sum(dy), sum(dy * x)", _median_ms(backward, x, dy, runs=runs)),
+    ]
+    for programs in NORM_PROGRAMS:
+        moments = jax.jit(
+            lambda x, s, p=programs: batch_norm_pallas.channel_sums(x, s, programs=p, interpret=interpret)
+        )
+        sums = jax.jit(
+            lambda g, x, z, p=programs: batch_norm_pallas.channel_sums(g, z, x, z, programs=p, interpret=interpret)
+        )
+        timings.append((f"Pallas, moments, {programs} programs", _median_ms(moments, x, shift, runs=runs)))
+        timings.append(
+            (f"Pallas, sum(dy), sum(dy * x), {programs} programs", _median_ms(sums, dy, x, zeros, runs=runs))
+        )
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 2, 13x13, 96 channels")
@@ -197,6 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n| one head's loss, batch {loss_shape[0]} | ms |\n|---|---:|")
         for what, ms in time_loss(*loss_shape, interpret=interpret, runs=2 if args.quick else 20):
             print(f"| {what} | {ms:.3f} |", flush=True)
+    norm_shapes = ((1000, 96),) if args.quick else NORM_SHAPES
+    print("\n| BatchNorm sums, rows x channels | moments | gradient sums |\n|---|---:|---:|")
+    for rows, channels in norm_shapes:
+        errors = check_norm_statistics(rows, channels, interpret)
+        worst = max(worst, *errors.values())
+        print(f"| {rows} x {channels} | {errors['moments']:.2e} | {errors['gradient_sums']:.2e} |", flush=True)
+    if not interpret or args.time:
+        for rows, channels in norm_shapes:
+            print(f"\n| one BatchNorm's sums, {rows} x {channels}, bfloat16 | ms |\n|---|---:|")
+            for what, ms in time_norm_statistics(rows, channels, interpret=interpret, runs=2 if args.quick else 20):
+                print(f"| {what} | {ms:.3f} |", flush=True)
     verdict = "PASS" if worst <= args.tolerance else "FAIL"
     print(f"\nworst relative error {worst:.2e} (tolerance {args.tolerance:.0e}): {verdict}")
     return 0 if verdict == "PASS" else 1

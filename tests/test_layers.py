@@ -571,6 +571,16 @@ def _assert_same_results(got, want) -> None:
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(w).max()))
 
 
+def test_pallas_norm_statistics_train_the_whole_model_like_xla() -> None:
+    # OpChoices.norm_statistics='pallas': every training BatchNorm of the backbone, JPU and head sums its
+    # moments and its gradient's sums in the Pallas kernel (interpreted here); float64, so only rounding
+    # in another order differs.
+    _assert_same_results(
+        _float64_train_results("encnet_jpu_tiny", norm_statistics_implementation="pallas"),
+        _float64_train_results("encnet_jpu_tiny"),
+    )
+
+
 @pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
 def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -> None:
     results = {
@@ -798,6 +808,20 @@ def test_max_pool_gradient_goes_to_each_windows_first_maximum_as_autodiffs(shape
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_vjp(grad)[0], want_vjp(grad)[0])
     assert got_vjp(grad)[0].dtype == dtype
+
+
+@pytest.mark.parametrize(("window", "stride", "padding"), [(2, 2, 0), (3, 1, 1), (3, 3, 1), (5, 2, 2), (2, 3, 1)])
+def test_max_pool_gradient_for_other_windows_strides_and_paddings(window, stride, padding):
+    # Each of the stride x stride phases of the input sums the taps that reach it (none for some when the
+    # stride exceeds the window): every geometry equals autodiff's gradient, ties included.
+    rng = np.random.default_rng(window * 10 + stride)
+    x = jnp.asarray(rng.integers(0, 3, size=(2, 11, 10, 3)), jnp.float32)
+    pads = ((padding, padding), (padding, padding))
+    want, want_vjp = jax.vjp(lambda x: nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads), x)
+    got, got_vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding), x)
+    grad = jnp.asarray(rng.integers(1, 8, size=want.shape), jnp.float32)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_vjp(grad)[0], want_vjp(grad)[0])
 
 
 @pytest.mark.parametrize(

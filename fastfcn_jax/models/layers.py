@@ -75,8 +75,8 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   gradient written at full resolution for the resize's adjoint: about 6.7 ms of the H200's 37.9 ms step)
   or ``'pallas'``: the width resized at the logits' height, then one Pallas kernel
   (``fastfcn_jax.upsampled_loss_pallas``) for the height, the log-sum-exp and the gradient, which never
-  writes a full-resolution array (compile-only H200: 71.7 -> 65.6 GB per step). Opt-in until a GPU has
-  checked and timed it (``experiments/pallas_check.py``).
+  writes a full-resolution array (H200: one head's loss and gradient 4.72 -> 2.00 ms, the step 43.2 -> 38.8
+  ms alone). ``'auto'``: the kernel where :func:`pallas_for_auto`, else fused.
 - The shifted depthwise conv's backward pass (``depthwise_input_grad``, ``depthwise_kernel_grad``): the
   JPU's four branches read one padded input, so their input gradients are added; XLA:GPU fused the four
   9-tap input-gradient correlations and the sum into one kernel of 236 registers per thread at 12.5%
@@ -86,8 +86,9 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   ``'stacked'`` (one reduction over the nine stacked taps, taps major; ``'auto'``: GPUs, where it ran at a
   tenth of its roofline), ``'stacked_minor'`` (taps as the minor dimension: no faster on the H200) or
   ``'per_tap'`` (nine sums; CPU, TPU). ``'pallas'``, for both and for the forward (``depthwise``): Triton
-  kernels (``depthwise_pallas``) that read each element once, 43.4 -> 37.9 ms per H200 step at batch 16,
-  opt-in until a GPU has checked their values (``experiments/pallas_check.py``). Over several devices every
+  kernels (``depthwise_pallas``) that read each element once, 43.4 -> 37.9 ms per H200 step at batch 16;
+  33.2 ms with the loss kernel (session 9, which checked their values on the H200). ``'auto'`` takes them
+  where :func:`pallas_for_auto` (GPUs; the forward in training only). Over several devices every
   Pallas kernel runs on each device's examples (``shard_map``, :func:`fastfcn_jax.sharding.over_batch`)
   when traced with the mesh as context (:func:`fastfcn_jax.sharding.with_mesh`: the training loop, the
   compile-only builds); otherwise XLA would gather the batch onto every device, and tracing warns.
@@ -97,14 +98,21 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   input once and writing one summed input gradient instead of four that XLA then adds). Compile-only H200
   (EncNet+JPU R50 train step at batch 16, 480x480, all Pallas kernels): 64.1 -> 60.2 GB, roofline 19.9 ->
   19.0 ms; but ptxas gives the joint kernels 174 (forward) and 255 registers with spills (gradients)
-  against 71 / 128 / 176 per branch, so only a GPU can say which is faster. Not measured; opt-in.
+  against 71 / 128 / 176 per branch, and on the H200 the step took 37.3 ms against 34.3 per branch.
 - The stem's max-pool gradient (``max_pool_grad``): ``'taps'`` (:func:`max_pool`: each window's first
   maximum found from its nine taps, the gradient placed by strided pads, fused elementwise) or ``'select'``
   (autodiff's select-and-scatter; the same values, ties included). XLA:CPU, batch 2, 256x256 stem output
   (128 channels): 60 -> 12 ms for the pool's backward; compile-only H200 (EncNet+JPU R50 train step at
   batch 16, 480x480): a 1.01 GB scatter kernel (measured 0.76 ms in session 7) becomes part of a 0.41 GB
-  fusion, 65.6 -> 64.3 GB per step. ``'auto'``: taps, but select on TPUs, whose compiler runs the scatter
-  natively (compile-only v5e estimate of that step: 185.6 ms with select, 190.5 with taps).
+  fusion, 65.6 -> 64.3 GB per step; measured on the H200, 34.11 ms per step with taps, 34.54 with select.
+  ``'auto'``: taps, but select on TPUs, whose compiler runs the scatter natively (compile-only v5e estimate
+  of that step: 185.6 ms with select, 190.5 with taps).
+- A training BatchNorm's per-channel sums (``norm_statistics``): ``'xla'`` (reductions XLA fuses with their
+  producers) or ``'pallas'`` (``batch_norm_pallas``: one Triton kernel for the forward's two moments and one
+  for the backward's ``sum(dy)`` and ``sum(dy * x)``, behind custom VJPs with the same formulas). On the
+  H200 XLA's reductions ran at 3-20x their memory roofline: 6.5 of the 33.5 ms of kernels in the
+  EncNet+JPU R50 step at batch 16, 480x480, against a 1.7 ms roofline. Opt-in until a GPU has timed it
+  (``experiments/pallas_check.py``, ``gpu_check.sh``'s ``train_variants``).
 - Gradient of kxk convolutions: ``'im2col'`` on CPU (the vjp of one matmul over k*k shifted views), XLA's
   backward convolutions elsewhere. The forward pass is XLA's convolution either way. XLA:CPU's backward
   convolutions ran 1.5-4x slower than the matmul form (e.g. 3x3 2048->512 on 8x8, batch 2: 152 vs 36 ms);
@@ -127,7 +135,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax import sharding
-from fastfcn_jax.models import depthwise_pallas
+from fastfcn_jax.models import batch_norm_pallas, depthwise_pallas
 
 Dtype = Any
 
@@ -217,6 +225,9 @@ class OpChoices:
     jpu_depthwise: str = "branches"
     # The stem's max-pool gradient: 'taps' (a fused gather) | 'select' (autodiff's) | 'auto' (select on TPU)
     max_pool_grad: str = "auto"
+    # Training BatchNorms' per-channel sums (forward moments, backward sum(dy) and sum(dy * x)): 'xla' |
+    # 'pallas' (one Pallas kernel: batch_norm_pallas; GPUs)
+    norm_statistics: str = "xla"
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -237,6 +248,7 @@ class OpChoices:
             ("loss_upsample", ("fused", "pallas", "auto")),
             ("max_pool_grad", ("taps", "select", "auto")),
             ("jpu_depthwise", ("branches", "joint")),
+            ("norm_statistics", ("xla", "pallas")),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}_implementation must be one of {allowed}, got {getattr(self, field)!r}")
@@ -295,6 +307,7 @@ _XLA_FORM_OF_PALLAS = {
     "depthwise_input_grad": "materialized",
     "depthwise_kernel_grad": "stacked",
     "loss_upsample": "fused",
+    "norm_statistics": "xla",
 }
 
 
@@ -505,23 +518,36 @@ def _max_pool_bwd(window, stride, padding, x, grad):
                 jnp.where(better, jnp.asarray(a * window + b, index_dtype), first),
                 jnp.where(better, tap, best),
             )
-    height, width = x.shape[1], x.shape[2]
-    total = None
-    for a in range(window):
-        for b in range(window):
-            # Output (p, q)'s tap (a, b) is input (s*p - pad + a, s*q - pad + b): interior padding spreads
-            # the outputs by the stride, negative edge padding crops what falls outside the input.
-            low_h, low_w = a - padding, b - padding
-            high_h = height - (low_h + stride * (grad.shape[1] - 1) + 1)
-            high_w = width - (low_w + stride * (grad.shape[2] - 1) + 1)
-            chosen = jnp.where(first == a * window + b, grad, jnp.zeros((), grad.dtype))
-            placed = jax.lax.pad(
-                chosen,
-                jnp.zeros((), grad.dtype),
-                ((0, 0, 0), (low_h, high_h, stride - 1), (low_w, high_w, stride - 1), (0, 0, 0)),
-            )
-            total = placed if total is None else total + placed
-    return (total,)
+    # Input row s*m + r is tap a of window m + (r + pad - a) / s for the taps with (r + pad - a) % s == 0
+    # (columns alike): each of the s*s phases of the input sums only the taps that reach it (ResNet's stem,
+    # 3x3 stride 2: 1, 2, 2 and 4 of the 9), and the phases interleave by a reshape. On the H200 the form that
+    # placed all nine taps by strided pads evaluated nine selects per input element: 0.86 ms, 6.6x its
+    # memory roofline. Terms are added in tap order, as there, so the values are the same.
+    batch, height, width, channels = x.shape
+    rows, cols = -(-height // stride), -(-width // stride)
+    zero = jnp.zeros((), grad.dtype)
+
+    def window_at(chosen: jax.Array, dr: int, dc: int) -> jax.Array:
+        # [B, rows, cols, C]: chosen[:, m + dr, n + dc], zero outside (negative padding crops).
+        h, w = chosen.shape[1], chosen.shape[2]
+        return jax.lax.pad(chosen, zero, ((0, 0, 0), (-dr, rows - h + dr, 0), (-dc, cols - w + dc, 0), (0, 0, 0)))
+
+    phases = []
+    for r in range(stride):
+        row_phases = []
+        for c in range(stride):
+            total = None
+            for a in range(window):
+                for b in range(window):
+                    if (r + padding - a) % stride or (c + padding - b) % stride:
+                        continue
+                    chosen = jnp.where(first == a * window + b, grad, zero)
+                    term = window_at(chosen, (r + padding - a) // stride, (c + padding - b) // stride)
+                    total = term if total is None else total + term
+            row_phases.append(jnp.zeros((batch, rows, cols, channels), grad.dtype) if total is None else total)
+        phases.append(jnp.stack(row_phases, axis=3))  # [B, rows, cols, s (column phase), C]
+    placed = jnp.stack(phases, axis=2).reshape(batch, rows * stride, cols * stride, channels)
+    return (placed[:, :height, :width],)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -601,6 +627,7 @@ class BatchNorm(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     folded: bool = False  # inference only: the conv before carries the scale, ``bias`` the whole shift
+    statistics: str = "xla"  # OpChoices.norm_statistics: 'xla' | 'pallas' (training, channels last)
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -621,9 +648,13 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
 
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(exact_dtype(x.dtype))  # float32 (float64 in exactness tests)
         if self.folded:
             return (x32 + bias.astype(jnp.float32).reshape(stat_shape)).astype(self.dtype or x.dtype)
+        statistics = unless_xla_forms("norm_statistics", self.statistics)
+        if statistics not in ("xla", "pallas"):
+            raise ValueError(f"unknown BatchNorm statistics {self.statistics!r}; expected 'xla' or 'pallas'")
+        pallas = statistics == "pallas" and not use_running_average and axis == x.ndim - 1
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -631,29 +662,108 @@ class BatchNorm(nn.Module):
             # XLA fuses the two sums into one reduction), about the running mean so that E[d^2] - E[d]^2
             # does not cancel when |mean| >> std (the shifted-data algorithm; exact for any shift).
             shift = jax.lax.stop_gradient(ra_mean.value).reshape(stat_shape)
-            centred = x32 - shift
-            mean_centred = jnp.mean(centred, axis=reduce_axes)
-            var = jnp.maximum(jnp.mean(jnp.square(centred), axis=reduce_axes) - jnp.square(mean_centred), 0.0)
+            count = int(np.prod([x.shape[a] for a in reduce_axes]))
+            if pallas:
+                sums, squares = _pallas_moments(x, shift.reshape(-1))
+                mean_centred, mean_square = sums / count, squares / count
+            else:
+                centred = x32 - shift
+                mean_centred = jnp.mean(centred, axis=reduce_axes)
+                mean_square = jnp.mean(jnp.square(centred), axis=reduce_axes)
+            var = jnp.maximum(mean_square - jnp.square(mean_centred), 0.0)
             mean = mean_centred + shift.reshape(-1)
             if not self.is_initializing():
-                count = int(np.prod([x.shape[a] for a in reduce_axes]))
                 unbiased = var * (count / max(count - 1, 1))
                 ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
 
         multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
         offset = bias.astype(jnp.float32) - mean * multiplier
+        if pallas:
+            return _pallas_affine(x, multiplier, offset, jnp.dtype(self.dtype or x.dtype).name)
         y = x32 * multiplier.reshape(stat_shape) + offset.reshape(stat_shape)
         return y.astype(self.dtype or x.dtype)
 
 
+def _channel_sums(u: jax.Array, u_shift: jax.Array, v: jax.Array | None = None, v_shift: jax.Array | None = None):
+    """:func:`batch_norm_pallas.channel_sums` over the rows of channels-last ``u`` (and ``v``), on each
+    device's part of the batch, added over the devices."""
+    interpret = pallas_interpret()
+    channels = u.shape[-1]
+
+    def local(u, *v):
+        v = (v[0].reshape(-1, channels), v_shift) if v else ()
+        # The interpreter runs programs one after another: one per channel block (tests).
+        programs = 1 if interpret else batch_norm_pallas.TARGET_PROGRAMS
+        return batch_norm_pallas.channel_sums(
+            u.reshape(-1, channels), u_shift, *v, programs=programs, interpret=interpret
+        )
+
+    args = (u,) if v is None else (u, v)
+    return sharding.over_batch(local, *args, batched=(True,) * len(args), summed=(True, True))
+
+
+@jax.custom_vjp
+def _pallas_moments(x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of ``x - shift``, sum of its squares) per channel (the last axis) in one Pallas kernel; their
+    gradient is elementwise."""
+    return _channel_sums(x, shift)
+
+
+def _pallas_moments_fwd(x, shift):
+    sums, squares = _channel_sums(x, shift)
+    return (sums, squares), (x, shift, sums)
+
+
+def _pallas_moments_bwd(residuals, grads):
+    x, shift, sums = residuals
+    grad_sums, grad_squares = grads
+    count = x.size // x.shape[-1]
+    grad_x = grad_sums + 2.0 * grad_squares * (x.astype(grad_sums.dtype) - shift)
+    return grad_x.astype(x.dtype), -(count * grad_sums + 2.0 * grad_squares * sums).astype(shift.dtype)
+
+
+_pallas_moments.defvjp(_pallas_moments_fwd, _pallas_moments_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _pallas_affine(x: jax.Array, multiplier: jax.Array, offset: jax.Array, out_dtype: str) -> jax.Array:
+    """``x * multiplier + offset`` per channel, in float32 (float64 for float64 inputs) then ``out_dtype``;
+    the gradient's two per-channel sums (``sum(dy * x)``, ``sum(dy)``) in one Pallas kernel."""
+    wide = exact_dtype(x.dtype)
+    return (x.astype(wide) * multiplier.astype(wide) + offset.astype(wide)).astype(out_dtype)
+
+
+def _pallas_affine_fwd(x, multiplier, offset, out_dtype):
+    return _pallas_affine(x, multiplier, offset, out_dtype), (x, multiplier)
+
+
+def _pallas_affine_bwd(out_dtype, residuals, grad):
+    x, multiplier = residuals
+    zeros = jnp.zeros(x.shape[-1:], multiplier.dtype)
+    grad_offset, grad_multiplier = _channel_sums(grad, zeros, x, zeros)
+    grad_x = (grad.astype(exact_dtype(grad.dtype)) * multiplier).astype(x.dtype)
+    return grad_x, grad_multiplier.astype(multiplier.dtype), grad_offset.astype(multiplier.dtype)
+
+
+_pallas_affine.defvjp(_pallas_affine_fwd, _pallas_affine_bwd)
+
+
 def make_norm(
-    kind: str, *, train: bool, dtype: Dtype, num_groups: int = 32, folded: bool = False, name: str | None = None
+    kind: str,
+    *,
+    train: bool,
+    dtype: Dtype,
+    num_groups: int = 32,
+    folded: bool = False,
+    statistics: str = "xla",
+    name: str | None = None,
 ):
     """A normalisation layer by name: ``'batch'`` (PyTorch BatchNorm) or ``'group'`` (GroupNorm, eps 1e-5).
-    ``folded``: a BatchNorm whose scale is in the preceding convolution (see :func:`fold_batch_norm`)."""
+    ``folded``: a BatchNorm whose scale is in the preceding convolution (see :func:`fold_batch_norm`);
+    ``statistics``: how a training BatchNorm sums (``OpChoices.norm_statistics``)."""
     if kind == "batch":
-        return BatchNorm(use_running_average=not train, dtype=dtype, folded=folded, name=name)
+        return BatchNorm(use_running_average=not train, dtype=dtype, folded=folded, statistics=statistics, name=name)
     if kind == "group":
         # Two-pass variance, as PyTorch computes it.
         return nn.GroupNorm(
@@ -983,7 +1093,15 @@ class ConvBNReLU(nn.Module):
             name="conv",
         )(x, resized)
         folded = self.ops.norm == "folded"
-        x = make_norm(self.norm, train=train, dtype=self.dtype, num_groups=self.num_groups, folded=folded, name="bn")(x)
+        x = make_norm(
+            self.norm,
+            train=train,
+            dtype=self.dtype,
+            num_groups=self.num_groups,
+            folded=folded,
+            statistics=self.ops.norm_statistics,
+            name="bn",
+        )(x)
         return nn.relu(x) if self.relu else x
 
 
@@ -1335,6 +1453,7 @@ class SeparableConv(nn.Module):
             dtype=self.dtype,
             num_groups=self.num_groups,
             folded=self.ops.norm == "folded",
+            statistics=self.ops.norm_statistics,
         )
         x = norm(name="depthwise_norm")(x)
         if self.ops.separable == "split":

@@ -79,6 +79,7 @@ class Segmenter(nn.Module):
     loss_upsample_implementation: str = "auto"
     max_pool_grad_implementation: str = "auto"
     jpu_depthwise_implementation: str = "branches"
+    norm_statistics_implementation: str = "xla"
     # Heads.
     aux: bool = True
     se_loss: bool = True
@@ -109,6 +110,7 @@ class Segmenter(nn.Module):
             loss_upsample=self.loss_upsample_implementation,
             max_pool_grad=self.max_pool_grad_implementation,
             jpu_depthwise=self.jpu_depthwise_implementation,
+            norm_statistics=self.norm_statistics_implementation,
         )
 
     def _sow(self, name: str, value: jax.Array) -> None:

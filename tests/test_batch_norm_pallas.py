@@ -1,0 +1,108 @@
+"""BatchNorm's per-channel sums as a Pallas kernel (run in Pallas's interpreter here) against NumPy and
+against the XLA BatchNorm, and its lowering to Triton for GPUs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastfcn_jax import sharding
+from fastfcn_jax.models import batch_norm_pallas, layers
+
+
+@pytest.mark.parametrize(
+    ("rows", "channels", "dtype"),
+    [(1000, 96, jnp.float32), (37, 8, jnp.float32), (3000, 160, jnp.bfloat16), (5, 512, jnp.float32)],
+)
+def test_channel_sums_match_numpy(rows, channels, dtype) -> None:
+    # Rows that are not a multiple of the tile or the band, channel blocks of 32-128, bfloat16 inputs summed
+    # in float32; with v (the backward's sum(dy * x)) and without (the forward's moments about a shift).
+    keys = jax.random.split(jax.random.PRNGKey(rows), 4)
+    u = (3.0 * jax.random.normal(keys[0], (rows, channels)) + 5.0).astype(dtype)
+    v = jax.random.normal(keys[1], (rows, channels)).astype(dtype)
+    u_shift, v_shift = jax.random.normal(keys[2], (channels,)), jax.random.normal(keys[3], (channels,))
+    d = np.asarray(u.astype(jnp.float32), np.float64) - np.asarray(u_shift, np.float64)
+    e = np.asarray(v.astype(jnp.float32), np.float64) - np.asarray(v_shift, np.float64)
+    assert batch_norm_pallas.row_bands(rows, channels // batch_norm_pallas._channel_block(channels)) % 32 == 0
+    for got, want in (
+        (batch_norm_pallas.channel_sums(u, u_shift, interpret=True), (d.sum(0), (d * d).sum(0))),
+        (batch_norm_pallas.channel_sums(u, u_shift, v, v_shift, interpret=True), (d.sum(0), (d * e).sum(0))),
+    ):
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == jnp.float32 and g.shape == (channels,)
+            np.testing.assert_allclose(np.asarray(g), w, rtol=2e-6, atol=2e-6 * np.abs(w).max())
+    with pytest.raises(ValueError, match="differ"):
+        batch_norm_pallas.channel_sums(u, u_shift, v[:-1], v_shift, interpret=True)
+
+
+def _batch_norm_results(statistics: str, x: jax.Array, mesh=None):
+    """Train-mode output, updated running statistics and the gradients (scale, bias, x) of a loss."""
+    channels = x.shape[-1]
+    module = layers.BatchNorm(use_running_average=False, statistics=statistics)
+    params = {"scale": jnp.linspace(0.5, 2.0, channels), "bias": jnp.linspace(-1.0, 1.0, channels)}
+    stats = {"mean": jnp.linspace(-0.3, 0.3, channels), "var": jnp.ones(channels)}
+    params, stats = jax.tree.map(lambda a: a.astype(x.dtype), (params, stats))
+
+    def loss(params, x):
+        y, new_stats = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, new_stats)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    if mesh is not None:
+        step = jax.jit(sharding.with_mesh(step, mesh))
+        x = jax.device_put(x, sharding.batch_sharded(mesh))
+        assert "all-gather" not in step.lower(params, x).compile().as_text()  # each device sums its rows
+    (_, (y, new_stats)), grads = step(params, x)
+    return y, new_stats, grads
+
+
+def test_pallas_statistics_train_like_the_xla_batch_norm() -> None:
+    # OpChoices.norm_statistics='pallas': the same forward, running statistics and gradients as XLA's
+    # BatchNorm, to float64 rounding (the same formulas, summed in another order); over a 4-device mesh the
+    # sums are added over the devices (the global batch's statistics, as SyncBN).
+    with jax.enable_x64(True):
+        x = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 5, 7, 16), jnp.float64) + 1.0
+        want = _batch_norm_results("xla", x)
+        for got in (_batch_norm_results("pallas", x), _batch_norm_results("pallas", x, sharding.make_mesh())):
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                assert g.dtype == w.dtype == jnp.float64
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12)
+    # bfloat16 activations (the GPU's training dtype): float32 sums either way.
+    x = x.astype(jnp.bfloat16)
+    for g, w in zip(
+        jax.tree.leaves(_batch_norm_results("pallas", x)), jax.tree.leaves(_batch_norm_results("xla", x)), strict=True
+    ):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="norm_statistics_implementation must be one of"):
+        layers.OpChoices(norm_statistics="triton")
+
+
+def test_pallas_statistics_are_traced_where_chosen() -> None:
+    # Training only (evaluation reads the running statistics), two kernels per BatchNorm (forward moments,
+    # backward sums), none inside xla_forms() (FLOP counting), and a Triton program for CUDA.
+    x = jnp.ones((4, 6, 6, 32))
+    module = layers.BatchNorm(statistics="pallas")
+    variables = module.init(jax.random.PRNGKey(0), x, use_running_average=True)
+
+    def grad(v, x, train):
+        def loss(x):
+            y, _ = module.apply(v, x, use_running_average=not train, mutable=["batch_stats"])
+            return jnp.sum(y)
+
+        return jax.grad(loss)(x)
+
+    assert str(jax.make_jaxpr(lambda v, x: grad(v, x, True))(variables, x)).count("pallas_call") == 2
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda v, x: grad(v, x, False))(variables, x))
+    with layers.xla_forms():
+        assert "pallas_call" not in str(jax.make_jaxpr(lambda v, x: grad(v, x, True))(variables, x))
+    rows = jax.ShapeDtypeStruct((57600, 512), jnp.bfloat16)
+    shift = jax.ShapeDtypeStruct((512,), jnp.float32)
+    for function, args in (
+        (lambda u, s: batch_norm_pallas.channel_sums(u, s), (rows, shift)),
+        (lambda u, s, v, t: batch_norm_pallas.channel_sums(u, s, v, t), (rows, shift, rows, shift)),
+    ):
+        text = jax.jit(function).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in text.lower()
