@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastfcn_jax import sharding
-from fastfcn_jax.models import batch_norm_pallas, layers
+from fastfcn_jax.models import batch_norm_pallas, depthwise_pallas, layers
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,13 @@ def test_channel_sums_match_numpy(rows, channels, dtype) -> None:
     u_shift, v_shift = jax.random.normal(keys[2], (channels,)), jax.random.normal(keys[3], (channels,))
     d = np.asarray(u.astype(jnp.float32), np.float64) - np.asarray(u_shift, np.float64)
     e = np.asarray(v.astype(jnp.float32), np.float64) - np.asarray(v_shift, np.float64)
-    assert batch_norm_pallas.row_bands(rows, channels // batch_norm_pallas._channel_block(channels)) % 32 == 0
+    assert (
+        batch_norm_pallas.row_bands(
+            rows, channels // depthwise_pallas.channel_block(channels, batch_norm_pallas.CHANNEL_BLOCK)
+        )
+        % 32
+        == 0
+    )
     for got, want in (
         (batch_norm_pallas.channel_sums(u, u_shift, interpret=True), (d.sum(0), (d * d).sum(0))),
         (batch_norm_pallas.channel_sums(u, u_shift, v, v_shift, interpret=True), (d.sum(0), (d * e).sum(0))),

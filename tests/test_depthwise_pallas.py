@@ -77,9 +77,10 @@ def test_column_windows_cover_the_width_with_the_fewest_wasted_columns():
     assert depthwise_pallas._column_block(60) == 64
     assert depthwise_pallas._column_block(76) == 32
     assert depthwise_pallas._column_block(11) == 16
-    assert depthwise_pallas._channel_block(1536) == 64
-    assert depthwise_pallas._channel_block(48) == 16
-    assert depthwise_pallas._channel_block(5) == 1
+    assert depthwise_pallas.channel_block(1536) == 64
+    assert depthwise_pallas.channel_block(48) == 16
+    assert depthwise_pallas.channel_block(5) == 1
+    assert depthwise_pallas.channel_block(1536, 128) == 128 and depthwise_pallas.channel_block(96, 128) == 32
 
 
 def test_pallas_kernels_run_per_device_under_a_data_parallel_mesh():

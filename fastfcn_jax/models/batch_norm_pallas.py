@@ -26,18 +26,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from fastfcn_jax.models.depthwise_pallas import channel_block
+
 # Rows per loaded tile, and programs to aim for: a few per streaming multiprocessor of an H100/H200 (132).
 TILE_ROWS = 32
+CHANNEL_BLOCK = 128  # at most: the largest power of two up to this that divides the channels
 TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
-
-
-def _channel_block(channels: int) -> int:
-    """The largest power of two up to 128 that divides ``channels`` (Triton tensors are powers of two)."""
-    block = 128
-    while channels % block:
-        block //= 2
-    return block
 
 
 def row_bands(rows: int, channel_blocks: int, programs: int = TARGET_PROGRAMS) -> int:
@@ -67,7 +62,7 @@ def channel_sums(
         v, v_shift = u, u_shift
     if v.shape != u.shape:
         raise ValueError(f"u {u.shape} and v {v.shape} differ")
-    block = _channel_block(channels)
+    block = channel_block(channels, CHANNEL_BLOCK)
     per_band = row_bands(rows, channels // block, programs)
     bands = -(-rows // per_band)
     tiles = per_band // TILE_ROWS

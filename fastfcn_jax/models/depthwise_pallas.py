@@ -41,9 +41,9 @@ _NUM_WARPS = 4
 KERNEL_GRAD_ROW_BANDS = 4
 
 
-def _channel_block(channels: int) -> int:
-    """The largest power of two up to 64 that divides ``channels`` (Triton tensors are powers of two)."""
-    block = 64
+def channel_block(channels: int, largest: int = 64) -> int:
+    """The largest power of two up to ``largest`` that divides ``channels`` (Triton tensors are powers of two)."""
+    block = largest
     while channels % block:
         block //= 2
     return block
@@ -141,7 +141,7 @@ def correlate_terms(
     batch, _, _, channels = inputs[0].shape
     k = kernels.shape[1]
     out_h, out_w = out_size
-    block, cols = _channel_block(channels), _column_block(out_w)
+    block, cols = channel_block(channels), _column_block(out_w)
     chunks = range(0, out_w, cols)
     out_dtype = out_dtype or inputs[0].dtype
     origin = max((k - 1) * d + abs(offset) for _, _, d, offset, _ in terms) + cols if interpret else 0
@@ -231,7 +231,7 @@ def kernel_gradient_terms(
     batch, height, width, channels = x.shape
     _, out_h, out_w, _ = grads[0].shape
     k = kernel_size
-    block, cols = _channel_block(channels), _column_block(out_w)
+    block, cols = channel_block(channels), _column_block(out_w)
     chunks = range(0, out_w, cols)
     origin = max((k - 1) * d + abs(offset) for _, d, offset in terms) + cols if interpret else 0
     rows_per_program = min(rows_per_program or -(-out_h // KERNEL_GRAD_ROW_BANDS), out_h)
