@@ -343,7 +343,7 @@ def choose(choice: str, *, tpu: str, other: str, gpu: str | None = None) -> str:
 def pallas_for_auto() -> bool:
     """Whether ``'auto'`` picks the Pallas kernels (``depthwise*``, ``loss_upsample``): when tracing for GPUs,
     where an H200 checked their values and timed them (session 9: the EncNet+JPU R50 train step at batch 16,
-    480x480 from 43.2 to 34.1 ms), and when the kernels will run on each device's examples: one device, or the
+    480x480 from 43.2 to 33.2 ms), and when the kernels will run on each device's examples: one device, or the
     data mesh as context (:func:`fastfcn_jax.sharding.with_mesh`, as the training loop does). Otherwise XLA
     would replicate the kernels' operands on every device, so the XLA forms are taken."""
     return backend() == "gpu" and (jax.device_count() == 1 or sharding.data_parallel_size() > 1)
