@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastfcn_jax import sharding
 from fastfcn_jax.models import create_model
 from fastfcn_jax.models.layers import fold_batch_norm, op_overrides, xla_forms
 from fastfcn_jax.summary import count_parameters
@@ -433,7 +434,9 @@ def compile_train_step(
     )
     rng = jax.random.PRNGKey(2)
     start = time.perf_counter()
-    jitted = jax.jit(step, donate_argnums=0)
+    # Traced with a one-device mesh as the training loop traces it, so 'auto' op choices resolve as there
+    # (layers.pallas_for_auto) on a host with several devices too.
+    jitted = jax.jit(sharding.with_mesh(step, sharding.make_mesh(1)), donate_argnums=0)
     lowered = jitted.lower(state, batch, rng)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start

@@ -65,12 +65,15 @@ def with_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
     return traced
 
 
+def has_data_mesh() -> bool:
+    """Whether a mesh with a ``'data'`` axis is the context mesh (``jax.set_mesh``, :func:`with_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and DATA_AXIS in mesh.axis_names
+
+
 def data_parallel_size() -> int:
     """Devices on the ``'data'`` axis of the context mesh (``jax.set_mesh``, :func:`with_mesh`; 1 without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.axis_names:
-        return 1
-    return mesh.shape[DATA_AXIS]
+    return jax.sharding.get_abstract_mesh().shape[DATA_AXIS] if has_data_mesh() else 1
 
 
 def over_batch(

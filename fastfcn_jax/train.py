@@ -281,7 +281,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
-    # Traced with the mesh as context: Pallas kernels (opt-in op choices) then run per device.
+    # Traced with the mesh as context: the Pallas kernels ('auto' on GPUs, layers.pallas_for_auto) then run on
+    # each device's examples.
     train_step = jax.jit(
         sharding.with_mesh(
             make_train_step(model, optimizer, aux_weight=config.train.aux_weight, se_weight=config.train.se_weight),

@@ -37,8 +37,8 @@ from fastfcn_jax.models.layers import align_corners_taps
 
 # Columns per program and warps: timed on an H200 (session 9, experiments/pallas_check.py: one head's kernel
 # at batch 16, 60 -> 480 rows, 150 classes): 8 columns, 4 warps 1.42 ms; 16/8 1.48; 4/4 1.91; 8/8 1.84;
-# 2/4 2.70. With classes in chunks of 128 + 32 lanes (class_chunks), ptxas gave 4 columns 64 registers per
-# thread and no spills (168 with one [8, 256] tile per row).
+# 2/4 2.70. With classes in chunks of 128 + 32 lanes (class_chunks), ptxas gave the kernel at 4 columns 64
+# registers per thread and no spills (168 with one [8, 256] tile per row); 8 columns were not read back.
 COLUMN_BLOCK = 8
 NUM_WARPS = 4
 

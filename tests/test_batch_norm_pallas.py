@@ -25,13 +25,11 @@ def test_channel_sums_match_numpy(rows, channels, dtype) -> None:
     u_shift, v_shift = jax.random.normal(keys[2], (channels,)), jax.random.normal(keys[3], (channels,))
     d = np.asarray(u.astype(jnp.float32), np.float64) - np.asarray(u_shift, np.float64)
     e = np.asarray(v.astype(jnp.float32), np.float64) - np.asarray(v_shift, np.float64)
-    assert (
-        batch_norm_pallas.row_bands(
-            rows, channels // depthwise_pallas.channel_block(channels, batch_norm_pallas.CHANNEL_BLOCK)
-        )
-        % 32
-        == 0
+    per_band = batch_norm_pallas.rows_per_band(
+        rows, channels // depthwise_pallas.channel_block(channels, batch_norm_pallas.CHANNEL_BLOCK)
     )
+    if rows >= 1000:  # these cases split the rows into several bands, the last one partly past the end
+        assert per_band < rows and rows % per_band
     for got, want in (
         (batch_norm_pallas.channel_sums(u, u_shift, interpret=True), (d.sum(0), (d * d).sum(0))),
         (batch_norm_pallas.channel_sums(u, u_shift, v, v_shift, interpret=True), (d.sum(0), (d * e).sum(0))),
@@ -75,13 +73,22 @@ def test_pallas_statistics_train_like_the_xla_batch_norm() -> None:
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
                 assert g.dtype == w.dtype == jnp.float64
                 np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12)
-    # bfloat16 activations (the GPU's training dtype): float32 sums either way.
+    # bfloat16 activations (the GPU's training dtype): float32 arithmetic and one rounding of each result
+    # either way, so the two forms differ by at most one bfloat16 step (2^-7 of a value), and each is as far from the
+    # float64 result as the other.
     x = x.astype(jnp.bfloat16)
-    for g, w in zip(
-        jax.tree.leaves(_batch_norm_results("pallas", x)), jax.tree.leaves(_batch_norm_results("xla", x)), strict=True
-    ):
+    with jax.enable_x64(True):
+        exact = jax.tree.leaves(_batch_norm_results("xla", x.astype(jnp.float64)))
+    got, want = jax.tree.leaves(_batch_norm_results("pallas", x)), jax.tree.leaves(_batch_norm_results("xla", x))
+
+    def error(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.abs(a - b).max() / np.abs(b).max()
+
+    for g, w, e in zip(got, want, exact, strict=True):
         assert g.dtype == w.dtype
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-2, atol=2e-2)
+        assert error(g, w) <= 2.0**-7
+        assert error(g, e) <= 1.25 * error(w, e) + 1e-6
     with pytest.raises(ValueError, match="norm_statistics_implementation must be one of"):
         layers.OpChoices(norm_statistics="triton")
 

@@ -515,7 +515,7 @@ def test_depthwise_gradient_auto_choices_per_backend() -> None:
     # backward program) and the stacked kernel gradient. The forward is a Pallas kernel in training only.
     x = jnp.ones((4, 10, 10, 4))
 
-    def backward_text(backend, *, train=False, mesh=False, **forms):
+    def backward_text(backend, *, train=False, mesh=None, **forms):
         module = layers.DepthwiseConv(dilation=2, margin=2, **forms)
         variables = module.init(jax.random.PRNGKey(0), x)
 
@@ -524,19 +524,22 @@ def test_depthwise_gradient_auto_choices_per_backend() -> None:
 
         with contextlib.ExitStack() as stack:
             stack.enter_context(layers.target_backend(backend))
-            if mesh:
-                stack.enter_context(jax.sharding.use_abstract_mesh(sharding.make_mesh().abstract_mesh))
+            if mesh is not None:
+                stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
             return str(jax.make_jaxpr(grad)(variables, x))
 
     # The tests run on 4 host devices (conftest): without the mesh 'auto' keeps the XLA forms.
     gpu = backward_text("gpu", train=True)
     assert "optimization_barrier" in gpu and "pallas_call" not in gpu
-    assert backward_text("gpu", mesh=True).count("pallas_call") == 2  # inference: XLA's forward
-    assert backward_text("gpu", train=True, mesh=True).count("pallas_call") == 3
+    mesh = sharding.make_mesh()
+    assert backward_text("gpu", mesh=mesh).count("pallas_call") == 2  # inference: XLA's forward
+    assert backward_text("gpu", train=True, mesh=mesh).count("pallas_call") == 3
+    # A program for one of the devices, traced with a one-device mesh (as the benchmark does).
+    assert backward_text("gpu", train=True, mesh=sharding.make_mesh(1)).count("pallas_call") == 3
     with layers.xla_forms():  # FLOP counting: the XLA forms of the same maths
-        assert "pallas_call" not in backward_text("gpu", train=True, mesh=True)
+        assert "pallas_call" not in backward_text("gpu", train=True, mesh=mesh)
     for backend in ("cpu", "tpu"):
-        text = backward_text(backend, train=True, mesh=True)
+        text = backward_text(backend, train=True, mesh=mesh)
         assert "optimization_barrier" not in text and "pallas_call" not in text
     # Chosen explicitly without the mesh, a GPU with several devices would replicate the kernels' operands,
     # which the trace says.
@@ -545,6 +548,27 @@ def test_depthwise_gradient_auto_choices_per_backend() -> None:
     assert pallas.count("pallas_call") == 2 and "optimization_barrier" not in pallas
     with pytest.raises(ValueError, match="depthwise_implementation must be one of"):
         layers.depthwise_forms("triton", "auto", "auto", train=True)
+
+
+@pytest.mark.parametrize(
+    ("platform_version", "capability", "checked"),
+    [("cuda 12080", "9.0", True), ("cuda 12080", "8.0", True), ("cuda 12080", "7.0", False), ("rocm 6.2", None, False)],
+)
+def test_auto_takes_the_pallas_kernels_only_on_the_gpus_they_were_checked_on(
+    monkeypatch, platform_version, capability, checked
+) -> None:
+    # Triton's bfloat16 needs compute capability 8.0; the kernels were checked on a 9.0 (H200), not on ROCm.
+    class Device:
+        client = type("Client", (), {"platform_version": platform_version})()
+        compute_capability = capability
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
+    monkeypatch.setattr(jax, "device_count", lambda *args: 1)
+    assert layers.pallas_for_auto() is checked
+    assert layers.choose_pallas("depthwise_input_grad", "auto", "materialized") == (
+        "pallas" if checked else "materialized"
+    )
 
 
 def _float64_train_results(name: str, **overrides) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -35,7 +35,7 @@ TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
 
 
-def row_bands(rows: int, channel_blocks: int, programs: int = TARGET_PROGRAMS) -> int:
+def rows_per_band(rows: int, channel_blocks: int, programs: int = TARGET_PROGRAMS) -> int:
     """Rows per program: a multiple of :data:`TILE_ROWS` that gives about ``programs`` programs."""
     bands = max(1, programs // channel_blocks)
     per_band = -(-rows // bands)
@@ -63,7 +63,7 @@ def channel_sums(
     if v.shape != u.shape:
         raise ValueError(f"u {u.shape} and v {v.shape} differ")
     block = channel_block(channels, CHANNEL_BLOCK)
-    per_band = row_bands(rows, channels // block, programs)
+    per_band = rows_per_band(rows, channels // block, programs)
     bands = -(-rows // per_band)
     tiles = per_band // TILE_ROWS
     if interpret:  # the interpreter clamps out-of-bounds windows where a GPU masks them

@@ -100,7 +100,7 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   19.0 ms; but ptxas gives the joint kernels 174 (forward) and 255 registers with spills (gradients)
   against 71 / 128 / 176 per branch, and on the H200 the step took 37.3 ms against 34.3 per branch.
 - The stem's max-pool gradient (``max_pool_grad``): ``'taps'`` (:func:`max_pool`: each window's first
-  maximum found from its nine taps, the gradient placed by strided pads, fused elementwise) or ``'select'``
+  maximum found from its nine taps, the gradient summed per phase of the input, fused elementwise) or ``'select'``
   (autodiff's select-and-scatter; the same values, ties included). XLA:CPU, batch 2, 256x256 stem output
   (128 channels): 60 -> 12 ms for the pool's backward; compile-only H200 (EncNet+JPU R50 train step at
   batch 16, 480x480): a 1.01 GB scatter kernel (measured 0.76 ms in session 7) becomes part of a 0.41 GB
@@ -341,12 +341,29 @@ def choose(choice: str, *, tpu: str, other: str, gpu: str | None = None) -> str:
 
 
 def pallas_for_auto() -> bool:
-    """Whether ``'auto'`` picks the Pallas kernels (``depthwise*``, ``loss_upsample``): when tracing for GPUs,
-    where an H200 checked their values and timed them (session 9: the EncNet+JPU R50 train step at batch 16,
-    480x480 from 43.2 to 33.2 ms), and when the kernels will run on each device's examples: one device, or the
-    data mesh as context (:func:`fastfcn_jax.sharding.with_mesh`, as the training loop does). Otherwise XLA
-    would replicate the kernels' operands on every device, so the XLA forms are taken."""
-    return backend() == "gpu" and (jax.device_count() == 1 or sharding.data_parallel_size() > 1)
+    """Whether ``'auto'`` picks the Pallas kernels (``depthwise*``, ``loss_upsample``): when tracing for a
+    GPU of the kind they were checked and timed on (session 9, an H200: the EncNet+JPU R50 train step at
+    batch 16, 480x480 from 43.2 to 33.2 ms; :func:`_checked_gpu`), and when each kernel runs on its device's
+    examples: one device, or a data mesh as context (:func:`fastfcn_jax.sharding.with_mesh`, as the training
+    loop does). Otherwise XLA would replicate the kernels' operands on every device, so the XLA forms are
+    taken."""
+    if backend() != "gpu" or not _checked_gpu():
+        return False
+    return jax.device_count() == 1 or sharding.has_data_mesh()
+
+
+def _checked_gpu() -> bool:
+    """An NVIDIA GPU of compute capability 8.0 or later (Triton's bfloat16), where the kernels were checked
+    on a 9.0; not ROCm. Traced for a GPU from another machine (:func:`target_backend`): assumed so."""
+    if jax.default_backend() != "gpu":
+        return True
+    device = jax.devices()[0]
+    if "rocm" in str(getattr(device.client, "platform_version", "")).lower():
+        return False
+    try:
+        return float(getattr(device, "compute_capability", "9.0")) >= 8.0
+    except (TypeError, ValueError):
+        return False
 
 
 def choose_pallas(op: str, choice: str, otherwise: str) -> str:
@@ -480,7 +497,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     only windows holding a NaN (the loss is NaN anyway) or nothing but -inf may send theirs elsewhere.
 
     The gradient is computed as a gather (``OpChoices.max_pool_grad='taps'``): each window's first maximum
-    tap, then each tap's gradients placed by a strided pad, all elementwise and fused by XLA, where
+    tap, then each phase of the input sums the taps that reach it, all elementwise and fused by XLA, where
     autodiff's select-and-scatter visits every window again with a scatter (H200: 0.76 ms for the ResNet
     stem's pool at batch 16, 480x480, four times its memory roofline)."""
     return _max_pool_forward(x, window, stride, padding)
@@ -648,13 +665,13 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
 
-        x32 = x.astype(exact_dtype(x.dtype))  # float32 (float64 in exactness tests)
+        wide = exact_dtype(x.dtype)  # float32 (float64 in exactness tests)
+        x32 = x.astype(wide)
         if self.folded:
-            return (x32 + bias.astype(jnp.float32).reshape(stat_shape)).astype(self.dtype or x.dtype)
+            return (x32 + bias.astype(wide).reshape(stat_shape)).astype(self.dtype or x.dtype)
         statistics = unless_xla_forms("norm_statistics", self.statistics)
         if statistics not in ("xla", "pallas"):
             raise ValueError(f"unknown BatchNorm statistics {self.statistics!r}; expected 'xla' or 'pallas'")
-        pallas = statistics == "pallas" and not use_running_average and axis == x.ndim - 1
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -663,24 +680,25 @@ class BatchNorm(nn.Module):
             # does not cancel when |mean| >> std (the shifted-data algorithm; exact for any shift).
             shift = jax.lax.stop_gradient(ra_mean.value).reshape(stat_shape)
             count = int(np.prod([x.shape[a] for a in reduce_axes]))
-            if pallas:
-                sums, squares = _pallas_moments(x, shift.reshape(-1))
-                mean_centred, mean_square = sums / count, squares / count
+            if statistics == "pallas" and axis == x.ndim - 1:
+                y, mean, var = _pallas_batch_norm(
+                    x, scale, bias, shift.reshape(-1), self.epsilon, jnp.dtype(self.dtype or x.dtype).name
+                )
             else:
+                y = None
                 centred = x32 - shift
                 mean_centred = jnp.mean(centred, axis=reduce_axes)
-                mean_square = jnp.mean(jnp.square(centred), axis=reduce_axes)
-            var = jnp.maximum(mean_square - jnp.square(mean_centred), 0.0)
-            mean = mean_centred + shift.reshape(-1)
+                var = jnp.maximum(jnp.mean(jnp.square(centred), axis=reduce_axes) - jnp.square(mean_centred), 0.0)
+                mean = mean_centred + shift.reshape(-1)
             if not self.is_initializing():
                 unbiased = var * (count / max(count - 1, 1))
                 ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+            if y is not None:
+                return y
 
-        multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-        offset = bias.astype(jnp.float32) - mean * multiplier
-        if pallas:
-            return _pallas_affine(x, multiplier, offset, jnp.dtype(self.dtype or x.dtype).name)
+        multiplier = scale.astype(wide) * jax.lax.rsqrt(var + self.epsilon)
+        offset = bias.astype(wide) - mean * multiplier
         y = x32 * multiplier.reshape(stat_shape) + offset.reshape(stat_shape)
         return y.astype(self.dtype or x.dtype)
 
@@ -703,50 +721,54 @@ def _channel_sums(u: jax.Array, u_shift: jax.Array, v: jax.Array | None = None, 
     return sharding.over_batch(local, *args, batched=(True,) * len(args), summed=(True, True))
 
 
-@jax.custom_vjp
-def _pallas_moments(x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of ``x - shift``, sum of its squares) per channel (the last axis) in one Pallas kernel; their
-    gradient is elementwise."""
-    return _channel_sums(x, shift)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _pallas_batch_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, shift: jax.Array, epsilon: float, out_dtype: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A training BatchNorm of channels-last ``x`` with :class:`BatchNorm`'s formulas: (output in
+    ``out_dtype``, batch mean, biased batch variance). The forward's moments about ``shift`` and the
+    backward's ``sum(dy)``, ``sum(dy * x)`` are Pallas kernels; everything else is elementwise, in float32
+    (float64 for float64 inputs), and the input gradient is rounded to ``x``'s dtype once."""
+    return _pallas_batch_norm_fwd(x, scale, bias, shift, epsilon, out_dtype)[0]
 
 
-def _pallas_moments_fwd(x, shift):
-    sums, squares = _channel_sums(x, shift)
-    return (sums, squares), (x, shift, sums)
-
-
-def _pallas_moments_bwd(residuals, grads):
-    x, shift, sums = residuals
-    grad_sums, grad_squares = grads
-    count = x.size // x.shape[-1]
-    grad_x = grad_sums + 2.0 * grad_squares * (x.astype(grad_sums.dtype) - shift)
-    return grad_x.astype(x.dtype), -(count * grad_sums + 2.0 * grad_squares * sums).astype(shift.dtype)
-
-
-_pallas_moments.defvjp(_pallas_moments_fwd, _pallas_moments_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _pallas_affine(x: jax.Array, multiplier: jax.Array, offset: jax.Array, out_dtype: str) -> jax.Array:
-    """``x * multiplier + offset`` per channel, in float32 (float64 for float64 inputs) then ``out_dtype``;
-    the gradient's two per-channel sums (``sum(dy * x)``, ``sum(dy)``) in one Pallas kernel."""
+def _pallas_batch_norm_fwd(x, scale, bias, shift, epsilon, out_dtype):
     wide = exact_dtype(x.dtype)
-    return (x.astype(wide) * multiplier.astype(wide) + offset.astype(wide)).astype(out_dtype)
+    count = x.size // x.shape[-1]
+    sums, squares = _channel_sums(x, shift)
+    mean_centred = sums / count
+    raw_var = squares / count - jnp.square(mean_centred)
+    var = jnp.maximum(raw_var, 0.0)
+    mean = mean_centred + shift
+    rstd = jax.lax.rsqrt(var + epsilon)
+    multiplier = scale.astype(wide) * rstd
+    offset = bias.astype(wide) - mean * multiplier
+    y = (x.astype(wide) * multiplier + offset).astype(out_dtype)
+    return (y, mean, var), (x, scale, bias, shift, mean_centred, raw_var, mean, rstd, multiplier)
 
 
-def _pallas_affine_fwd(x, multiplier, offset, out_dtype):
-    return _pallas_affine(x, multiplier, offset, out_dtype), (x, multiplier)
+def _pallas_batch_norm_bwd(epsilon, out_dtype, residuals, cotangents):
+    # Autodiff of the forward above, step by step, with its two per-channel sums in one Pallas kernel. The
+    # shift (the running mean) is a constant of the step: no gradient.
+    x, scale, bias, shift, mean_centred, raw_var, mean, rstd, multiplier = residuals
+    grad_y, grad_mean, grad_var = cotangents
+    wide, count = multiplier.dtype, x.size // x.shape[-1]
+    zeros = jnp.zeros(x.shape[-1:], wide)
+    sum_dy, sum_dy_x = _channel_sums(grad_y, zeros, x, zeros)
+    # y = x * multiplier + bias - mean * multiplier, multiplier = scale * rstd, rstd = (var + eps)^-1/2
+    grad_multiplier = sum_dy_x - mean * sum_dy
+    grad_rstd = grad_multiplier * scale.astype(wide)
+    grad_var = grad_var + jnp.where(raw_var > 0.0, -0.5 * grad_rstd * rstd**3, 0.0)
+    grad_mean = grad_mean - multiplier * sum_dy
+    # mean = sums / count + shift, var = squares / count - (sums / count)^2, both sums over x - shift.
+    grad_sums = (grad_mean - 2.0 * mean_centred * grad_var) / count
+    grad_squares = grad_var / count
+    grad_x = grad_y.astype(wide) * multiplier + grad_sums + 2.0 * grad_squares * (x.astype(wide) - shift)
+    grad_scale, grad_bias = (grad_multiplier * rstd).astype(scale.dtype), sum_dy.astype(bias.dtype)
+    return grad_x.astype(x.dtype), grad_scale, grad_bias, jnp.zeros_like(shift)
 
 
-def _pallas_affine_bwd(out_dtype, residuals, grad):
-    x, multiplier = residuals
-    zeros = jnp.zeros(x.shape[-1:], multiplier.dtype)
-    grad_offset, grad_multiplier = _channel_sums(grad, zeros, x, zeros)
-    grad_x = (grad.astype(exact_dtype(grad.dtype)) * multiplier).astype(x.dtype)
-    return grad_x, grad_multiplier.astype(multiplier.dtype), grad_offset.astype(multiplier.dtype)
-
-
-_pallas_affine.defvjp(_pallas_affine_fwd, _pallas_affine_bwd)
+_pallas_batch_norm.defvjp(_pallas_batch_norm_fwd, _pallas_batch_norm_bwd)
 
 
 def make_norm(
@@ -1113,7 +1135,9 @@ class DepthwiseConv(nn.Module):
     their kernel gradient runs as a dense conv), while the shifted form is exact and fuses well on every
     backend. ``implementation='grouped'`` uses ``lax.conv_general_dilated`` with ``feature_group_count``;
     ``'pallas'`` is the shifted form with its forward as a Pallas kernel (:mod:`depthwise_pallas`; GPUs, and
-    Pallas's interpreter elsewhere). ``margin`` > 0 says ``x`` already carries that many zero rows and
+    Pallas's interpreter elsewhere); ``'auto'`` (the default) is ``'pallas'`` when training where
+    :func:`pallas_for_auto`, else ``'shifted'``. ``input_grad`` and ``kernel_grad`` pick the backward's forms
+    (:func:`depthwise_forms`). ``margin`` > 0 says ``x`` already carries that many zero rows and
     columns on each side (at least the padding): the output is then ``x``'s size less ``2 * margin``, the taps
     read the margin in place of padding, and the input gradient covers the whole padded array.
     """
@@ -1222,13 +1246,13 @@ def pallas_interpret() -> bool:
     Traced for several GPUs, the kernels need the training mesh as context (:func:`fastfcn_jax.sharding.with_mesh`,
     as the training loop does) to run on each device's part of the batch (:func:`fastfcn_jax.sharding.over_batch`);
     without it XLA replicates their operands on every device, which this warns about."""
-    if backend() == "gpu" and jax.device_count() > 1 and sharding.data_parallel_size() == 1:
+    if backend() == "gpu" and jax.device_count() > 1 and not sharding.has_data_mesh():
         warnings.warn(
             f"a Pallas kernel traced with {jax.device_count()} devices and no data-parallel mesh: if the program "
             "runs over several devices, XLA does not split the kernel over the batch but replicates its operands "
             "on every device; trace it with the mesh (fastfcn_jax.sharding.with_mesh, as the training loop "
-            "does), or use the XLA forms (depthwise=shifted, depthwise_input_grad/depthwise_kernel_grad=auto, "
-            "loss_upsample=fused)",
+            "does), or use the XLA forms (depthwise=shifted, depthwise_input_grad=materialized, "
+            "depthwise_kernel_grad=stacked, loss_upsample=fused, norm_statistics=xla)",
             stacklevel=2,
         )
     return backend() != "gpu"
