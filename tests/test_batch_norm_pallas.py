@@ -119,3 +119,33 @@ def test_pallas_statistics_are_traced_where_chosen() -> None:
     ):
         text = jax.jit(function).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text.lower()
+
+
+def test_every_channels_last_batch_norm_of_a_model_takes_the_kernel(monkeypatch) -> None:
+    # Segmenter(norm_statistics_implementation='pallas'): each training BatchNorm of the backbone, JPU and
+    # heads runs the kernel twice, its moments forward and its gradient's sums backward; EncNet's codeword
+    # BatchNorm (channels on axis 1) keeps XLA's reductions.
+    from fastfcn_jax.models import create_model
+
+    images = jnp.ones((2, 32, 32, 3))
+    model = create_model("encnet_jpu_tiny", 5, norm_statistics_implementation="pallas")
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])]
+    norms = sum(path.endswith("['mean']") and "enc_bn" not in path for path in paths)
+    calls = []
+    channel_sums = batch_norm_pallas.channel_sums
+    monkeypatch.setattr(batch_norm_pallas, "channel_sums", lambda *a, **k: calls.append(a) or channel_sums(*a, **k))
+
+    def loss(params):
+        outputs, _ = model.apply(
+            {**variables, "params": params},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(1)},
+        )
+        return sum(jnp.sum(o) for o in jax.tree.leaves(outputs))
+
+    jax.make_jaxpr(jax.grad(loss))(variables["params"])
+    assert norms > 20 and len(calls) == 2 * norms
+    assert sum(len(a) == 4 for a in calls) == norms  # the backward's: dy and x

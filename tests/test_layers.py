@@ -595,16 +595,6 @@ def _assert_same_results(got, want) -> None:
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(w).max()))
 
 
-def test_pallas_norm_statistics_train_the_whole_model_like_xla() -> None:
-    # OpChoices.norm_statistics='pallas': every training BatchNorm of the backbone, JPU and head sums its
-    # moments and its gradient's sums in the Pallas kernel (interpreted here); float64, so only rounding
-    # in another order differs.
-    _assert_same_results(
-        _float64_train_results("encnet_jpu_tiny", norm_statistics_implementation="pallas"),
-        _float64_train_results("encnet_jpu_tiny"),
-    )
-
-
 @pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
 def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -> None:
     results = {
@@ -621,12 +611,19 @@ def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -
 def test_pallas_depthwise_kernels_train_like_the_xla_forms_in_the_jpu() -> None:
     # The whole JPU (four branches reading one pre-padded input, their input gradients summed) with every
     # depthwise op a Pallas kernel (interpreted here) against the XLA forms. The kernels round to float32
-    # as the shifted form does, in another order, hence a float32-sized tolerance on top of float64.
+    # as the shifted form does, in another order, hence a float32-sized tolerance on top of float64. With the
+    # per-branch kernels every training BatchNorm of the model also sums in its Pallas kernel
+    # (OpChoices.norm_statistics; float64 here, exact to rounding: tests/test_batch_norm_pallas.py).
     pallas = {f"{op}_implementation": "pallas" for op in ("depthwise", "depthwise_input_grad", "depthwise_kernel_grad")}
     (out_x, grads_x) = _float64_train_results("encnet_jpu_tiny", jpu_input_implementation="padded")
-    for jpu_depthwise in ("branches", "joint"):  # OpChoices.jpu_depthwise: per branch, or one kernel for all
+    # OpChoices.jpu_depthwise: per branch, or one kernel for all.
+    for jpu_depthwise, statistics in (("branches", "pallas"), ("joint", "xla")):
         (out_p, grads_p) = _float64_train_results(
-            "encnet_jpu_tiny", jpu_input_implementation="padded", jpu_depthwise_implementation=jpu_depthwise, **pallas
+            "encnet_jpu_tiny",
+            jpu_input_implementation="padded",
+            jpu_depthwise_implementation=jpu_depthwise,
+            norm_statistics_implementation=statistics,
+            **pallas,
         )
         np.testing.assert_allclose(out_p, out_x, rtol=1e-5, atol=1e-5)
         for g, w in zip(grads_p, grads_x, strict=True):
