@@ -173,17 +173,25 @@ def _norm_inputs(rows: int, channels: int, dtype=jnp.bfloat16) -> tuple[jax.Arra
     return x, dy, jax.random.normal(keys[2], (channels,)), jnp.zeros((channels,))
 
 
-def _xla_norm_sums(x, dy, shift):
-    """XLA's forms: the forward's moments about ``shift`` and the backward's sum(dy), sum(dy * x)."""
-    d, g = x.astype(jnp.float32) - shift, dy.astype(jnp.float32)
-    return (jnp.sum(d, 0), jnp.sum(d * d, 0)), (jnp.sum(g, 0), jnp.sum(g * x.astype(jnp.float32), 0))
+@jax.jit
+def _xla_moments(x, shift):
+    """XLA's form of the forward's sums: of ``x - shift`` and of its squares."""
+    d = x.astype(jnp.float32) - shift
+    return jnp.sum(d, 0), jnp.sum(d * d, 0)
+
+
+@jax.jit
+def _xla_gradient_sums(dy, x):
+    """XLA's form of the backward's sums: ``sum(dy)``, ``sum(dy * x)``."""
+    g = dy.astype(jnp.float32)
+    return jnp.sum(g, 0), jnp.sum(g * x.astype(jnp.float32), 0)
 
 
 def check_norm_statistics(rows: int, channels: int, interpret: bool) -> dict[str, float]:
     """Relative errors of the BatchNorm sums kernel (``OpChoices.norm_statistics='pallas'``) against XLA's
     reductions, float32 inputs."""
     x, dy, shift, zeros = _norm_inputs(rows, channels, jnp.float32)
-    (want_sum, want_square), (want_dy, want_dyx) = jax.jit(_xla_norm_sums)(x, dy, shift)
+    (want_sum, want_square), (want_dy, want_dyx) = _xla_moments(x, shift), _xla_gradient_sums(dy, x)
     got_sum, got_square = batch_norm_pallas.channel_sums(x, shift, interpret=interpret)
     got_dy, got_dyx = batch_norm_pallas.channel_sums(dy, zeros, x, zeros, interpret=interpret)
     return {
@@ -196,11 +204,9 @@ def time_norm_statistics(rows: int, channels: int, *, interpret: bool, runs: int
     """(what, median ms) of one BatchNorm's sums (bfloat16 activations, as training has them): XLA's
     reductions and the Pallas kernel split over :data:`NORM_PROGRAMS` programs, forward and backward."""
     x, dy, shift, zeros = _norm_inputs(rows, channels)
-    forward = jax.jit(lambda x, s: _xla_norm_sums(x, x, s)[0])
-    backward = jax.jit(lambda x, g: _xla_norm_sums(x, g, 0.0)[1])
     timings = [
-        ("XLA, moments", _median_ms(forward, x, shift, runs=runs)),
-        ("XLA, sum(dy), sum(dy * x)", _median_ms(backward, x, dy, runs=runs)),
+        ("XLA, moments", _median_ms(_xla_moments, x, shift, runs=runs)),
+        ("XLA, sum(dy), sum(dy * x)", _median_ms(_xla_gradient_sums, dy, x, runs=runs)),
     ]
     for programs in NORM_PROGRAMS:
         moments = jax.jit(
