@@ -21,6 +21,8 @@
 #   forward_b16  the same at batch 16 (throughput; at batch 1 an H200 is launch-bound);
 #   train        the bf16 training step of EncNet+JPU and its dilated twin at batch 2, 256x256 (the reference
 #                figure's shape), then EncNet+JPU at batch 16, 480x480 (the paper's per-step batch and crop);
+#   train_flags  today's default train step (b16, 480x480) under XLA flag sets (GPU_CHECK_XLA_FLAG_SETS, ';'
+#                between sets; default: Triton GEMM fusion for any matmul, then cuBLAS for every matmul);
 #   parity       parity with the official PyTorch outputs at float32 / highest precision (no TF32 leak);
 #   pallas_check the Pallas (Triton) depthwise and loss kernels against the XLA forms, and the loss kernel's
 #                time under several block shapes (experiments/pallas_check.py);
@@ -130,6 +132,18 @@ for name in ${STAGES//,/ }; do
         VARIANTS=(${GPU_CHECK_VARIANTS:-default norm_statistics=pallas $XLA_FORMS})
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             "${VARIANTS[@]/#/--variant=}" ${GPU_CHECK_QUICK:+--quick} ;;
+    train_flags)  # today's default b16 480x480 step under XLA flag sets that change fusion, a process each
+        # (XLA_FLAGS are read once per process). GPU_CHECK_XLA_FLAG_SETS: sets separated by ';'. The first
+        # lets XLA fuse any matmul into a Triton GEMM, with elementwise producers (a BatchNorm's normalization
+        # and ReLU) as its prologue, the autotuner keeping cuBLAS where that is faster: the fusion of
+        # BatchNorm into the next 1x1 convolution that the session-9 profile asks for. Compile-only with
+        # jaxlib 0.10.2 aborts on it (triton_tiling_propagation.cc), so it is untested before a GPU session.
+        IFS=';' read -r -a FLAG_SETS <<<"${GPU_CHECK_XLA_FLAG_SETS:---xla_gpu_triton_gemm_any=true;--xla_gpu_enable_triton_gemm=false}"
+        for flags in "${FLAG_SETS[@]}"; do
+            label=$(echo "$flags" | tr -c 'A-Za-z0-9\n' _ | sed 's/^_*//;s/_*$//')
+            stage "train_flags_$label" 200 env XLA_FLAGS="${XLA_FLAGS:-} $flags" "$PY" experiments/train_variants.py \
+                --output "$WORK/train_flags_$label.json" --variant=default ${GPU_CHECK_QUICK:+--quick}
+        done ;;
     parity) stage parity_fp32 120 "$PY" experiments/parity_check.py ;;
     pallas_check)  # the Pallas kernels' values against the XLA forms, at the training step's shapes
         stage pallas_check 120 "$PY" experiments/pallas_check.py ${GPU_CHECK_QUICK:+--quick} ;;
@@ -148,7 +162,7 @@ for name in ${STAGES//,/ }; do
     diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
         stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
             --train-profile encnet_jpu_r50 --train-ops "${GPU_CHECK_TRAIN_OPS:-}" ${GPU_CHECK_QUICK:+--quick} ;;
-    *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_variants, train_ops, ops, parity," \
+    *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_variants, train_flags, train_ops, ops, parity," \
            "pallas_check, fp32, diagnose, diagnose_train)" \
            | tee -a "$LOG"
        FAILED+=("$name") ;;
