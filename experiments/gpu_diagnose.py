@@ -42,6 +42,7 @@ from fastfcn_jax import roofline  # noqa: E402
 from fastfcn_jax.benchmark import (  # noqa: E402
     benchmark_model,
     compile_train_step,
+    describe_device,
     environment,
     synthetic_variables,
     tiny_variant,
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     batch, size = (2, 64) if args.quick else (args.batch_size, args.size)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    device = f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}"
+    device = describe_device(env)
     print(f"{device}; batch {batch}, {size}x{size}, {args.dtype}")
     if args.forward:
         print("| model | until | ops | GFLOPs | median ms | min ms |\n|---|---|---|---:|---:|---:|", flush=True)

@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fastfcn_jax.benchmark import compile_train_step, environment, tiny_variant
+from fastfcn_jax.benchmark import compile_train_step, describe_device, environment, tiny_variant
 from fastfcn_jax.models.layers import parse_ops
 
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(label, tiny_variant(model), ops) for label, model, ops in variants]
     env = environment()
     print(
-        f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}; train step, batch {batch}, "
+        f"{describe_device(env)}; train step, batch {batch}, "
         f"{size}x{size}, {args.dtype}; median of {repeats} after {args.warmup} warm-up\n",
         flush=True,
     )

@@ -42,6 +42,8 @@ def test_run_benchmark_structure(results: dict) -> None:
     assert results["settings"]["interleaved"] is True
     env = results["environment"]
     assert env["backend"] and env["device_kind"] and env["jax_version"]
+    assert " cores" in env["host_cpu"]
+    assert benchmark.format_table(results).startswith(benchmark.describe_device(env) + "; 64x64")
     for name, result in results["models"].items():
         assert result["name"] == name
         assert result["params"] > 0
@@ -378,3 +380,18 @@ def test_pallas_kernels_are_counted_as_their_xla_forms(capsys) -> None:
     elements = 2 * 12 * 12 * 8
     assert counted > 3 * elements * 16  # forward, input and kernel gradients: 9 multiplies, 8 adds per element
     assert "failed" not in capsys.readouterr().err
+
+
+def test_host_cpu_names_the_model_cores_and_widest_vector_extension(tmp_path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nflags\t\t: fpu sse2 avx avx2 avx512f\n\n"
+        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nflags\t\t: fpu sse2 avx avx2 avx512f\n"
+    )
+    described = benchmark.host_cpu(str(cpuinfo))
+    assert described.startswith("Intel(R) Xeon(R) CPU @ 2.20GHz, ") and described.endswith(" cores, avx512f")
+    assert "cores" in benchmark.host_cpu(str(tmp_path / "missing"))  # no /proc (macOS): still the core count
+    env = {"backend": "cpu", "device_kind": "cpu", "jax_version": "0.10.2", "host_cpu": described}
+    assert benchmark.describe_device(env) == f"{described} (cpu), jax 0.10.2"
+    gpu = {"backend": "gpu", "device_kind": "NVIDIA H200", "jax_version": "0.11.2", "host_cpu": described}
+    assert benchmark.describe_device(gpu) == "NVIDIA H200 (gpu), jax 0.11.2"
