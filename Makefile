@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= /tmp/fastfcn_demo
-# Both cores by default; override with `make test JOBS=1`. Work stealing: the tests take 0.1-300 s each, so
-# a fixed split left one core idle for minutes at the end.
+# Both cores by default; override with `make test JOBS=1`. Work stealing, as the tests take 0.1-300 s each
+# and a fixed split can leave one core idle at the end.
 JOBS ?= 2
 
 .PHONY: install test demo lint benchmark clean
