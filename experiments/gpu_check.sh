@@ -127,9 +127,9 @@ for name in ${STAGES//,/ }; do
         # variant's compile takes 20-75 s on an H200: most telling first, each row printed as soon as it is
         # measured. Sessions 7 and 9 measured the XLA forms and the Pallas depthwise and loss kernels (now
         # the GPU default; docs/performance.md); these are BatchNorm's sums as a Pallas kernel (session 9,
-        # not yet timed) and the XLA forms of the depthwise and loss kernels, against today's default.
-        XLA_FORMS=depthwise=shifted,depthwise_kernel_grad=stacked,depthwise_input_grad=materialized,loss_upsample=fused
-        VARIANTS=(${GPU_CHECK_VARIANTS:-default norm_statistics=pallas $XLA_FORMS})
+        # not yet timed) and session 9's default, which padded the JPU input once (session 11 dropped the pad
+        # under the Pallas kernels: 2.8 GB less traffic per step, compile-only), against today's default.
+        VARIANTS=(${GPU_CHECK_VARIANTS:-default norm_statistics=pallas jpu_input=padded})
         stage train_variants 330 "$PY" experiments/train_variants.py --output "$WORK/train_variants.json" \
             "${VARIANTS[@]/#/--variant=}" ${GPU_CHECK_QUICK:+--quick} ;;
     train_flags)  # today's default b16 480x480 step under XLA flag sets that change fusion, a process each

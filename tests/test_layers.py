@@ -869,6 +869,34 @@ def test_the_stem_pool_gradient_follows_the_choice_and_backend(backend, choice, 
 
 
 @pytest.mark.parametrize(
+    ("depthwise", "padded"), [("pallas", False), ("shifted", True)], ids=["pallas_forms", "xla_forms"]
+)
+def test_auto_jpu_input_pads_on_gpus_only_for_the_xla_depthwise_forms(depthwise, padded):
+    # OpChoices.jpu_input='auto' traced for a GPU's training step: the per-branch Pallas kernels mask the
+    # border themselves (no padded copy of the 1536-channel input, no padded input gradients to add), XLA's
+    # forms read the concatenation padded once by the largest dilation.
+    from fastfcn_jax.models.jpu import JPU
+
+    forms = dict(depthwise=depthwise, depthwise_input_grad="pallas", depthwise_kernel_grad="pallas")
+    if depthwise == "shifted":
+        forms.update(depthwise_input_grad="materialized", depthwise_kernel_grad="stacked")
+    jpu = JPU(width=8, ops=layers.OpChoices(**forms))
+    c2, c3, c4 = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 4, 4, 6)), jnp.ones((1, 2, 2, 8))
+    variables = jpu.init(jax.random.PRNGKey(0), c2, c3, c4)
+
+    def loss(params):
+        out, _ = jpu.apply({**variables, "params": params}, c2, c3, c4, train=True, mutable=["batch_stats"])
+        return jnp.sum(out**2)
+
+    with layers.target_backend("gpu"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # four host devices and no mesh: the replication warning
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    # The concatenation [1, 8, 8, 24] padded by the largest dilation, 8.
+    assert ("f32[1,24,24,24]" in jaxpr) == padded
+    assert jaxpr.count("pallas_call") == (12 if depthwise == "pallas" else 0)
+
+
+@pytest.mark.parametrize(
     ("jpu_input", "jpu_depthwise", "kernels"),
     [("padded", "joint", 3), ("fused", "joint", 12), ("padded", "branches", 12)],
 )

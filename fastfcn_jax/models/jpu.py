@@ -47,8 +47,16 @@ class JPU(nn.Module):
             ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv3")(c2, train),
         ]
         feat = jnp.concatenate([resize_bilinear(f, size, self.ops.resize) for f in feats], axis=-1)
+        forms = depthwise_forms(
+            self.ops.depthwise, self.ops.depthwise_input_grad, self.ops.depthwise_kernel_grad, train=train
+        )
+        all_pallas = forms == ("pallas",) * 3
+        # 'auto' pads once on GPUs for XLA's forms (OpChoices.jpu_input). The per-branch Pallas kernels mask
+        # the border themselves, so there a padded copy is only traffic: compile-only H200 train step at batch
+        # 16, 480x480, 64.15 -> 61.38 GB, roofline 19.93 -> 19.29 ms (docs/performance.md, session 11).
+        gpu_input = "fused" if all_pallas and self.ops.jpu_depthwise == "branches" else "padded"
         margin = 0
-        if choose(self.ops.jpu_input, tpu="fused", other="fused", gpu="padded") == "padded":
+        if choose(self.ops.jpu_input, tpu="fused", other="fused", gpu=gpu_input) == "padded":
             # Padded once for every branch and written out, so the taps read plain slices (layers.py).
             margin = max(self.dilations)  # the 3x3 depthwise convs pad by their dilation
             feat = jax.lax.optimization_barrier(jnp.pad(feat, ((0, 0), (margin, margin), (margin, margin), (0, 0))))
@@ -58,10 +66,7 @@ class JPU(nn.Module):
             )
             for i, d in enumerate(self.dilations)
         ]
-        forms = depthwise_forms(
-            self.ops.depthwise, self.ops.depthwise_input_grad, self.ops.depthwise_kernel_grad, train=train
-        )
-        if margin and forms == ("pallas",) * 3 and self.ops.jpu_depthwise == "joint":
+        if margin and all_pallas and self.ops.jpu_depthwise == "joint":
             # One kernel per pass serves the four branches (depthwise_joint).
             kernels = [branch(feat, train, stage="kernel") for branch in branches]
             outputs = depthwise_joint(feat.astype(self.dtype), kernels, self.dilations, margin)
