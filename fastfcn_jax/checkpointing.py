@@ -48,6 +48,23 @@ def save_variables(directory: str | Path, variables: Mapping[str, Any], info: Ma
     return directory
 
 
+def _item_handlers() -> dict[str, Any]:
+    # Every item a checkpoint may hold: an item without a handler makes orbax warn on each open.
+    return {
+        VARIABLES: ocp.StandardCheckpointHandler(),
+        TRAIN_STATE: ocp.StandardCheckpointHandler(),
+        INFO: ocp.JsonCheckpointHandler(),
+    }
+
+
+def _stored_structs(manager: ocp.CheckpointManager, step: int, sharding: Any = None) -> dict[str, Any]:
+    """The shapes and dtypes of a step's stored variables (``{'params', 'batch_stats'}``), read from its metadata."""
+    return jax.tree_util.tree_map(
+        lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding),
+        dict(manager.item_metadata(step)[VARIABLES]),
+    )
+
+
 def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores ``(variables, info)`` from a converter output or a training workdir (latest step by default).
 
@@ -60,17 +77,13 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
             f"no checkpoint directory at {directory}: give a converter output directory "
             "(python -m fastfcn_jax.convert ... --out DIR) or a training workdir"
         )
-    handlers = {VARIABLES: ocp.StandardCheckpointHandler(), INFO: ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+    with ocp.CheckpointManager(directory, item_handlers=_item_handlers()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
         # Restore onto one local device whatever topology wrote it (a pod's checkpoint opens on a laptop).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=device),
-            dict(manager.item_metadata(step)[VARIABLES]),
-        )
+        target = _stored_structs(manager, step, device)
         restored = manager.restore(
             step,
             args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(target), INFO: ocp.args.JsonRestore()}),
@@ -118,10 +131,14 @@ class TrainCheckpointer:
         self.directory = workdir / "checkpoints"
         self.info = {"class_names": None, "model_overrides": {}, **info}
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers=_item_handlers(),
         )
         self._best = ocp.CheckpointManager(
-            workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+            workdir / "best",
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            item_handlers=_item_handlers(),
         )
 
     def _args(self, state: Any, extra_info: Mapping[str, Any] | None = None) -> ocp.args.Composite:
@@ -161,6 +178,19 @@ class TrainCheckpointer:
         if step is None:
             return None
         variables = _abstract({"params": state.params, "batch_stats": state.batch_stats})
+        problems = variable_mismatches(variables, _stored_structs(self._manager, step))
+        if problems:
+            stored = self._manager.restore(step, args=ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            listed = "\n  ".join(problems[:20]) + more
+            raise ValueError(
+                f"{self.directory} holds step {step} of {stored.get('model_name')} with {stored.get('num_classes')} "
+                f"classes and overrides {stored.get('model_overrides')}, which does not fit the configured "
+                f"{self.info.get('model_name')} with {self.info.get('num_classes')} classes and overrides "
+                f"{self.info.get('model_overrides')}:\n  {listed}\n"
+                "Resume with the config that run was trained with, train in a new --workdir, or start a new run "
+                "from those weights with config.init_from."
+            )
         train_state = _abstract({"step": state.step, "opt_state": state.opt_state})
         restored = self._manager.restore(
             step,

@@ -8,6 +8,13 @@ values with messages that name the key (unknown keys are already rejected by the
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+# mode=eval / predict test protocols (evaluate.make_protocol) and the words config.evaluation.flip takes.
+PROTOCOLS = ("single_scale", "multi_scale", "whole")
+FLIP_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+# Segmenter's integer architecture fields that config.model.overrides offers on the command line.
+INT_OVERRIDES = ("stem_width", "base_width", "output_stride", "jpu_width", "jpux_groups", "head_width", "num_codes")
 
 MODES = ("train", "eval", "predict", "export", "summary", "benchmark")
 
@@ -32,7 +39,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "encnet_jpu_r50"
     config.model.num_classes = 0  # 0: the dataset's class count
-    config.model.overrides = ml_collections.ConfigDict({"dtype": "float32", "aux": True})
+    config.model.overrides = ml_collections.ConfigDict(
+        {
+            "dtype": "float32",
+            "aux": True,
+            # Architecture settable from the command line (--config.model.overrides.jpu_width=256); None: the
+            # model name's own (fastfcn_jax.models.Segmenter).
+            **{key: placeholder(int) for key in INT_OVERRIDES},
+            "stem": placeholder(str),
+            "se_loss": placeholder(bool),
+            "dropout": placeholder(float),
+        }
+    )
     # How performance-sensitive ops are computed, e.g. "depthwise=grouped,loss_logits=head" (OpChoices in
     # fastfcn_jax/models/layers.py; same maths): "" = each op's default, 'auto' choices made per backend.
     config.model.ops = ""
@@ -164,6 +182,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(train.stop_after_steps >= 0, "train.stop_after_steps", "must be >= 0 (0 = never)")
     check(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0")
     check(config.dataset.crop_size >= 0, "dataset.crop_size", "must be >= 0")
+    overrides = config.model.get("overrides") or {}
+    for key in INT_OVERRIDES:
+        value = overrides.get(key)
+        check(value is None or value > 0, f"model.overrides.{key}", "must be positive (or unset)")
+    dropout = overrides.get("dropout")
+    check(dropout is None or 0 <= dropout < 1, "model.overrides.dropout", "must be in [0, 1) (or unset)")
+    evaluation = config.evaluation
+    check(evaluation.protocol in PROTOCOLS, "evaluation.protocol", f"must be one of {PROTOCOLS}")
+    check(str(evaluation.flip).lower() in ("auto", *FLIP_WORDS), "evaluation.flip", "must be 'auto', 'true' or 'false'")
+    check(_all_positive(evaluation.scales), "evaluation.scales", "must be positive numbers")
+    check(0 < evaluation.stride_ratio <= 1, "evaluation.stride_ratio", "must be in (0, 1]")
+    for key in ("base_size", "crop_size", "batch_size", "images_per_call", "max_examples"):
+        check(evaluation[key] >= 0, f"evaluation.{key}", "must be >= 0 (0 = the default)")
+    check(config.export.image_size >= 0, "export.image_size", "must be >= 0 (0 = the dataset's crop size)")
+    check(config.export.output in ("logits", "labels"), "export.output", "must be 'logits' or 'labels'")
+    check(config.export.tuned_for in ("", "cpu", "gpu", "tpu"), "export.tuned_for", "must be '', cpu, gpu or tpu")
     check(config.dataset.base_size >= 0, "dataset.base_size", "must be >= 0")
     bench = config.benchmark
     check(bench.image_size > 0, "benchmark.image_size", "must be positive")
@@ -186,6 +220,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(all(p.count("=") == 1 for p in pairs), key, "must be OP=CHOICE[,OP=CHOICE...]")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _all_positive(values) -> bool:
+    try:
+        return all(float(v) > 0 for v in values)
+    except (TypeError, ValueError):
+        return False
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:

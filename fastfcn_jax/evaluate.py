@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax import metrics, visualize
+from fastfcn_jax.config import FLIP_WORDS, PROTOCOLS
 
-PROTOCOLS = ("single_scale", "multi_scale", "whole")
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CITYSCAPES_EXTRA_SCALES = (2.0, 2.25)  # the reference's test.py adds these for Cityscapes
 TILE = 256  # output tile side of the resize-back / argmax / confusion step
@@ -94,6 +94,10 @@ def make_protocol(
         raise ValueError(f"evaluation base_size={base_size} / crop_size={crop_size} must be positive")
     if not 0 < stride_ratio <= 1:
         raise ValueError(f"evaluation.stride_ratio={stride_ratio}: must be in (0, 1]")
+    if int(crop_size * stride_ratio) < 1:
+        raise ValueError(
+            f"evaluation.stride_ratio={stride_ratio}: the window stride int({crop_size} * {stride_ratio}) is 0 pixels"
+        )
     if not scales:
         scales = MULTI_SCALES if name == "multi_scale" else (1.0,)
         if name == "multi_scale" and dataset == "cityscapes":
@@ -101,7 +105,9 @@ def make_protocol(
     if flip is None or (isinstance(flip, str) and flip.lower() == "auto"):
         flip = name == "multi_scale"
     elif isinstance(flip, str):
-        flip = flip.lower() in ("1", "true", "yes")
+        if flip.lower() not in FLIP_WORDS:
+            raise ValueError(f"evaluation.flip={flip!r}: must be 'auto', 'true' or 'false'")
+        flip = FLIP_WORDS[flip.lower()]
     if any(s <= 0 for s in scales):
         raise ValueError(f"evaluation.scales={tuple(scales)}: scales must be positive")
     return Protocol(
@@ -506,7 +512,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         images_per_call=settings.get("images_per_call", 0) or 4,
     )
     pipeline.prepare(config.dataset.name, data_dir, config.dataset.get("manual_dir", "") or None)
-    total = pipeline.dataset_size(dataset, split, data_dir)
+    total = full_size = pipeline.dataset_size(dataset, split, data_dir)
     limit = settings.get("max_examples", 0) or total
     total = min(total, limit)
     submission_dir = settings.get("submission_dir", "")
@@ -565,7 +571,9 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         "compilations": runner.compile_count,
         "seconds": seconds,
     }
-    out = workdir / "eval" / f"{split}_{name}"
+    # A partial run (max_examples) never overwrites the whole split's results.
+    partial = f"_first{len(names)}" if len(names) < full_size else ""
+    out = workdir / "eval" / f"{split}_{name}{partial}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "per_class_iou.md").write_text(per_class_table(scores, class_names, confusion))

@@ -32,6 +32,20 @@ flags.DEFINE_integer("process_id", None, "With --distributed: this process's ind
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def writable_directory(path: str, flag: str = "--workdir") -> None:
+    """Creates ``path`` if needed and checks that files can be written in it; ValueError names it otherwise."""
+    import tempfile
+    from pathlib import Path
+
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check_"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write to {directory} ({error.strerror or error}): give another {flag}") from error
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -47,6 +61,12 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     try:
         validate(config)
+        # Every mode writes into the workdir (predict: into --output_dir when given); a read-only one fails
+        # now, not after the work is done.
+        if config.mode == "predict" and FLAGS.output_dir:
+            writable_directory(FLAGS.output_dir, "--output_dir")
+        else:
+            writable_directory(FLAGS.workdir)
         if config.mode == "train":
             from fastfcn_jax.train import train_and_evaluate
 
@@ -101,9 +121,8 @@ def main(argv: list[str]) -> None:
                 train_batch_size=settings.train_batch_size,
                 interleave=settings.interleave,
             )
-            Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+            print(format_table(results), flush=True)  # first: the numbers are not lost if the write fails
             (Path(FLAGS.workdir) / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
-            print(format_table(results))
         elif config.mode == "summary":
             from fastfcn_jax.summary import run_summary
 
@@ -111,7 +130,8 @@ def main(argv: list[str]) -> None:
             if not model_config["num_classes"]:
                 from fastfcn_jax.data.datasets import get_dataset_info
 
-                model_config["num_classes"] = get_dataset_info(config.dataset.name).num_classes
+                data_dir = config.dataset.get("data_dir") or None
+                model_config["num_classes"] = get_dataset_info(config.dataset.name, data_dir).num_classes
             size = config.dataset.crop_size or 512
             run_summary(model_config, (size, size), 1, config.seed, FLAGS.workdir)
     except (ValueError, FileNotFoundError) as error:
@@ -119,5 +139,21 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad ``--config.KEY=VALUE`` (an unknown key, a value of the wrong type)
+    reported in one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"error: {error}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+        # ml_collections puts the repr of its message in an AttributeError's: undo the escaping.
+        message = message.replace("\\n", ": ").replace("\\'", "'")
+        if len(message) > 1 and message[0] == message[-1] == "'":
+            message = message[1:-1]
+        sys.exit(f"error: a --config override could not be applied: {message}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

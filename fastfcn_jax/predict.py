@@ -59,7 +59,8 @@ def load_image(path: str | Path) -> np.ndarray:
                 peak = values.max() if values.size and values.max() > 0 else 1.0
                 return to_rgb(values * (255.0 / peak))
             return np.asarray(opened.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL raises SyntaxError for some bad PNGs
+    # PIL raises SyntaxError for some bad PNGs, DecompressionBombError past Image.MAX_IMAGE_PIXELS (89 MP).
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from error
 
 
@@ -119,6 +120,8 @@ class Predictor:
         num_classes = int(info["num_classes"])
         dataset = _dataset_info(info.get("dataset"))
         palette = dataset.palette[:num_classes] if dataset is not None and len(dataset.palette) >= num_classes else None
+        if palette is None and len(info.get("palette") or ()) >= num_classes:  # stored by training (folder data)
+            palette = np.asarray(info["palette"], np.uint8)[:num_classes]
         names = info.get("class_names") or (dataset.class_names[:num_classes] if dataset is not None else None)
         model = create_model(info["model_name"], num_classes, **dict(info.get("model_overrides") or {}))
         return cls(
@@ -129,8 +132,10 @@ class Predictor:
             palette=palette,
             protocol=make_protocol(
                 protocol,
-                base_size=base_size or (dataset.base_size if dataset is not None else DEFAULT_BASE_SIZE),
-                crop_size=crop_size or (dataset.crop_size if dataset is not None else DEFAULT_CROP_SIZE),
+                base_size=base_size
+                or (dataset.base_size if dataset is not None else info.get("base_size") or DEFAULT_BASE_SIZE),
+                crop_size=crop_size
+                or (dataset.crop_size if dataset is not None else info.get("crop_size") or DEFAULT_CROP_SIZE),
                 scales=scales,
                 flip=flip,
                 stride_ratio=stride_ratio,
@@ -259,7 +264,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     _progress(0, len(files))
     for mask in predictor.iter_predict(readable()):
         path, image = loaded.pop(0)
-        stem = path.stem if path.stem not in used_names else f"{path.stem}_{path.suffix.lstrip('.')}"
+        stem = _unique_stem(path, used_names)
         used_names.add(stem)
         mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
         predictor.mask_image(mask).save(mask_path)
@@ -269,7 +274,22 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         _progress(done, len(files))
     print(
         f"wrote {len(written) // 2} masks and overlays to {out}"
-        + (f"; skipped {len(skipped)} non-image file(s)" if skipped else ""),
+        + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""),
         flush=True,
     )
+    if not written:
+        raise ValueError(f"none of the {len(files)} input file(s) is a readable image (see the messages above)")
     return written
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    """``path``'s stem, else stem_suffix, else stem_suffix_2, ...: the first not in ``used`` (inputs from
+    several folders may share a name; none overwrites another's outputs)."""
+    stem = path.stem
+    if stem not in used:
+        return stem
+    stem = f"{path.stem}_{path.suffix.lstrip('.')}" if path.suffix else path.stem
+    candidate, n = stem, 2
+    while candidate in used:
+        candidate, n = f"{stem}_{n}", n + 1
+    return candidate

@@ -8,7 +8,6 @@ checkpoint. ``train_step`` and ``eval_step`` are pure functions of ``(state, bat
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import signal
 import time
@@ -216,7 +215,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir).expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.get("num_devices") or None)
-    dataset = get_dataset_info(config.dataset.name)
+    dataset = get_dataset_info(config.dataset.name, config.dataset.data_dir or None)
     num_classes = config.model.num_classes or dataset.num_classes
     crop = config.dataset.crop_size or dataset.crop_size
     overrides = model_overrides(config)
@@ -257,6 +256,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         "class_names": list(dataset.class_names)[:num_classes],
         "model_overrides": {k: str(v) if not isinstance(v, bool | int | float) else v for k, v in overrides.items()},
         "dataset": config.dataset.name,
+        # What predict needs where it cannot look the dataset up (a custom folder dataset's data_dir).
+        "palette": np.asarray(dataset.palette, np.uint8)[:num_classes].tolist(),
+        "base_size": int(config.dataset.base_size or dataset.base_size),
+        "crop_size": int(crop),
     }
     checkpoints = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints, info=info)
     restored_step = checkpoints.restore_latest(state)
@@ -307,9 +310,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         crop_size=crop,
         base_size=config.dataset.base_size or None,
         split=config.dataset.train_split,
+        skip_batches=start_step,  # a resumed run continues the data order after the batches consumed
     )
-    # Resuming replays the data order: skip the batches the interrupted run consumed.
-    train_batches = itertools.islice(train_batches, start_step, None)
 
     def run_eval() -> dict[str, Any]:
         batches = pipeline.eval_batches(

@@ -25,7 +25,7 @@ def test_config_is_valid_and_documents_its_launch_command(path):
     module = load(path)
     config = module.get_config()
     validate(config)
-    model_config(config.model.name, **config.model.overrides.to_dict())
+    model_config(config.model.name, **model_overrides(config))
     assert f"--config configs/{path.name}" in module.__doc__
 
 
@@ -49,6 +49,42 @@ def test_impossible_values_are_rejected_by_key():
     config.train.momentum = 1.5
     config.train.batch_size = -2
     with pytest.raises(ValueError, match=r"config\.train\.momentum=1\.5.*\n.*config\.train\.batch_size=-2|batch_size"):
+        validate(config)
+
+
+def test_evaluation_and_export_values_are_checked_before_any_work():
+    config = load(CONFIGS[0]).get_config()
+    config.evaluation.max_examples = -1
+    config.evaluation.stride_ratio = 0.0
+    config.evaluation.flip = "yes_please"
+    config.evaluation.scales = (1.0, -0.5)
+    config.evaluation.batch_size = -2
+    config.export.output = "probabilities"
+    with pytest.raises(ValueError) as error:
+        validate(config)
+    for key in (
+        "evaluation.max_examples=-1",
+        "evaluation.stride_ratio=0.0",
+        "evaluation.flip='yes_please'",
+        "evaluation.scales=(1.0, -0.5)",
+        "evaluation.batch_size=-2",
+        "export.output='probabilities'",
+    ):
+        assert f"config.{key}" in str(error.value)
+
+
+def test_architecture_overrides_are_settable_and_unset_ones_stay_the_models():
+    # config.model.overrides offers Segmenter's scalar architecture fields as typed placeholders, so that
+    # --config.model.overrides.jpu_width=16 works from the command line; unset (None) ones are not passed on.
+    config = load(CONFIGS[0]).get_config()
+    assert set(model_overrides(config)) == {"dtype", "aux"}
+    config.model.overrides.jpu_width = 16
+    config.model.overrides.dropout = 0.0
+    overrides = model_overrides(config)
+    assert overrides["jpu_width"] == 16 and overrides["dropout"] == 0.0 and "head_width" not in overrides
+    assert model_config(config.model.name, **overrides)["jpu_width"] == 16
+    config.model.overrides.head_width = 0
+    with pytest.raises(ValueError, match=r"config\.model\.overrides\.head_width=0: must be positive"):
         validate(config)
 
 

@@ -6,6 +6,7 @@ Expected labels come from the reference's rules (DATASETS.md): ADE ``v - 1``; Pa
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -154,6 +155,26 @@ def test_train_batches_shapes_and_determinism(synthetic_dir):
     np.testing.assert_array_equal(batch["image"], first(0)["image"])
     np.testing.assert_array_equal(batch["label"], first(0)["label"])
     assert not np.array_equal(batch["image"], first(1)["image"])
+
+
+def test_train_batches_skipped_on_resume_continue_the_same_stream(synthetic_dir):
+    # A resumed run (train.py: skip_batches=start_step) sees the batches the uninterrupted run would have seen,
+    # across an epoch boundary (reshuffled) and with the same augmentation draws.
+    def batches(skip):
+        return pipeline.train_batches(
+            "synthetic_shapes", data_dir=synthetic_dir, batch_size=4, seed=3, crop_size=32, skip_batches=skip
+        )
+
+    size = pipeline.dataset_size("synthetic_shapes", "train", synthetic_dir)
+    skip = size // 4 + 2  # into the second epoch
+    uninterrupted = list(itertools.islice(batches(0), skip + 2))
+    resumed = list(itertools.islice(batches(skip), 2))
+    for want, got in zip(uninterrupted[skip:], resumed, strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+    assert not np.array_equal(resumed[0]["image"], uninterrupted[0]["image"])
+    with pytest.raises(ValueError, match="skip_batches"):
+        next(batches(-1))
 
 
 def test_eval_batches_pads_last_batch_with_invalid_examples(synthetic_dir):
@@ -500,6 +521,15 @@ def test_custom_folder_round_trip(tmp_path):
     np.testing.assert_array_equal(labels["img0.jpg"][0, ::4], [0, 1, 2, -1])
     batch = next(pipeline.train_batches("folder:cows", data_dir=tmp_path / "tfds", batch_size=2, seed=0, crop_size=8))
     assert batch["label"].shape == (2, 8, 8) and set(np.unique(batch["label"])) <= {-1, 0, 1, 2}
+    # Training and evaluation prepare it again without the source folder: its class table is stored with it.
+    assert pipeline.prepare("folder:cows", tmp_path / "tfds").is_prepared()
+    with pytest.raises(FileNotFoundError, match=r"(?s)not prepared in .*tfds.*config.dataset.manual_dir"):
+        pipeline.prepare("folder:horses", tmp_path / "tfds")
+
+
+def test_a_manual_dir_that_does_not_exist_is_named_as_such(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"manual_dir .*no_such_raw, which does not exist"):
+        pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "no_such_raw")
 
 
 def test_custom_folder_rejects_unknown_class_index(tmp_path):

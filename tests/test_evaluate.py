@@ -3,6 +3,7 @@ and run_evaluation end to end on the embedded dataset."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -185,6 +186,15 @@ def test_cityscapes_multi_scale_adds_scales_2_and_2_25():
     assert protocol.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25) and protocol.flip
     single = evaluate.make_protocol("single_scale", base_size=520, crop_size=480)
     assert single.scales == (1.0,) and not single.flip and single.stride == 320
+
+
+def test_protocol_flip_words_and_a_zero_pixel_stride():
+    make = functools.partial(evaluate.make_protocol, "single_scale", base_size=520, crop_size=480)
+    assert make(flip="True").flip and not make(flip="no").flip and not make(flip="auto").flip
+    with pytest.raises(ValueError, match="evaluation.flip='yes_please'"):
+        make(flip="yes_please")
+    with pytest.raises(ValueError, match="window stride int.480 . 0.001. is 0 pixels"):
+        make(stride_ratio=0.001)
 
 
 @pytest.mark.parametrize("size", [48, 64, 65, 106, 107, 130, 300])

@@ -37,7 +37,14 @@ def test_demo_summary_runs_and_writes_summary(tmp_path):
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--config.model.nmae=psp_jpu_tiny")
     assert result.returncode != 0
-    assert "nmae" in result.stderr
+    assert "'nmae': Did you mean \"name\"" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_workdir_that_cannot_be_written_is_an_error_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_main(f"--workdir={tmp_path / 'a_file' / 'run'}", "--mode=summary")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"cannot write to {tmp_path / 'a_file' / 'run'}" in result.stderr and "--workdir" in result.stderr
 
 
 def test_unknown_model_name_is_rejected_with_the_available_names(tmp_path):

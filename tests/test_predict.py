@@ -100,6 +100,37 @@ def test_predicting_a_folder_writes_a_mask_and_an_overlay_per_image_and_skips_no
     assert "wrote 4 masks" in report.out and "skipped 2" in report.out
 
 
+def test_same_named_inputs_never_overwrite_each_other_and_oversized_images_are_skipped(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    from fastfcn_jax.predict import run_prediction
+
+    rng = np.random.default_rng(2)
+    inputs = tmp_path / "inputs"
+    for name in ("sub1/x.png", "sub2/x.png", "sub3/x.png", "x_png.png"):
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(inputs / name)
+    Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(inputs / "huge.png")
+    # PIL refuses images over twice MAX_IMAGE_PIXELS (a decompression bomb): here the 100x100 one.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    config = base_config()
+    config.init_from = str(checkpoint)
+    config.dataset.base_size = SIZE
+    config.dataset.crop_size = SIZE
+    written = run_prediction(config, tmp_path / "workdir", str(inputs / "**" / "*.png"), str(tmp_path / "out"))
+
+    stems = ["x", "x_png", "x_png_2", "x_png_png"]  # sub1/x, sub2/x, sub3/x, then x_png.png whose stem is taken
+    assert [p.name for p in written] == [f"{stem}_{kind}.png" for stem in stems for kind in ("mask", "overlay")]
+    assert all(p.is_file() for p in written)
+    report = capsys.readouterr()
+    assert "huge.png" in report.err and "wrote 4 masks" in report.out and "skipped 1 unreadable" in report.out
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="none of the 1 input file"):
+        run_prediction(config, tmp_path / "workdir", str(tmp_path / "text"), str(tmp_path / "out2"))
+
+
 def test_a_single_file_and_a_glob_are_accepted(checkpoint, tmp_path):
     from fastfcn_jax.predict import collect_inputs
 

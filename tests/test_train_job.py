@@ -92,6 +92,47 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
         train_and_evaluate(config, tmp_path / "mismatch")
 
 
+def test_a_custom_folder_dataset_trains_resumes_only_its_model_and_predicts_in_its_colours(tmp_path):
+    # The glue a user's own data goes through: training finds the folder dataset's class table in data_dir
+    # (with no source folder: it is prepared), a resume with another model names the misfit variables, and
+    # prediction, which cannot look the dataset up, colours masks with the palette the checkpoint stores.
+    from PIL import Image
+
+    from fastfcn_jax.data import prepare
+    from fastfcn_jax.predict import Predictor
+
+    source, tfds_dir = tmp_path / "mydata", tmp_path / "tfds"
+    table = {"names": ["sky", "grass", "cow"], "palette": [[0, 0, 255], [0, 255, 0], [90, 60, 30]], "ignore_label": 255}
+    source.mkdir()
+    (source / "classes.json").write_text(json.dumps(table))
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 1)):
+        for index in range(count):
+            for folder, array in (
+                ("images", rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)),
+                ("masks", rng.integers(0, 3, (24, 24), dtype=np.uint8)),
+            ):
+                path = source / folder / split / f"img{index}.{'jpg' if folder == 'images' else 'png'}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path)
+    assert prepare.main(["--dataset", "folder:cows", "--source", str(source), "--data-dir", str(tfds_dir)]) == 0
+
+    config = small_config(str(tfds_dir), num_steps=1, eval_every=0)
+    config.dataset.name = "folder:cows"
+    config.dataset.crop_size, config.dataset.base_size = 16, 24
+    train_and_evaluate(config, tmp_path / "run")
+    _, info = checkpointing.restore_variables(tmp_path / "run")
+    assert info["num_classes"] == 3 and info["class_names"] == table["names"] and info["crop_size"] == 16
+
+    config.model.num_classes = 5
+    with pytest.raises(ValueError, match=r"(?s)does not fit.*decode_head/classifier/conv/kernel.*init_from"):
+        train_and_evaluate(config, tmp_path / "run")
+
+    predictor = Predictor.from_checkpoint(tmp_path / "run")
+    np.testing.assert_array_equal(predictor.palette, table["palette"])
+    assert predictor.protocol.crop_size == 16 and predictor.protocol.base_size == 24
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
     import signal
     import subprocess

@@ -73,7 +73,13 @@ def prepare(
 
         manual_dir = source_dir or manual_dir
         if manual_dir is None:
-            raise FileNotFoundError(f"dataset {dataset!r} needs --source DIR.\n{folder.INSTRUCTIONS}")
+            if data_dir is not None and folder.is_prepared(dataset, data_dir):
+                return get_dataset_info(dataset, data_dir).make_builder(data_dir)  # its class table is stored
+            raise FileNotFoundError(
+                f"dataset {dataset!r} is not prepared in {data_dir or '(no data_dir given)'} and no source folder "
+                "was given (`prepare --source DIR`, or config.dataset.manual_dir for training and evaluation).\n"
+                f"{folder.INSTRUCTIONS}"
+            )
         info = folder.info_from_source(dataset, manual_dir)
     else:
         info = get_dataset_info(dataset)
@@ -145,8 +151,10 @@ def train_batches(
     crop_size: int | None = None,
     base_size: int | None = None,
     split: str = "train",
+    skip_batches: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator of augmented training batches of this process.
+    """Infinite iterator of augmented training batches of this process, from batch ``skip_batches`` on (a
+    resumed run continues the interrupted run's stream; the skipped examples are read, not decoded).
 
     Yields:
       {'image': float32 [batch_size, crop, crop, 3] ImageNet-normalised,
@@ -164,9 +172,13 @@ def train_batches(
         raise ValueError(f"split {shard!r} of {info.name!r} has {size} examples < batch_size {batch_size}")
     process, processes = jax.process_index(), jax.process_count()
 
+    if skip_batches < 0:
+        raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
     ds = _load(builder, shard, shuffle_seed=seed)
-    ds = ds.map(_decode(info), num_parallel_calls=tf.data.AUTOTUNE)
+    # Shuffled before decoding: the buffer holds encoded files, and skipping does not decode what it skips.
     ds = ds.shuffle(min(size, _SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
+    skipped = skip_batches * batch_size
+    ds = ds.skip(skipped).map(_decode(info), num_parallel_calls=tf.data.AUTOTUNE)
 
     def augment(position: tf.Tensor, example: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         example_seed = tf.stack([tf.constant(seed, tf.int64), position * processes + process])
@@ -180,7 +192,7 @@ def train_batches(
         )
         return {"image": image, "label": label}
 
-    ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.enumerate(start=skipped).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     ds = _options(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
     return iter(tfds.as_numpy(ds))
 

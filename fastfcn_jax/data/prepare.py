@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         builder = pipeline.prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir, source_dir=args.source)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # missing raw files; bad data (common.DataError) names the file
         print(f"error: {err}", file=sys.stderr)
         return 1
     splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())

@@ -121,7 +121,9 @@ def model_kwargs(config: Mapping[str, Any], ops_key: str = "ops") -> dict[str, A
         ops = op_overrides(parse_ops(config.get("ops") or ""))
     except ValueError as error:
         raise ValueError(f"{ops_key}={config.get('ops')!r}: {error}") from None
-    return {**dict((config.get("overrides") or {}).items()), **ops}
+    # None: not overridden (the command-line placeholders of fastfcn_jax.config).
+    overrides = {key: value for key, value in (config.get("overrides") or {}).items() if value is not None}
+    return {**overrides, **ops}
 
 
 def model_from_config(config: Mapping[str, Any]) -> Segmenter:

@@ -121,7 +121,10 @@ def require_files(manual_dir: Path | None, required: Iterable[str], instructions
     """Returns ``manual_dir`` or raises FileNotFoundError with the download instructions and layout."""
     missing = list(required) if manual_dir is None else [p for p in required if not (Path(manual_dir) / p).exists()]
     if missing:
-        where = "no manual_dir given" if manual_dir is None else f"manual_dir {manual_dir}"
+        if manual_dir is None:
+            where = "no manual_dir given"
+        else:
+            where = f"manual_dir {manual_dir}" + ("" if Path(manual_dir).is_dir() else ", which does not exist")
         raise FileNotFoundError(
             f"raw files missing ({where}): {', '.join(missing)}.\n{instructions.strip()}\n"
             "Then run: python -m fastfcn_jax.data.prepare --dataset NAME --manual-dir DIR --data-dir OUT"
@@ -135,6 +138,7 @@ def read_split_file(path: Path) -> list[str]:
 
 
 def manual_dir(dl_manager: tfds.download.DownloadManager) -> Path | None:
-    """The manual dir if one was given and exists (tfds' own property asserts with a terse message)."""
+    """The manual dir if one was given, existing or not (:func:`require_files` says which); tfds' own property
+    asserts with a terse message."""
     path = dl_manager._manual_dir  # The public property raises instead of returning None.
-    return Path(path) if path is not None and Path(path).exists() else None
+    return None if path is None else Path(path)

@@ -114,15 +114,20 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             yield image_path.stem, {"image": image, "label": label.astype(np.uint16), "file_name": image_path.name}
 
 
+def is_prepared(name: str, data_dir: str | Path) -> bool:
+    """Whether ``folder[:NAME]`` is prepared in ``data_dir``, with its class table."""
+    builder = Folder(config=_config_name(name), data_dir=str(data_dir))
+    return builder.is_prepared() and "class_table" in builder.info.metadata
+
+
 def load_class_table(name: str, data_dir: str | Path) -> dict[str, Any]:
     """The class table stored with a prepared ``folder[:NAME]`` dataset."""
-    builder = Folder(config=_config_name(name), data_dir=str(data_dir))
-    if not builder.is_prepared() or "class_table" not in builder.info.metadata:
+    if not is_prepared(name, data_dir):
         raise FileNotFoundError(
             f"custom dataset {name!r} is not prepared in {data_dir}; run: python -m fastfcn_jax.data.prepare "
             f"--dataset {name} --source SOURCE --data-dir {data_dir}"
         )
-    return dict(builder.info.metadata["class_table"])
+    return dict(Folder(config=_config_name(name), data_dir=str(data_dir)).info.metadata["class_table"])
 
 
 def info_from_source(name: str, source: str | Path):
