@@ -9,11 +9,14 @@ output directory is itself such a checkpoint directory with the single step 0. E
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -29,13 +32,32 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+def json_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """``info`` as the checkpoint stores it (JSON): dtypes among ``model_overrides`` by name (``jnp.bfloat16``
+    -> ``'bfloat16'``); anything else JSON cannot hold is a ValueError naming its key, before any file is
+    written."""
+    info = dict(info)
+    overrides = dict(info.get("model_overrides") or {})
+    for key, value in overrides.items():
+        if isinstance(value, type | np.dtype):
+            with contextlib.suppress(TypeError):  # not a dtype: the check below names it
+                overrides[key] = jnp.dtype(value).name
+    info["model_overrides"] = overrides
+    for key, value in [*((f"model_overrides.{k}", v) for k, v in overrides.items()), *info.items()]:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint info {key}={value!r} cannot be stored as JSON ({error})") from None
+    return info
+
+
 def save_variables(directory: str | Path, variables: Mapping[str, Any], info: Mapping[str, Any], step: int = 0) -> Path:
     """Writes ``variables`` and ``info`` as step ``step`` of a checkpoint directory and waits for it."""
     missing = [k for k in REQUIRED_INFO if k not in info]
     if missing:
         raise ValueError(f"checkpoint info needs {missing}; got {sorted(info)}")
     directory = Path(directory).expanduser().absolute()
-    info = {"class_names": None, "model_overrides": {}, **info}
+    info = json_info({"class_names": None, "model_overrides": {}, **info})
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as manager:
         manager.save(
             step,
@@ -111,6 +133,18 @@ def variable_mismatches(expected: Mapping[str, Any], given: Mapping[str, Any]) -
     return problems
 
 
+def check_variables(
+    model: Any, variables: Mapping[str, Any], source: str, image_size: Sequence[int] = (64, 64)
+) -> None:
+    """Raises ValueError listing every missing, unexpected or differently shaped variable of ``variables``
+    against those ``model`` (a Segmenter) initialises (abstractly: nothing is computed)."""
+    sample = jax.ShapeDtypeStruct((1, int(image_size[0]), int(image_size[1]), 3), jnp.float32)
+    expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
+    problems = variable_mismatches(expected, variables)
+    if problems:
+        raise ValueError(f"{source} does not fit the configured model: " + "; ".join(problems[:10]))
+
+
 def _abstract(tree: Any) -> Any:
     """Shape/dtype/sharding structs of a (sharded) pytree: restoring onto them reshards to the current mesh."""
     return jax.tree_util.tree_map(
@@ -129,7 +163,7 @@ class TrainCheckpointer:
     def __init__(self, workdir: str | Path, *, keep: int, info: Mapping[str, Any]) -> None:
         workdir = Path(workdir).expanduser().absolute()
         self.directory = workdir / "checkpoints"
-        self.info = {"class_names": None, "model_overrides": {}, **info}
+        self.info = json_info({"class_names": None, "model_overrides": {}, **info})
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

@@ -307,7 +307,8 @@ def _input_record(image_size: Sequence[int], metadata: Mapping[str, Any]) -> dic
             "mean": [float(v) for v in IMAGENET_MEAN],
             "std": [float(v) for v in IMAGENET_STD],
         },
-        "resize": "bilinear, align_corners=True (to [H, W] before normalising)",
+        # Bilinear weights sum to 1, so resizing before or after the (affine) normalisation is the same.
+        "resize": "bilinear, align_corners=True, to [H, W] (before or after normalising: the same)",
     }
 
 
@@ -393,17 +394,6 @@ def export_settings(config: Any) -> dict[str, Any]:
     return settings
 
 
-def check_variables(model: Any, variables: Mapping[str, Any], image_size: Sequence[int], source: str) -> None:
-    """Raises ValueError listing every missing, unexpected or differently shaped variable of ``model``."""
-    from fastfcn_jax.checkpointing import variable_mismatches
-
-    sample = jax.ShapeDtypeStruct((1, int(image_size[0]), int(image_size[1]), 3), jnp.float32)
-    expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
-    problems = variable_mismatches(expected, variables)
-    if problems:
-        raise ValueError(f"{source} does not fit the configured model: " + "; ".join(problems[:10]))
-
-
 def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     """Exports the checkpoint in ``config.export.checkpoint`` (default: ``workdir``'s latest) as the formats in
     ``config.export.formats``; returns ``{'stablehlo', 'metadata', 'params', 'savedmodel', 'onnx'}`` -> path for
@@ -433,7 +423,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     size = int(settings["image_size"]) or config.dataset.crop_size or dataset.crop_size
     image_size = (size, size)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    check_variables(model, variables, image_size, f"checkpoint {source}")
+    checkpointing.check_variables(model, variables, f"checkpoint {source}", image_size)
     if settings["fold_norm"]:
         # The same function with one fewer pass per BatchNorm: its scale rides in the convolution's kernel.
         model = create_model(config.model.name, num_classes, **{**overrides, "norm_implementation": "folded"})

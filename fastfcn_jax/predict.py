@@ -32,14 +32,25 @@ DEFAULT_BASE_SIZE, DEFAULT_CROP_SIZE = 520, 480
 
 
 def to_rgb(image: Any) -> np.ndarray:
-    """[H, W], [H, W, 1], [H, W, 3] or [H, W, 4] pixel values in 0..255 -> uint8 RGB [H, W, 3] (alpha dropped)."""
+    """[H, W], [H, W, 1], [H, W, 3] or [H, W, 4] pixels -> uint8 RGB [H, W, 3] (alpha dropped).
+
+    uint8 and other integers are 0..255, except uint16 (0..65535, as 16-bit files); floats are 0..255, or
+    0..1 when none exceeds 1 (as matplotlib and scikit-image give them); values outside are clipped.
+    """
     array = np.asarray(image)
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
         raise ValueError(f"expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; got shape {array.shape}")
     if array.dtype != np.uint8:
-        array = np.clip(np.rint(array.astype(np.float64)), 0, 255).astype(np.uint8)
+        values = array.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("the image has NaN or infinite pixel values")
+        if array.dtype == np.uint16:
+            values = values * (255.0 / 65535.0)
+        elif np.issubdtype(array.dtype, np.floating) and values.max() <= 1.0:
+            values = values * 255.0
+        array = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     return np.ascontiguousarray(array[..., :3])
@@ -124,6 +135,9 @@ class Predictor:
             palette = np.asarray(info["palette"], np.uint8)[:num_classes]
         names = info.get("class_names") or (dataset.class_names[:num_classes] if dataset is not None else None)
         model = create_model(info["model_name"], num_classes, **dict(info.get("model_overrides") or {}))
+        checkpointing.check_variables(
+            model, variables, f"checkpoint {path} ({info['model_name']}, {num_classes} classes)"
+        )
         return cls(
             model,
             variables,
@@ -161,9 +175,12 @@ class Predictor:
 
     def overlay(self, image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """uint8 RGB: the image blended with the coloured mask, plus a legend of the classes present (by area)."""
+        rgb, mask = to_rgb(image), np.asarray(mask)
+        if mask.shape != rgb.shape[:2]:
+            raise ValueError(f"mask {mask.shape} and image {rgb.shape[:2]} differ in size; predict the image itself")
         present, counts = np.unique(mask, return_counts=True)
         order = [int(c) for c in present[np.argsort(-counts, kind="stable")]]
-        blended = visualize.overlay(to_rgb(image), mask, self.palette, alpha=alpha)
+        blended = visualize.overlay(rgb, mask, self.palette, alpha=alpha)
         return visualize.add_legend(blended, order, self.class_names, self.palette)
 
     def mask_image(self, mask: np.ndarray) -> Image.Image:

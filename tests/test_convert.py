@@ -280,6 +280,7 @@ def test_psp_weights_into_encnet_fail_naming_keys(tmp_path, capsys):
         tmp_path,
         capsys,
         argv,
+        f"error: {weights}: ",  # the file, then the keys
         "missing from the checkpoint",
         "head.encmodule.encoding.3.codewords",
         "unexpected checkpoint key",

@@ -152,11 +152,22 @@ def test_registry_names():
         ("encnet_jpux_r50", {"jpu_width": 96}, "jpux_groups"),
         ("encnet_jpu_r50", {"neck": "dilated"}, "fixed by the model name"),
         ("encnet_jpu_tiny", {"depth": 101}, "fixed by the model name"),
+        ("encnet_jpu_tiny", {"aux": "no"}, "aux must be True or False"),
+        ("psp_jpu_tiny", {"psp_bins": ()}, "psp_bins must be positive integers"),
+        ("deeplab_jpu_tiny", {"aspp_rates": (12, 0)}, "aspp_rates must be positive integers"),
+        ("fcn_jpu_tiny", {"jpu_dilations": ()}, "jpu_dilations must be positive integers"),
+        ("fcn_jpu_tiny", {"depthwise_implementation": "bogus"}, "depthwise_implementation must be one of"),
     ],
 )
 def test_invalid_model_requests_raise_errors_naming_the_problem(name, overrides, message):
     with pytest.raises(ValueError, match=message):
         create_model(name, 150, **overrides)
+
+
+@pytest.mark.parametrize("num_classes", [0, 2.7, "5", True])
+def test_the_class_count_must_be_a_positive_integer(num_classes):
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        create_model("fcn_jpu_tiny", num_classes)
 
 
 def test_model_from_config_mapping():

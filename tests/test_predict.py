@@ -64,6 +64,36 @@ def test_predictor_uses_the_checkpoints_dataset_palette_and_names(predictor):
         predictor(np.zeros((4, 4, 2), np.uint8))
 
 
+def test_array_value_ranges_are_read_as_their_dtypes_mean():
+    from fastfcn_jax.predict import to_rgb
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(to_rgb(pixels.astype(np.float32)), pixels)  # floats in 0..255
+    np.testing.assert_array_equal(to_rgb(pixels.astype(np.float32) / 255), pixels)  # floats in 0..1
+    np.testing.assert_array_equal(to_rgb(pixels.astype(np.uint16) * 257), pixels)  # 16 bits
+    np.testing.assert_array_equal(to_rgb(pixels.astype(np.int64)), pixels)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        to_rgb(np.full((4, 4, 3), np.nan))
+
+
+def test_a_checkpoint_whose_variables_do_not_fit_its_model_fails_when_opened(tmp_path):
+    from fastfcn_jax.predict import Predictor
+
+    variables = jax.eval_shape(
+        lambda: create_model("fcn_jpu_tiny", 4).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    )
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
+    # A dtype override is stored by name; what JSON cannot hold is refused before anything is written.
+    info = {"model_name": "psp_jpu_tiny", "num_classes": 4, "model_overrides": {"dtype": jnp.bfloat16}}
+    checkpointing.save_variables(tmp_path / "mislabelled", variables, info)
+    assert checkpointing.restore_variables(tmp_path / "mislabelled")[1]["model_overrides"] == {"dtype": "bfloat16"}
+    with pytest.raises(ValueError, match=r"\(psp_jpu_tiny, 4 classes\) does not fit .*missing params/decode_head"):
+        Predictor.from_checkpoint(tmp_path / "mislabelled")
+    with pytest.raises(ValueError, match="model_overrides.fn=.* cannot be stored as JSON"):
+        checkpointing.save_variables(tmp_path / "bad", variables, {**info, "model_overrides": {"fn": print}})
+    assert not (tmp_path / "bad").exists()
+
+
 def _write_inputs(folder):
     rng = np.random.default_rng(1)
     folder.mkdir()

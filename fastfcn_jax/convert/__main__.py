@@ -165,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = convert_file(args)
     except (ValueError, OSError, KeyError) as error:  # ConversionError, CheckpointReadError included
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)
+        if str(args.input) not in message:  # reader errors name the file; conversion errors name the keys
+            message = f"{args.input}: {message}"
+        print(f"error: {message}", file=sys.stderr)
         print(f"nothing was written: {args.out} is as it was", file=sys.stderr)
         return 1
     print(summary)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from fastfcn_jax.models.layers import op_overrides, parse_ops
 from fastfcn_jax.models.segmenter import HEADS, NECKS, Segmenter
@@ -98,6 +99,14 @@ def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name}: jpu_width/2 = {width // 2} must be divisible by jpux_groups = {groups}")
     if not 0.0 <= float(config.get("dropout", 0.1)) < 1.0:
         raise ValueError(f"{name}: dropout must be in [0, 1), got {config['dropout']}")
+    for key in ("aux", "se_loss"):
+        if not isinstance(config.get(key, False), bool | np.bool_):
+            raise ValueError(f"{name}: {key} must be True or False, got {config[key]!r}")
+    for key in ("jpu_dilations", "aspp_rates", "psp_bins"):
+        if key in config and (not config[key] or any(int(v) < 1 for v in config[key])):
+            raise ValueError(f"{name}: {key} must be positive integers, at least one, got {config[key]!r}")
+    # The op choices (``*_implementation``), validated now rather than at the first init or apply.
+    _ = Segmenter(num_classes=1, **config).ops
     return config
 
 
@@ -108,8 +117,8 @@ def create_model(name: str, num_classes: int, **overrides: Any) -> Segmenter:
     :class:`Segmenter` field (``aux``, ``se_loss``, ``stem``, ``output_stride``, ``dtype``, ``jpu_width``,
     ...). ``model.init(rng, images, train=False)`` gives ``{'params', 'batch_stats'}``.
     """
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     return Segmenter(num_classes=int(num_classes), **model_config(name, **overrides))
 
 
