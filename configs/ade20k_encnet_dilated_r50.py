@@ -6,11 +6,18 @@ Recipe (FastFCN scripts): batch 16 over all devices, SGD momentum 0.9, weight de
 from 0.01 per 16 images, 10x LR for JPU/head/aux, 120 epochs, base size 520, crop 480,
 aux weight 0.2, SE weight 0.2.
 
-Launch (after preparing the dataset, see README, and converting an ImageNet backbone to ~/resnet50s):
+Launch (after preparing the dataset and converting ImageNet weights to ~/resnet50s, README steps 1-2;
+one conversion serves every ResNet-50 config: only its backbone is used):
 
     python -m fastfcn_jax.main --config configs/ade20k_encnet_dilated_r50.py \
         --workdir ~/runs/ade20k_encnet_dilated_r50 \
         --config.init_from=~/resnet50s
+
+Evaluate with the protocol of the expected number (multi-scale + flip; docs/evaluation.md):
+
+    python -m fastfcn_jax.main --config configs/ade20k_encnet_dilated_r50.py \
+        --workdir ~/runs/ade20k_encnet_dilated_r50 --mode=eval \
+        --config.evaluation.protocol=multi_scale
 """
 
 import ml_collections

@@ -23,6 +23,7 @@ import optax
 from absl import logging
 
 from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
+from fastfcn_jax.convert.converter import BACKBONE_SOURCES
 from fastfcn_jax.models import create_model, layers
 
 
@@ -127,16 +128,29 @@ def create_train_state(
 
 
 def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState, dict[str, Any]]:
-    """Replaces params and BN statistics with a converter output's (``init_from``), checking every shape."""
+    """Replaces params and BN statistics with a converter output's (``init_from``), checking every shape.
+
+    A conversion of ImageNet weights (``--from resnet_s`` / ``torchvision``) gives only the backbone: its JPU
+    and heads were random, so they stay the model's own and one conversion serves every head, neck, class
+    count and dilation with that ResNet.
+    """
     variables, info = checkpointing.restore_variables(init_from)
+    current = {"params": state.params, "batch_stats": state.batch_stats}
     restored = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    problems = checkpointing.variable_mismatches({"params": state.params, "batch_stats": state.batch_stats}, restored)
+    backbone_only = info.get("source") in BACKBONE_SOURCES
+    if backbone_only:
+        current = {c: {"backbone": tree.get("backbone", {})} for c, tree in current.items()}
+        restored = {c: {"backbone": tree.get("backbone", {})} for c, tree in restored.items()}
+    problems = checkpointing.variable_mismatches(current, restored)
     if problems:
+        what = f"the backbone of ImageNet weights ({info.get('source')})" if backbone_only else "the checkpoint"
         raise ValueError(
-            f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes) does not fit "
-            f"the configured model: " + "; ".join(problems[:10])
+            f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes): "
+            f"{what} does not fit the configured model: " + "; ".join(problems[:10])
         )
     restored = jax.device_put(restored, sharding.replicated(mesh))
+    if backbone_only:
+        restored = {c: {**dict(getattr(state, c)), "backbone": tree["backbone"]} for c, tree in restored.items()}
     return state.replace(params=restored["params"], batch_stats=restored["batch_stats"]), info
 
 
@@ -268,7 +282,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         report(f"resumed from {checkpoints.directory} at step {int(state.step)}")
     elif config.init_from:
         state, source = load_pretrained(state, config.init_from, mesh)
-        report(f"initialised from {config.init_from} ({source.get('model_name')})")
+        if source.get("source") in BACKBONE_SOURCES:
+            report(f"initialised the backbone from {config.init_from} (ImageNet, {source.get('input_file')})")
+        else:
+            report(f"initialised from {config.init_from} ({source.get('model_name')})")
     start_step = int(state.step)
     write_json(
         workdir / "config.json",

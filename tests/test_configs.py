@@ -37,11 +37,18 @@ def test_paper_configs_use_the_reference_recipe(path):
     assert config.train.batch_size == 16
     assert config.train.momentum == 0.9 and config.train.weight_decay == 1e-4
     assert config.train.new_layers_lr_multiplier == 10 and config.train.poly_power == 0.9
-    assert (config.dataset.base_size, config.dataset.crop_size) == (520, 480)
+    # The ADE20K R101 dilated baseline was trained at 640/576 (FASTFCN.md 4.1); everything else at 520/480.
+    sizes = (640, 576) if path.stem == "ade20k_encnet_dilated_r101" else (520, 480)
+    assert (config.dataset.base_size, config.dataset.crop_size) == sizes
     expected = {"pcontext": (0.001, 80), "ade20k": (0.01, 120)}[dataset]
     assert (config.train.lr_per_16, config.train.epochs) == expected
     assert config.train.aux_weight == (0.2 if model.startswith("encnet") else 0.4)
     assert config.train.se_weight == (0.2 if model.startswith("encnet") else 0.0)
+    # The docstring's evaluation command uses the protocol of the number it promises.
+    doc = load(path).__doc__
+    multi_scale = "multi-scale" in doc[: doc.index("Recipe")]
+    assert f"--config configs/{path.name}" in doc[doc.index("Evaluate") :] and "--mode=eval" in doc
+    assert ("--config.evaluation.protocol=multi_scale" in doc) == multi_scale
 
 
 def test_impossible_values_are_rejected_by_key():

@@ -92,6 +92,43 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
         train_and_evaluate(config, tmp_path / "mismatch")
 
 
+def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilation(data_dir, tmp_path):
+    # The README converts ImageNet weights once for one model; every config with that ResNet trains from it:
+    # only the backbone is taken (the file's JPU and heads were random), the rest stays the model's own.
+    from fastfcn_jax.convert.__main__ import main as convert
+    from tests.test_convert import imagenet_resnet_state_dict
+
+    state_dict = imagenet_resnet_state_dict("deep")
+    np.savez(tmp_path / "in1k.npz", **state_dict)
+    args = ["--num-classes", "59", "--from", "resnet_s", str(tmp_path / "in1k.npz")]
+    assert convert(["--model", "fcn_jpu_tiny", *args, "--out", str(tmp_path / "backbone")]) == 0
+    imagenet, _ = checkpointing.restore_variables(tmp_path / "backbone")
+
+    config = small_config(data_dir, num_steps=1, eval_every=0, lr_per_16=1e-12, weight_decay=0.0)
+    config.model.name = "psp_dilated_tiny"  # another head, no JPU, 6 classes
+    config.init_from = str(tmp_path / "backbone")
+    train_and_evaluate(config, tmp_path / "psp")
+    trained, info = checkpointing.restore_variables(tmp_path / "psp")
+    assert info["model_name"] == "psp_dilated_tiny" and info["num_classes"] == 6
+    np.testing.assert_allclose(
+        trained["params"]["backbone"]["stem1"]["conv"]["kernel"],
+        state_dict["conv1.0.weight"].transpose(2, 3, 1, 0),
+        atol=1e-6,
+    )
+    # Running statistics come from the file too: one step keeps 0.9 of them (PyTorch's BN momentum 0.1).
+    stats = trained["batch_stats"]["backbone"]["layer1_0"]["conv1"]["bn"]["var"]
+    from_file = imagenet["batch_stats"]["backbone"]["layer1_0"]["conv1"]["bn"]["var"]
+    assert np.corrcoef(stats, from_file)[0, 1] > 0.9
+
+    np.savez(tmp_path / "standard.npz", **imagenet_resnet_state_dict("standard"))
+    args = ["--num-classes", "59", "--from", "torchvision", str(tmp_path / "standard.npz")]
+    assert convert(["--model", "fcn_jpu_tiny", *args, "--out", str(tmp_path / "standard")]) == 0
+    config = small_config(data_dir, num_steps=1, eval_every=0)
+    config.init_from = str(tmp_path / "standard")  # a 7x7 stem for the deep-stem model
+    with pytest.raises(ValueError, match=r"backbone of ImageNet weights \(torchvision\) does not fit.*stem"):
+        train_and_evaluate(config, tmp_path / "standard_run")
+
+
 def test_a_custom_folder_dataset_trains_resumes_only_its_model_and_predicts_in_its_colours(tmp_path):
     # The glue a user's own data goes through: training finds the folder dataset's class table in data_dir
     # (with no source folder: it is prepared), a resume with another model names the misfit variables, and

@@ -4,6 +4,7 @@
 """
 
 from fastfcn_jax.convert.converter import (
+    BACKBONE_SOURCES,
     SOURCES,
     ConversionError,
     ConversionReport,
@@ -13,6 +14,7 @@ from fastfcn_jax.convert.converter import (
 from fastfcn_jax.convert.readers import CheckpointReadError, UnsafeCheckpointError, load_state_dict
 
 __all__ = [
+    "BACKBONE_SOURCES",
     "SOURCES",
     "CheckpointReadError",
     "ConversionError",

@@ -15,6 +15,9 @@ from fastfcn_jax.convert.keymap import CLASSIFIER_MODULES, UNUSED_SOURCE_KEY, to
 from fastfcn_jax.models import create_model, model_config
 
 SOURCES = ("official", "resnet_s", "torchvision")
+# ImageNet classifiers: only the backbone comes from the file, so training from such a conversion takes only
+# its backbone (train.load_pretrained) and one conversion serves every model with the same ResNet.
+BACKBONE_SOURCES = ("resnet_s", "torchvision")
 
 
 class ConversionError(ValueError):
@@ -89,7 +92,7 @@ def convert_with_report(
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed), dummy, train=False))
 
     source_dict = _normalise_keys(state_dict, source)
-    backbone_only = source in ("resnet_s", "torchvision")
+    backbone_only = source in BACKBONE_SOURCES
     report = ConversionReport()
     converted: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
     need_init: list[tuple[str, tuple[str, ...]]] = []
