@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 0  # 0: only at the end
     config.train.checkpoint_every = 1000
     config.train.keep_checkpoints = 3
+    config.train.requires_init_from = False  # a fine-tune: refuse to start from scratch without init_from
     config.train.stop_after_steps = 0  # > 0: checkpoint and stop after this many steps of this run (time-boxed
     # sessions such as Colab); running the same command again resumes
 

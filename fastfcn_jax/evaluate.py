@@ -515,10 +515,10 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     total = full_size = pipeline.dataset_size(dataset, split, data_dir)
     limit = settings.get("max_examples", 0) or total
     total = min(total, limit)
-    submission_dir = settings.get("submission_dir", "")
+    submission_dir = Path(settings["submission_dir"]).expanduser() if settings.get("submission_dir") else None
     encoding = submission_encoding(dataset.label_lut, num_classes) if submission_dir else None
     if submission_dir:
-        Path(submission_dir).mkdir(parents=True, exist_ok=True)
+        submission_dir.mkdir(parents=True, exist_ok=True)
 
     names: list[str] = []
 
@@ -539,7 +539,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         confusion += result["confusion"]
         if encoding is not None:
             raw = encoding[result["prediction"]].astype(np.uint8)
-            Image.fromarray(raw, mode="L").save(Path(submission_dir) / (Path(names[i]).stem + ".png"))
+            Image.fromarray(raw, mode="L").save(submission_dir / (Path(names[i]).stem + ".png"))
         done = i + 1
         if done % 50 == 0 or done == total:
             running = metrics.segmentation_scores(confusion)

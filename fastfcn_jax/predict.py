@@ -25,6 +25,7 @@ from fastfcn_jax.evaluate import (
     make_protocol,
     model_logits_fn,
     normalize,
+    submission_encoding,
 )
 
 # The reference's sizes, for checkpoints that do not name a known dataset.
@@ -89,10 +90,13 @@ class Predictor:
         palette: np.ndarray | None = None,
         window_batch: int = 8,
         images_per_call: int = 4,
+        label_lut: np.ndarray | None = None,
     ) -> None:
         import jax
 
         self.num_classes = num_classes
+        # The dataset's raw label value -> class table (DatasetInfo.label_lut), for test-server encodings.
+        self.label_lut = None if label_lut is None else np.asarray(label_lut)
         self.protocol = protocol
         self.class_names = list(class_names) if class_names else [f"class {i}" for i in range(num_classes)]
         self.palette = np.asarray(palette if palette is not None else visualize.default_palette(num_classes), np.uint8)
@@ -157,6 +161,7 @@ class Predictor:
             ),
             window_batch=window_batch,
             images_per_call=images_per_call,
+            label_lut=dataset.label_lut if dataset is not None else None,
         )
 
     def __call__(self, image: Any) -> np.ndarray:
@@ -192,6 +197,17 @@ class Predictor:
         palette[: len(self.palette)] = self.palette
         image.putpalette(palette.ravel().tolist())
         return image
+
+    def benchmark_mask(self, mask: np.ndarray) -> Image.Image:
+        """``mask`` in its benchmark's own encoding (ADE20K class + 1, Cityscapes label ids, ...): the grayscale
+        PNG test servers take. Needs the checkpoint's dataset (``label_lut``)."""
+        if self.label_lut is None:
+            raise ValueError(
+                "the checkpoint names no known dataset, so its benchmark's label encoding is unknown: "
+                "submission PNGs need a checkpoint trained on pcontext, ade20k, cityscapes or pascal_voc"
+            )
+        encoding = submission_encoding(self.label_lut, self.num_classes)
+        return Image.fromarray(encoding[mask].astype(np.uint8), mode="L")
 
 
 def _dataset_info(name: str | None):
@@ -233,6 +249,9 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     with the mask, legend of the classes present) per input image into ``output_dir`` (default
     ``WORKDIR/predict``); returns the written paths. Files that are not images are reported and skipped.
 
+    With ``config.evaluation.submission_dir``, also ``<name>.png`` there in the benchmark's own label
+    encoding (:meth:`Predictor.benchmark_mask`): test-server submissions of unlabelled test images.
+
     The checkpoint is ``config.init_from`` if set, else ``workdir``; the protocol comes from
     ``config.evaluation`` (as for evaluation) and sizes from ``evaluation``, then ``config.dataset``, then the
     checkpoint's dataset.
@@ -257,6 +276,11 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     files = collect_inputs(inputs)
     out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     out.mkdir(parents=True, exist_ok=True)
+    submission_dir = settings.get("submission_dir", "")
+    submission = Path(submission_dir).expanduser() if submission_dir else None
+    if submission is not None:
+        predictor.benchmark_mask(np.zeros((1, 1), np.int64))  # an unknown encoding fails before any work
+        submission.mkdir(parents=True, exist_ok=True)
 
     skipped: list[str] = []
     loaded: list[tuple[Path, np.ndarray]] = []
@@ -286,11 +310,14 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
         predictor.mask_image(mask).save(mask_path)
         Image.fromarray(predictor.overlay(image, mask)).save(overlay_path)
+        if submission is not None:
+            predictor.benchmark_mask(mask).save(submission / f"{stem}.png")
         written += [mask_path, overlay_path]
         done += 1
         _progress(done, len(files))
     print(
         f"wrote {len(written) // 2} masks and overlays to {out}"
+        + (f" and benchmark-encoded masks to {submission}" if submission is not None else "")
         + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""),
         flush=True,
     )

@@ -280,6 +280,11 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     if restored_step is not None:
         state = restored_step
         report(f"resumed from {checkpoints.directory} at step {int(state.step)}")
+    elif config.train.get("requires_init_from") and not config.init_from:
+        raise ValueError(
+            "this config fine-tunes trained weights (config.train.requires_init_from) and WORKDIR has no checkpoint "
+            "to resume: pass --config.init_from=DIR (the workdir of the run it continues, or converted weights)"
+        )
     elif config.init_from:
         state, source = load_pretrained(state, config.init_from, mesh)
         if source.get("source") in BACKBONE_SOURCES:

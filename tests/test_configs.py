@@ -33,7 +33,8 @@ def test_config_is_valid_and_documents_its_launch_command(path):
 def test_paper_configs_use_the_reference_recipe(path):
     config = load(path).get_config()
     dataset, model = config.dataset.name, config.model.name
-    assert path.stem == f"{dataset}_{model}"
+    trainval = path.stem.endswith("_trainval")  # the test-server fine-tune (FASTFCN.md 4.1, `--ft`)
+    assert path.stem == f"{dataset}_{model}" + ("_trainval" if trainval else "")
     assert config.train.batch_size == 16
     assert config.train.momentum == 0.9 and config.train.weight_decay == 1e-4
     assert config.train.new_layers_lr_multiplier == 10 and config.train.poly_power == 0.9
@@ -41,14 +42,26 @@ def test_paper_configs_use_the_reference_recipe(path):
     sizes = (640, 576) if path.stem == "ade20k_encnet_dilated_r101" else (520, 480)
     assert (config.dataset.base_size, config.dataset.crop_size) == sizes
     expected = {"pcontext": (0.001, 80), "ade20k": (0.01, 120)}[dataset]
+    if trainval:  # 20 more epochs at 0.001 on train + val, from the train-split run's weights
+        expected = (0.001, 20)
+        assert config.dataset.train_split == "train+validation" and config.train.eval_every == 0
+        assert config.train.requires_init_from and not config.init_from
+        assert f"--config.init_from=~/runs/{path.stem.removesuffix('_trainval')}" in load(path).__doc__
     assert (config.train.lr_per_16, config.train.epochs) == expected
     assert config.train.aux_weight == (0.2 if model.startswith("encnet") else 0.4)
     assert config.train.se_weight == (0.2 if model.startswith("encnet") else 0.0)
     # The docstring's evaluation command uses the protocol of the number it promises.
     doc = load(path).__doc__
     multi_scale = "multi-scale" in doc[: doc.index("Recipe")]
-    assert f"--config configs/{path.name}" in doc[doc.index("Evaluate") :] and "--mode=eval" in doc
-    assert ("--config.evaluation.protocol=multi_scale" in doc) == multi_scale
+    scored = doc[doc.index("with the protocol of the expected number") :]
+    assert f"--config configs/{path.name}" in scored
+    # A test-server entry predicts the unlabelled test images in the server's encoding; the others evaluate.
+    assert (
+        ("--mode=predict" in scored and "--config.evaluation.submission_dir=" in scored)
+        if trainval
+        else ("--mode=eval" in scored)
+    )
+    assert ("--config.evaluation.protocol=multi_scale" in scored) == multi_scale
 
 
 def test_impossible_values_are_rejected_by_key():

@@ -197,3 +197,41 @@ def test_importing_the_package_is_lazy_and_exports_the_predictor():
         "assert 'tensorflow' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_test_server_masks_of_unlabelled_images_are_in_the_benchmarks_own_encoding(checkpoint, tmp_path, monkeypatch):
+    # ADE20K's test server takes grayscale PNGs of class + 1 (0 = "other"), named as the images: predict mode
+    # writes them for a folder such as release_test/testing with config.evaluation.submission_dir.
+    from fastfcn_jax.predict import run_prediction
+
+    model = create_model("fcn_jpu_tiny", 150)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+    ade = tmp_path / "ade_checkpoint"
+    checkpointing.save_variables(
+        ade, jax.device_get(variables), {"model_name": "fcn_jpu_tiny", "num_classes": 150, "dataset": "ade20k"}
+    )
+    inputs = tmp_path / "testing"
+    inputs.mkdir()
+    rng = np.random.default_rng(3)
+    for name, shape in (("ADE_test_00000001", (40, 56, 3)), ("ADE_test_00000002", (70, 33, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(inputs / f"{name}.jpg", quality=90)
+    config = base_config()
+    config.init_from = str(ade)
+    config.dataset.base_size = config.dataset.crop_size = SIZE
+    config.evaluation.submission_dir = str(tmp_path / "submission")
+    run_prediction(config, tmp_path / "workdir", str(inputs), str(tmp_path / "out"))
+    for name in ("ADE_test_00000001", "ADE_test_00000002"):
+        submitted = Image.open(tmp_path / "submission" / f"{name}.png")
+        classes = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
+        assert submitted.mode == "L" and submitted.size == Image.open(inputs / f"{name}.jpg").size
+        np.testing.assert_array_equal(np.asarray(submitted), classes + 1)
+
+    # A checkpoint of no known dataset has no benchmark encoding: refused before any image is read.
+    config.init_from = str(checkpoint)
+    config.evaluation.submission_dir = str(tmp_path / "unknown")
+    from fastfcn_jax import predict
+
+    monkeypatch.setattr(predict, "_dataset_info", lambda name: None)  # e.g. a folder dataset
+    with pytest.raises(ValueError, match="benchmark's label encoding is unknown"):
+        run_prediction(config, tmp_path / "workdir", str(inputs), str(tmp_path / "out2"))
+    assert not (tmp_path / "unknown").exists() and not list((tmp_path / "out2").glob("*.png"))

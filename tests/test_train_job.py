@@ -91,6 +91,12 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
     with pytest.raises(ValueError, match="does not fit the configured model"):
         train_and_evaluate(config, tmp_path / "mismatch")
 
+    # A fine-tune config (the ADE20K trainval one) refuses to start from scratch.
+    config = small_config(data_dir, num_steps=1, requires_init_from=True)
+    with pytest.raises(ValueError, match="fine-tunes trained weights.*--config.init_from"):
+        train_and_evaluate(config, tmp_path / "scratch")
+    assert not list((tmp_path / "scratch").glob("checkpoints/*"))
+
 
 def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilation(data_dir, tmp_path):
     # The README converts ImageNet weights once for one model; every config with that ResNet trains from it:

@@ -23,6 +23,9 @@ and unzip it into MANUAL_DIR, giving:
   MANUAL_DIR/{ROOT}/images/validation/ADE_val_00000001.jpg ...     (2000 JPEGs)
   MANUAL_DIR/{ROOT}/annotations/training/ADE_train_00000001.png ... (8-bit PNG, 0 = other, 1..150)
   MANUAL_DIR/{ROOT}/annotations/validation/ADE_val_00000001.png ...
+For the test server (optional, not part of the dataset built here): release_test.zip from the same place,
+unzipped beside it (MANUAL_DIR/release_test/testing/ADE_test_00000001.jpg ..., 3352 JPEGs without labels), is
+predicted with --mode=predict --config.evaluation.submission_dir=DIR (docs/evaluation.md).
 """
 _SPLITS = {"train": "training", "validation": "validation"}
 
