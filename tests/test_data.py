@@ -300,7 +300,6 @@ def test_ade20k_builder_shifts_labels_and_ignores_other(tmp_path):
     mask[:, 8:] = 5
     mask[:, 16:] = 1
     _ade_tree(tmp_path / "raw", train_masks={1: mask, 2: np.full((12, 12), 150, np.uint8)})
-    _write_jpeg(tmp_path / "raw/ADEChallengeData2016/images/training/ADE_train_00000003.jpg", 8, 8)  # no mask
     pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
     labels = _labels_by_file("ade20k", tmp_path / "tfds", "train")
     assert sorted(labels) == ["ADE_train_00000001.jpg", "ADE_train_00000002.jpg"]
@@ -308,6 +307,55 @@ def test_ade20k_builder_shifts_labels_and_ignores_other(tmp_path):
     assert (first[:, :8] == -1).all() and (first[:, 8:16] == 4).all() and (first[:, 16:] == 0).all()
     assert (labels["ADE_train_00000002.jpg"] == 149).all()
     assert pipeline.dataset_size("ade20k", "validation", tmp_path / "tfds") == 1
+
+
+def test_images_decode_exactly_as_pil_reads_them(tmp_path):
+    # The reference (and predict) read images with PIL, whose JPEG decoder uses the accurate IDCT; TF's default
+    # fast one differs by a few levels on most pixels of a textured photo.
+    _ade_tree(tmp_path / "raw", train_masks={1: np.ones((37, 53), np.uint8)})
+    pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+    (example,) = pipeline.full_examples("ade20k", data_dir=tmp_path / "tfds", split="train")
+    path = tmp_path / "raw/ADEChallengeData2016/images/training/ADE_train_00000001.jpg"
+    with Image.open(path) as image:
+        np.testing.assert_array_equal(example["image"], np.asarray(image.convert("RGB")))
+    fast = tf.io.decode_jpeg(path.read_bytes(), channels=3).numpy()
+    assert (fast != example["image"]).any()  # the check above can tell the two decoders apart
+
+
+@pytest.mark.parametrize("fault", ["image_without_mask", "mask_without_image", "empty_folder"])
+def test_ade20k_unpaired_or_missing_files_stop_the_build_naming_them(tmp_path, fault):
+    # The reference skips an image without mask and then fails on the split's size; a silently smaller split
+    # (a partly extracted zip) would train on less data without anyone knowing.
+    _ade_tree(tmp_path / "raw", train_masks={1: np.ones((8, 8), np.uint8)})
+    base = tmp_path / "raw/ADEChallengeData2016"
+    if fault == "image_without_mask":
+        _write_jpeg(base / "images/training/ADE_train_00000003.jpg", 8, 8)
+        match = "1 image.s. without their annotation, e.g. .*ADE_train_00000003.jpg"
+    elif fault == "mask_without_image":
+        _write_png(base / "annotations/validation/ADE_val_00000002.png", np.ones((8, 8), np.uint8), "L")
+        match = "1 annotation.s. without their image, e.g. .*ADE_val_00000002.png"
+    else:
+        for path in (base / "images/validation").iterdir():
+            path.unlink()
+        match = "no images in .*images/validation"
+    with pytest.raises(common.DataError, match=match):
+        pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+
+
+def test_prepare_reuses_a_prepared_dataset_saying_so_and_rebuilds_on_overwrite(tmp_path, capsys):
+    _ade_tree(tmp_path / "raw", train_masks={1: np.ones((8, 8), np.uint8)})
+    args = ["--dataset", "ade20k", "--manual-dir", str(tmp_path / "raw"), "--data-dir", str(tmp_path / "tfds")]
+    assert prepare.main(args) == 0
+    assert "prepared in" in capsys.readouterr().out
+    base = tmp_path / "raw/ADEChallengeData2016"
+    _write_jpeg(base / "images/training/ADE_train_00000002.jpg", 8, 8)
+    _write_png(base / "annotations/training/ADE_train_00000002.png", np.ones((8, 8), np.uint8), "L")
+    assert prepare.main(args) == 0
+    out = capsys.readouterr().out
+    assert "already prepared" in out and "(train 1, validation 1)" in out and "--overwrite" in out
+    assert prepare.main([*args, "--overwrite"]) == 0
+    assert "(train 2, validation 1)" in capsys.readouterr().out
+    assert pipeline.dataset_size("ade20k", "train", tmp_path / "tfds") == 2
 
 
 def test_ade20k_missing_files_error_gives_instructions(tmp_path):
@@ -404,6 +452,15 @@ def test_pcontext_json_rejects_ids_outside_the_59(tmp_path):
         pipeline.prepare("pcontext", tmp_path / "tfds", manual_dir=tmp_path / "raw")
 
 
+def test_pcontext_truncated_json_is_named_with_what_to_do(tmp_path):
+    everything = np.ones((8, 8), bool)
+    _pcontext_json(tmp_path / "raw", {"2008_000002": [(2, everything)]}, {"2008_000002": "train"})
+    path = tmp_path / "raw/VOCdevkit/VOC2010/trainval_merged.json"
+    path.write_text(path.read_text()[:50])  # an interrupted download
+    with pytest.raises(common.DataError, match="trainval_merged.json: not readable JSON.*download it again"):
+        pipeline.prepare("pcontext", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+
+
 def test_pcontext_mat_builder_maps_459_to_59(tmp_path):
     base = tmp_path / "raw/VOCdevkit/VOC2010"
     label_map = np.zeros((12, 12), np.uint16)
@@ -437,6 +494,17 @@ def test_cityscapes_builder_maps_label_ids_to_train_ids(tmp_path):
     # cityscapesScripts: road 7 -> 0, unlabeled 0 / ego 1 / static 4 -> ignore, car 26 -> 13, bicycle 33 -> 18,
     # sidewalk 8 -> 1, building 11 -> 2.
     np.testing.assert_array_equal(label[::4, ::4], [[0, -1, -1, -1], [13, 18, 1, 2]])
+
+
+def test_cityscapes_image_without_its_annotation_stops_the_build(tmp_path):
+    raw = tmp_path / "raw"
+    for split, city in [("train", "aachen"), ("val", "frankfurt")]:
+        stem = f"{city}_000000_000019"
+        _write_png(raw / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", np.zeros((4, 8, 3), np.uint8))
+        _write_png(raw / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", np.full((4, 8), 7, np.uint8), "L")
+    _write_png(raw / "leftImg8bit/train/aachen/aachen_000001_000019_leftImg8bit.png", np.zeros((4, 8, 3), np.uint8))
+    with pytest.raises(common.DataError, match="without their annotation, e.g. .*aachen_000001_000019_leftImg8bit"):
+        pipeline.prepare("cityscapes", tmp_path / "tfds", manual_dir=raw)
 
 
 def test_cityscapes_rejects_label_ids_above_33(tmp_path):

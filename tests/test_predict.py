@@ -213,8 +213,11 @@ def test_test_server_masks_of_unlabelled_images_are_in_the_benchmarks_own_encodi
     inputs = tmp_path / "testing"
     inputs.mkdir()
     rng = np.random.default_rng(3)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # EXIF orientation "turn 90 degrees": scored as stored, so not applied here
     for name, shape in (("ADE_test_00000001", (40, 56, 3)), ("ADE_test_00000002", (70, 33, 3))):
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(inputs / f"{name}.jpg", quality=90)
+        pixels = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        pixels.save(inputs / f"{name}.jpg", quality=90, exif=rotated)
     config = base_config()
     config.init_from = str(ade)
     config.dataset.base_size = config.dataset.crop_size = SIZE

@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manual-dir", default=None, help="folder with the raw files of a real dataset")
     parser.add_argument("--source", default=None, help="custom data folder for --dataset folder[:NAME]")
     parser.add_argument("--instructions", action="store_true", help="print how to get the raw data and exit")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="rebuild a dataset already prepared in --data-dir from the raw files"
+    )
     args = parser.parse_args(argv)
 
     if args.instructions:
@@ -37,12 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     from fastfcn_jax.data import pipeline
 
     try:
-        builder = pipeline.prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir, source_dir=args.source)
+        builder, built = pipeline.prepare_status(
+            args.dataset, args.data_dir, manual_dir=args.manual_dir, source_dir=args.source, overwrite=args.overwrite
+        )
     except (FileNotFoundError, ValueError) as err:  # missing raw files; bad data (common.DataError) names the file
         print(f"error: {err}", file=sys.stderr)
         return 1
     splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
-    print(f"{args.dataset}: prepared in {builder.data_dir} ({splits})")
+    if built:
+        print(f"{args.dataset}: prepared in {builder.data_dir} ({splits})")
+    else:
+        print(
+            f"{args.dataset}: already prepared in {builder.data_dir} ({splits}); reused as it is, the raw files were "
+            "not read: pass --overwrite to build it again from them"
+        )
     return 0
 
 

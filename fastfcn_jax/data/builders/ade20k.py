@@ -46,11 +46,16 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(root, folder) for split, folder in _SPLITS.items()}
 
     def _generate_examples(self, root: Path, folder: str) -> Iterator[tuple[str, dict]]:
-        # The reference lists the folder unsorted and keeps *.jpg whose mask exists (others are skipped).
-        for image_path in sorted((root / "images" / folder).glob("*.jpg")):
-            mask_path = root / "annotations" / folder / f"{image_path.stem}.png"
-            if not mask_path.exists():
-                continue
+        # The reference lists the folder unsorted and skips a *.jpg without mask (with a message, then asserts the
+        # split's size): here any unpaired file stops the build, naming it.
+        pairs = common.pair_files(
+            sorted((root / "images" / folder).glob("*.jpg")),
+            sorted((root / "annotations" / folder).glob("*.png")),
+            lambda image: root / "annotations" / folder / f"{image.stem}.png",
+            f"{root}/images/{folder} and annotations/{folder}",
+            INSTRUCTIONS,
+        )
+        for image_path, mask_path in pairs:
             image, size = common.read_rgb(image_path)
             label = common.check_label(
                 common.read_index_png(mask_path), size, valid_values=np.arange(151), example=mask_path

@@ -40,14 +40,19 @@ class Cityscapes(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(root, folder) for split, folder in _SPLITS.items()}
 
     def _generate_examples(self, root: Path, folder: str) -> Iterator[tuple[str, dict]]:
-        # Reference: walk leftImg8bit/<split> for *.png; mask name replaces leftImg8bit by gtFine_labelIds;
-        # pairs missing either file are skipped.
-        for image_path in sorted((root / "leftImg8bit" / folder).glob("*/*_leftImg8bit.png")):
-            city = image_path.parent.name
-            mask_name = image_path.name.replace("leftImg8bit", "gtFine_labelIds")
-            mask_path = root / "gtFine" / folder / city / mask_name
-            if not mask_path.exists():
-                continue
+        # Reference: walk leftImg8bit/<split> for *.png; mask name replaces leftImg8bit by gtFine_labelIds (it
+        # skips unpaired files; here they stop the build, named).
+        def mask_of(image: Path) -> Path:
+            return root / "gtFine" / folder / image.parent.name / image.name.replace("leftImg8bit", "gtFine_labelIds")
+
+        pairs = common.pair_files(
+            sorted((root / "leftImg8bit" / folder).glob("*/*_leftImg8bit.png")),
+            sorted((root / "gtFine" / folder).glob("*/*_gtFine_labelIds.png")),
+            mask_of,
+            f"{root}/leftImg8bit/{folder} and gtFine/{folder}",
+            INSTRUCTIONS,
+        )
+        for image_path, mask_path in pairs:
             image, size = common.read_rgb(image_path)
             label = common.check_label(
                 common.read_index_png(mask_path),

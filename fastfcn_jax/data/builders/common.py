@@ -9,7 +9,7 @@ rebuilt when the mapping convention changes.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,33 @@ def require_files(manual_dir: Path | None, required: Iterable[str], instructions
             "Then run: python -m fastfcn_jax.data.prepare --dataset NAME --manual-dir DIR --data-dir OUT"
         )
     return Path(manual_dir)
+
+
+def pair_files(
+    images: Sequence[Path], masks: Sequence[Path], mask_of: Callable[[Path], Path], where: str, instructions: str
+) -> list[tuple[Path, Path]]:
+    """``(image, mask)`` for every image, or DataError naming what is unpaired: an image without its mask or a
+    mask without its image is a partly extracted download, not something to skip silently; no image at all
+    names the folder searched."""
+    if not images:
+        raise DataError(f"no images in {where}: is the download extracted there?\n{instructions.strip()}")
+    pairs = [(image, mask_of(image)) for image in images]
+    lonely_images = [image for image, mask in pairs if not mask.exists()]
+    lonely_masks = sorted(set(masks) - {mask for _, mask in pairs})
+    problems = []
+    for count, kind, examples in (
+        (len(lonely_images), "image(s) without their annotation", lonely_images),
+        (len(lonely_masks), "annotation(s) without their image", lonely_masks),
+    ):
+        if count:
+            problems.append(f"{count} {kind}, e.g. " + ", ".join(str(p) for p in examples[:3]))
+    if problems:
+        raise DataError(
+            f"{where}: " + "; ".join(problems) + ". The download looks partly extracted or modified: extract the "
+            f"archives again (a subset of your own is a folder dataset: prepare --dataset folder:NAME).\n"
+            f"{instructions.strip()}"
+        )
+    return pairs
 
 
 def read_split_file(path: Path) -> list[str]:

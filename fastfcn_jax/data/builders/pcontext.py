@@ -98,7 +98,7 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
         root = None if manual is None else manual / ROOT
         if root is not None and (root / "trainval_merged.json").exists():
             common.require_files(manual, [f"{ROOT}/JPEGImages"], INSTRUCTIONS)
-            detail = json.loads((root / "trainval_merged.json").read_text())
+            detail = _read_detail(root / "trainval_merged.json")
             return {
                 split: self._generate_examples(self._from_json(root, detail, phase)) for split, phase in _SPLITS.items()
             }
@@ -125,8 +125,8 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
                 rle = annotation["segmentation"]
                 if tuple(rle["size"]) != (height, width):
                     raise common.DataError(
-                        f"{record['file_name']}: annotation {annotation.get('id')} has size {rle['size']} "
-                        f"(h, w) but the image is {height}x{width}"
+                        f"{image_path}: annotation {annotation.get('id')} of trainval_merged.json has height x width "
+                        f"{rle['size'][0]}x{rle['size'][1]} but the image is {height}x{width}"
                     )
                 try:
                     mask = decode_rle(rle["counts"], height, width)
@@ -151,3 +151,18 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
             common.check_label(ids, size, valid_values=np.arange(460), example=mat_path)
             label = map_459_to_60(ids, strict=False, example=mat_path)
             yield stem, {"image": image, "label": label[..., None], "file_name": image_path.name}
+
+
+def _read_detail(path: Path) -> dict:
+    """The Detail API's JSON, or DataError naming the file when it is truncated or not that JSON."""
+    try:
+        detail = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise common.DataError(
+            f"{path}: not readable JSON ({error}); the download is probably incomplete: download it again."
+            f"\n{INSTRUCTIONS}"
+        ) from error
+    missing = [key for key in ("images", "annos_segmentation") if key not in detail]
+    if missing:
+        raise common.DataError(f"{path}: no {', '.join(missing)} in it: not the Detail API's trainval_merged.json")
+    return detail
