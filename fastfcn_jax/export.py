@@ -161,6 +161,7 @@ def export_saved_model(
     image_size: Sequence[int],
     metadata: Mapping[str, Any],
     output: str = "logits",
+    platforms: Sequence[str] = PLATFORMS,
 ) -> Path:
     """Writes a TF SavedModel (orbax-export) whose ``serving_default`` takes uint8 ``images`` [B, h, w, 3] of any
     size and returns ``labels`` [B, h, w] int32 and, when ``output == 'logits'``, ``logits`` [B, h, w, C].
@@ -168,6 +169,8 @@ def export_saved_model(
     The resizes run in TF (``ResizeBilinear(align_corners=True)``, the same formula as
     ``models.layers.resize_bilinear``) around the jax2tf-converted normalise + model at ``image_size``;
     :func:`make_serving_fn` is the JAX twin tests compare it with. Metadata: ``assets.extra/fastfcn_metadata.json``.
+    The model is compiled for every one of ``platforms`` (jax2tf would otherwise serialize it for the exporting
+    machine's only: a SavedModel written on a TPU would not load on a CPU).
     """
     try:
         import tensorflow as tf
@@ -188,6 +191,8 @@ def export_saved_model(
         return {"logits": logits, "size": inputs["size"]}
 
     def preprocess(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        # The signature's [None, None, None, 3] is not enforced by TF: check it here, in words.
+        tf.debugging.assert_equal(tf.shape(images)[-1], 3, message="images must be uint8 RGB [batch, height, width, 3]")
         resized = tf.raw_ops.ResizeBilinear(
             images=tf.cast(images, tf.float32), size=(height, width), align_corners=True, half_pixel_centers=False
         )
@@ -207,6 +212,7 @@ def export_saved_model(
         apply_fn,
         trainable=False,
         input_polymorphic_shape={"images": f"(b, {height}, {width}, 3)", "size": None},
+        jax2tf_kwargs={"native_serialization_platforms": tuple(platforms)},
     )
     serving = orbax_export.ServingConfig(
         "serving_default",
@@ -219,6 +225,7 @@ def export_saved_model(
         **metadata,
         "format": "savedmodel",
         "output": output,
+        "platforms": list(platforms),
         "input": {
             "layout": "NHWC",
             "dtype": "uint8",
@@ -339,6 +346,11 @@ class ExportedSegmenter:
         return ((np.asarray(images, np.float32) / 255.0 - mean) / std).astype(np.float32)
 
     def __call__(self, images: Any) -> jax.Array:
+        if not np.issubdtype(np.asarray(images).dtype, np.floating):
+            raise ValueError(
+                f"this export takes normalised float32 images, got {np.asarray(images).dtype}: pass "
+                "segmenter.normalize(uint8_images)"
+            )
         if tuple(np.shape(images)[1:]) != (*self.image_size, 3):
             raise ValueError(
                 f"this export takes [B, {self.image_size[0]}, {self.image_size[1]}, 3] images, got "
@@ -394,6 +406,20 @@ def export_settings(config: Any) -> dict[str, Any]:
     return settings
 
 
+def _trained_overrides(trained: dict[str, Any], configured: dict[str, Any], source: Path) -> dict[str, Any]:
+    """The model as the checkpoint was trained (its stored overrides), computed as the config says (``dtype``
+    and op choices); an architecture override of the config that differs from training's is an error: one
+    that changes no weight shape (output_stride, dilations) would otherwise export another function."""
+    how = {k: v for k, v in configured.items() if k == "dtype" or k.endswith("_implementation")}
+    for key, value in configured.items():
+        if key not in how and str(value) != str(trained.get(key, value)):
+            raise ValueError(
+                f"config.model.overrides.{key}={value!r}, but checkpoint {source} was trained with "
+                f"{key}={trained[key]!r}: leave it unset (the checkpoint's is used) or export another checkpoint"
+            )
+    return {**trained, **{k: v for k, v in configured.items() if k not in how}, **how}
+
+
 def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     """Exports the checkpoint in ``config.export.checkpoint`` (default: ``workdir``'s latest) as the formats in
     ``config.export.formats``; returns ``{'stablehlo', 'metadata', 'params', 'savedmodel', 'onnx'}`` -> path for
@@ -418,7 +444,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
             f"asks for {config.model.name} with {num_classes} (config.model.name / config.model.num_classes): "
             "export with the config the checkpoint was trained with, or set config.export.checkpoint"
         )
-    overrides = model_overrides(config)
+    overrides = _trained_overrides(dict(info.get("model_overrides") or {}), model_overrides(config), source)
     model = create_model(config.model.name, num_classes, **overrides)
     size = int(settings["image_size"]) or config.dataset.crop_size or dataset.crop_size
     image_size = (size, size)
@@ -469,6 +495,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
                 image_size=image_size,
                 metadata=metadata,
                 output=settings["output"],
+                platforms=settings["platforms"],
             )
             written["savedmodel"] = str(path)
         if "onnx" in settings["formats"]:

@@ -129,6 +129,9 @@ def test_loader_normalize_matches_the_imagenet_formula(exported):
 def test_loader_rejects_images_of_another_size(exported):
     with pytest.raises(ValueError, match=f"takes \\[B, {SIZE}, {SIZE}, 3\\]"):
         export.load(exported["stablehlo"])(np.zeros((1, SIZE + 32, SIZE, 3), np.float32))
+    # Raw pixels would run on un-normalised input and give wrong labels: refused, saying what to do.
+    with pytest.raises(ValueError, match=r"normalised float32 images, got uint8: pass segmenter.normalize"):
+        export.load(exported["stablehlo"])(np.zeros((1, SIZE, SIZE, 3), np.uint8))
 
 
 def test_params_beside_the_module_and_labels_output(trained, tmp_path):
@@ -181,10 +184,27 @@ def test_serving_fn_at_the_export_size_is_normalise_then_model(trained):
     assert relative_error(got, expected) <= 1e-5
 
 
-def test_saved_model_carries_the_metadata(exported):
+def test_saved_model_carries_the_metadata_and_runs_on_every_export_platform(exported):
     metadata = json.loads((Path(exported["savedmodel"]) / export.SAVED_MODEL_METADATA).read_text())
     assert metadata["model_name"] == MODEL and metadata["input"]["dtype"] == "uint8"
     assert metadata["input"]["resized_to"] == [SIZE, SIZE] and len(metadata["palette"]) == metadata["num_classes"]
+    # jax2tf would serialize the model for the exporting machine only (a TPU export would not load on a CPU).
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(exported["savedmodel"]) / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0].graph_def
+    nodes = [*graph.node, *(node for function in graph.library.function for node in function.node_def)]
+    platforms = {tuple(p.decode() for p in n.attr["platforms"].list.s) for n in nodes if n.op == "XlaCallModule"}
+    assert platforms == {("CPU", "CUDA", "TPU")} and metadata["platforms"] == ["cpu", "cuda", "tpu"]
+
+
+def test_saved_model_names_a_wrong_channel_count(exported):
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(exported["savedmodel"]).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"uint8 RGB \[batch, height, width, 3\]"):
+        serve(images=tf.zeros((1, 40, 50, 4), tf.uint8))
 
 
 def test_exporting_a_checkpoint_of_another_model_is_a_clear_error(trained):
@@ -201,6 +221,29 @@ def test_exporting_a_checkpoint_with_other_shapes_is_a_clear_error(trained):
     config.model.overrides.aux = False  # same name and classes, but no auxiliary head
     with pytest.raises(ValueError, match="does not fit the configured model: unexpected params/auxiliary_head"):
         export.run_export(config, workdir)
+
+
+def test_export_builds_the_model_the_checkpoint_was_trained_as(tmp_path):
+    # output_stride changes no weight shape: a model built from the config alone would export another function.
+    model = create_model("fcn_dilated_tiny", 6, output_stride=16)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(2), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+    info = {
+        "model_name": "fcn_dilated_tiny",
+        "num_classes": 6,
+        "dataset": DATASET,
+        "model_overrides": {"output_stride": 16},
+    }
+    checkpointing.save_variables(tmp_path / "os16", jax.device_get(variables), info)
+    config = demo_config(checkpoint=str(tmp_path / "os16"), directory=str(tmp_path / "out"), fold_norm=False)
+    config.model.name = "fcn_dilated_tiny"
+    export.run_export(config, tmp_path)
+    images = np.random.default_rng(4).normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
+    got = np.asarray(export.load(tmp_path / "out")(images))
+    assert relative_error(got, reference_logits(model, variables, images)) <= 1e-5
+    assert json.loads((tmp_path / "out" / export.METADATA_FILE).read_text())["model_overrides"]["output_stride"] == 16
+    config.model.overrides.output_stride = 8
+    with pytest.raises(ValueError, match="output_stride=8, but checkpoint .* was trained with output_stride=16"):
+        export.run_export(config, tmp_path)
 
 
 def test_export_settings_reject_unknown_keys_and_formats():
