@@ -134,6 +134,7 @@ def export_stablehlo(
     paths = {"stablehlo": directory / STABLEHLO_FILE, "metadata": directory / METADATA_FILE}
     if embed_params:
         exported = jax.export.export(jax.jit(lambda x: fn(variables, x)), platforms=tuple(platforms))(images)
+        (directory / PARAMS_FILE).unlink(missing_ok=True)  # an earlier export's, which this one does not use
     else:
         abstract = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), variables)
         exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(abstract, images)
@@ -401,6 +402,15 @@ def export_settings(config: Any) -> dict[str, Any]:
         raise ValueError(f"config.export.output={settings['output']!r}: must be one of {OUTPUTS}")
     if settings["tuned_for"] not in ("", "cpu", "gpu", "tpu"):
         raise ValueError(f"config.export.tuned_for={settings['tuned_for']!r}: must be '', 'cpu', 'gpu' or 'tpu'")
+    if "onnx" in settings["formats"]:
+        from importlib.util import find_spec
+
+        missing = [name for name in ("jax2onnx", "onnxruntime") if find_spec(name) is None]
+        if missing:  # found now, not after the other formats are written
+            raise ImportError(
+                f"config.export.formats has 'onnx', which needs {' and '.join(missing)}: "
+                "pip install 'fastfcn-jax[onnx]' onnxruntime (see docs/export.md: ONNX)"
+            )
     if int(settings["image_size"]) < 0:
         raise ValueError(f"config.export.image_size={settings['image_size']}: must be >= 0 (0 = the crop size)")
     return settings

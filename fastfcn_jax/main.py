@@ -46,6 +46,25 @@ def writable_directory(path: str, flag: str = "--workdir") -> None:
         raise ValueError(f"cannot write to {directory} ({error.strerror or error}): give another {flag}") from error
 
 
+def local_paths(config) -> None:
+    """Refuses URLs (gs://, s3://) where files are handled as local paths: they would silently become local
+    folders named ``gs:``. tfds reads ``config.dataset.data_dir`` from a bucket itself."""
+    given = {
+        "--workdir": FLAGS.workdir,
+        "--output_dir": FLAGS.output_dir,
+        "config.init_from": config.get("init_from"),
+        "config.export.directory": config.export.get("directory"),
+        "config.export.checkpoint": config.export.get("checkpoint"),
+        "config.evaluation.submission_dir": config.evaluation.get("submission_dir"),
+    }
+    for name, value in given.items():
+        if value and "://" in str(value):
+            raise ValueError(
+                f"{name}={value}: a URL, but this path is read and written as a local folder; use a local path or "
+                "a mounted bucket (gcsfuse, Colab's drive.mount)"
+            )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -61,6 +80,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     try:
         validate(config)
+        local_paths(config)
         # Every mode writes into the workdir (predict: into --output_dir when given); a read-only one fails
         # now, not after the work is done.
         if config.mode == "predict" and FLAGS.output_dir:
@@ -134,8 +154,9 @@ def main(argv: list[str]) -> None:
                 model_config["num_classes"] = get_dataset_info(config.dataset.name, data_dir).num_classes
             size = config.dataset.crop_size or 512
             run_summary(model_config, (size, size), 1, config.seed, FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as error:
-        # A user error (bad config value, missing dataset or checkpoint): say what is wrong, no traceback.
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # A user error (bad config value, missing dataset, checkpoint or optional package): say what is wrong,
+        # no traceback.
         sys.exit(f"error: {error}")
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -45,6 +47,38 @@ def test_a_workdir_that_cannot_be_written_is_an_error_before_any_work(tmp_path):
     result = run_main(f"--workdir={tmp_path / 'a_file' / 'run'}", "--mode=summary")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"cannot write to {tmp_path / 'a_file' / 'run'}" in result.stderr and "--workdir" in result.stderr
+
+
+def test_a_bucket_url_is_refused_instead_of_becoming_a_local_folder(tmp_path):
+    # Path("gs://b/run") is the relative folder "gs:/b/run": checkpoints would land on the VM's disk.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastfcn_jax.main",
+            "--config",
+            str(ROOT / "configs/demo.py"),
+            "--mode=export",
+            "--workdir=gs://my-bucket/run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--workdir=gs://my-bucket/run: a URL" in result.stderr and "gcsfuse" in result.stderr
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_an_optional_export_format_without_its_package_fails_before_any_work(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("jax2onnx") is not None:
+        pytest.skip("jax2onnx is installed")
+    result = run_main(f"--workdir={tmp_path}", "--mode=export", "--config.export.formats=('stablehlo', 'onnx')")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "needs jax2onnx" in result.stderr and "pip install 'fastfcn-jax[onnx]'" in result.stderr
+    assert not (tmp_path / "export").exists()
 
 
 def test_unknown_model_name_is_rejected_with_the_available_names(tmp_path):
