@@ -544,6 +544,14 @@ def test_pascal_voc_builder_reads_palette_indices(tmp_path):
     assert pipeline.dataset_size("pascal_voc", "trainval", tmp_path / "tfds") == 2
 
 
+def test_a_file_the_split_lists_but_the_download_lacks_is_named_as_missing(tmp_path):
+    voc = {"train": ["2007_000032"], "val": ["2007_000033"], "trainval": ["2007_000032", "2007_000033"]}
+    _voc_tree(tmp_path / "raw", voc)
+    (tmp_path / "raw/VOCdevkit/VOC2012/JPEGImages/2007_000033.jpg").unlink()
+    with pytest.raises(common.DataError, match="missing image .*2007_000033.jpg: the dataset lists it"):
+        pipeline.prepare("pascal_voc", tmp_path / "tfds", manual_dir=tmp_path / "raw")
+
+
 def test_pascal_aug_builder_combines_voc_and_sbd(tmp_path):
     raw = tmp_path / "raw"
     _voc_tree(raw, {"train": ["2007_000032"], "val": ["2007_000033"]})

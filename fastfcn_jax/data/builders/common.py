@@ -52,6 +52,16 @@ def dataset_info(
     )
 
 
+def require_file(path: Path, what: str) -> Path:
+    """``path``, or DataError saying that a file the dataset lists is missing (not that it is corrupt)."""
+    if not Path(path).is_file():
+        raise DataError(
+            f"missing {what} {path}: the dataset lists it but the file is not there (an incomplete download or "
+            "extraction: extract the archives again)"
+        )
+    return Path(path)
+
+
 def read_rgb(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
     """Reads an image file as the reference does (PIL, converted to RGB).
 
@@ -59,7 +69,7 @@ def read_rgb(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
     JPEGs are not re-compressed; otherwise the converted array) and the (height, width).
     """
     try:
-        data = path.read_bytes()
+        data = require_file(path, "image").read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             fmt, mode, (width, height) = img.format, img.mode, img.size
@@ -75,7 +85,7 @@ def read_index_png(path: Path) -> np.ndarray:
     PIL keeps palette ('P') indices; TensorFlow's decoder would expand them to colours.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(require_file(path, "label")) as img:
             img.load()
             if img.mode not in ("L", "P", "I;16", "I", "1"):
                 raise DataError(f"label {path} has PIL mode {img.mode!r}; expected a single-channel index PNG")

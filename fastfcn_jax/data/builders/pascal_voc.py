@@ -53,6 +53,7 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     """``GTcls.Segmentation`` of an SBD ``cls/*.mat`` as uint8 [H, W]."""
     from scipy.io import loadmat
 
+    common.require_file(path, "SBD annotation")
     try:
         mat = loadmat(path, mat_dtype=True, squeeze_me=True, struct_as_record=False)
         return np.asarray(mat["GTcls"].Segmentation).astype(np.int64)

@@ -144,6 +144,7 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
             image_path = root / "JPEGImages" / f"{stem}.jpg"
             mat_path = root / "trainval" / f"{stem}.mat"
             image, size = common.read_rgb(image_path)
+            common.require_file(mat_path, "annotation")
             try:
                 ids = np.asarray(loadmat(mat_path)["LabelMap"], np.int64)
             except (OSError, ValueError, KeyError) as err:
