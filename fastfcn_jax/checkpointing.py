@@ -102,7 +102,10 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
     with ocp.CheckpointManager(directory, item_handlers=_item_handlers()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
+            raise FileNotFoundError(
+                f"{directory} holds no finished checkpoint step: train into that workdir first (--mode=train), or "
+                "name another checkpoint (config.init_from; for export config.export.checkpoint)"
+            )
         # Restore onto one local device whatever topology wrote it (a pod's checkpoint opens on a laptop).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = _stored_structs(manager, step, device)

@@ -85,6 +85,8 @@ def main(argv: list[str]) -> None:
         # now, not after the work is done.
         if config.mode == "predict" and FLAGS.output_dir:
             writable_directory(FLAGS.output_dir, "--output_dir")
+        elif config.mode == "export" and config.export.get("directory"):
+            writable_directory(config.export.directory, "config.export.directory")
         else:
             writable_directory(FLAGS.workdir)
         if config.mode == "train":

@@ -361,6 +361,16 @@ def test_prepare_reuses_a_prepared_dataset_saying_so_and_rebuilds_on_overwrite(t
 def test_ade20k_missing_files_error_gives_instructions(tmp_path):
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016.zip"):
         pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path)
+    # The two usual slips: the dataset's own top folder given, or its archive not extracted.
+    _ade_tree(tmp_path / "raw", train_masks={1: np.ones((8, 8), np.uint8)})
+    with pytest.raises(FileNotFoundError, match=f"give its parent {tmp_path / 'raw'} .the folder holding"):
+        pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw/ADEChallengeData2016")
+    with pytest.raises(FileNotFoundError, match=f"it lies inside .*give {tmp_path / 'raw'} "):
+        pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw/ADEChallengeData2016/images")
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "zipped/ADEChallengeData2016.zip").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match="it holds ADEChallengeData2016.zip: extract the archives there first"):
+        pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "zipped")
 
 
 @pytest.mark.parametrize("fault", ["corrupt_image", "size_mismatch", "label_above_classes"])

@@ -135,6 +135,7 @@ def require_files(manual_dir: Path | None, required: Iterable[str], instructions
             where = "no manual_dir given"
         else:
             where = f"manual_dir {manual_dir}" + ("" if Path(manual_dir).is_dir() else ", which does not exist")
+            where += _manual_dir_hint(Path(manual_dir), missing)
         raise FileNotFoundError(
             f"raw files missing ({where}): {', '.join(missing)}.\n{instructions.strip()}\n"
             "Then run: python -m fastfcn_jax.data.prepare --dataset NAME --manual-dir DIR --data-dir OUT"
@@ -167,6 +168,24 @@ def pair_files(
             f"{instructions.strip()}"
         )
     return pairs
+
+
+def _manual_dir_hint(manual_dir: Path, missing: Sequence[str]) -> str:
+    """The two usual slips: the folder inside the dataset's top folder given, or archives not extracted."""
+    top = Path(missing[0]).parts[0]
+    for parent in manual_dir.parents:
+        if parent.name == top:
+            return f"; it lies inside {parent}: give {parent.parent} (the folder holding {top}/)"
+    if manual_dir.name == top:
+        return f"; give its parent {manual_dir.parent} (the folder holding {top}/)"
+    archives = (
+        sorted(p.name for p in manual_dir.glob("*") if p.suffix in (".zip", ".tar", ".gz", ".tgz") and p.is_file())
+        if manual_dir.is_dir()
+        else []
+    )
+    if archives:
+        return f"; it holds {', '.join(archives[:3])}: extract the archives there first"
+    return ""
 
 
 def read_split_file(path: Path) -> list[str]:
