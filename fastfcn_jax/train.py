@@ -46,12 +46,18 @@ class TrainState:
 
 
 def make_train_step(
-    model: Any, optimizer: optax.GradientTransformation, *, aux_weight: float, se_weight: float
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    aux_weight: float,
+    se_weight: float,
+    freeze_batch_norm: bool = False,
 ) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """``train_step(state, batch, rng) -> (state, metrics)``; batch = {'image', 'label'}.
 
     BatchNorm statistics are computed over the global batch (the reference's SyncBN): under ``jit`` the
-    batch-sharded mean is a cross-device reduction.
+    batch-sharded mean is a cross-device reduction. ``freeze_batch_norm``: BatchNorms use (and keep) their
+    running statistics instead (:func:`layers.frozen_batch_norm`).
     """
 
     def train_step(state, batch, rng):
@@ -64,14 +70,15 @@ def make_train_step(
         loss_upsample = layers.choose_pallas("loss_upsample", model.ops.loss_upsample, "fused")
 
         def loss_fn(params):
-            outputs, new_state = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                batch["image"],
-                train=True,
-                upsample_logits=loss_logits == "upsampled",
-                mutable=["batch_stats"],
-                rngs={"dropout": dropout_rng},
-            )
+            with layers.frozen_batch_norm(freeze_batch_norm):
+                outputs, new_state = model.apply(
+                    {"params": params, "batch_stats": state.batch_stats},
+                    batch["image"],
+                    train=True,
+                    upsample_logits=loss_logits == "upsampled",
+                    mutable=["batch_stats"],
+                    rngs={"dropout": dropout_rng},
+                )
             total, terms = losses.segmentation_loss(
                 outputs,
                 batch["label"],
@@ -310,7 +317,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     # each device's examples.
     train_step = jax.jit(
         sharding.with_mesh(
-            make_train_step(model, optimizer, aux_weight=config.train.aux_weight, se_weight=config.train.se_weight),
+            make_train_step(
+                model,
+                optimizer,
+                aux_weight=config.train.aux_weight,
+                se_weight=config.train.se_weight,
+                freeze_batch_norm=config.train.freeze_batch_norm,
+            ),
             mesh,
         ),
         in_shardings=(state_sharding, batched, replicated),

@@ -231,3 +231,43 @@ def test_the_loss_gradient_is_written_in_the_compute_dtype(loss_gradient, narrow
     full = f"bf16[2,{IMAGE_SHAPE[1]},{IMAGE_SHAPE[2]},{NUM_CLASSES}]"
     barriers = [line for line in jaxpr.splitlines() if "optimization_barrier" in line]
     assert sum(full in line for line in barriers) == narrow
+
+
+def test_frozen_batch_norm_trains_scale_and_bias_on_the_running_statistics():
+    # FastFCN issue #19: with few images per device, BatchNorm keeps the statistics of the weights trained
+    # from; its scale and bias (and everything else) still train.
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES, dropout=0.0)
+    optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
+    mesh = sharding.make_mesh(1)
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), IMAGE_SHAPE, mesh)
+    rng = np.random.default_rng(5)  # running statistics that are not the identity (nor kill every ReLU)
+    stats = jax.tree_util.tree_map(lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype), state.batch_stats)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, v: v - 1.0 if path[-1].key == "mean" else v, stats
+    )  # means in -0.5..0.5
+    state = state.replace(batch_stats=stats)
+    batch = make_batch(3, batch_size=2)
+
+    # The frozen training forward is the inference forward (no dropout here).
+    variables = {"params": state.params, "batch_stats": stats}
+    with layers.frozen_batch_norm():
+        frozen, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+    inference = model.apply(variables, batch["image"], train=False)
+    np.testing.assert_allclose(frozen["logits"], inference["logits"], rtol=1e-5, atol=1e-5)
+    assert_trees_close(updates["batch_stats"], stats, rtol=0, atol=0)
+
+    step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2, freeze_batch_norm=True)
+    new_state, _ = jitted_step(step, state, mesh)(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(1))
+    assert_trees_close(new_state.batch_stats, stats, rtol=0, atol=0)
+    scale = ("decode_head", "conv5", "bn", "scale")
+    before, after = state.params, new_state.params
+    for key in scale:
+        before, after = before[key], after[key]
+    change = np.asarray(after) - np.asarray(before)
+    assert np.ptp(change) > 1e-6  # the affine parameters learn (not only the uniform weight decay)
+    unfrozen = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2)
+    moved, _ = jitted_step(unfrozen, state, mesh)(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(1))
+    assert not np.allclose(
+        moved.batch_stats["backbone"]["layer1_0"]["conv1"]["bn"]["mean"],
+        stats["backbone"]["layer1_0"]["conv1"]["bn"]["mean"],
+    )

@@ -773,6 +773,26 @@ def _pallas_batch_norm_bwd(epsilon, out_dtype, residuals, cotangents):
 _pallas_batch_norm.defvjp(_pallas_batch_norm_fwd, _pallas_batch_norm_bwd)
 
 
+_FROZEN_BATCH_NORM: contextvars.ContextVar[bool] = contextvars.ContextVar("fastfcn_frozen_batch_norm", default=False)
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(frozen: bool = True) -> Iterator[None]:
+    """Within the block (trace inside it), training BatchNorms normalise with their running statistics and
+    leave them unchanged, while their scale and bias still train: the reference author's remedy when a device
+    holds too few images for batch statistics (FastFCN issue #19, one 12 GB GPU). GroupNorm is unaffected."""
+    token = _FROZEN_BATCH_NORM.set(bool(frozen))
+    try:
+        yield
+    finally:
+        _FROZEN_BATCH_NORM.reset(token)
+
+
+def uses_running_statistics(train: bool) -> bool:
+    """Whether a BatchNorm normalises with its running statistics: in inference, or frozen in training."""
+    return not train or _FROZEN_BATCH_NORM.get()
+
+
 def make_norm(
     kind: str,
     *,
@@ -787,7 +807,8 @@ def make_norm(
     ``folded``: a BatchNorm whose scale is in the preceding convolution (see :func:`fold_batch_norm`);
     ``statistics``: how a training BatchNorm sums (``OpChoices.norm_statistics``)."""
     if kind == "batch":
-        return BatchNorm(use_running_average=not train, dtype=dtype, folded=folded, statistics=statistics, name=name)
+        running = uses_running_statistics(train)
+        return BatchNorm(use_running_average=running, dtype=dtype, folded=folded, statistics=statistics, name=name)
     if kind == "group":
         # Two-pass variance, as PyTorch computes it.
         return nn.GroupNorm(

@@ -17,6 +17,7 @@ from fastfcn_jax.models.layers import (
     OpChoices,
     torch_default_bias_init,
     torch_default_kernel_init,
+    uses_running_statistics,
 )
 
 
@@ -83,7 +84,9 @@ class EncNetHead(nn.Module):
         enc_x = ConvBNReLU(self.width, 1, dtype=self.dtype, ops=self.ops, name="enc_conv")(x, train)
         enc_e = Encoding(self.num_codes, name="encoding")(enc_x)
         # BatchNorm1d(K) on [B, K, D]: statistics per codeword over (B, D).
-        enc_en = nn.relu(BatchNorm(use_running_average=not train, feature_axis=1, name="enc_bn")(enc_e))
+        enc_en = nn.relu(
+            BatchNorm(use_running_average=uses_running_statistics(train), feature_axis=1, name="enc_bn")(enc_e)
+        )
         enc_en = jnp.mean(enc_en, axis=1)  # [B, D]
 
         def dense(features, name):
