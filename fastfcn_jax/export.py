@@ -448,11 +448,16 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     dataset_name = info.get("dataset") or config.dataset.name
     dataset = get_dataset_info(dataset_name, config.dataset.get("data_dir") or None)
     num_classes = config.model.num_classes or dataset.num_classes
-    if info["model_name"] != config.model.name or int(info["num_classes"]) != num_classes:
+    differences = []
+    if info["model_name"] != config.model.name:
+        differences.append(f"config.model.name={config.model.name}")
+    if int(info["num_classes"]) != num_classes:
+        differences.append(f"{num_classes} classes (config.model.num_classes, 0 = the dataset's)")
+    if differences:
         raise ValueError(
             f"checkpoint {source} holds {info['model_name']} with {info['num_classes']} classes, but the config "
-            f"asks for {config.model.name} with {num_classes} (config.model.name / config.model.num_classes): "
-            "export with the config the checkpoint was trained with, or set config.export.checkpoint"
+            f"asks for {' and '.join(differences)}: export with the config the checkpoint was trained with, or set "
+            "config.export.checkpoint"
         )
     overrides = _trained_overrides(dict(info.get("model_overrides") or {}), model_overrides(config), source)
     model = create_model(config.model.name, num_classes, **overrides)

@@ -211,7 +211,7 @@ def test_exporting_a_checkpoint_of_another_model_is_a_clear_error(trained):
     _, _, workdir = trained
     config = demo_config()
     config.model.name = "psp_jpu_tiny"
-    with pytest.raises(ValueError, match=f"holds {MODEL} .* asks for psp_jpu_tiny"):
+    with pytest.raises(ValueError, match=f"holds {MODEL} .* asks for config.model.name=psp_jpu_tiny:"):
         export.run_export(config, workdir)
 
 
