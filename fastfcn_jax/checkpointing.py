@@ -51,6 +51,34 @@ def json_info(info: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
+def storable_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``create_model`` overrides as JSON values: numbers and flags as they are, sequences as lists, anything
+    else (a dtype) by its name. :func:`model_overrides` reads them back."""
+    stored = {}
+    for key, value in overrides.items():
+        if isinstance(value, bool | int | float | str) or value is None:
+            stored[key] = value
+        elif isinstance(value, list | tuple):
+            stored[key] = list(value)
+        else:
+            stored[key] = jnp.dtype(value).name if isinstance(value, type | np.dtype) else str(value)
+    return stored
+
+
+def model_overrides(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored ``model_overrides`` as ``create_model`` arguments: lists back to tuples, and the
+    strings older checkpoints stored for tuples (``'(1, 2, 4, 8)'``) parsed."""
+    import ast
+
+    overrides = {}
+    for key, value in dict(info.get("model_overrides") or {}).items():
+        if isinstance(value, str) and value[:1] in "([" and value[-1:] in ")]":
+            with contextlib.suppress(ValueError, SyntaxError):
+                value = ast.literal_eval(value)
+        overrides[key] = tuple(value) if isinstance(value, list | tuple) else value
+    return overrides
+
+
 def save_variables(directory: str | Path, variables: Mapping[str, Any], info: Mapping[str, Any], step: int = 0) -> Path:
     """Writes ``variables`` and ``info`` as step ``step`` of a checkpoint directory and waits for it."""
     missing = [k for k in REQUIRED_INFO if k not in info]

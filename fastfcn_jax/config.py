@@ -74,8 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.new_layers_lr_multiplier = 10.0  # JPU, head and aux head
     config.train.poly_power = 0.9
     config.train.aux_weight = 0.2
-    # Few images per device (FastFCN issue #19: one 12 GB GPU): BatchNorms normalise with the running statistics
-    # of the weights trained from (init_from) and keep them; scale and bias still train.
+    # Few images per device (FastFCN issue #19: one 12 GB GPU): BatchNorms normalise with their running statistics
+    # and keep them (the backbone's from init_from; a fresh JPU's and head's stay 0 / 1); scale and bias train.
     config.train.freeze_batch_norm = False
     config.train.se_weight = 0.2
     config.train.log_every = 50

@@ -501,7 +501,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"checkpoint {source} predicts {num_classes} classes but dataset {dataset.name!r} has "
             f"{dataset.num_classes}; set config.dataset.name to the dataset the model was trained on"
         )
-    model = create_model(info["model_name"], num_classes, **dict(info.get("model_overrides") or {}))
+    model = create_model(info["model_name"], num_classes, **checkpointing.model_overrides(info))
     name, protocol = protocol_from_config(config, dataset)
     runner = ProtocolRunner(
         model_logits_fn(model),

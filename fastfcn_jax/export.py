@@ -347,10 +347,10 @@ class ExportedSegmenter:
         return ((np.asarray(images, np.float32) / 255.0 - mean) / std).astype(np.float32)
 
     def __call__(self, images: Any) -> jax.Array:
-        if not np.issubdtype(np.asarray(images).dtype, np.floating):
+        dtype = jnp.result_type(images)
+        if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
-                f"this export takes normalised float32 images, got {np.asarray(images).dtype}: pass "
-                "segmenter.normalize(uint8_images)"
+                f"this export takes normalised float images, got {dtype}: pass segmenter.normalize(uint8_images)"
             )
         if tuple(np.shape(images)[1:]) != (*self.image_size, 3):
             raise ValueError(
@@ -418,16 +418,22 @@ def export_settings(config: Any) -> dict[str, Any]:
 
 def _trained_overrides(trained: dict[str, Any], configured: dict[str, Any], source: Path) -> dict[str, Any]:
     """The model as the checkpoint was trained (its stored overrides), computed as the config says (``dtype``
-    and op choices); an architecture override of the config that differs from training's is an error: one
-    that changes no weight shape (output_stride, dilations) would otherwise export another function."""
+    and op choices: the config's, not training's); an architecture override of the config that differs from
+    training's is an error: one that changes no weight shape (output_stride, dilations) would otherwise export
+    another function. ``aux`` and ``se_loss`` follow the checkpoint where it records them (they do not change
+    the exported logits, and the config's default would contradict it)."""
     how = {k: v for k, v in configured.items() if k == "dtype" or k.endswith("_implementation")}
+    trained = {k: v for k, v in trained.items() if not k.endswith("_implementation")}
+    heads = {k: trained[k] for k in ("aux", "se_loss") if k in trained}
     for key, value in configured.items():
-        if key not in how and str(value) != str(trained.get(key, value)):
+        if key in how or key in heads:
+            continue
+        if str(value) != str(trained.get(key, value)):
             raise ValueError(
                 f"config.model.overrides.{key}={value!r}, but checkpoint {source} was trained with "
                 f"{key}={trained[key]!r}: leave it unset (the checkpoint's is used) or export another checkpoint"
             )
-    return {**trained, **{k: v for k, v in configured.items() if k not in how}, **how}
+    return {**trained, **{k: v for k, v in configured.items() if k not in how and k not in heads}, **how}
 
 
 def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
@@ -459,7 +465,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
             f"asks for {' and '.join(differences)}: export with the config the checkpoint was trained with, or set "
             "config.export.checkpoint"
         )
-    overrides = _trained_overrides(dict(info.get("model_overrides") or {}), model_overrides(config), source)
+    overrides = _trained_overrides(checkpointing.model_overrides(info), model_overrides(config), source)
     model = create_model(config.model.name, num_classes, **overrides)
     size = int(settings["image_size"]) or config.dataset.crop_size or dataset.crop_size
     image_size = (size, size)
@@ -474,7 +480,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     metadata = {
         "fastfcn_export_version": FORMAT_VERSION,
         "model_name": config.model.name,
-        "model_overrides": {k: str(v) if not isinstance(v, bool | int | float) else v for k, v in overrides.items()},
+        "model_overrides": checkpointing.storable_overrides(overrides),
         "num_classes": num_classes,
         "class_names": class_names,
         "palette": np.asarray(dataset.palette, np.uint8)[:num_classes].tolist(),

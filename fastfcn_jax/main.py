@@ -158,7 +158,9 @@ def main(argv: list[str]) -> None:
             run_summary(model_config, (size, size), 1, config.seed, FLAGS.workdir)
     except (ValueError, FileNotFoundError, ImportError) as error:
         # A user error (bad config value, missing dataset, checkpoint or optional package): say what is wrong,
-        # no traceback.
+        # no traceback. An ImportError that names no package to install is a bug: its traceback stays.
+        if isinstance(error, ImportError) and "pip install" not in str(error):
+            raise
         sys.exit(f"error: {error}")
 
 

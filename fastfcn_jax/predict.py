@@ -141,7 +141,7 @@ class Predictor:
         if palette is None and len(info.get("palette") or ()) >= num_classes:  # stored by training (folder data)
             palette = np.asarray(info["palette"], np.uint8)[:num_classes]
         names = info.get("class_names") or (dataset.class_names[:num_classes] if dataset is not None else None)
-        model = create_model(info["model_name"], num_classes, **dict(info.get("model_overrides") or {}))
+        model = create_model(info["model_name"], num_classes, **checkpointing.model_overrides(info))
         checkpointing.check_variables(
             model, variables, f"checkpoint {path} ({info['model_name']}, {num_classes} classes)"
         )

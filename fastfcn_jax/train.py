@@ -275,7 +275,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         "model_name": config.model.name,
         "num_classes": num_classes,
         "class_names": list(dataset.class_names)[:num_classes],
-        "model_overrides": {k: str(v) if not isinstance(v, bool | int | float) else v for k, v in overrides.items()},
+        "model_overrides": checkpointing.storable_overrides(overrides),
         "dataset": config.dataset.name,
         # What predict needs where it cannot look the dataset up (a custom folder dataset's data_dir).
         "palette": np.asarray(dataset.palette, np.uint8)[:num_classes].tolist(),
@@ -290,10 +290,16 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     elif config.train.get("requires_init_from") and not config.init_from:
         raise ValueError(
             "this config fine-tunes trained weights (config.train.requires_init_from) and WORKDIR has no checkpoint "
-            "to resume: pass --config.init_from=DIR (the workdir of the run it continues, or converted weights)"
+            "to resume: pass --config.init_from=DIR (the workdir of the run it continues, or a converted "
+            "FastFCN checkpoint)"
         )
     elif config.init_from:
         state, source = load_pretrained(state, config.init_from, mesh)
+        if source.get("source") in BACKBONE_SOURCES and config.train.get("requires_init_from"):
+            raise ValueError(
+                f"init_from={config.init_from} holds ImageNet weights (only a backbone), but this config fine-tunes "
+                "a trained segmenter (config.train.requires_init_from): pass the workdir of the run it continues"
+            )
         if source.get("source") in BACKBONE_SOURCES:
             report(f"initialised the backbone from {config.init_from} (ImageNet, {source.get('input_file')})")
         else:

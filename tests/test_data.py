@@ -356,6 +356,11 @@ def test_prepare_reuses_a_prepared_dataset_saying_so_and_rebuilds_on_overwrite(t
     assert prepare.main([*args, "--overwrite"]) == 0
     assert "(train 2, validation 1)" in capsys.readouterr().out
     assert pipeline.dataset_size("ade20k", "train", tmp_path / "tfds") == 2
+    # A rebuild that fails (the raw files moved away) leaves the prepared copy as it was.
+    (tmp_path / "raw").rename(tmp_path / "moved")
+    assert prepare.main([*args, "--overwrite"]) == 1
+    assert "raw files missing" in capsys.readouterr().err
+    assert pipeline.dataset_size("ade20k", "train", tmp_path / "tfds") == 2
 
 
 def test_ade20k_missing_files_error_gives_instructions(tmp_path):
@@ -611,6 +616,17 @@ def test_custom_folder_round_trip(tmp_path):
     assert pipeline.prepare("folder:cows", tmp_path / "tfds").is_prepared()
     with pytest.raises(FileNotFoundError, match=r"(?s)not prepared in .*tfds.*config.dataset.manual_dir"):
         pipeline.prepare("folder:horses", tmp_path / "tfds")
+
+
+def test_custom_folder_mask_without_its_image_stops_the_build(tmp_path):
+    source = tmp_path / "src"
+    (source / "classes.json").parent.mkdir(parents=True)
+    (source / "classes.json").write_text(json.dumps({"names": ["a", "b"]}))
+    _write_jpeg(source / "images/train/x.jpg", 8, 8)
+    _write_png(source / "masks/train/x.png", np.zeros((8, 8), np.uint8), "L")
+    _write_png(source / "masks/train/y.png", np.zeros((8, 8), np.uint8), "L")
+    with pytest.raises(common.DataError, match="1 annotation.s. without their image, e.g. .*y.png"):
+        pipeline.prepare("folder:pairs", tmp_path / "tfds", source_dir=source)
 
 
 def test_a_manual_dir_that_does_not_exist_is_named_as_such(tmp_path):

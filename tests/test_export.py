@@ -130,8 +130,10 @@ def test_loader_rejects_images_of_another_size(exported):
     with pytest.raises(ValueError, match=f"takes \\[B, {SIZE}, {SIZE}, 3\\]"):
         export.load(exported["stablehlo"])(np.zeros((1, SIZE + 32, SIZE, 3), np.float32))
     # Raw pixels would run on un-normalised input and give wrong labels: refused, saying what to do.
-    with pytest.raises(ValueError, match=r"normalised float32 images, got uint8: pass segmenter.normalize"):
-        export.load(exported["stablehlo"])(np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    segmenter = export.load(exported["stablehlo"])
+    with pytest.raises(ValueError, match=r"normalised float images, got uint8: pass segmenter.normalize"):
+        segmenter(np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    assert segmenter(jnp.zeros((1, SIZE, SIZE, 3), jnp.bfloat16)).shape[:3] == (1, SIZE, SIZE)  # floats of any width
 
 
 def test_params_beside_the_module_and_labels_output(trained, tmp_path):
@@ -221,6 +223,23 @@ def test_exporting_a_checkpoint_with_other_shapes_is_a_clear_error(trained):
     config.model.overrides.aux = False  # same name and classes, but no auxiliary head
     with pytest.raises(ValueError, match="does not fit the configured model: unexpected params/auxiliary_head"):
         export.run_export(config, workdir)
+
+
+def test_stored_overrides_read_back_as_model_arguments_and_export_takes_the_configs_op_choices():
+    stored = checkpointing.storable_overrides({"jpu_dilations": (1, 2, 4), "dtype": jnp.bfloat16, "aux": False})
+    assert stored == {"jpu_dilations": [1, 2, 4], "dtype": "bfloat16", "aux": False}
+    assert checkpointing.model_overrides({"model_overrides": stored})["jpu_dilations"] == (1, 2, 4)
+    # Checkpoints of earlier versions stored tuples as their repr.
+    assert checkpointing.model_overrides({"model_overrides": {"psp_bins": "(1, 2, 3, 6)"}}) == {
+        "psp_bins": (1, 2, 3, 6)
+    }
+    trained = {"depthwise_implementation": "grouped", "aux": False, "output_stride": 16}
+    configured = {"dtype": "float32", "aux": True}  # the config's defaults
+    assert export._trained_overrides(trained, configured, Path("ckpt")) == {
+        "aux": False,  # as trained: the config's default does not contradict it
+        "output_stride": 16,
+        "dtype": "float32",  # how to compute: the config's (and its op choices, none here)
+    }
 
 
 def test_export_builds_the_model_the_checkpoint_was_trained_as(tmp_path):

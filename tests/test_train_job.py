@@ -129,6 +129,11 @@ def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilati
     np.savez(tmp_path / "standard.npz", **imagenet_resnet_state_dict("standard"))
     args = ["--num-classes", "59", "--from", "torchvision", str(tmp_path / "standard.npz")]
     assert convert(["--model", "fcn_jpu_tiny", *args, "--out", str(tmp_path / "standard")]) == 0
+    config = small_config(data_dir, num_steps=1, eval_every=0, requires_init_from=True)  # a fine-tune config
+    config.init_from = str(tmp_path / "backbone")
+    with pytest.raises(ValueError, match="holds ImageNet weights .only a backbone., but this config fine-tunes"):
+        train_and_evaluate(config, tmp_path / "finetune_from_imagenet")
+
     config = small_config(data_dir, num_steps=1, eval_every=0)
     config.init_from = str(tmp_path / "standard")  # a 7x7 stem for the deep-stem model
     with pytest.raises(ValueError, match=r"backbone of ImageNet weights \(torchvision\) does not fit.*stem"):

@@ -87,7 +87,9 @@ def prepare_status(
 
         manual_dir = source_dir or manual_dir
         if manual_dir is None:
-            if data_dir is not None and folder.is_prepared(dataset, data_dir) and not overwrite:
+            if data_dir is not None and folder.is_prepared(dataset, data_dir):
+                if overwrite:
+                    raise FileNotFoundError(f"dataset {dataset!r}: rebuilding it (--overwrite) needs --source DIR")
                 return get_dataset_info(dataset, data_dir).make_builder(data_dir), False  # class table stored
             raise FileNotFoundError(
                 f"dataset {dataset!r} is not prepared in {data_dir or '(no data_dir given)'} and no source folder "
@@ -98,13 +100,27 @@ def prepare_status(
     else:
         info = get_dataset_info(dataset)
     builder = info.make_builder(data_dir)
-    if builder.is_prepared():
-        if not overwrite:
-            return builder, False
-        tf.io.gfile.rmtree(builder.data_dir)
-        builder = info.make_builder(data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
-    builder.download_and_prepare(download_config=download_config)
+    if not builder.is_prepared():
+        builder.download_and_prepare(download_config=download_config)
+        return builder, True
+    if not overwrite:
+        return builder, False
+    # Rebuilt beside the old copy, which is put back if the build fails (missing or bad raw files).
+    prepared = str(builder.data_dir)
+    previous = f"{prepared}.previous"
+    if tf.io.gfile.exists(previous):
+        tf.io.gfile.rmtree(previous)
+    tf.io.gfile.rename(prepared, previous)
+    try:
+        builder = info.make_builder(data_dir)
+        builder.download_and_prepare(download_config=download_config)
+    except BaseException:
+        if tf.io.gfile.exists(prepared):
+            tf.io.gfile.rmtree(prepared)
+        tf.io.gfile.rename(previous, prepared)
+        raise
+    tf.io.gfile.rmtree(previous)
     return builder, True
 
 
@@ -170,7 +186,8 @@ def full_examples(
         image, label = decode(example)
         return {"image": image, "label": label, "file_name": example["file_name"]}
 
-    ds = _load(builder, split, shuffle_seed=None).map(with_name)
+    ds = _load(builder, split, shuffle_seed=None).map(with_name, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _options(ds.prefetch(tf.data.AUTOTUNE))  # deterministic: the stored order
     for example in tfds.as_numpy(ds):
         yield {**example, "file_name": example["file_name"].decode()}
 

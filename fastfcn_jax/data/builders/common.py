@@ -178,11 +178,10 @@ def _manual_dir_hint(manual_dir: Path, missing: Sequence[str]) -> str:
             return f"; it lies inside {parent}: give {parent.parent} (the folder holding {top}/)"
     if manual_dir.name == top:
         return f"; give its parent {manual_dir.parent} (the folder holding {top}/)"
-    archives = (
-        sorted(p.name for p in manual_dir.glob("*") if p.suffix in (".zip", ".tar", ".gz", ".tgz") and p.is_file())
-        if manual_dir.is_dir()
-        else []
-    )
+    extracted = any((manual_dir / Path(p).parts[0]).exists() for p in missing)
+    archives = []
+    if manual_dir.is_dir() and not extracted:
+        archives = sorted(p.name for p in manual_dir.iterdir() if p.is_file() and p.suffix in (".zip", ".tar", ".gz"))
     if archives:
         return f"; it holds {', '.join(archives[:3])}: extract the archives there first"
     return ""

@@ -105,10 +105,15 @@ class Folder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, source: Path, folder: str, valid: np.ndarray) -> Iterator[tuple[str, dict]]:
         images = sorted(p for p in (source / "images" / folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        for image_path in images:
-            mask_path = source / "masks" / folder / f"{image_path.stem}.png"
-            if not mask_path.exists():
-                raise common.DataError(f"{image_path}: no mask {mask_path}")
+        masks_dir = source / "masks" / folder
+        pairs = common.pair_files(
+            images,
+            sorted(masks_dir.glob("*.png")) if masks_dir.is_dir() else [],
+            lambda image: masks_dir / f"{image.stem}.png",
+            f"{source}/images/{folder} ({', '.join(sorted(_IMAGE_SUFFIXES))}) and masks/{folder}",
+            INSTRUCTIONS,
+        )
+        for image_path, mask_path in pairs:
             image, size = common.read_rgb(image_path)
             label = common.check_label(common.read_index_png(mask_path), size, valid_values=valid, example=mask_path)
             yield image_path.stem, {"image": image, "label": label.astype(np.uint16), "file_name": image_path.name}
