@@ -511,12 +511,18 @@ def test_cityscapes_builder_maps_label_ids_to_train_ids(tmp_path):
     np.testing.assert_array_equal(label[::4, ::4], [[0, -1, -1, -1], [13, 18, 1, 2]])
 
 
-def test_cityscapes_image_without_its_annotation_stops_the_build(tmp_path):
-    raw = tmp_path / "raw"
+def _cityscapes_pair_per_split(raw: Path, label_id: int) -> None:
+    """One 4x8 black image per split whose annotation is all ``label_id``."""
     for split, city in [("train", "aachen"), ("val", "frankfurt")]:
         stem = f"{city}_000000_000019"
         _write_png(raw / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", np.zeros((4, 8, 3), np.uint8))
-        _write_png(raw / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", np.full((4, 8), 7, np.uint8), "L")
+        ids = np.full((4, 8), label_id, np.uint8)
+        _write_png(raw / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids, "L")
+
+
+def test_cityscapes_image_without_its_annotation_stops_the_build(tmp_path):
+    raw = tmp_path / "raw"
+    _cityscapes_pair_per_split(raw, 7)
     _write_png(raw / "leftImg8bit/train/aachen/aachen_000001_000019_leftImg8bit.png", np.zeros((4, 8, 3), np.uint8))
     with pytest.raises(common.DataError, match="without their annotation, e.g. .*aachen_000001_000019_leftImg8bit"):
         pipeline.prepare("cityscapes", tmp_path / "tfds", manual_dir=raw)
@@ -524,10 +530,7 @@ def test_cityscapes_image_without_its_annotation_stops_the_build(tmp_path):
 
 def test_cityscapes_rejects_label_ids_above_33(tmp_path):
     raw = tmp_path / "raw"
-    for split, city in [("train", "aachen"), ("val", "frankfurt")]:
-        stem = f"{city}_000000_000019"
-        _write_png(raw / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", np.zeros((4, 8, 3), np.uint8))
-        _write_png(raw / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", np.full((4, 8), 34, np.uint8), "L")
+    _cityscapes_pair_per_split(raw, 34)
     with pytest.raises(common.DataError, match="aachen_000000_000019_gtFine_labelIds.png"):
         pipeline.prepare("cityscapes", tmp_path / "tfds", manual_dir=raw)
 
