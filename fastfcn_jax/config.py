@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     # and keep them (the backbone's from init_from; a fresh JPU's and head's stay 0 / 1); scale and bias train.
     config.train.freeze_batch_norm = False
     config.train.se_weight = 0.2
+    # > 1: gradient accumulation; each global batch runs as this many sequential micro-batches (activation memory
+    # of batch_size / microbatches, the update of batch_size; BatchNorm statistics per micro-batch).
+    config.train.microbatches = 1
     config.train.log_every = 50
     config.train.eval_every = 0  # 0: only at the end
     config.train.checkpoint_every = 1000
@@ -170,6 +173,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.num_devices >= 0, "num_devices", "must be >= 0 (0 = all)")
     train = config.train
     check(train.batch_size > 0, "train.batch_size", "must be positive")
+    check(train.microbatches > 0, "train.microbatches", "must be positive (1 = no gradient accumulation)")
+    check(
+        train.microbatches <= 0 or train.batch_size % train.microbatches == 0,
+        "train.microbatches",
+        f"must divide train.batch_size={train.batch_size}",
+    )
     check(train.epochs > 0 or train.num_steps > 0, "train.epochs", "train.epochs or train.num_steps must be positive")
     check(train.num_steps >= 0, "train.num_steps", "must be >= 0")
     check(train.lr_per_16 > 0, "train.lr_per_16", "must be positive")

@@ -52,13 +52,23 @@ def make_train_step(
     aux_weight: float,
     se_weight: float,
     freeze_batch_norm: bool = False,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """``train_step(state, batch, rng) -> (state, metrics)``; batch = {'image', 'label'}.
 
     BatchNorm statistics are computed over the global batch (the reference's SyncBN): under ``jit`` the
     batch-sharded mean is a cross-device reduction. ``freeze_batch_norm``: BatchNorms use (and keep) their
     running statistics instead (:func:`layers.frozen_batch_norm`).
+
+    ``microbatches`` > 1: gradient accumulation. The batch is split into that many interleaved micro-batches
+    (examples ``j::microbatches``, so each stays spread over the devices) run one after another; the update
+    is made once, from the mean of their gradients: the activation memory of one micro-batch, the update of
+    the whole batch. As in PyTorch's accumulation, BatchNorm normalises each micro-batch by its own
+    statistics and updates its running statistics once per micro-batch, and each micro-batch's loss is the
+    mean over its own labelled pixels.
     """
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
 
     def train_step(state, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
@@ -69,10 +79,10 @@ def make_train_step(
         loss_gradient_dtype = compute_dtype if model.ops.loss_gradient == "compute" else jnp.float32
         loss_upsample = layers.choose_pallas("loss_upsample", model.ops.loss_upsample, "fused")
 
-        def loss_fn(params):
+        def loss_fn(params, batch_stats, batch, dropout_rng):
             with layers.frozen_batch_norm(freeze_batch_norm):
                 outputs, new_state = model.apply(
-                    {"params": params, "batch_stats": state.batch_stats},
+                    {"params": params, "batch_stats": batch_stats},
                     batch["image"],
                     train=True,
                     upsample_logits=loss_logits == "upsampled",
@@ -89,7 +99,24 @@ def make_train_step(
             )
             return total, (terms, new_state["batch_stats"])
 
-        grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if microbatches == 1:
+            grads, (terms, batch_stats) = grad_fn(state.params, state.batch_stats, batch, dropout_rng)
+        else:
+
+            def accumulate(carry, xs):
+                grad_sum, batch_stats = carry
+                index, micro = xs
+                grads, (terms, batch_stats) = grad_fn(
+                    state.params, batch_stats, micro, jax.random.fold_in(dropout_rng, index)
+                )
+                return (jax.tree_util.tree_map(jnp.add, grad_sum, grads), batch_stats), terms
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            steps = (jnp.arange(microbatches), split_microbatches(batch, microbatches))
+            (grad_sum, batch_stats), terms = jax.lax.scan(accumulate, (zeros, state.batch_stats), steps)
+            grads = jax.tree_util.tree_map(lambda g: g / microbatches, grad_sum)
+            terms = jax.tree_util.tree_map(lambda t: jnp.mean(t, axis=0), terms)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -97,6 +124,26 @@ def make_train_step(
         return new_state, terms
 
     return train_step
+
+
+def split_microbatches(batch: Mapping[str, jax.Array], microbatches: int) -> dict[str, jax.Array]:
+    """``[B, ...] -> [microbatches, B / microbatches, ...]``, micro-batch ``j`` = examples ``j::microbatches``.
+
+    Interleaved rather than contiguous: with the batch sharded over ``'data'`` in contiguous blocks, every
+    micro-batch then takes the same number of examples from each device and no example moves between devices
+    (when the per-device batch is divisible by ``microbatches``).
+    """
+    out = {}
+    for key, value in batch.items():
+        if value.shape[0] % microbatches:
+            raise ValueError(
+                f"batch[{key!r}] has {value.shape[0]} examples, not divisible by {microbatches} micro-batches"
+            )
+        split = value.reshape(value.shape[0] // microbatches, microbatches, *value.shape[1:]).swapaxes(0, 1)
+        if sharding.has_data_mesh():
+            split = jax.lax.with_sharding_constraint(split, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+        out[key] = split
+    return out
 
 
 def make_eval_step(model: Any, num_classes: int) -> Callable[[TrainState, Mapping[str, jax.Array]], jax.Array]:
@@ -248,6 +295,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"train.batch_size={global_batch} must be divisible by the {jax.device_count()} devices "
             f"({jax.process_count()} processes)"
         )
+    microbatches = config.train.microbatches
+    if global_batch % (microbatches * jax.device_count()):
+        raise ValueError(
+            f"train.batch_size={global_batch} must be divisible by train.microbatches={microbatches} times the "
+            f"{jax.device_count()} devices, so that every micro-batch has the same number of examples on each device"
+        )
     data_dir = config.dataset.data_dir or None
     # Builds the tfds files on first use (seconds for the embedded dataset; real ones need manual_dir).
     if jax.process_index() == 0:
@@ -329,6 +382,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 aux_weight=config.train.aux_weight,
                 se_weight=config.train.se_weight,
                 freeze_batch_norm=config.train.freeze_batch_norm,
+                microbatches=microbatches,
             ),
             mesh,
         ),

@@ -72,6 +72,18 @@ def test_impossible_values_are_rejected_by_key():
         validate(config)
 
 
+def test_microbatches_must_divide_the_batch():
+    config = load(CONFIGS[0]).get_config()
+    config.train.microbatches = 3
+    with pytest.raises(ValueError, match=r"config\.train\.microbatches=3: must divide train\.batch_size=16"):
+        validate(config)
+    config.train.microbatches = 0
+    with pytest.raises(ValueError, match=r"config\.train\.microbatches=0: must be positive"):
+        validate(config)
+    config.train.microbatches = 4
+    validate(config)
+
+
 def test_evaluation_and_export_values_are_checked_before_any_work():
     config = load(CONFIGS[0]).get_config()
     config.evaluation.max_examples = -1

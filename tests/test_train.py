@@ -7,6 +7,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fastfcn_jax import checkpointing, optim, sharding
@@ -271,3 +272,49 @@ def test_frozen_batch_norm_trains_scale_and_bias_on_the_running_statistics():
         moved.batch_stats["backbone"]["layer1_0"]["conv1"]["bn"]["mean"],
         stats["backbone"]["layer1_0"]["conv1"]["bn"]["mean"],
     )
+
+
+def test_microbatches_average_their_gradients_and_update_batch_norm_in_turn():
+    # Gradient accumulation: one update from the mean gradient of the interleaved micro-batches (examples
+    # j::k), each normalised by its own BatchNorm statistics, the running statistics updated once per micro-batch.
+    model = create_model("encnet_jpu_tiny", NUM_CLASSES, dropout=0.0)
+    unit_sgd = optax.sgd(1.0)  # new params = params - gradient
+    mesh = sharding.make_mesh(1)
+    state = create_train_state(model, unit_sgd, jax.random.PRNGKey(0), IMAGE_SHAPE, mesh)
+    batch = make_batch(7, batch_size=4)
+    whole = make_train_step(model, unit_sgd, aux_weight=0.2, se_weight=0.2)
+    accumulated = make_train_step(model, unit_sgd, aux_weight=0.2, se_weight=0.2, microbatches=2)
+
+    def run(step, state, batch):
+        return jitted_step(step, state, mesh)(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(1))
+
+    new, terms = run(accumulated, state, batch)
+    first, first_terms = run(whole, state, {k: v[0::2] for k, v in batch.items()})
+    second, second_terms = run(
+        whole, state.replace(batch_stats=first.batch_stats), {k: v[1::2] for k, v in batch.items()}
+    )
+    gradient = jax.tree_util.tree_map(lambda p, q: p - q, state.params, new.params)
+    mean = jax.tree_util.tree_map(lambda p, a, b: p - (a + b) / 2, state.params, first.params, second.params)
+    assert_trees_close(gradient, mean, rtol=1e-4, atol=2e-6)
+    assert_trees_close(new.batch_stats, second.batch_stats, rtol=1e-5, atol=1e-6)
+    assert float(terms["loss"]) == pytest.approx(
+        (float(first_terms["loss"]) + float(second_terms["loss"])) / 2, rel=1e-5
+    )
+    assert int(new.step) == 1
+    # Not the whole batch's step: its BatchNorm statistics would be over all four examples.
+    full, _ = run(whole, state, batch)
+    assert not np.allclose(
+        full.batch_stats["backbone"]["layer1_0"]["conv1"]["bn"]["var"],
+        new.batch_stats["backbone"]["layer1_0"]["conv1"]["bn"]["var"],
+    )
+
+    # Sharded over four devices (two examples each, one per micro-batch): the same step.
+    mesh4 = sharding.make_mesh(4)
+    state4 = create_train_state(model, unit_sgd, jax.random.PRNGKey(0), IMAGE_SHAPE, mesh4)
+    batch8 = make_batch(8, batch_size=8)
+    new1, _ = run(accumulated, state, batch8)
+    new4, _ = jitted_step(accumulated, state4, mesh4)(
+        state4, sharding.global_batch(batch8, mesh4), jax.random.PRNGKey(1)
+    )
+    assert_trees_close(new4.params, new1.params, rtol=1e-4, atol=1e-5)
+    assert_trees_close(new4.batch_stats, new1.batch_stats, rtol=1e-4, atol=1e-5)
