@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -342,11 +343,14 @@ def test_ade20k_unpaired_or_missing_files_stop_the_build_naming_them(tmp_path, f
         pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
 
 
-def test_prepare_reuses_a_prepared_dataset_saying_so_and_rebuilds_on_overwrite(tmp_path, capsys):
+def test_prepare_reuses_a_prepared_dataset_saying_so_and_rebuilds_on_overwrite(tmp_path, capsys, caplog):
     _ade_tree(tmp_path / "raw", train_masks={1: np.ones((8, 8), np.uint8)})
     args = ["--dataset", "ade20k", "--manual-dir", str(tmp_path / "raw"), "--data-dir", str(tmp_path / "tfds")]
-    assert prepare.main(args) == 0
+    with caplog.at_level(logging.WARNING):
+        assert prepare.main(args) == 0
     assert "prepared in" in capsys.readouterr().out
+    # A first build is not worth a warning (tfds' "Variant folder ... has no dataset_info.json").
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "Variant folder" in r.getMessage()]
     base = tmp_path / "raw/ADEChallengeData2016"
     _write_jpeg(base / "images/training/ADE_train_00000002.jpg", 8, 8)
     _write_png(base / "annotations/training/ADE_train_00000002.png", np.ones((8, 8), np.uint8), "L")

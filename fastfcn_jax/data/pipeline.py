@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fastfcn_jax.data import transforms
+from fastfcn_jax.data.builders.common import is_prepared
 from fastfcn_jax.data.datasets import IGNORE_INDEX, DatasetInfo, get_dataset_info
 
 # Splits below this size (encoded) are cached in memory, still encoded (synthetic, tests, VOC val).
@@ -42,7 +43,7 @@ def _info(dataset: str | DatasetInfo, data_dir: str | Path | None) -> DatasetInf
 
 def _prepared_builder(info: DatasetInfo, data_dir: str | Path | None):
     builder = info.make_builder(data_dir)
-    if not builder.is_prepared():
+    if not is_prepared(builder):
         raise FileNotFoundError(
             f"dataset {info.name!r} is not prepared in {builder.data_dir}; run: python -m "
             f"fastfcn_jax.data.prepare --dataset {info.name} --data-dir {data_dir or '~/tensorflow_datasets'}"
@@ -101,7 +102,7 @@ def prepare_status(
         info = get_dataset_info(dataset)
     builder = info.make_builder(data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
-    if not builder.is_prepared():
+    if not is_prepared(builder):
         builder.download_and_prepare(download_config=download_config)
         return builder, True
     if not overwrite:

@@ -197,3 +197,9 @@ def manual_dir(dl_manager: tfds.download.DownloadManager) -> Path | None:
     asserts with a terse message."""
     path = dl_manager._manual_dir  # The public property raises instead of returning None.
     return None if path is None else Path(path)
+
+
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    """``builder.is_prepared()`` without tfds' warning for a folder that has no dataset_info.json yet (the
+    normal state of a dataset about to be built; that file is the first thing tfds checks)."""
+    return tf.io.gfile.exists(f"{builder.data_dir}/dataset_info.json") and builder.is_prepared()

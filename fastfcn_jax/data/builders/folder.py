@@ -122,7 +122,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
 def is_prepared(name: str, data_dir: str | Path) -> bool:
     """Whether ``folder[:NAME]`` is prepared in ``data_dir``, with its class table."""
     builder = Folder(config=_config_name(name), data_dir=str(data_dir))
-    return builder.is_prepared() and "class_table" in builder.info.metadata
+    return common.is_prepared(builder) and "class_table" in builder.info.metadata
 
 
 def load_class_table(name: str, data_dir: str | Path) -> dict[str, Any]:
