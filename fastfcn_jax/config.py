@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 0  # 0: the dataset's class count
     config.model.overrides = ml_collections.ConfigDict(
         {
-            "dtype": "float32",
+            # Compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU (parameters, BatchNorm statistics and the
+            # loss stay float32); 'float32' for the reference's arithmetic everywhere.
+            "dtype": "auto",
             "aux": True,
             # Architecture settable from the command line (--config.model.overrides.jpu_width=256); None: the
             # model name's own (fastfcn_jax.models.Segmenter).

@@ -466,7 +466,9 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
             "config.export.checkpoint"
         )
     overrides = _trained_overrides(checkpointing.model_overrides(info), model_overrides(config), source)
-    model = create_model(config.model.name, num_classes, **overrides)
+    with target_backend(settings["tuned_for"] or None):  # dtype 'auto': the serving backend's compute dtype
+        model = create_model(config.model.name, num_classes, **overrides)
+    overrides["dtype"] = model.dtype
     size = int(settings["image_size"]) or config.dataset.crop_size or dataset.crop_size
     image_size = (size, size)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -26,6 +26,11 @@ SIZE = 64  # the export's fixed input size (the tiny model's stride is 32)
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Of the logits' spread: float32 rounding (BatchNorm folded into the kernels, other fusions, TF's runtime)
+# measured up to 2.2e-4 on this calibrated tiny model; bfloat16 compute is 0.27 off, a wrong layer more.
+TOLERANCE = 1e-3
+
+
 def demo_config(**export_settings) -> ml_collections.ConfigDict:
     config = load(DEMO).get_config()
     with config.unlocked():
@@ -44,12 +49,23 @@ def trained(tmp_path_factory):
     num_classes = get_dataset_info(DATASET).num_classes
     model = create_model(MODEL, num_classes)
     variables = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, SIZE, SIZE, 3)), train=False))(jax.random.PRNGKey(0))
-    # Random running statistics so the export is checked with BN doing real work, not identity.
-    leaves, tree = jax.tree_util.tree_flatten(variables["batch_stats"])
+    # Running statistics of real activations (those of a fresh init, 0 / 1, let the signal fade layer by layer
+    # into nearly constant logits, which would hide errors in every layer before the head), then perturbed.
+    variables = calibrated_statistics(model, variables, np.random.default_rng(5).normal(size=(4, SIZE, SIZE, 3)))
     rng = np.random.default_rng(0)
-    stats = [np.abs(rng.normal(1.0, 0.2, leaf.shape)).astype(np.float32) for leaf in leaves]
-    variables = {"params": variables["params"], "batch_stats": jax.tree_util.tree_unflatten(tree, stats)}
     variables = jax.tree_util.tree_map(np.asarray, variables)
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (
+            leaf + rng.normal(0, 0.1, leaf.shape) * np.sqrt(np.abs(leaf))
+            if path[-1].key == "mean"
+            else leaf * rng.uniform(0.8, 1.25, leaf.shape)
+        ).astype(np.float32),
+        variables["batch_stats"],
+    )
+    # The comparisons below are only worth something if the logits depend on the image, pixel by pixel.
+    logits = reference_logits(model, variables, np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)))
+    assert logits.std(axis=(1, 2)).min() > 0.2 * logits.std(), "logits nearly constant over pixels"
+    assert np.abs(logits[0] - logits[1]).max() > 0.5 * logits.std(), "logits nearly independent of the image"
     workdir = tmp_path_factory.mktemp("workdir")
     info = {"model_name": MODEL, "num_classes": num_classes, "class_names": None, "dataset": DATASET}
     checkpointing.save_variables(workdir / "checkpoints", variables, info, step=7)
@@ -61,6 +77,17 @@ def exported(trained):
     """One export job writing StableHLO and the SavedModel, shared by the tests below."""
     _, _, workdir = trained
     return export.run_export(demo_config(formats=("stablehlo", "savedmodel")), workdir)
+
+
+def calibrated_statistics(model, variables, images: np.ndarray, rounds: int = 50) -> dict:
+    """``variables`` with running statistics close to ``images``' own batch statistics (training-mode
+    updates repeated until the running averages converge)."""
+    update = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})[1]
+    )
+    for _ in range(rounds):
+        variables = {**variables, "batch_stats": update(variables, images)["batch_stats"]}
+    return variables
 
 
 def reference_logits(model, variables, images: np.ndarray) -> np.ndarray:
@@ -92,7 +119,7 @@ def test_stablehlo_round_trip_in_fresh_process_without_flax_for_two_batch_sizes(
         for key, images in inputs.items():
             expected = reference_logits(model, variables, images)
             assert outputs[key].shape == expected.shape == (len(images), SIZE, SIZE, model.num_classes)
-            assert relative_error(outputs[key], expected) <= 1e-5
+            assert relative_error(outputs[key], expected) <= TOLERANCE
 
 
 def test_stablehlo_is_lowered_for_cpu_cuda_and_tpu_with_symbolic_batch(exported):
@@ -170,7 +197,7 @@ def test_saved_model_on_uint8_images_of_two_sizes_matches_package_serving_fn(tra
         got = {k: v.numpy() for k, v in serving(images=tf.constant(images)).items()}
         expected = jax.device_get(serve(images))
         assert got["logits"].shape == (*shape[:3], model.num_classes)
-        assert relative_error(got["logits"], expected["logits"]) <= 1e-5
+        assert relative_error(got["logits"], expected["logits"]) <= TOLERANCE
         np.testing.assert_array_equal(got["labels"], expected["labels"])
 
 
@@ -183,7 +210,7 @@ def test_serving_fn_at_the_export_size_is_normalise_then_model(trained):
     )
     expected = reference_logits(model, variables, normalised)
     got = np.asarray(export.make_serving_fn(model, variables, (SIZE, SIZE))(images)["logits"])
-    assert relative_error(got, expected) <= 1e-5
+    assert relative_error(got, expected) <= TOLERANCE
 
 
 def test_saved_model_carries_the_metadata_and_runs_on_every_export_platform(exported):
@@ -258,7 +285,7 @@ def test_export_builds_the_model_the_checkpoint_was_trained_as(tmp_path):
     export.run_export(config, tmp_path)
     images = np.random.default_rng(4).normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
     got = np.asarray(export.load(tmp_path / "out")(images))
-    assert relative_error(got, reference_logits(model, variables, images)) <= 1e-5
+    assert relative_error(got, reference_logits(model, variables, images)) <= TOLERANCE
     assert json.loads((tmp_path / "out" / export.METADATA_FILE).read_text())["model_overrides"]["output_stride"] == 16
     config.model.overrides.output_stride = 8
     with pytest.raises(ValueError, match="output_stride=8, but checkpoint .* was trained with output_stride=16"):
@@ -278,13 +305,18 @@ def test_export_settings_reject_unknown_keys_and_formats():
 def test_export_tuned_for_gpus_on_this_machine_computes_the_same_function(trained, tmp_path):
     # Made here for GPU serving: the JPU input padded once, the GPU forms of every 'auto' choice.
     model, variables, workdir = trained
-    paths = export.run_export(demo_config(tuned_for="gpu", platforms=("cpu", "cuda"), directory=str(tmp_path)), workdir)
+    config = demo_config(tuned_for="gpu", platforms=("cpu", "cuda"), directory=str(tmp_path), formats=("stablehlo",))
+    metadata = json.loads(Path(export.run_export(config, workdir)["metadata"]).read_text())
+    assert metadata["model_overrides"]["dtype"] == "bfloat16"  # dtype 'auto' (the default): bfloat16 for GPUs
+    config.model.overrides.dtype = "float32"
+    paths = export.run_export(config, workdir)
     metadata = json.loads(Path(paths["metadata"]).read_text())
     assert metadata["op_choices_for"] == "gpu" and metadata["batch_norm"] == "folded"
+    assert metadata["model_overrides"]["dtype"] == "float32"
     segmenter = export.load(paths["stablehlo"])
     assert "optimization_barrier" in segmenter.exported.mlir_module()
     images = np.random.default_rng(2).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
-    assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= 1e-5
+    assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= TOLERANCE
 
 
 def test_a_model_trained_with_pallas_kernels_exports_their_xla_forms(trained, tmp_path):
@@ -293,11 +325,12 @@ def test_a_model_trained_with_pallas_kernels_exports_their_xla_forms(trained, tm
     config = demo_config(tuned_for="gpu", platforms=("cpu", "cuda"), directory=str(tmp_path), formats=("stablehlo",))
     with config.unlocked():
         config.model.ops = "depthwise=pallas,depthwise_input_grad=pallas,depthwise_kernel_grad=pallas"
+    config.model.overrides.dtype = "float32"  # 'auto' would compute a GPU export in bfloat16
     paths = export.run_export(config, workdir)
     segmenter = export.load(paths["stablehlo"])
     assert "triton" not in segmenter.exported.mlir_module().lower()
     images = np.random.default_rng(3).normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
-    assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= 1e-5
+    assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= TOLERANCE
 
 
 def test_onnx_export_is_refused_with_an_install_hint_without_jax2onnx(trained, tmp_path, monkeypatch):

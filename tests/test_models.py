@@ -222,6 +222,13 @@ def test_tiny_model_trains_and_evaluates(name):
     np.testing.assert_array_equal(eval_out["aux_logits"], again["aux_logits"])
 
 
+def test_auto_dtype_computes_in_bfloat16_on_accelerators_and_float32_on_cpus():
+    assert create_model("fcn_jpu_tiny", 5, dtype="auto").dtype == jnp.float32  # this machine: a CPU
+    for name, expected in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
+        with layers.target_backend(name):
+            assert create_model("fcn_jpu_tiny", 5, dtype="auto").dtype == expected, name
+
+
 def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_float32():
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
     f32 = create_model("encnet_jpu_tiny", 5)

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from fastfcn_jax.models.layers import op_overrides, parse_ops
+from fastfcn_jax.models.layers import backend, op_overrides, parse_ops
 from fastfcn_jax.models.segmenter import HEADS, NECKS, Segmenter
 
 DEPTHS = (50, 101, 152)
@@ -77,8 +77,10 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
 def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
     dtype = config.get("dtype", jnp.float32)
     if isinstance(dtype, str):
+        if dtype == "auto":  # the design's policy: bfloat16 compute on accelerators, float32 on CPUs
+            dtype = "bfloat16" if backend() in ("gpu", "tpu") else "float32"
         if dtype not in _DTYPES:
-            raise ValueError(f"{name}: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise ValueError(f"{name}: dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
         config["dtype"] = _DTYPES[dtype]
     if config.get("stem", "deep") not in ("deep", "standard"):
         raise ValueError(f"{name}: stem must be 'deep' or 'standard', got {config['stem']!r}")
