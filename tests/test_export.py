@@ -17,6 +17,7 @@ import pytest
 from fastfcn_jax import checkpointing, export
 from fastfcn_jax.data.datasets import get_dataset_info
 from fastfcn_jax.models import create_model
+from tests.model_weights import assert_image_dependent, calibrated_variables
 from tests.test_configs import CONFIGS, load
 
 DEMO = next(p for p in CONFIGS if p.stem == "demo")
@@ -48,24 +49,8 @@ def trained(tmp_path_factory):
     """A tiny model with non-trivial BN statistics, saved as a checkpoint like a training run's."""
     num_classes = get_dataset_info(DATASET).num_classes
     model = create_model(MODEL, num_classes)
-    variables = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, SIZE, SIZE, 3)), train=False))(jax.random.PRNGKey(0))
-    # Running statistics of real activations (those of a fresh init, 0 / 1, let the signal fade layer by layer
-    # into nearly constant logits, which would hide errors in every layer before the head), then perturbed.
-    variables = calibrated_statistics(model, variables, np.random.default_rng(5).normal(size=(4, SIZE, SIZE, 3)))
-    rng = np.random.default_rng(0)
-    variables = jax.tree_util.tree_map(np.asarray, variables)
-    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: (
-            leaf + rng.normal(0, 0.1, leaf.shape) * np.sqrt(np.abs(leaf))
-            if path[-1].key == "mean"
-            else leaf * rng.uniform(0.8, 1.25, leaf.shape)
-        ).astype(np.float32),
-        variables["batch_stats"],
-    )
-    # The comparisons below are only worth something if the logits depend on the image, pixel by pixel.
-    logits = reference_logits(model, variables, np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)))
-    assert logits.std(axis=(1, 2)).min() > 0.2 * logits.std(), "logits nearly constant over pixels"
-    assert np.abs(logits[0] - logits[1]).max() > 0.5 * logits.std(), "logits nearly independent of the image"
+    variables = calibrated_variables(model, SIZE)  # see tests/model_weights.py
+    assert_image_dependent(reference_logits(model, variables, np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3))))
     workdir = tmp_path_factory.mktemp("workdir")
     info = {"model_name": MODEL, "num_classes": num_classes, "class_names": None, "dataset": DATASET}
     checkpointing.save_variables(workdir / "checkpoints", variables, info, step=7)
@@ -77,17 +62,6 @@ def exported(trained):
     """One export job writing StableHLO and the SavedModel, shared by the tests below."""
     _, _, workdir = trained
     return export.run_export(demo_config(formats=("stablehlo", "savedmodel")), workdir)
-
-
-def calibrated_statistics(model, variables, images: np.ndarray, rounds: int = 50) -> dict:
-    """``variables`` with running statistics close to ``images``' own batch statistics (training-mode
-    updates repeated until the running averages converge)."""
-    update = jax.jit(
-        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})[1]
-    )
-    for _ in range(rounds):
-        variables = {**variables, "batch_stats": update(variables, images)["batch_stats"]}
-    return variables
 
 
 def reference_logits(model, variables, images: np.ndarray) -> np.ndarray:

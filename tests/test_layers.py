@@ -665,16 +665,19 @@ def test_depthwise_conv_on_a_pre_padded_input_equals_padding_inside(implementati
 
 
 def _trained_looking_variables(model, images):
-    """Variables whose BatchNorms are far from identity (random scales, shifts, means and variances)."""
-    variables = model.init(jax.random.PRNGKey(1), images, train=False)
+    """Variables whose BatchNorms are far from identity: the running statistics of real activations
+    (tests/model_weights.py, else the logits hardly depend on the image), scales and shifts random."""
+    from tests.model_weights import calibrated_variables
+
+    variables = calibrated_variables(model, images.shape[1], seed=1)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
     values = []
     for key, (path, leaf) in zip(keys, leaves, strict=True):
         name = str(getattr(path[-1], "key", path[-1]))
-        if name in ("scale", "var"):
+        if path[0].key == "params" and name == "scale":
             leaf = jax.random.uniform(key, leaf.shape, leaf.dtype, 0.5, 2.0)
-        elif name in ("bias", "mean"):
+        elif path[0].key == "params" and name == "bias":
             leaf = 0.3 * jax.random.normal(key, leaf.shape, leaf.dtype)
         values.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, values)
@@ -694,7 +697,9 @@ def test_folded_batch_norm_gives_the_same_outputs(name) -> None:
         want = model.apply(variables, images, train=False)
         got = folded_model.apply(folded, images, train=False)
     for key in want:
-        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-4, atol=1e-4)
+        # In units of the outputs' spread (they reach several hundred here and cross zero): float32 rounding.
+        error = np.max(np.abs(np.asarray(got[key]) - np.asarray(want[key]))) / np.std(np.asarray(want[key]))
+        assert error < 1e-4, (key, error)
 
     # The folded model normalises nothing where a convolution precedes the BatchNorm: no rsqrt left for them
     # (EncNet keeps its codeword BatchNorm, JPU_X its GroupNorms).

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastfcn_jax.models import INTERMEDIATE_NAMES, available_models, create_model, layers, model_from_config
+from tests.model_weights import assert_image_dependent, calibrated_variables
 
 
 def count(tree) -> int:
@@ -233,11 +234,12 @@ def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_flo
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
     f32 = create_model("encnet_jpu_tiny", 5)
     bf16 = create_model("encnet_jpu_tiny", 5, dtype="bfloat16")
-    variables = jax.jit(lambda x: f32.init(jax.random.PRNGKey(1), x, train=False))(images)
     bf16_variables = jax.jit(lambda x: bf16.init(jax.random.PRNGKey(1), x, train=False))(images)
     for leaf in jax.tree_util.tree_leaves(bf16_variables):
         assert leaf.dtype == jnp.float32
+    variables = calibrated_variables(f32, 64, seed=1)  # logits that depend on the image (tests/model_weights.py)
     ref = jax.jit(lambda v, x: f32.apply(v, x, train=False))(variables, images)
+    assert_image_dependent(ref["logits"])
     out = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, images)
     _, state = jax.jit(
         lambda v, x: bf16.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
@@ -246,10 +248,13 @@ def test_bfloat16_compute_keeps_params_stats_and_logits_float32_and_close_to_flo
         assert leaf.dtype == jnp.float32
     for key in ("logits", "aux_logits", "se_logits"):
         assert out[key].dtype == jnp.float32
-        # bfloat16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); through a dozen layers the
-        # error stays within 5% of the output's spread.
-        error = float(jnp.max(jnp.abs(out[key] - ref[key])) / jnp.std(ref[key]))
-        assert error < 0.05, (key, error)
+        # bfloat16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); through about twenty layers, each
+        # normalised by BatchNorm, the error grows to a few percent of the output's spread on average (measured
+        # 1.8-6.6%, the SE logits being only ten numbers; at most 27% at some pixel).
+        error = np.abs(np.asarray(out[key]) - np.asarray(ref[key])) / np.std(np.asarray(ref[key]))
+        assert error.mean() < 0.1 and error.max() < 0.5, (key, error.mean(), error.max())
+    agreement = np.mean(np.argmax(out["logits"], -1) == np.argmax(ref["logits"], -1))
+    assert agreement > 0.95, agreement  # measured 98.6% of the pixels
 
 
 def test_models_import_without_tensorflow():

@@ -15,6 +15,7 @@ from fastfcn_jax import checkpointing
 from fastfcn_jax.config import base_config
 from fastfcn_jax.data.datasets import get_dataset_info
 from fastfcn_jax.models import create_model
+from tests.model_weights import calibrated_variables
 
 NUM_CLASSES = 6  # synthetic_shapes
 SIZE = 64  # base and crop size: every image is one or two 64 x 64 windows
@@ -23,7 +24,7 @@ SIZE = 64  # base and crop size: every image is one or two 64 x 64 windows
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     model = create_model("encnet_jpu_tiny", NUM_CLASSES)
-    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+    variables = calibrated_variables(model, SIZE)  # predictions that depend on the image (tests/model_weights.py)
     directory = tmp_path_factory.mktemp("checkpoint")
     info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES, "dataset": "synthetic_shapes"}
     checkpointing.save_variables(directory, jax.device_get(variables), info)
@@ -205,7 +206,7 @@ def test_test_server_masks_of_unlabelled_images_are_in_the_benchmarks_own_encodi
     from fastfcn_jax.predict import run_prediction
 
     model = create_model("fcn_jpu_tiny", 150)
-    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+    variables = calibrated_variables(model, SIZE, seed=1)
     ade = tmp_path / "ade_checkpoint"
     checkpointing.save_variables(
         ade, jax.device_get(variables), {"model_name": "fcn_jpu_tiny", "num_classes": 150, "dataset": "ade20k"}
