@@ -183,6 +183,10 @@ def _abstract(tree: Any) -> Any:
     )
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint of another model (names and shapes of its variables differ from the configured model's)."""
+
+
 class TrainCheckpointer:
     """Checkpoints of a training run: ``WORKDIR/checkpoints`` (latest ``keep`` steps, async saves) and
     ``WORKDIR/best`` (the best validation score, as the reference's ``model_best.pth.tar``).
@@ -235,20 +239,44 @@ class TrainCheckpointer:
         return info.get("score")
 
     def restore_latest(self, state: Any) -> Any | None:
-        """The latest checkpoint restored onto ``state``'s structure and shardings, or None if there is none.
+        """The latest readable checkpoint restored onto ``state``'s structure and shardings, or None if there is
+        none.
 
-        Because the targets carry the current shardings, a checkpoint written on 4 devices restores on 1.
+        Because the targets carry the current shardings, a checkpoint written on 4 devices restores on 1. A step
+        that cannot be read (a file damaged or lost, e.g. by a job killed while a copy was made) is moved aside
+        as ``STEP.unreadable`` with a warning and the step before it is restored; a checkpoint of another model
+        is an error (:class:`CheckpointMismatchError`).
         """
-        step = self._manager.latest_step()
-        if step is None:
-            return None
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for index, step in enumerate(steps):
+            try:
+                return self._restore_step(step, state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # orbax and TensorStore raise many kinds; the step is unusable either way
+                reason = " ".join(str(error).split())[:300]
+                older = f"resuming from step {steps[index + 1]}" if index + 1 < len(steps) else "no older step left"
+                if jax.process_count() > 1:  # moving files while other hosts read them: leave it to the user
+                    raise ValueError(
+                        f"checkpoint step {step} in {self.directory} cannot be read ({reason}); delete "
+                        f"{self.directory / str(step)} to resume from the step before it"
+                    ) from error
+                aside = self.directory / f"{step}.unreadable"
+                (self.directory / str(step)).rename(aside)
+                self._manager.reload()
+                print(f"warning: checkpoint step {step} in {self.directory} cannot be read, moved to {aside}; {older}")
+        if steps:
+            raise ValueError(f"no checkpoint in {self.directory} can be read (each moved aside as STEP.unreadable)")
+        return None
+
+    def _restore_step(self, step: int, state: Any) -> Any:
         variables = _abstract({"params": state.params, "batch_stats": state.batch_stats})
         problems = variable_mismatches(variables, _stored_structs(self._manager, step))
         if problems:
             stored = self._manager.restore(step, args=ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
             listed = "\n  ".join(problems[:20]) + more
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"{self.directory} holds step {step} of {stored.get('model_name')} with {stored.get('num_classes')} "
                 f"classes and overrides {stored.get('model_overrides')}, which does not fit the configured "
                 f"{self.info.get('model_name')} with {self.info.get('num_classes')} classes and overrides "

@@ -12,6 +12,7 @@ Thin glue: parses flags, validates the config and dispatches to the mode's modul
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -78,6 +79,7 @@ def main(argv: list[str]) -> None:
         with config.unlocked():
             config.mode = FLAGS.mode
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    workdir = os.path.expanduser(FLAGS.workdir)  # a quoted '~/runs/x' too (the shell expands only bare ones)
     try:
         validate(config)
         local_paths(config)
@@ -88,30 +90,30 @@ def main(argv: list[str]) -> None:
         elif config.mode == "export" and config.export.get("directory"):
             writable_directory(config.export.directory, "config.export.directory")
         else:
-            writable_directory(FLAGS.workdir)
+            writable_directory(workdir)
         if config.mode == "train":
             from fastfcn_jax.train import train_and_evaluate
 
-            final = train_and_evaluate(config, FLAGS.workdir)
+            final = train_and_evaluate(config, workdir)
             if "mean_iou" in final:
                 print(
                     f"validation at step {final['step']}: pixAcc {final['pixel_accuracy']:.4f}  "
-                    f"mIoU {final['mean_iou']:.4f}  (written to {FLAGS.workdir}/metrics.json)"
+                    f"mIoU {final['mean_iou']:.4f}  (written to {workdir}/metrics.json)"
                 )
         elif config.mode == "eval":
             from fastfcn_jax.evaluate import run_evaluation
 
-            run_evaluation(config, FLAGS.workdir)
+            run_evaluation(config, workdir)
         elif config.mode == "predict":
             from fastfcn_jax.predict import run_prediction
 
             if not FLAGS.inputs:
                 raise app.UsageError("mode=predict needs --inputs (an image file, a folder or a glob)")
-            run_prediction(config, FLAGS.workdir, FLAGS.inputs, FLAGS.output_dir)
+            run_prediction(config, workdir, FLAGS.inputs, FLAGS.output_dir)
         elif config.mode == "export":
             from fastfcn_jax.export import run_export
 
-            for kind, path in run_export(config, FLAGS.workdir).items():
+            for kind, path in run_export(config, workdir).items():
                 print(f"{kind}: {path}")
         elif config.mode == "benchmark":
             import json
@@ -144,7 +146,7 @@ def main(argv: list[str]) -> None:
                 interleave=settings.interleave,
             )
             print(format_table(results), flush=True)  # first: the numbers are not lost if the write fails
-            (Path(FLAGS.workdir) / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+            (Path(workdir) / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
         elif config.mode == "summary":
             from fastfcn_jax.summary import run_summary
 
@@ -155,7 +157,7 @@ def main(argv: list[str]) -> None:
                 data_dir = config.dataset.get("data_dir") or None
                 model_config["num_classes"] = get_dataset_info(config.dataset.name, data_dir).num_classes
             size = config.dataset.crop_size or 512
-            run_summary(model_config, (size, size), 1, config.seed, FLAGS.workdir)
+            run_summary(model_config, (size, size), 1, config.seed, workdir)
     except (ValueError, FileNotFoundError, ImportError) as error:
         # A user error (bad config value, missing dataset, checkpoint or optional package): say what is wrong,
         # no traceback. An ImportError that names no package to install is a bug: its traceback stays.

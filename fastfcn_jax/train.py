@@ -226,7 +226,10 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("signal %d received: saving a checkpoint and stopping", signum)
+        if self.requested:  # a second Ctrl-C (or SIGTERM): stop now, without the checkpoint
+            self.__exit__()
+            raise KeyboardInterrupt(f"signal {signum} received twice: stopped without saving")
+        logging.warning("signal %d received: checkpointing after this step, then stopping (again: stop now)", signum)
         self.requested = True
 
     def __exit__(self, *exc) -> None:
@@ -358,17 +361,24 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         else:
             report(f"initialised from {config.init_from} ({source.get('model_name')})")
     start_step = int(state.step)
-    write_json(
-        workdir / "config.json",
-        {
-            "config": config.to_dict(),
-            "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-            "base_lr": base_lr,
-            "code_version": _code_version(),
-            "seed": config.seed,
-        },
-    )
+    run_record = {
+        "config": config.to_dict(),
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "base_lr": base_lr,
+        "code_version": _code_version(),
+        "seed": config.seed,
+        "start_step": start_step,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if restored_step is not None:
+        check_resumed_settings(workdir / "config.json", run_record)
+        if start_step >= total_steps:
+            report(f"WORKDIR is at step {start_step}, at or past the {total_steps} steps configured: nothing to train")
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", run_record)  # this invocation's; every one is kept in runs.jsonl
+        with open(workdir / "runs.jsonl", "a") as runs:
+            runs.write(json.dumps(run_record, default=str) + "\n")
 
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
@@ -427,26 +437,26 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         for step in range(start_step, total_steps):
             batch = sharding.global_batch(next(train_batches), mesh)
             state, terms = train_step(state, batch, step_rng)
-            window_steps += 1
             done = step + 1
+            if step == start_step:  # compiled in this step: its time is not the throughput
+                jax.block_until_ready(terms)
+                report(f"first step (compilation included) took {format_duration(time.perf_counter() - run_start)}")
+                window_start = time.perf_counter()
+            else:
+                window_steps += 1
             if done % config.train.log_every == 0 or done == total_steps:
                 terms = jax.device_get(terms)  # the only host sync of the loop
                 elapsed = time.perf_counter() - window_start
-                images_per_second = window_steps * global_batch / max(elapsed, 1e-9)
-                eta = (total_steps - done) * elapsed / max(window_steps, 1)
                 lr = float(schedule(step))
-                report(
-                    f"step {done}/{total_steps}  loss {terms['loss']:.4f}  lr {lr:.2e}  "
-                    f"{images_per_second:.1f} img/s  ETA {format_duration(eta)}"
-                )
-                writer.scalars(
-                    done,
-                    {
-                        **{f"train/{k}": float(v) for k, v in terms.items()},
-                        "train/lr": lr,
-                        "train/images_per_second": images_per_second,
-                    },
-                )
+                scalars = {**{f"train/{k}": float(v) for k, v in terms.items()}, "train/lr": lr}
+                speed = ""
+                if window_steps:
+                    images_per_second = window_steps * global_batch / max(elapsed, 1e-9)
+                    eta = (total_steps - done) * elapsed / window_steps
+                    speed = f"  {images_per_second:.1f} img/s  ETA {format_duration(eta)}"
+                    scalars["train/images_per_second"] = images_per_second
+                report(f"step {done}/{total_steps}  loss {terms['loss']:.4f}  lr {lr:.2e}{speed}")
+                writer.scalars(done, scalars)
                 window_start, window_steps = time.perf_counter(), 0
             should_eval = done == total_steps or (config.train.eval_every and done % config.train.eval_every == 0)
             if should_eval:
@@ -472,6 +482,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
             if done % config.train.checkpoint_every == 0 or done == total_steps or stop.requested or time_boxed:
                 checkpoints.save(done, state)
+            if should_eval or done % config.train.checkpoint_every == 0:  # not training time: out of img/s
+                jax.block_until_ready(state.step)
+                window_start, window_steps = time.perf_counter(), 0
             if stop.requested or time_boxed:
                 report(f"stopped at step {done}/{total_steps}; run the same command again to resume")
                 break
@@ -518,6 +531,58 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             )
             report(f"wrote {len(paths)} prediction images (image | label | prediction) to {workdir / 'predictions'}")
     return final
+
+
+# Settings that may change between the invocations of one run without a note (how it is watched and saved).
+_QUIET_ON_RESUME = ("mode", "init_from", "dataset.data_dir", "dataset.manual_dir", "num_devices")
+_QUIET_PREFIXES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                   "train.stop_after_steps", "eval.", "evaluation.", "export.", "benchmark.")  # fmt: skip
+
+
+def check_resumed_settings(previous_path: Path, current: Mapping[str, Any]) -> None:
+    """On resume, compares this invocation's settings with the previous one's (``config.json``): a changed
+    batch size is refused (the data order of a resumed run is counted in batches), any other training change
+    is reported, with what it does to the learning-rate schedule."""
+    if not previous_path.exists():
+        return
+    try:
+        previous = json.loads(previous_path.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: nothing to compare with (it is rewritten below)
+    before, after = _flatten(previous.get("config", {})), _flatten(current["config"])
+    changed = {
+        key: (before.get(key), after.get(key))
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key) and key not in _QUIET_ON_RESUME and not key.startswith(_QUIET_PREFIXES)
+    }
+    if "train.batch_size" in changed:
+        old, new = changed["train.batch_size"]
+        raise ValueError(
+            f"WORKDIR was trained with train.batch_size={old}, this invocation asks for {new}: a resumed run "
+            "continues the data order by batches (and the learning rate scales with the batch), so resume with "
+            f"--config.train.batch_size={old}, or start a new --workdir with --config.init_from=THIS_WORKDIR"
+        )
+    if not changed:
+        return
+    lines = [f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changed.items()]
+    if previous.get("total_steps") != current["total_steps"]:
+        lines.append(
+            f"  the learning-rate schedule now decays over {current['total_steps']} steps "
+            f"(was {previous.get('total_steps')}), from step {current['start_step']} on"
+        )
+    if previous.get("base_lr") != current["base_lr"]:
+        lines.append(f"  base learning rate {current['base_lr']:.3g} (was {previous.get('base_lr', 0):.3g})")
+    report("resuming with settings that differ from the previous invocation (both in runs.jsonl):\n" + "\n".join(lines))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def _code_version() -> str:

@@ -206,3 +206,49 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
     assert "stopped at step" in output
     _, info = checkpointing.restore_variables(tmp_path)
     assert 3 <= info["step"] < 500  # saved where it stopped, not at a checkpoint_every boundary
+
+
+def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadable_step(data_dir, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    train_and_evaluate(small_config(data_dir, num_steps=4, eval_every=0, checkpoint_every=2), workdir)
+    out = capsys.readouterr().out
+    assert "first step (compilation included) took" in out and "img/s" in out
+    # The data order of a resumed run is counted in batches: another batch size would replay or skip examples.
+    config = small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2)
+    config.train.batch_size = 8
+    with pytest.raises(ValueError, match=r"trained with train.batch_size=4, this invocation asks for 8"):
+        train_and_evaluate(config, workdir)
+    # A longer run: allowed, and said (the learning-rate schedule is re-planned); every invocation is recorded.
+    train_and_evaluate(small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2, lr_per_16=0.02), workdir)
+    out = capsys.readouterr().out
+    assert "train.num_steps: 4 -> 6" in out and "decays over 6 steps (was 4), from step 4 on" in out
+    assert "train.lr_per_16: 0.05 -> 0.02" in out and "train.log_every" not in out
+    runs = [json.loads(line) for line in (workdir / "runs.jsonl").read_text().splitlines()]
+    assert [(r["start_step"], r["total_steps"]) for r in runs] == [(0, 4), (4, 6)]
+    # A damaged newest step (a truncated array file) is moved aside; the run resumes from the step before it.
+    damaged = max((workdir / "checkpoints/6").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    final = train_and_evaluate(
+        small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2, lr_per_16=0.02), workdir
+    )
+    out = capsys.readouterr().out
+    assert "checkpoint step 6" in out and "cannot be read" in out and "resuming from step 4" in out
+    assert "resumed from" in out and "at step 4" in out and final["step"] == 6
+    assert (workdir / "checkpoints/6.unreadable").is_dir() and (workdir / "checkpoints/6").is_dir()
+    # Asked again at the end: nothing to train, said so.
+    train_and_evaluate(small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2, lr_per_16=0.02), workdir)
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_a_second_signal_stops_at_once():
+    import os
+    import signal
+
+    from fastfcn_jax.train import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested  # the first: checkpoint, then stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
