@@ -15,7 +15,7 @@ one conversion serves every ResNet-50 config: only its backbone is used):
         --workdir ~/runs/pcontext_encnet_jpux_r50 \
         --config.init_from=~/resnet50s
 
-Evaluate with the protocol of the expected number (multi-scale + flip; docs/evaluation.md):
+Evaluate with the protocol of that user's number (multi-scale + flip; docs/evaluation.md):
 
     python -m fastfcn_jax.main --config configs/pcontext_encnet_jpux_r50.py \
         --workdir ~/runs/pcontext_encnet_jpux_r50 --mode=eval \

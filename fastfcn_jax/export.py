@@ -178,7 +178,7 @@ def export_saved_model(
         from orbax import export as orbax_export
     except ImportError as error:
         raise ImportError(
-            "SavedModel export needs orbax-export and TensorFlow: pip install 'fastfcn-jax[export]'"
+            "SavedModel export needs orbax-export and TensorFlow: pip install -e '.[export]' in the fastfcn-jax clone"
         ) from error
     from fastfcn_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
 
@@ -268,9 +268,7 @@ def export_onnx(
         import jax2onnx
         import onnxruntime
     except ImportError as error:
-        raise ImportError(
-            "ONNX export needs jax2onnx and onnxruntime: pip install 'fastfcn-jax[onnx]' onnxruntime"
-        ) from error
+        raise ImportError("ONNX export needs jax2onnx and onnxruntime: pip install -e '.[onnx]' onnxruntime") from error
     path = Path(path)
     fn = inference_fn(model, output)
     variables = jax.tree_util.tree_map(np.asarray, variables)
@@ -409,7 +407,7 @@ def export_settings(config: Any) -> dict[str, Any]:
         if missing:  # found now, not after the other formats are written
             raise ImportError(
                 f"config.export.formats has 'onnx', which needs {' and '.join(missing)}: "
-                "pip install 'fastfcn-jax[onnx]' onnxruntime (see docs/export.md: ONNX)"
+                "pip install -e '.[onnx]' onnxruntime (see docs/export.md: ONNX)"
             )
     if int(settings["image_size"]) < 0:
         raise ValueError(f"config.export.image_size={settings['image_size']}: must be >= 0 (0 = the crop size)")

@@ -179,6 +179,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = message.replace("\\n", ": ").replace("\\'", "'")
         if len(message) > 1 and message[0] == message[-1] == "'":
             message = message[1:-1]
+        # An unknown key: ml_collections names only its last part, quoted; name the whole override instead.
+        unknown = message.strip("'\"")
+        keys = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--config.")]
+        culprits = [key for key in keys if unknown in key.split(".")]
+        if isinstance(error, KeyError | AttributeError) and culprits:
+            sys.exit(
+                f"error: unknown config key {culprits[0]} (the keys and their defaults: fastfcn_jax/config.py, "
+                "base_config)"
+            )
         sys.exit(f"error: a --config override could not be applied: {message}")
 
 

@@ -198,9 +198,16 @@ def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState
     problems = checkpointing.variable_mismatches(current, restored)
     if problems:
         what = f"the backbone of ImageNet weights ({info.get('source')})" if backbone_only else "the checkpoint"
+        stems = {"torchvision": "standard", "resnet_s": "deep"}
+        hint = ""
+        if backbone_only and info.get("source") in stems and any("stem" in problem for problem in problems):
+            hint = (
+                f"\n{info.get('source')} weights have the {stems[info['source']]} stem: train with "
+                f"--config.model.overrides.stem={stems[info['source']]}"
+            )
         raise ValueError(
             f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes): "
-            f"{what} does not fit the configured model: " + "; ".join(problems[:10])
+            f"{what} does not fit the configured model: " + "; ".join(problems[:10]) + hint
         )
     restored = jax.device_put(restored, sharding.replicated(mesh))
     if backbone_only:

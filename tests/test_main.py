@@ -38,6 +38,8 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--config.model.nmae=psp_jpu_tiny")
     assert result.returncode != 0
     assert "'nmae': Did you mean \"name\"" in result.stderr and "Traceback" not in result.stderr
+    result = run_main(f"--workdir={tmp_path}", "--config.train.bogus=3")  # nothing close: the whole key named
+    assert "error: unknown config key config.train.bogus" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_workdir_that_cannot_be_written_is_an_error_before_any_work(tmp_path):
@@ -78,7 +80,7 @@ def test_an_optional_export_format_without_its_package_fails_before_any_work(tmp
     )
     result = subprocess.run([sys.executable, "-c", hide_and_run], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "needs jax2onnx" in result.stderr and "pip install 'fastfcn-jax[onnx]'" in result.stderr
+    assert "needs jax2onnx" in result.stderr and "pip install -e '.[onnx]'" in result.stderr
     assert not (tmp_path / "export").exists()
 
 

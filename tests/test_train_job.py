@@ -136,8 +136,9 @@ def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilati
 
     config = small_config(data_dir, num_steps=1, eval_every=0)
     config.init_from = str(tmp_path / "standard")  # a 7x7 stem for the deep-stem model
-    with pytest.raises(ValueError, match=r"backbone of ImageNet weights \(torchvision\) does not fit.*stem"):
+    with pytest.raises(ValueError, match=r"backbone of ImageNet weights \(torchvision\) does not fit.*stem") as error:
         train_and_evaluate(config, tmp_path / "standard_run")
+    assert "train with --config.model.overrides.stem=standard" in str(error.value)
 
 
 def test_a_custom_folder_dataset_trains_resumes_only_its_model_and_predicts_in_its_colours(tmp_path):

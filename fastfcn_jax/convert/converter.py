@@ -36,14 +36,21 @@ class ConversionReport:
     initialized: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
+        counters = [key for key in self.dropped if key.endswith("num_batches_tracked")]
+        named_drops = [key for key in self.dropped if key not in counters]
         lines = [
             f"source keys used: {len(self.used)}",
             f"model variables filled from the checkpoint: {len(self.filled)}",
-            f"source keys dropped as unused (counters, ImageNet fc): {len(self.dropped)}",
+            f"source keys dropped as unused: {len(self.dropped)} ({len(counters)} num_batches_tracked counters"
+            + (", and the keys listed below)" if named_drops else ")"),
             f"unexpected source keys ignored: {len(self.unexpected)}",
             f"model variables freshly initialised: {len(self.initialized)}",
         ]
-        for title, items in (("unexpected", self.unexpected), ("initialised", self.initialized)):
+        for title, items in (
+            ("dropped", named_drops),
+            ("unexpected", self.unexpected),
+            ("initialised", self.initialized),
+        ):
             lines += [f"  {title}: {item}" for item in items]
         return "\n".join(lines)
 
