@@ -56,6 +56,9 @@ def test_train_job_writes_metrics_checkpoints_tensorboard_and_pictures(data_dir,
     assert info["model_name"] == "encnet_jpu_tiny" and info["num_classes"] == 6 and info["step"] == 6
     assert len(info["class_names"]) == 6
     assert info["model_overrides"]["loss_logits_implementation"] == "head"
+    # The best step opens as any checkpoint (docs/evaluation.md: --config.init_from=WORKDIR/best).
+    _, best = checkpointing.restore_variables(tmp_path / "best")
+    assert best["step"] in (3, 6) and best["score"] > 0 and best["model_name"] == "encnet_jpu_tiny"
 
 
 def test_time_boxed_run_resumed_equals_uninterrupted_run(data_dir, tmp_path):
