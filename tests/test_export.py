@@ -64,6 +64,16 @@ def exported(trained):
     return export.run_export(demo_config(formats=("stablehlo", "savedmodel")), workdir)
 
 
+def assert_same_labels_but_near_ties(labels: np.ndarray, expected: np.ndarray, logits: np.ndarray) -> None:
+    """``labels`` equal ``expected`` (the argmax of ``logits``) except where the two best logits are within
+    float32 rounding of each other (``TOLERANCE`` of their spread), where either class is right."""
+    top2 = np.sort(np.asarray(logits), axis=-1)[..., -2:]
+    near_tie = top2[..., 1] - top2[..., 0] <= TOLERANCE * np.std(logits)
+    differ = np.asarray(labels) != np.asarray(expected)
+    assert not np.any(differ & ~near_tie), f"{np.sum(differ & ~near_tie)} labels differ away from ties"
+    assert differ.mean() < 0.01
+
+
 def reference_logits(model, variables, images: np.ndarray) -> np.ndarray:
     return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)["logits"])(variables, images))
 
@@ -172,7 +182,7 @@ def test_saved_model_on_uint8_images_of_two_sizes_matches_package_serving_fn(tra
         expected = jax.device_get(serve(images))
         assert got["logits"].shape == (*shape[:3], model.num_classes)
         assert relative_error(got["logits"], expected["logits"]) <= TOLERANCE
-        np.testing.assert_array_equal(got["labels"], expected["labels"])
+        assert_same_labels_but_near_ties(got["labels"], expected["labels"], expected["logits"])
 
 
 def test_serving_fn_at_the_export_size_is_normalise_then_model(trained):
@@ -312,6 +322,6 @@ def test_onnx_export_is_refused_with_an_install_hint_without_jax2onnx(trained, t
     # 0.11.37, and the one that installs (0.13) gives outputs 0.14 x std away from JAX (see export_onnx).
     monkeypatch.setitem(sys.modules, "jax2onnx", None)
     model, variables, _ = trained
-    with pytest.raises(ImportError, match=r"fastfcn-jax\[onnx\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]'"):
         export.export_onnx(model, variables, tmp_path / "model.onnx", image_size=(SIZE, SIZE), metadata={})
     assert not (tmp_path / "model.onnx").exists()
