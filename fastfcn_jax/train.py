@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax.traverse_util import flatten_dict
 
 from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
 from fastfcn_jax.convert.converter import BACKBONE_SOURCES
@@ -556,7 +557,9 @@ def check_resumed_settings(previous_path: Path, current: Mapping[str, Any]) -> N
         previous = json.loads(previous_path.read_text())
     except (OSError, ValueError):
         return  # unreadable: nothing to compare with (it is rewritten below)
-    before, after = _flatten(previous.get("config", {})), _flatten(current["config"])
+    # Both as config.json holds them (tuples as lists), flattened to dotted keys.
+    stored = json.loads(json.dumps(current["config"], default=str))
+    before, after = (flatten_dict(c, sep=".") for c in (previous.get("config", {}), stored))
     changed = {
         key: (before.get(key), after.get(key))
         for key in sorted(set(before) | set(after))
@@ -580,16 +583,6 @@ def check_resumed_settings(previous_path: Path, current: Mapping[str, Any]) -> N
     if previous.get("base_lr") != current["base_lr"]:
         lines.append(f"  base learning rate {current['base_lr']:.3g} (was {previous.get('base_lr', 0):.3g})")
     report("resuming with settings that differ from the previous invocation (both in runs.jsonl):\n" + "\n".join(lines))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 def _code_version() -> str:
