@@ -277,6 +277,69 @@ def test_validation_centre_crop_matches_reference(height, width):
     np.testing.assert_array_equal(out_label.numpy(), expected)
 
 
+def _resize_everything_then_crop(image, label, seed, *, base_size, crop_size):
+    """The reference's ``_sync_transform`` as written (flip, resize the whole image, pad, crop) with the draws
+    of :func:`transforms.train_transform`, which resamples only the crop."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 8)
+    if tf.random.stateless_uniform([], seeds[0]) < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    short = tf.random.stateless_uniform(
+        [], seeds[1], minval=int(base_size * 0.5), maxval=int(base_size * 2.0) + 1, dtype=tf.int32
+    )
+    height, width = image.shape[:2]
+    out_h, out_w = (height * short // width, short) if height > width else (short, width * short // height)
+    image, label = transforms._resize_pair(image, label, out_h, out_w)
+    pad_h, pad_w = max(crop_size - out_h, 0), max(crop_size - out_w, 0)
+    image = np.pad(image.numpy(), [(0, pad_h), (0, pad_w), (0, 0)])
+    label = np.pad(label.numpy(), [(0, pad_h), (0, pad_w)], constant_values=-1)
+    x1 = tf.random.stateless_uniform([], seeds[3], 0, out_w + pad_w - crop_size + 1, dtype=tf.int32)
+    y1 = tf.random.stateless_uniform([], seeds[4], 0, out_h + pad_h - crop_size + 1, dtype=tf.int32)
+    return image[y1 : y1 + crop_size, x1 : x1 + crop_size], label[y1 : y1 + crop_size, x1 : x1 + crop_size]
+
+
+def test_train_transform_resamples_only_the_crop_as_if_it_resized_everything():
+    rng = np.random.default_rng(0)
+    differing = total = 0
+    shrunk_below_crop = grown_past_crop = 0
+    for trial in range(40):
+        height, width = rng.integers(20, 130, 2)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        label = rng.integers(-1, 20, (height, width)).astype(np.int32)
+        base_size, crop_size = int(rng.integers(16, 100)), int(rng.integers(16, 90))
+        seed = tf.constant([3, trial])
+        expected_image, expected_label = _resize_everything_then_crop(
+            tf.constant(image), tf.constant(label), seed, base_size=base_size, crop_size=crop_size
+        )
+        out_image, out_label = transforms.train_transform(
+            tf.constant(image), tf.constant(label), seed, base_size=base_size, crop_size=crop_size,
+            blur=False, normalise=False,
+        )  # fmt: skip
+        np.testing.assert_array_equal(out_label.numpy(), expected_label)  # nearest indices: TF's own formula
+        # Bilinear sample positions computed from the crop's origin: float32 rounding, one level at most.
+        error = np.abs(out_image.numpy() - expected_image)
+        assert error.max() <= 1.0, trial
+        differing, total = differing + (error > 0).sum(), total + error.size
+        padded = (expected_label == -1).all(axis=1).any() or (expected_label == -1).all(axis=0).any()
+        shrunk_below_crop += bool(padded)
+        grown_past_crop += min(height, width) < crop_size and not padded
+    assert differing / total < 1e-3
+    assert shrunk_below_crop >= 5 and grown_past_crop >= 5  # both regimes of the window were exercised
+
+
+def test_validation_image_resamples_only_the_centre_crop():
+    rng = np.random.default_rng(1)
+    for height, width in [(60, 101), (101, 60), (50, 50), (33, 80), (200, 150)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        label = np.zeros((height, width), np.int32)
+        crop = 40
+        out_image, _ = transforms.val_transform(tf.constant(image), tf.constant(label), crop_size=crop, normalise=False)
+        oh, ow = (crop, width * crop // height) if width > height else (height * crop // width, crop)
+        whole, _ = transforms._resize_pair(tf.constant(image), tf.constant(label), oh, ow)
+        y1, x1 = int(round((oh - crop) / 2.0)), int(round((ow - crop) / 2.0))
+        error = np.abs(out_image.numpy() - whole.numpy()[y1 : y1 + crop, x1 : x1 + crop])
+        assert error.max() <= 1.0 and (error > 0).mean() < 1e-2  # float32 rounding at .5: one level
+
+
 def test_blur_preserves_flat_regions_and_smooths_edges():
     image = np.zeros((20, 20, 3), np.float32)
     image[:, 10:] = 200
