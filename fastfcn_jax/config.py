@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.requires_init_from = False  # a fine-tune: refuse to start from scratch without init_from
     config.train.stop_after_steps = 0  # > 0: checkpoint and stop after this many steps of this run (time-boxed
-    # sessions such as Colab); running the same command again resumes
+    # sessions such as Colab, cluster jobs); exit status 75; running the same command again resumes
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 0  # 0: train.batch_size (validation during training, centre crops)

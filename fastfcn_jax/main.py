@@ -8,6 +8,10 @@ Thin glue: parses flags, validates the config and dispatches to the mode's modul
 - ``export``: StableHLO / SavedModel artifacts (docs/export.md);
 - ``summary``: parameter table and one forward pass;
 - ``benchmark``: forward latency and FLOPs, dilated vs JPU.
+
+Exit status of ``train``: 0 when ``num_steps`` are done; ``EXIT_RESUMABLE`` (75, sysexits' EX_TEMPFAIL)
+when ``train.stop_after_steps`` stopped it; 128 + N when signal N (SIGTERM: 143, Ctrl-C: 130) stopped it
+after its checkpoint. Run the same command again to continue. 1 for a user error.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ml_collections import config_flags
 from fastfcn_jax.config import MODES, validate
 
 FLAGS = flags.FLAGS
+EXIT_RESUMABLE = 75  # checkpointed before num_steps on request (train.stop_after_steps): run again to continue
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, metrics, TensorBoard, summaries).")
 flags.DEFINE_enum("mode", None, MODES, "What to run; defaults to the config's `mode`.")
@@ -100,6 +105,14 @@ def main(argv: list[str]) -> None:
                     f"validation at step {final['step']}: pixAcc {final['pixel_accuracy']:.4f}  "
                     f"mIoU {final['mean_iou']:.4f}  (written to {workdir}/metrics.json)"
                 )
+            # A run stopped before num_steps (checkpointed, resumable) must not look finished to a job script
+            # (`train && export`) or a scheduler: 128 + N after signal N, as a shell reports a process that
+            # signal ended; EXIT_RESUMABLE after train.stop_after_steps, so a time-boxed job can loop on it.
+            stopped_by = final.get("stopped_by")
+            if stopped_by == "stop_after_steps":
+                sys.exit(EXIT_RESUMABLE)
+            if stopped_by is not None:
+                sys.exit(128 + int(stopped_by))
         elif config.mode == "eval":
             from fastfcn_jax.evaluate import run_evaluation
 

@@ -225,6 +225,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: int | None = None  # the signal that asked for the stop
         self._previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -238,7 +239,7 @@ class StopRequest:
             self.__exit__()
             raise KeyboardInterrupt(f"signal {signum} received twice: stopped without saving")
         logging.warning("signal %d received: checkpointing after this step, then stopping (again: stop now)", signum)
-        self.requested = True
+        self.requested, self.signal = True, signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -284,7 +285,9 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Trains per ``config`` (an ml_collections config, see configs/), writing everything to ``workdir``.
 
-    Returns the last validation metrics (also written to ``WORKDIR/metrics.json``).
+    Returns the last validation metrics (also written to ``WORKDIR/metrics.json``), the step reached and
+    ``stopped_by``: None when ``num_steps`` were trained, else the signal number that stopped the run or
+    ``"stop_after_steps"``.
     """
     from fastfcn_jax import summary_writer
     from fastfcn_jax.config import model_overrides
@@ -441,6 +444,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     best_score = checkpoints.best_score()
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
+    stopped_by: int | str | None = None
     with StopRequest() as stop:
         for step in range(start_step, total_steps):
             batch = sharding.global_batch(next(train_batches), mesh)
@@ -495,6 +499,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 window_start, window_steps = time.perf_counter(), 0
             if stop.requested or time_boxed:
                 report(f"stopped at step {done}/{total_steps}; run the same command again to resume")
+                stopped_by = stop.signal if stop.requested else "stop_after_steps"
                 break
         if not last_eval and int(state.step) >= total_steps:  # a finished run asked again: report its metrics
             last_eval = run_eval()
@@ -502,7 +507,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     writer.close()
     report(f"trained {int(state.step) - start_step} steps in {format_duration(time.perf_counter() - run_start)}")
 
-    final = {"step": int(state.step)}
+    # Before num_steps: the signal number (SIGTERM/SIGINT) or "stop_after_steps"; main.py's exit status.
+    final = {"step": int(state.step), "stopped_by": stopped_by}
     if last_eval:
         final.update({k: last_eval[k] for k in ("pixel_accuracy", "mean_iou", "mean_iou_present")})
         final["score"] = (last_eval["pixel_accuracy"] + last_eval["mean_iou"]) / 2
@@ -514,7 +520,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             }
         )
         if jax.process_index() == 0:
-            write_json(workdir / "metrics.json", final)
+            write_json(workdir / "metrics.json", {k: v for k, v in final.items() if k != "stopped_by"})
             np.save(workdir / "confusion.npy", last_eval["confusion"])
             host_batch = next(
                 pipeline.eval_batches(

@@ -190,6 +190,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
     import subprocess
     import sys
 
+    from fastfcn_jax.main import EXIT_RESUMABLE
     from tests.test_main import ROOT
 
     command = [
@@ -206,10 +207,17 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
             process.send_signal(signal.SIGTERM)
             break
     output = "".join(lines) + process.communicate(timeout=300)[0]
-    assert process.returncode == 0, output[-3000:]
+    # Stopped, not finished: a job script (`train && export`) must not go on; 128 + 15 as for a killed process.
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "stopped at step" in output
     _, info = checkpointing.restore_variables(tmp_path)
     assert 3 <= info["step"] < 500  # saved where it stopped, not at a checkpoint_every boundary
+    # Time-boxed continuation: resumes, trains 2 steps, exits with the documented "run again" status.
+    resumed = subprocess.run(
+        [*command, "--config.train.stop_after_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == EXIT_RESUMABLE == 75, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert checkpointing.restore_variables(tmp_path)[1]["step"] == info["step"] + 2
 
 
 def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadable_step(data_dir, tmp_path, capsys):
