@@ -439,7 +439,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         )
         return evaluate(eval_step, state, batches, mesh, num_classes)
 
-    writer = summary_writer.SummaryWriter(workdir / "tensorboard" if jax.process_index() == 0 else None)
+    resumed_at = start_step if restored_step is not None else None
+    writer = summary_writer.SummaryWriter(workdir / "tensorboard" if jax.process_index() == 0 else None, resumed_at)
     last_eval: dict[str, Any] = {}
     best_score = checkpoints.best_score()
     window_start, window_steps = time.perf_counter(), 0

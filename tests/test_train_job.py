@@ -264,3 +264,29 @@ def test_a_second_signal_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoint(tmp_path):
+    import tensorflow as tf
+
+    from fastfcn_jax.summary_writer import SummaryWriter
+
+    def points(logdir) -> list[tuple[str, int]]:
+        found = []
+        for path in sorted(logdir.glob("events.out.tfevents.*")):
+            for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+                event = tf.compat.v1.Event.FromString(record)
+                found += [(value.tag, event.step) for value in event.summary.value]
+        return sorted(found)
+
+    killed = SummaryWriter(tmp_path)  # logged steps 1-5, its last checkpoint at step 3, then SIGKILL
+    for step in range(1, 6):
+        killed.scalars(step, {"train/loss": 1.0 / step})
+    killed.close()
+    resumed = SummaryWriter(tmp_path, resume_step=3)
+    for step in (4, 5, 6):
+        resumed.scalars(step, {"train/loss": 0.5 / step})
+    resumed.close()
+    assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]  # each step once
+    SummaryWriter(tmp_path, resume_step=6).close()  # nothing after step 6: files left as they are
+    assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]
