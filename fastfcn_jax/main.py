@@ -17,6 +17,7 @@ after its checkpoint. Run the same command again to continue. 1 for a user error
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -189,16 +190,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
         # ml_collections puts the repr of its message in an AttributeError's: undo the escaping.
-        message = message.replace("\\n", ": ").replace("\\'", "'")
+        message = message.replace("\\n", ": ").replace("\\'", "'").replace("\n", ": ")
         if len(message) > 1 and message[0] == message[-1] == "'":
             message = message[1:-1]
-        # An unknown key: ml_collections names only its last part, quoted; name the whole override instead.
-        unknown = message.strip("'\"")
+        # An unknown key: ml_collections names only its last part, quoted (with a 'Did you mean "x"' when a key
+        # is close); name the whole override, and the suggestion as a whole key too.
+        quoted = re.match(r"""\s*['"]*([^'":]+)""", message)
+        unknown = quoted.group(1).strip() if quoted else message
         keys = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--config.")]
         culprits = [key for key in keys if unknown in key.split(".")]
         if isinstance(error, KeyError | AttributeError) and culprits:
+            parts = culprits[0].split(".")
+            suggestion = re.search(r'Did you mean "([^"]+)"', message)
+            hint = ""
+            if suggestion:
+                parts[parts.index(unknown)] = suggestion.group(1)
+                hint = f"; did you mean {'.'.join(parts)}?"
             sys.exit(
-                f"error: unknown config key {culprits[0]} (the keys and their defaults: fastfcn_jax/config.py, "
+                f"error: unknown config key {culprits[0]}{hint} (the keys and their defaults: fastfcn_jax/config.py, "
                 "base_config)"
             )
         sys.exit(f"error: a --config override could not be applied: {message}")

@@ -156,6 +156,10 @@ def test_train_batches_shapes_and_determinism(synthetic_dir):
     np.testing.assert_array_equal(batch["image"], first(0)["image"])
     np.testing.assert_array_equal(batch["label"], first(0)["label"])
     assert not np.array_equal(batch["image"], first(1)["image"])
+    size = pipeline.dataset_size("synthetic_shapes", "train", synthetic_dir)
+    with pytest.raises(ValueError, match=rf"'train' split of 'synthetic_shapes' has {size} examples, fewer than a "
+                       rf"batch \({size + 1} per process\): lower config.train.batch_size"):  # fmt: skip
+        pipeline.train_batches("synthetic_shapes", data_dir=synthetic_dir, batch_size=size + 1, seed=0)
 
 
 def test_train_batches_skipped_on_resume_continue_the_same_stream(synthetic_dir):
@@ -689,13 +693,21 @@ def test_custom_folder_round_trip(tmp_path):
 
 
 def test_custom_folder_mask_without_its_image_stops_the_build(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"source folder .*nowhere does not exist"):
+        pipeline.prepare("folder:pairs", tmp_path / "tfds", source_dir=tmp_path / "nowhere")
     source = tmp_path / "src"
     (source / "classes.json").parent.mkdir(parents=True)
     (source / "classes.json").write_text(json.dumps({"names": ["a", "b"]}))
     _write_jpeg(source / "images/train/x.jpg", 8, 8)
     _write_png(source / "masks/train/x.png", np.zeros((8, 8), np.uint8), "L")
     _write_png(source / "masks/train/y.png", np.zeros((8, 8), np.uint8), "L")
-    with pytest.raises(common.DataError, match="1 annotation.s. without their image, e.g. .*y.png"):
+    with pytest.raises(common.DataError, match="1 annotation.s. without their image, e.g. .*y.png") as error:
+        pipeline.prepare("folder:pairs", tmp_path / "tfds", source_dir=source)
+    # Your own data: the remedy is about the pairs, not about extracting a download again.
+    assert "add the missing files or remove the unpaired ones" in str(error.value)
+    assert "download" not in str(error.value) and "archives" not in str(error.value)
+    (source / "masks/train/y.png").rename(source / "masks/train/y.jpg")  # a mask saved as JPEG
+    with pytest.raises(common.DataError, match=r"masks must be single-channel PNGs.*y.jpg: save them as PNG"):
         pipeline.prepare("folder:pairs", tmp_path / "tfds", source_dir=source)
 
 

@@ -37,7 +37,10 @@ def test_demo_summary_runs_and_writes_summary(tmp_path):
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--config.model.nmae=psp_jpu_tiny")
     assert result.returncode != 0
-    assert "'nmae': Did you mean \"name\"" in result.stderr and "Traceback" not in result.stderr
+    assert "unknown config key config.model.nmae; did you mean config.model.name?" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_main(f"--workdir={tmp_path}", "--config.trian.batch_size=3")  # a misspelt section
+    assert "unknown config key config.trian.batch_size; did you mean config.train.batch_size?" in result.stderr
     result = run_main(f"--workdir={tmp_path}", "--config.train.bogus=3")  # nothing close: the whole key named
     assert "error: unknown config key config.train.bogus" in result.stderr and "Traceback" not in result.stderr
 

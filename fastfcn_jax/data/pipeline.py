@@ -219,9 +219,13 @@ def train_batches(
     builder = _prepared_builder(info, data_dir)
     shard = tfds.even_splits(split, jax.process_count())[jax.process_index()]
     size = builder.info.splits[shard].num_examples
-    if size < batch_size:
-        raise ValueError(f"split {shard!r} of {info.name!r} has {size} examples < batch_size {batch_size}")
     process, processes = jax.process_index(), jax.process_count()
+    if size < batch_size:
+        where = f" ({size} on each of {processes} processes)" if processes > 1 else ""
+        raise ValueError(
+            f"the {split!r} split of {info.name!r} has {builder.info.splits[split].num_examples} examples{where}, "
+            f"fewer than a batch ({batch_size} per process): lower config.train.batch_size"
+        )
 
     if skip_batches < 0:
         raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")

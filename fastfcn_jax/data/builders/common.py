@@ -143,12 +143,23 @@ def require_files(manual_dir: Path | None, required: Iterable[str], instructions
     return Path(manual_dir)
 
 
+_EXTRACT_AGAIN = (
+    "The download looks partly extracted or modified: extract the archives again (a subset of your own is a "
+    "folder dataset: prepare --dataset folder:NAME)."
+)
+
+
 def pair_files(
-    images: Sequence[Path], masks: Sequence[Path], mask_of: Callable[[Path], Path], where: str, instructions: str
+    images: Sequence[Path],
+    masks: Sequence[Path],
+    mask_of: Callable[[Path], Path],
+    where: str,
+    instructions: str,
+    remedy: str = _EXTRACT_AGAIN,
 ) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` for every image, or DataError naming what is unpaired: an image without its mask or a
-    mask without its image is a partly extracted download, not something to skip silently; no image at all
-    names the folder searched."""
+    """``(image, mask)`` for every image, or DataError naming what is unpaired (with ``remedy``, by default
+    for a released dataset: an image without its mask or a mask without its image is a partly extracted
+    download, not something to skip silently); no image at all names the folder searched."""
     if not images:
         raise DataError(f"no images in {where}: is the download extracted there?\n{instructions.strip()}")
     pairs = [(image, mask_of(image)) for image in images]
@@ -162,11 +173,7 @@ def pair_files(
         if count:
             problems.append(f"{count} {kind}, e.g. " + ", ".join(str(p) for p in examples[:3]))
     if problems:
-        raise DataError(
-            f"{where}: " + "; ".join(problems) + ". The download looks partly extracted or modified: extract the "
-            f"archives again (a subset of your own is a folder dataset: prepare --dataset folder:NAME).\n"
-            f"{instructions.strip()}"
-        )
+        raise DataError(f"{where}: " + "; ".join(problems) + f". {remedy}\n{instructions.strip()}")
     return pairs
 
 

@@ -25,7 +25,7 @@ Custom folder dataset: put your data in SOURCE as
   SOURCE/classes.json                 {"names": ["road", "car", ...], "palette": [[128, 64, 128], ...],
                                        "ignore_label": 255, "base_size": 520, "crop_size": 480}
                                       (palette, ignore_label, base_size, crop_size optional)
-  SOURCE/images/<split>/<stem>.jpg    (or .png; RGB)
+  SOURCE/images/<split>/<stem>.jpg    (or .png; RGB; grayscale is repeated, alpha dropped)
   SOURCE/masks/<split>/<stem>.png     single-channel PNG (8 or 16 bit), pixel = class index 0..C-1 or
                                       ignore_label; same size as the image
 with <split> among train, validation (or val), test. Then run
@@ -52,7 +52,9 @@ def validate_class_table(table: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_class_table(source: str | Path) -> dict[str, Any]:
-    path = Path(source) / "classes.json"
+    path = Path(source).expanduser() / "classes.json"
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"source folder {path.parent} does not exist (--source / config.dataset.manual_dir)")
     if not path.exists():
         raise FileNotFoundError(f"class table {path} is missing.\n{INSTRUCTIONS}")
     try:
@@ -106,12 +108,24 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, source: Path, folder: str, valid: np.ndarray) -> Iterator[tuple[str, dict]]:
         images = sorted(p for p in (source / "images" / folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
         masks_dir = source / "masks" / folder
+        files = []
+        if masks_dir.is_dir():
+            files = sorted(p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        not_png = [p for p in files if p.suffix.lower() != ".png"]
+        if not_png:
+            raise common.DataError(
+                f"{masks_dir}: masks must be single-channel PNGs (a JPEG's compression changes class indices), "
+                f"found {len(not_png)} other file(s), e.g. {', '.join(str(p) for p in not_png[:3])}: save them "
+                "as PNG (or move them out of the folder)"
+            )
         pairs = common.pair_files(
             images,
-            sorted(masks_dir.glob("*.png")) if masks_dir.is_dir() else [],
+            files,
             lambda image: masks_dir / f"{image.stem}.png",
             f"{source}/images/{folder} ({', '.join(sorted(_IMAGE_SUFFIXES))}) and masks/{folder}",
             INSTRUCTIONS,
+            remedy=f"Every image needs masks/{folder}/<its stem>.png and every mask its image: add the missing "
+            "files or remove the unpaired ones.",
         )
         for image_path, mask_path in pairs:
             image, size = common.read_rgb(image_path)
