@@ -147,6 +147,17 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
     return variables, info
 
 
+def config_differences(info: Mapping[str, Any], model_name: str, num_classes: int) -> list[str]:
+    """What a config's model (``num_classes`` 0: not compared) asks for that the checkpoint ``info`` is not,
+    as ``key=value`` phrases."""
+    differences = []
+    if info["model_name"] != model_name:
+        differences.append(f"config.model.name={model_name}")
+    if num_classes and int(info["num_classes"]) != num_classes:
+        differences.append(f"{num_classes} classes (config.model.num_classes, 0 = the dataset's)")
+    return differences
+
+
 def variable_mismatches(expected: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
     """Every missing, unexpected or differently shaped variable of ``given`` against ``expected`` (both
     ``{'params', 'batch_stats'}`` trees of arrays or shape structs), as ``'collection/module/.../leaf'`` lines."""

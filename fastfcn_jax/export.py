@@ -452,11 +452,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     dataset_name = info.get("dataset") or config.dataset.name
     dataset = get_dataset_info(dataset_name, config.dataset.get("data_dir") or None)
     num_classes = config.model.num_classes or dataset.num_classes
-    differences = []
-    if info["model_name"] != config.model.name:
-        differences.append(f"config.model.name={config.model.name}")
-    if int(info["num_classes"]) != num_classes:
-        differences.append(f"{num_classes} classes (config.model.num_classes, 0 = the dataset's)")
+    differences = checkpointing.config_differences(info, config.model.name, num_classes)
     if differences:
         raise ValueError(
             f"checkpoint {source} holds {info['model_name']} with {info['num_classes']} classes, but the config "

@@ -98,6 +98,7 @@ class Predictor:
         import jax
 
         self.num_classes = num_classes
+        self.checkpoint_info: dict[str, Any] = {}  # from_checkpoint: the checkpoint's description
         # The dataset's raw label value -> class table (DatasetInfo.label_lut), for test-server encodings.
         self.label_lut = None if label_lut is None else np.asarray(label_lut)
         self.protocol = protocol
@@ -145,7 +146,7 @@ class Predictor:
         checkpointing.check_variables(
             model, variables, f"checkpoint {path} ({info['model_name']}, {num_classes} classes)"
         )
-        return cls(
+        predictor = cls(
             model,
             variables,
             num_classes=num_classes,
@@ -166,6 +167,8 @@ class Predictor:
             images_per_call=images_per_call,
             label_lut=dataset.label_lut if dataset is not None else None,
         )
+        predictor.checkpoint_info = dict(info)
+        return predictor
 
     def __call__(self, image: Any) -> np.ndarray:
         """int32 [H, W] class indices of one image (see :func:`to_rgb` for accepted arrays)."""
@@ -276,6 +279,18 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         window_batch=settings.get("batch_size", 0) or 8,
         images_per_call=settings.get("images_per_call", 0) or 4,
     )
+    from fastfcn_jax import checkpointing
+
+    model_config = config.get("model") or {}
+    info = predictor.checkpoint_info
+    differences = checkpointing.config_differences(
+        info, model_config.get("name", info["model_name"]), model_config.get("num_classes", 0)
+    )
+    if differences:  # checkpoints describe their model: it predicts as trained, said so
+        print(
+            f"note: {checkpoint} holds {info['model_name']} with {info['num_classes']} classes and predicts as "
+            f"such; the config's {' and '.join(differences)} is not used"
+        )
     files = collect_inputs(inputs)
     out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     out.mkdir(parents=True, exist_ok=True)

@@ -265,7 +265,7 @@ def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
 # End to end.
 
 
-def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path):
+def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path, capsys):
     from fastfcn_jax.data import pipeline
 
     model, variables, _ = tiny
@@ -290,7 +290,12 @@ def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path):
             }
         )
     workdir = tmp_path / "workdir"
+    config.model.name, config.model.num_classes = "psp_jpu_tiny", 3  # not the checkpoint's: said, not used
     result = evaluate.run_evaluation(config, workdir)
+    assert (
+        f"holds encnet_jpu_tiny with {NUM_CLASSES} classes and is evaluated as such; the config's "
+        "config.model.name=psp_jpu_tiny and 3 classes (config.model.num_classes, 0 = the dataset's) is not used"
+    ) in capsys.readouterr().out
 
     examples = list(pipeline.full_examples("synthetic_shapes", data_dir=data_dir, split="validation"))[:5]
     labelled = sum(int((e["label"] >= 0).sum()) for e in examples)

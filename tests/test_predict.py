@@ -129,6 +129,9 @@ def test_predicting_a_folder_writes_a_mask_and_an_overlay_per_image_and_skips_no
     report = capsys.readouterr()
     assert "notes.txt" in report.err and "broken.png" in report.err
     assert "wrote 4 masks" in report.out and "skipped 2" in report.out
+    # base_config's model is not the checkpoint's: the checkpoint's is used, and that is said.
+    assert "holds encnet_jpu_tiny with 6 classes and predicts as such; the config's " in report.out
+    assert "config.model.name=encnet_jpu_r50 is not used" in report.out
 
 
 def test_same_named_inputs_never_overwrite_each_other_and_oversized_images_are_skipped(
