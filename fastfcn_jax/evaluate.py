@@ -474,6 +474,16 @@ def protocol_from_config(config: Any, dataset_info: Any) -> tuple[str, Protocol]
     )
 
 
+def _sum_over_processes(counts: np.ndarray) -> np.ndarray:
+    """Sum of an int64 array over all processes, exact (JAX moves int32 without x64: 20-bit halves)."""
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(counts, np.int64)
+    high, low = (counts >> 20).astype(np.int32), (counts & (2**20 - 1)).astype(np.int32)
+    gathered = [np.asarray(multihost_utils.process_allgather(part), np.int64).sum(0) for part in (high, low)]
+    return (gathered[0] << 20) + gathered[1]
+
+
 def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Evaluates the workdir's checkpoint (or ``config.init_from``) on ``config.dataset.eval_split``.
 
@@ -527,18 +537,27 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         submission_dir.mkdir(parents=True, exist_ok=True)
 
     names: list[str] = []
+    # Several processes (--distributed): each evaluates every P-th image on its own devices; the confusion
+    # matrices are summed and the first process writes the results.
+    process, processes = jax.process_index(), jax.process_count()
+    share = len(range(process, total, processes))
+    lead = process == 0
 
     def examples() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for example in itertools.islice(pipeline.full_examples(dataset, data_dir=data_dir, split=split), limit):
+        for example in pipeline.full_examples(
+            dataset, data_dir=data_dir, split=split, limit=limit, shard=(process, processes)
+        ):
             names.append(example["file_name"])
             yield normalize(example["image"]), example["label"]
 
-    print(
-        f"evaluating {source} ({info['model_name']}) on {dataset.name}/{split}: {total} images, protocol {name} "
-        f"(scales {protocol.scales}, flip {protocol.flip}, base {protocol.base_size}, crop {protocol.crop_size}, "
-        f"stride {protocol.stride})",
-        flush=True,
-    )
+    if lead:
+        print(
+            f"evaluating {source} ({info['model_name']}) on {dataset.name}/{split}: {total} images"
+            + (f" over {processes} processes" if processes > 1 else "")
+            + f", protocol {name} (scales {protocol.scales}, flip {protocol.flip}, base {protocol.base_size}, "
+            f"crop {protocol.crop_size}, stride {protocol.stride})",
+            flush=True,
+        )
     confusion = np.zeros((num_classes, num_classes), np.int64)
     start = time.perf_counter()
     for i, result in enumerate(runner.run_pairs(examples())):
@@ -547,13 +566,17 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
             raw = encoding[result["prediction"]].astype(np.uint8)
             Image.fromarray(raw, mode="L").save(submission_dir / (Path(names[i]).stem + ".png"))
         done = i + 1
-        if done % 50 == 0 or done == total:
+        if lead and (done % 50 == 0 or done == share):
             running = metrics.segmentation_scores(confusion)
             print(
-                f"  {done}/{total}  pixAcc {running['pixel_accuracy']:.4f}  mIoU {running['mean_iou']:.4f}  "
+                f"  {done}/{share}{' (this process)' if processes > 1 else ''}  pixAcc "
+                f"{running['pixel_accuracy']:.4f}  mIoU {running['mean_iou']:.4f}  "
                 f"{done / (time.perf_counter() - start):.2f} img/s  compilations {runner.compile_count}",
                 flush=True,
             )
+    num_images = len(names)
+    if processes > 1:
+        confusion, num_images = _sum_over_processes(confusion), int(_sum_over_processes(np.int64(num_images)))
     seconds = time.perf_counter() - start
     scores = metrics.segmentation_scores(confusion)
     if dataset.name == "pcontext" and num_classes == 59:
@@ -565,7 +588,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         "model_name": info["model_name"],
         "dataset": dataset.name,
         "split": split,
-        "num_images": len(names),
+        "num_images": num_images,
         "protocol": name,
         **{f"protocol_{k}": v for k, v in dataclasses.asdict(protocol).items()},
         "pixel_accuracy": scores["pixel_accuracy"],
@@ -578,8 +601,10 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         "seconds": seconds,
     }
     # A partial run (max_examples) never overwrites the whole split's results.
-    partial = f"_first{len(names)}" if len(names) < full_size else ""
+    partial = f"_first{num_images}" if num_images < full_size else ""
     out = workdir / "eval" / f"{split}_{name}{partial}"
+    if not lead:
+        return result
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "per_class_iou.md").write_text(per_class_table(scores, class_names, confusion))

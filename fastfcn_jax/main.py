@@ -101,7 +101,9 @@ def main(argv: list[str]) -> None:
             from fastfcn_jax.train import train_and_evaluate
 
             final = train_and_evaluate(config, workdir)
-            if "mean_iou" in final:
+            import jax
+
+            if "mean_iou" in final and jax.process_index() == 0:  # the process that wrote metrics.json
                 print(
                     f"validation at step {final['step']}: pixAcc {final['pixel_accuracy']:.4f}  "
                     f"mIoU {final['mean_iou']:.4f}  (written to {workdir}/metrics.json)"

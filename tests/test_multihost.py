@@ -53,6 +53,37 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
     assert info["step"] == 3
     assert all(np.all(np.isfinite(leaf)) for leaf in jax_leaves(variables))
 
+    # Evaluation over both processes: each takes every other image; the sums equal one process's evaluation.
+    evaluation = ["--mode=eval", "--config.evaluation.max_examples=5"]
+    port = free_port()
+    common[common.index(next(a for a in common if a.startswith("--coordinator_address")))] = (
+        f"--coordinator_address=localhost:{port}"
+    )
+    processes = [
+        subprocess.Popen(
+            [*common, *evaluation, f"--process_id={index}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-4000:]
+    assert "5 images over 2 processes" in outputs[0] and "; written to" not in outputs[1]
+    out = tmp_path / "run" / "eval" / "validation_single_scale_first5"
+    together = json.loads((out / "metrics.json").read_text())
+    confusion = np.load(out / "confusion.npy")
+    single = [a for a in common if a != "--distributed" and not a.startswith(("--coordinator", "--num_processes"))]
+    alone = subprocess.run([*single, *evaluation], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == together["num_images"] == 5
+    np.testing.assert_array_equal(np.load(out / "confusion.npy"), confusion)
+    assert confusion.sum() > 0
+
 
 def jax_leaves(tree):
     import jax

@@ -152,9 +152,9 @@ def _decode(info: DatasetInfo, builder):
     return decode
 
 
-def _load(builder, split, *, shuffle_seed: int | None) -> tf.data.Dataset:
+def _load(builder, split, *, shuffle_seed: int | None, cache: bool = True) -> tf.data.Dataset:
     """Encoded examples of ``split`` (a name, slice or ``tfds.even_splits`` entry), decoded later by
-    :func:`_decode` (after shuffling and skipping); small splits cached."""
+    :func:`_decode` (after shuffling and skipping); small splits cached unless ``cache=False``."""
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
     encoded = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
     ds = builder.as_dataset(
@@ -163,7 +163,7 @@ def _load(builder, split, *, shuffle_seed: int | None) -> tf.data.Dataset:
     # Sub-splits report no size; the whole split's size bounds the shard's.
     whole = (split if isinstance(split, str) else split.split).split("[")[0]
     num_bytes = builder.info.splits[whole].num_bytes
-    return ds.cache() if 0 < num_bytes < _CACHE_BYTES else ds
+    return ds.cache() if cache and 0 < num_bytes < _CACHE_BYTES else ds
 
 
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -173,10 +173,17 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def full_examples(
-    dataset: str | DatasetInfo, *, data_dir: str | Path | None, split: str = "validation"
+    dataset: str | DatasetInfo,
+    *,
+    data_dir: str | Path | None,
+    split: str = "validation",
+    limit: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, np.ndarray | str]]:
     """Untransformed examples (the reference's ``testval`` mode), all of ``split``, in stored order.
 
+    ``limit`` > 0: only the first ``limit``; ``shard=(index, count)``: every ``count``-th of those from
+    ``index`` (one process's share; the others are not decoded).
     Yields {'image': uint8 [H, W, 3], 'label': int32 [H, W] train ids with -1 = ignore, 'file_name': str}.
     """
     info = _info(dataset, data_dir)
@@ -187,7 +194,13 @@ def full_examples(
         image, label = decode(example)
         return {"image": image, "label": label, "file_name": example["file_name"]}
 
-    ds = _load(builder, split, shuffle_seed=None).map(with_name, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _load(builder, split, shuffle_seed=None, cache=False)  # one pass, maybe partial: nothing to reuse
+    if limit > 0:
+        ds = ds.take(limit)
+    index, count = shard
+    if count > 1:
+        ds = ds.shard(count, index)
+    ds = ds.map(with_name, num_parallel_calls=tf.data.AUTOTUNE)
     ds = _options(ds.prefetch(tf.data.AUTOTUNE))  # deterministic: the stored order
     for example in tfds.as_numpy(ds):
         yield {**example, "file_name": example["file_name"].decode()}
