@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
             from fastfcn_jax.predict import run_prediction
 
             if not FLAGS.inputs:
-                raise app.UsageError("mode=predict needs --inputs (an image file, a folder or a glob)")
+                raise ValueError("mode=predict needs --inputs (an image file, a folder or a glob)")
             run_prediction(config, workdir, FLAGS.inputs, FLAGS.output_dir)
         elif config.mode == "export":
             from fastfcn_jax.export import run_export
@@ -162,7 +162,9 @@ def main(argv: list[str]) -> None:
                 interleave=settings.interleave,
             )
             print(format_table(results), flush=True)  # first: the numbers are not lost if the write fails
-            (Path(workdir) / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+            written = Path(workdir) / "benchmark.json"
+            written.write_text(json.dumps(results, indent=2, default=str))
+            print(f"written to {written}")
         elif config.mode == "summary":
             from fastfcn_jax.summary import run_summary
 

@@ -381,6 +381,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         "seed": config.seed,
         "start_step": start_step,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
     }
     if restored_step is not None:
         check_resumed_settings(workdir / "config.json", run_record)
@@ -579,9 +581,14 @@ def check_resumed_settings(previous_path: Path, current: Mapping[str, Any]) -> N
             "continues the data order by batches (and the learning rate scales with the batch), so resume with "
             f"--config.train.batch_size={old}, or start a new --workdir with --config.init_from=THIS_WORKDIR"
         )
-    if not changed:
-        return
     lines = [f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changed.items()]
+    if previous.get("processes", current["processes"]) != current["processes"]:
+        lines.append(
+            f"  processes: {previous['processes']} -> {current['processes']}: each reads its own shard of the data, "
+            "so the examples from here on are not those an uninterrupted run would have seen"
+        )
+    if not lines:
+        return
     if previous.get("total_steps") != current["total_steps"]:
         lines.append(
             f"  the learning-rate schedule now decays over {current['total_steps']} steps "

@@ -102,7 +102,8 @@ def test_impossible_config_value_is_rejected_by_key(tmp_path):
 def test_predict_mode_needs_inputs(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--mode=predict")
     assert result.returncode != 0
-    assert "--inputs" in result.stderr
+    assert "error: mode=predict needs --inputs" in result.stderr
+    assert "Traceback" not in result.stderr and "--helpfull" not in result.stderr  # one line, no flag listing
 
 
 def test_benchmark_mode_takes_the_scripts_options(tmp_path):
@@ -126,7 +127,7 @@ def test_benchmark_mode_takes_the_scripts_options(tmp_path):
     assert model["ops"] == {"depthwise": "grouped"} and model["until"] == "jpu" and results["peak"] is None
     (step,) = results["train_steps"]
     assert step["image_size"] == [32, 32] and step["ops"] == {"depthwise": "grouped"}
-    assert "forward only up to jpu" in result.stdout
+    assert "forward only up to jpu" in result.stdout and f"written to {tmp_path / 'benchmark.json'}" in result.stdout
 
 
 def test_impossible_benchmark_values_are_rejected_by_key(tmp_path):

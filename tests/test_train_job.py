@@ -290,3 +290,14 @@ def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoi
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]  # each step once
     SummaryWriter(tmp_path, resume_step=6).close()  # nothing after step 6: files left as they are
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]
+
+
+def test_resuming_on_another_number_of_processes_is_reported(tmp_path, capsys):
+    from fastfcn_jax.train import check_resumed_settings
+
+    record = {"config": {"train": {"batch_size": 16}}, "total_steps": 10, "base_lr": 0.01, "start_step": 4}
+    (tmp_path / "config.json").write_text(json.dumps({**record, "start_step": 0, "processes": 2, "devices": 8}))
+    check_resumed_settings(tmp_path / "config.json", {**record, "processes": 1, "devices": 8})
+    assert "processes: 2 -> 1: each reads its own shard" in capsys.readouterr().out
+    check_resumed_settings(tmp_path / "config.json", {**record, "processes": 2, "devices": 4})
+    assert capsys.readouterr().out == ""  # devices alone do not change the data order

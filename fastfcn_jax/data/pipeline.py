@@ -134,7 +134,7 @@ def dataset_size(dataset: str | DatasetInfo, split: str, data_dir: str | Path | 
 def _decode(info: DatasetInfo, builder):
     """Encoded example -> (uint8 image [H, W, 3], int32 train ids [H, W], -1 = ignore)."""
     lut = tf.constant(info.label_lut, tf.int32)
-    label_dtype = builder.info.features["label"].dtype
+    label_dtype = builder.info.features["label"].tf_dtype
 
     def decode(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
         data = example["image"]

@@ -86,6 +86,13 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             config = FolderConfig(name=config)
         super().__init__(config=config, **kwargs)
 
+    def _create_builder_config(self, builder_config, version):
+        # Every dataset NAME is its own config by design: tfds' "Using custom data configuration" warning
+        # (logged on each builder made, a dozen times per training run) says nothing here.
+        if isinstance(builder_config, FolderConfig):
+            return builder_config
+        return super()._create_builder_config(builder_config, version)
+
     def _info(self) -> tfds.core.DatasetInfo:
         return common.dataset_info(self, __doc__, metadata=tfds.core.MetadataDict(), label_dtype=tf.uint16)
 
