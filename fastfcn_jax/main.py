@@ -89,6 +89,14 @@ def main(argv: list[str]) -> None:
     try:
         validate(config)
         local_paths(config)
+        # The modes that read a trained workdir: a mistyped one is named, not created empty.
+        checkpoint_key = "export.checkpoint" if config.mode == "export" else "init_from"
+        reads_workdir = config.mode in ("eval", "predict", "export") and not config[checkpoint_key]
+        if reads_workdir and not os.path.isdir(workdir):
+            raise FileNotFoundError(
+                f"--workdir {workdir} does not exist: {config.mode} reads the checkpoint of a training run there "
+                f"(train into it first, or point config.{checkpoint_key} at a checkpoint)"
+            )
         # Every mode writes into the workdir (predict: into --output_dir when given); a read-only one fails
         # now, not after the work is done.
         if config.mode == "predict" and FLAGS.output_dir:

@@ -722,7 +722,10 @@ def test_custom_folder_rejects_unknown_class_index(tmp_path):
     (source / "classes.json").write_text(json.dumps({"names": ["a", "b"], "ignore_label": 255}))
     _write_jpeg(source / "images/train/x.jpg", 8, 8)
     _write_png(source / "masks/train/x.png", np.full((8, 8), 2, np.uint8), "L")
-    with pytest.raises(common.DataError, match="x.png.*2"):
+    with pytest.raises(common.DataError, match=r"x.png: label values \[2\].*: add the classes to .*classes.json"):
+        pipeline.prepare("folder:bad", tmp_path / "tfds", source_dir=source)
+    _write_png(source / "masks/train/x.png", np.zeros((6, 8), np.uint8), "L")
+    with pytest.raises(common.DataError, match=r"x.png: label size 8x6 .WxH. differs from its image 8x8: masks are"):
         pipeline.prepare("folder:bad", tmp_path / "tfds", source_dir=source)
 
 

@@ -136,3 +136,12 @@ def test_impossible_benchmark_values_are_rejected_by_key(tmp_path):
     )
     assert result.returncode != 0
     assert "config.benchmark.until='c9'" in result.stderr and "config.benchmark.ops='grouped'" in result.stderr
+
+
+def test_reading_modes_name_a_workdir_that_does_not_exist_instead_of_creating_it(tmp_path):
+    missing = tmp_path / "typo"
+    result = run_main(f"--workdir={missing}", "--mode=eval")
+    assert f"error: --workdir {missing} does not exist: eval reads the checkpoint" in result.stderr
+    result = run_main(f"--workdir={missing}", "--mode=export")
+    assert "point config.export.checkpoint at a checkpoint" in result.stderr
+    assert result.returncode != 0 and not missing.exists()

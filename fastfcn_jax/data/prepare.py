@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             args.dataset, args.data_dir, manual_dir=args.manual_dir, source_dir=args.source, overwrite=args.overwrite
         )
     except (FileNotFoundError, ValueError) as err:  # missing raw files; bad data (common.DataError) names the file
-        print(f"error: {err}", file=sys.stderr)
+        # On a line of its own: a build that failed midway leaves tfds' progress bar unterminated.
+        print(f"\nerror: {err}", file=sys.stderr)
         return 1
     splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
     if built:

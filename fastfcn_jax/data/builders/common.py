@@ -103,20 +103,23 @@ def check_label(
     *,
     valid_values: Sequence[int] | np.ndarray,
     example: str | Path,
+    value_remedy: str = "",
 ) -> np.ndarray:
-    """Checks a raw mask against its image; returns it as [H, W, 1] ready for the label feature."""
+    """Checks a raw mask against its image; returns it as [H, W, 1] ready for the label feature.
+    ``value_remedy``: what to do about values outside ``valid_values`` (appended to that error)."""
     if label.ndim != 2:
         raise DataError(f"{example}: label must be one channel, got shape {label.shape}")
     if label.shape != tuple(image_size):
         raise DataError(
             f"{example}: label size {label.shape[1]}x{label.shape[0]} (WxH) differs from its image "
-            f"{image_size[1]}x{image_size[0]}"
+            f"{image_size[1]}x{image_size[0]}: masks are per pixel of their image (resize one of them, the mask "
+            "with nearest-neighbour sampling)"
         )
     bad = np.setdiff1d(np.unique(label), np.asarray(valid_values))
     if bad.size:
         raise DataError(
             f"{example}: label values {bad[:10].tolist()} are outside the dataset's encoding "
-            f"(allowed: {_describe(valid_values)})"
+            f"(allowed: {_describe(valid_values)})" + (f": {value_remedy}" if value_remedy else "")
         )
     return label[..., None]
 

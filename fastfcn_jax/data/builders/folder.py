@@ -136,7 +136,14 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         )
         for image_path, mask_path in pairs:
             image, size = common.read_rgb(image_path)
-            label = common.check_label(common.read_index_png(mask_path), size, valid_values=valid, example=mask_path)
+            label = common.check_label(
+                common.read_index_png(mask_path),
+                size,
+                valid_values=valid,
+                example=mask_path,
+                value_remedy=f"add the classes to {source / 'classes.json'}'s names (index = position), or set "
+                "the value as its ignore_label",
+            )
             yield image_path.stem, {"image": image, "label": label.astype(np.uint16), "file_name": image_path.name}
 
 
