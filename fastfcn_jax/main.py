@@ -192,6 +192,19 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
 
 
+def _first_unknown_part(key: str) -> str | None:
+    """The first part of ``config.a.b.c`` that the base config lacks (None: the key exists), so that of
+    several overrides the one that failed is named."""
+    from fastfcn_jax.config import base_config
+
+    node: object = base_config()
+    for part in key.split(".")[1:]:
+        if not hasattr(node, "keys") or part not in node:
+            return part
+        node = node[part]
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad ``--config.KEY=VALUE`` (an unknown key, a value of the wrong type)
     reported in one line instead of a traceback."""
@@ -210,13 +223,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         quoted = re.match(r"""\s*['"]*([^'":]+)""", message)
         unknown = quoted.group(1).strip() if quoted else message
         keys = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--config.")]
-        culprits = [key for key in keys if unknown in key.split(".")]
+        culprits = [key for key in keys if _first_unknown_part(key) == unknown]
         if isinstance(error, KeyError | AttributeError) and culprits:
             parts = culprits[0].split(".")
             suggestion = re.search(r'Did you mean "([^"]+)"', message)
             hint = ""
             if suggestion:
-                parts[parts.index(unknown)] = suggestion.group(1)
+                parts[parts.index(unknown, 1)] = suggestion.group(1)
                 hint = f"; did you mean {'.'.join(parts)}?"
             sys.exit(
                 f"error: unknown config key {culprits[0]}{hint} (the keys and their defaults: fastfcn_jax/config.py, "

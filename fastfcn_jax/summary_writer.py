@@ -40,20 +40,36 @@ def drop_steps_after(logdir: str | Path, step: int) -> int:
     """Removes the events logged after ``step`` from the event files in ``logdir``; returns how many.
 
     A run killed after its last checkpoint (SIGKILL, a lost node) logged steps that its resumed run trains and
-    logs again; TensorBoard would show both, as a zig-zag. Files are rewritten beside and renamed over.
+    logs again; TensorBoard would show both, as a zig-zag. Files are rewritten beside and renamed over; a
+    file cut short by the kill keeps its readable records. Never stops training: a failure is a warning.
     """
     import tensorflow as tf
+    from absl import logging
 
     dropped = 0
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")) if Path(logdir).is_dir() else []:
-        records = [bytes(r) for r in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()]
-        kept = [r for r in records if tf.compat.v1.Event.FromString(r).step <= step]
-        if len(kept) == len(records):
-            continue
-        partial = path.with_name(path.name + ".partial")
-        with tf.io.TFRecordWriter(str(partial)) as writer:
-            for record in kept:
-                writer.write(record)
-        partial.replace(path)
-        dropped += len(records) - len(kept)
+    paths = sorted(Path(logdir).glob("events.out.tfevents.*")) if Path(logdir).is_dir() else []
+    for path in paths:
+        try:
+            records, truncated = [], False
+            iterator = iter(tf.data.TFRecordDataset(str(path)))
+            while True:
+                try:
+                    records.append(bytes(next(iterator).numpy()))
+                except StopIteration:
+                    break
+                except tf.errors.DataLossError:  # a record cut short: kept up to it
+                    truncated = True
+                    break
+            kept = [r for r in records if tf.compat.v1.Event.FromString(r).step <= step]
+            if len(kept) == len(records) and not truncated:
+                continue
+            # Not named like an event file: TensorBoard must not read a leftover of an interrupted rewrite.
+            partial = path.with_name(f".rewrite-{path.stat().st_ino}.tmp")
+            with tf.io.TFRecordWriter(str(partial)) as writer:
+                for record in kept:
+                    writer.write(record)
+            partial.replace(path)
+            dropped += len(records) - len(kept)
+        except Exception as error:  # noqa: BLE001 -- housekeeping of the logs must not block a resume
+            logging.warning("TensorBoard log %s not cleaned of steps after %d: %s", path, step, error)
     return dropped

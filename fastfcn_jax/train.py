@@ -500,7 +500,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             if should_eval or done % config.train.checkpoint_every == 0:  # not training time: out of img/s
                 jax.block_until_ready(state.step)
                 window_start, window_steps = time.perf_counter(), 0
-            if stop.requested or time_boxed:
+            if (stop.requested or time_boxed) and done < total_steps:  # at num_steps the run is finished
                 report(f"stopped at step {done}/{total_steps}; run the same command again to resume")
                 stopped_by = stop.signal if stop.requested else "stop_after_steps"
                 break

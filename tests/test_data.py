@@ -344,6 +344,19 @@ def test_validation_image_resamples_only_the_centre_crop():
         assert error.max() <= 1.0 and (error > 0).mean() < 1e-2  # float32 rounding at .5: one level
 
 
+def test_blur_equals_the_separable_depthwise_convolution_bit_for_bit():
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (37, 53, 3)).astype(np.float32))
+    for sigma in (0.05, 0.5, 0.99):
+        taps = np.arange(7, dtype=np.float32) - 3
+        kernel = tf.exp(-(tf.constant(taps) ** 2) / (2.0 * tf.constant(sigma) ** 2))
+        kernel = kernel / tf.reduce_sum(kernel)
+        padded = tf.pad(image[None], [[0, 0], [3, 3], [3, 3], [0, 0]], mode="SYMMETRIC")
+        out = tf.nn.depthwise_conv2d(padded, tf.tile(tf.reshape(kernel, [1, 7, 1, 1]), [1, 1, 3, 1]), [1] * 4, "VALID")
+        out = tf.nn.depthwise_conv2d(out, tf.tile(tf.reshape(kernel, [7, 1, 1, 1]), [1, 1, 3, 1]), [1] * 4, "VALID")
+        expected = tf.clip_by_value(tf.round(out[0]), 0.0, 255.0)
+        np.testing.assert_array_equal(transforms.gaussian_blur(image, tf.constant(sigma)), expected)
+
+
 def test_blur_preserves_flat_regions_and_smooths_edges():
     image = np.zeros((20, 20, 3), np.float32)
     image[:, 10:] = 200
@@ -707,8 +720,13 @@ def test_custom_folder_mask_without_its_image_stops_the_build(tmp_path):
     assert "add the missing files or remove the unpaired ones" in str(error.value)
     assert "download" not in str(error.value) and "archives" not in str(error.value)
     (source / "masks/train/y.png").rename(source / "masks/train/y.jpg")  # a mask saved as JPEG
+    (source / "masks/train/Thumbs.db").write_bytes(b"not a mask")  # other files are not masks: left alone
+    (source / "masks/train/x.png").rename(source / "masks/train/x.PNG")  # an upper-case suffix is a PNG
     with pytest.raises(common.DataError, match=r"masks must be single-channel PNGs.*y.jpg: save them as PNG"):
         pipeline.prepare("folder:pairs", tmp_path / "tfds", source_dir=source)
+    (source / "masks/train/y.jpg").unlink()
+    pipeline.prepare("folder:pairs", tmp_path / "tfds", source_dir=source)
+    assert pipeline.dataset_size(get_dataset_info("folder:pairs", tmp_path / "tfds"), "train", tmp_path / "tfds") == 1
 
 
 def test_a_manual_dir_that_does_not_exist_is_named_as_such(tmp_path):

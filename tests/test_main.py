@@ -41,6 +41,8 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
     assert "Traceback" not in result.stderr
     result = run_main(f"--workdir={tmp_path}", "--config.trian.batch_size=3")  # a misspelt section
     assert "unknown config key config.trian.batch_size; did you mean config.train.batch_size?" in result.stderr
+    result = run_main(f"--workdir={tmp_path}", "--config.model.name=psp_jpu_tiny", "--config.train.model=3")
+    assert "unknown config key config.train.model " in result.stderr  # the failing one of two naming "model"
     result = run_main(f"--workdir={tmp_path}", "--config.train.bogus=3")  # nothing close: the whole key named
     assert "error: unknown config key config.train.bogus" in result.stderr and "Traceback" not in result.stderr
 

@@ -63,10 +63,13 @@ def test_train_job_writes_metrics_checkpoints_tensorboard_and_pictures(data_dir,
 
 def test_time_boxed_run_resumed_equals_uninterrupted_run(data_dir, tmp_path):
     train_and_evaluate(small_config(data_dir), tmp_path / "straight")
-    train_and_evaluate(small_config(data_dir, stop_after_steps=2), tmp_path / "boxed")
+    assert train_and_evaluate(small_config(data_dir, stop_after_steps=2), tmp_path / "boxed")["stopped_by"] == (
+        "stop_after_steps"
+    )
     first, info = checkpointing.restore_variables(tmp_path / "boxed")
     assert info["step"] == 2
-    train_and_evaluate(small_config(data_dir), tmp_path / "boxed")  # resumes at step 2, replays the data order
+    # Resumes at step 2 and replays the data order; its box ends at num_steps: finished, not stopped.
+    assert train_and_evaluate(small_config(data_dir, stop_after_steps=4), tmp_path / "boxed")["stopped_by"] is None
     straight, _ = checkpointing.restore_variables(tmp_path / "straight")
     resumed, info = checkpointing.restore_variables(tmp_path / "boxed")
     assert info["step"] == 6
@@ -271,9 +274,9 @@ def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoi
 
     from fastfcn_jax.summary_writer import SummaryWriter
 
-    def points(logdir) -> list[tuple[str, int]]:
+    def points(logdir, files=None) -> list[tuple[str, int]]:
         found = []
-        for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for path in files or sorted(logdir.glob("events.out.tfevents.*")):
             for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
                 event = tf.compat.v1.Event.FromString(record)
                 found += [(value.tag, event.step) for value in event.summary.value]
@@ -290,6 +293,12 @@ def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoi
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]  # each step once
     SummaryWriter(tmp_path, resume_step=6).close()  # nothing after step 6: files left as they are
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]
+    # A file cut short by the kill: its readable records are kept, the resume goes on.
+    (resumed_file,) = [p for p in tmp_path.glob("events.out.tfevents.*") if ("train/loss", 6) in points(p, [p])]
+    resumed_file.write_bytes(resumed_file.read_bytes()[:-5])  # step 6's record (the last) cut short
+    SummaryWriter(tmp_path, resume_step=5).close()
+    assert points(tmp_path) == [("train/loss", step) for step in range(1, 6)]
+    assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("events.out.tfevents.")]
 
 
 def test_resuming_on_another_number_of_processes_is_reported(tmp_path, capsys):

@@ -127,9 +127,10 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
     # PIL extends edge pixels; symmetric padding is the closest cheap equivalent.
     padded = tf.pad(image, [[half, half], [half, half], [0, 0]], mode="SYMMETRIC")
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-    # Weighted sums of shifted slices: TF's CPU depthwise convolution took 5x longer for these 7 taps.
-    rows = sum(kernel[tap] * padded[tap : tap + height] for tap in range(_BLUR_TAPS))
-    out = sum(kernel[tap] * rows[:, tap : tap + width] for tap in range(_BLUR_TAPS))
+    # Weighted sums of shifted slices (TF's CPU depthwise convolution took 4x longer for these 7 taps), in its
+    # order: along rows first, then columns (the other order rounds differently).
+    rows = sum(kernel[tap] * padded[:, tap : tap + width] for tap in range(_BLUR_TAPS))
+    out = sum(kernel[tap] * rows[tap : tap + height] for tap in range(_BLUR_TAPS))
     return tf.clip_by_value(tf.round(out), 0.0, 255.0)
 
 

@@ -32,6 +32,7 @@ with <split> among train, validation (or val), test. Then run
   python -m fastfcn_jax.data.prepare --dataset folder:NAME --source SOURCE --data-dir OUT
 """
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
 
@@ -118,17 +119,23 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         files = []
         if masks_dir.is_dir():
             files = sorted(p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-        not_png = [p for p in files if p.suffix.lower() != ".png"]
+        # Other images (JPEG, BMP, ...) are masks saved in a lossy or unread format; other files are not masks.
+        not_png = [p for p in files if p.suffix.lower() in _OTHER_IMAGE_SUFFIXES]
         if not_png:
             raise common.DataError(
                 f"{masks_dir}: masks must be single-channel PNGs (a JPEG's compression changes class indices), "
                 f"found {len(not_png)} other file(s), e.g. {', '.join(str(p) for p in not_png[:3])}: save them "
                 "as PNG (or move them out of the folder)"
             )
+
+        def mask_of(image: Path) -> Path:
+            lower, upper = masks_dir / f"{image.stem}.png", masks_dir / f"{image.stem}.PNG"
+            return upper if upper.exists() and not lower.exists() else lower
+
         pairs = common.pair_files(
             images,
-            files,
-            lambda image: masks_dir / f"{image.stem}.png",
+            [p for p in files if p.suffix.lower() == ".png"],
+            mask_of,
             f"{source}/images/{folder} ({', '.join(sorted(_IMAGE_SUFFIXES))}) and masks/{folder}",
             INSTRUCTIONS,
             remedy=f"Every image needs masks/{folder}/<its stem>.png and every mask its image: add the missing "
