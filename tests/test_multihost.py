@@ -21,30 +21,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
-    port = free_port()
+def run_two_processes(command: list[str]) -> list[str]:
+    """Runs ``command`` as processes 0 and 1 of one jax.distributed job (2 CPU devices each); their outputs."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    common = [
-        sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path / 'run'}",
-        "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
-        f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.crop_size=48",
-        "--config.dataset.base_size=64", "--config.train.batch_size=8", "--config.train.num_steps=3",
-        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.eval.batch_size=8",
-    ]  # fmt: skip
+    distributed = ["--distributed", f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
     processes = [
         subprocess.Popen(
-            [*common, f"--process_id={index}"],
+            [*command, *distributed, f"--process_id={index}"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for index in range(2)
     ]
     outputs = [process.communicate(timeout=600)[0] for process in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-4000:]
+    return outputs
+
+
+def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
+    command = [
+        sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path / 'run'}",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.crop_size=48",
+        "--config.dataset.base_size=64", "--config.train.batch_size=8", "--config.train.num_steps=3",
+        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.eval.batch_size=8",
+    ]  # fmt: skip
+    outputs = run_two_processes(command)
     # Only the first process reports and writes metrics; both took part in every step and the checkpoint.
     assert "step 3/3" in outputs[0] and "step 3/3" not in outputs[1]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -54,31 +59,13 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
     assert all(np.all(np.isfinite(leaf)) for leaf in jax_leaves(variables))
 
     # Evaluation over both processes: each takes every other image; the sums equal one process's evaluation.
-    evaluation = ["--mode=eval", "--config.evaluation.max_examples=5"]
-    port = free_port()
-    common[common.index(next(a for a in common if a.startswith("--coordinator_address")))] = (
-        f"--coordinator_address=localhost:{port}"
-    )
-    processes = [
-        subprocess.Popen(
-            [*common, *evaluation, f"--process_id={index}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for index in range(2)
-    ]
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-4000:]
+    evaluation = [*command, "--mode=eval", "--config.evaluation.max_examples=5"]
+    outputs = run_two_processes(evaluation)
     assert "5 images over 2 processes" in outputs[0] and "; written to" not in outputs[1]
     out = tmp_path / "run" / "eval" / "validation_single_scale_first5"
     together = json.loads((out / "metrics.json").read_text())
     confusion = np.load(out / "confusion.npy")
-    single = [a for a in common if a != "--distributed" and not a.startswith(("--coordinator", "--num_processes"))]
-    alone = subprocess.run([*single, *evaluation], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    alone = subprocess.run(evaluation, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["num_images"] == together["num_images"] == 5
     np.testing.assert_array_equal(np.load(out / "confusion.npy"), confusion)
