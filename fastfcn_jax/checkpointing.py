@@ -158,6 +158,19 @@ def config_differences(info: Mapping[str, Any], model_name: str, num_classes: in
     return differences
 
 
+def note_unused_model_config(info: Mapping[str, Any], source: Any, model_config: Mapping[str, Any], use: str) -> None:
+    """Says which of ``model_config``'s name / class count the checkpoint contradicts: evaluation and
+    prediction run the model a checkpoint describes (``use``: "is evaluated", "predicts")."""
+    differences = config_differences(
+        info, model_config.get("name", info["model_name"]), model_config.get("num_classes", 0)
+    )
+    if differences:
+        print(
+            f"note: {source} holds {info['model_name']} with {info['num_classes']} classes and {use} as such; the "
+            f"config's {' and '.join(differences)} is not used"
+        )
+
+
 def variable_mismatches(expected: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
     """Every missing, unexpected or differently shaped variable of ``given`` against ``expected`` (both
     ``{'params', 'batch_stats'}`` trees of arrays or shape structs), as ``'collection/module/.../leaf'`` lines."""

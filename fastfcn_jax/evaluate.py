@@ -511,12 +511,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"checkpoint {source} predicts {num_classes} classes but dataset {dataset.name!r} has "
             f"{dataset.num_classes}; set config.dataset.name to the dataset the model was trained on"
         )
-    differences = checkpointing.config_differences(info, config.model.name, config.model.num_classes)
-    if differences:  # checkpoints describe their model: evaluated as trained, said so
-        print(
-            f"note: {source} holds {info['model_name']} with {num_classes} classes and is evaluated as such; the "
-            f"config's {' and '.join(differences)} is not used"
-        )
+    checkpointing.note_unused_model_config(info, source, config.model, "is evaluated")
     model = create_model(info["model_name"], num_classes, **checkpointing.model_overrides(info))
     name, protocol = protocol_from_config(config, dataset)
     runner = ProtocolRunner(

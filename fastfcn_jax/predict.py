@@ -281,16 +281,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     )
     from fastfcn_jax import checkpointing
 
-    model_config = config.get("model") or {}
-    info = predictor.checkpoint_info
-    differences = checkpointing.config_differences(
-        info, model_config.get("name", info["model_name"]), model_config.get("num_classes", 0)
-    )
-    if differences:  # checkpoints describe their model: it predicts as trained, said so
-        print(
-            f"note: {checkpoint} holds {info['model_name']} with {info['num_classes']} classes and predicts as "
-            f"such; the config's {' and '.join(differences)} is not used"
-        )
+    checkpointing.note_unused_model_config(predictor.checkpoint_info, checkpoint, config.get("model") or {}, "predicts")
     files = collect_inputs(inputs)
     out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     out.mkdir(parents=True, exist_ok=True)

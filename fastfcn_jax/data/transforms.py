@@ -177,21 +177,19 @@ def train_transform(
     x1 = tf.random.stateless_uniform([], seeds[3], 0, out_w + pad_w - crop_size + 1, dtype=tf.int32)
     y1 = tf.random.stateless_uniform([], seeds[4], 0, out_h + pad_h - crop_size + 1, dtype=tf.int32)
 
+    # The crop's part of the resized image: where that is smaller than the crop (y1 = x1 = 0), all of it, and
+    # the rest is padding.
+    window = (tf.minimum(out_h, crop_size), tf.minimum(out_w, crop_size))
     if rotate_degrees:  # rotation needs the whole resized image
         image, label = _resize_pair(image, label, out_h, out_w)
         degrees = tf.random.stateless_uniform([], seeds[2], -rotate_degrees, rotate_degrees)
         image, label = _rotate_pair(image, label, degrees, pad_label)
-        image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
-        label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=pad_label)
-        image = image[y1 : y1 + crop_size, x1 : x1 + crop_size]
-        label = label[y1 : y1 + crop_size, x1 : x1 + crop_size]
-    else:
-        # Only the crop is resampled; where the resized image is smaller than the crop (y1 = x1 = 0), the
-        # window is all of it and the rest is padding.
-        window = (tf.minimum(out_h, crop_size), tf.minimum(out_w, crop_size))
+        image = image[y1 : y1 + window[0], x1 : x1 + window[1]]
+        label = label[y1 : y1 + window[0], x1 : x1 + window[1]]
+    else:  # only the window is resampled
         image, label = _resized_window(image, label, (out_h, out_w), (y1, x1), window)
-        image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
-        label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=pad_label)
+    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
+    label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=pad_label)
 
     if blur:
         do_blur = tf.random.stateless_uniform([], seeds[5]) < 0.5
