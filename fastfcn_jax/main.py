@@ -75,11 +75,54 @@ def local_paths(config) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.distributed:
-        import jax
+    if not FLAGS.distributed:
+        run_mode()
+        return
+    import jax
 
-        # On TPU pods and SLURM/Kubernetes clusters jax detects these; elsewhere pass all three.
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    # On TPU pods and SLURM/Kubernetes clusters jax detects these; elsewhere pass all three.
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        run_mode()
+    except BaseException as error:  # noqa: BLE001 (every way out of one process must end the job)
+        leave_failed_job(error)
+        raise
+
+
+def leave_failed_job(error: BaseException) -> None:
+    """Ends this process of a jax.distributed job at once when it failed on its own (a user error, a bug).
+
+    Exiting normally would run jax's shutdown barrier, which waits 5 minutes for the other processes while
+    they wait in their next collective for this one; then every process aborts with a C++ stack trace and
+    this error is buried. Leaving without the barrier ends the others within the coordination service's
+    heartbeat timeout (100 s; at once where a collective sees the closed connection). A deliberate exit
+    (an integer status: a signal's checkpointed stop, train.stop_after_steps) reached by every process
+    together returns normally.
+    """
+    import traceback
+
+    if isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
+        return
+    import jax
+
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    status = 1
+    if isinstance(error, SystemExit):
+        message = str(error.code)
+    elif isinstance(error, KeyboardInterrupt):  # outside training, whose signal handler checkpoints first
+        message, status = "interrupted", 130
+    else:
+        message = "".join(traceback.format_exception(error)).rstrip()
+        if type(error).__name__ == "JaxRuntimeError":  # most often a collective whose peer has left
+            message += "\n(if another process of the job failed first, its output says why)"
+    print(f"{message}\n({where} failed: ending the job without waiting for the other processes)", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def run_mode() -> None:
+    """Validates ``--config`` and runs its mode; a user error exits with a one-line message."""
     config = FLAGS.config
     if FLAGS.mode:
         with config.unlocked():

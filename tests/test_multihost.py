@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -21,13 +22,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_processes(command: list[str]) -> list[str]:
-    """Runs ``command`` as processes 0 and 1 of one jax.distributed job (2 CPU devices each); their outputs."""
+def run_two_processes(
+    command: list[str], extra: tuple[list[str], list[str]] = ([], []), check: bool = True
+) -> list[str]:
+    """Runs ``command`` (plus ``extra[i]`` for process i) as processes 0 and 1 of one jax.distributed job
+    (2 CPU devices each); their outputs. ``check``: both must exit 0."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     distributed = ["--distributed", f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
     processes = [
         subprocess.Popen(
-            [*command, *distributed, f"--process_id={index}"],
+            [*command, *distributed, f"--process_id={index}", *extra[index]],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -36,9 +40,11 @@ def run_two_processes(command: list[str]) -> list[str]:
         )
         for index in range(2)
     ]
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-4000:]
+    outputs = []
+    for process in processes:
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0 or not check, output[-4000:]
+        outputs.append(f"{output}\nexit status {process.returncode}")  # the last line: for tests that fail one
     return outputs
 
 
@@ -70,6 +76,20 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["num_images"] == together["num_images"] == 5
     np.testing.assert_array_equal(np.load(out / "confusion.npy"), confusion)
     assert confusion.sum() > 0
+
+    # One process fails on its own (its host lacks the workdir): it says why and leaves at once, and the job
+    # ends within seconds instead of waiting out jax's 5-minute shutdown barrier and aborting with C++ traces.
+    start = time.monotonic()
+    outputs = run_two_processes(
+        [*evaluation[:-1], "--config.evaluation.max_examples=4"],
+        extra=([], [f"--workdir={tmp_path / 'not_mounted'}"]),
+        check=False,
+    )
+    assert time.monotonic() - start < 200, outputs
+    assert "not_mounted does not exist" in outputs[1] and "process 1 of 2 failed" in outputs[1], outputs[1][-3000:]
+    assert outputs[1].endswith("exit status 1") and not outputs[0].endswith("exit status 0"), outputs[0][-3000:]
+    assert "process 0 of 2 failed" in outputs[0] and "its output says why" in outputs[0], outputs[0][-3000:]
+    assert not (tmp_path / "run" / "eval" / "validation_single_scale_first4").exists()
 
 
 def jax_leaves(tree):
