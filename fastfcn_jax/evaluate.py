@@ -474,7 +474,7 @@ def protocol_from_config(config: Any, dataset_info: Any) -> tuple[str, Protocol]
     )
 
 
-def _sum_over_processes(counts: np.ndarray) -> np.ndarray:
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
     """Sum of an int64 array over all processes, exact (JAX moves int32 without x64: 20-bit halves)."""
     from jax.experimental import multihost_utils
 
@@ -571,7 +571,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
             )
     num_images = len(names)
     if processes > 1:
-        confusion, num_images = _sum_over_processes(confusion), int(_sum_over_processes(np.int64(num_images)))
+        confusion, num_images = sum_over_processes(confusion), int(sum_over_processes(np.int64(num_images)))
     seconds = time.perf_counter() - start
     scores = metrics.segmentation_scores(confusion)
     if dataset.name == "pcontext" and num_classes == 59:

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -26,6 +27,7 @@ from fastfcn_jax.evaluate import (
     model_logits_fn,
     normalize,
     submission_encoding,
+    sum_over_processes,
 )
 
 # The reference's sizes, for checkpoints that do not name a known dataset.
@@ -242,11 +244,14 @@ def collect_inputs(inputs: str) -> list[Path]:
     return files
 
 
-def _progress(done: int, total: int, width: int = 30) -> None:
+def _progress(done: int, total: int, note: str = "", width: int = 30) -> None:
     filled = width * done // max(total, 1)
     end = "\n" if done == total else ""
     print(
-        f"\rpredict [{'#' * filled}{'.' * (width - filled)}] {done}/{total} files", end=end, file=sys.stderr, flush=True
+        f"\rpredict [{'#' * filled}{'.' * (width - filled)}] {done}/{total} files{note}",
+        end=end,
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -283,6 +288,16 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
 
     checkpointing.note_unused_model_config(predictor.checkpoint_info, checkpoint, config.get("model") or {}, "predicts")
     files = collect_inputs(inputs)
+    # Output names over all inputs first, so that several processes (--distributed) name files alike; each
+    # process then predicts every P-th file into the same folders (a shared filesystem gathers them).
+    stems: list[str] = []
+    used: set[str] = set()
+    for path in files:
+        stems.append(_unique_stem(path, used))
+        used.add(stems[-1])
+    process, processes = jax.process_index(), jax.process_count()
+    share = list(zip(files, stems, strict=True))[process::processes]
+    lead = process == 0
     out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     out.mkdir(parents=True, exist_ok=True)
     submission_dir = settings.get("submission_dir", "")
@@ -292,12 +307,16 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         submission.mkdir(parents=True, exist_ok=True)
 
     skipped: list[str] = []
-    loaded: list[tuple[Path, np.ndarray]] = []
+    loaded: list[tuple[str, np.ndarray]] = []
     done = 0
+
+    def progress() -> None:
+        if lead:  # the others' progress is alike; their skipped files are printed by each
+            _progress(done, len(share), "" if processes == 1 else " (this process)")
 
     def readable() -> Iterator[np.ndarray]:
         nonlocal done
-        for path in files:
+        for path, stem in share:
             try:
                 # Benchmarks score masks of the stored pixels: no EXIF turn for submissions.
                 image = load_image(path, exif_orientation=submission is None)
@@ -305,18 +324,15 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
                 skipped.append(str(error))
                 print(f"\nskipped {error}", file=sys.stderr, flush=True)
                 done += 1
-                _progress(done, len(files))
+                progress()
                 continue
-            loaded.append((path, image))
+            loaded.append((stem, image))
             yield image
 
     written: list[Path] = []
-    used_names: set[str] = set()
-    _progress(0, len(files))
+    progress()
     for mask in predictor.iter_predict(readable()):
-        path, image = loaded.pop(0)
-        stem = _unique_stem(path, used_names)
-        used_names.add(stem)
+        stem, image = loaded.pop(0)
         mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
         predictor.mask_image(mask).save(mask_path)
         Image.fromarray(predictor.overlay(image, mask)).save(overlay_path)
@@ -324,14 +340,23 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
             predictor.benchmark_mask(mask).save(submission / f"{stem}.png")
         written += [mask_path, overlay_path]
         done += 1
-        _progress(done, len(files))
-    print(
-        f"wrote {len(written) // 2} masks and overlays to {out}"
-        + (f" and benchmark-encoded masks to {submission}" if submission is not None else "")
-        + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""),
-        flush=True,
-    )
-    if not written:
+        progress()
+    counts = np.array([len(written) // 2, len(skipped)], np.int64)
+    if processes > 1:
+        counts = sum_over_processes(counts)
+    if lead:
+        print(
+            f"wrote {counts[0]} masks and overlays to {out}"
+            + (f" and benchmark-encoded masks to {submission}" if submission is not None else "")
+            + (f"; skipped {counts[1]} unreadable file(s)" if counts[1] else "")
+            + (
+                f" ({processes} processes, each wrote its share into these folders on its host)"
+                if processes > 1
+                else ""
+            ),
+            flush=True,
+        )
+    if not counts[0]:
         raise ValueError(f"none of the {len(files)} input file(s) is a readable image (see the messages above)")
     return written
 

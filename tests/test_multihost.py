@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 
 from fastfcn_jax import checkpointing
 from tests.test_main import ROOT
@@ -76,6 +77,29 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["num_images"] == together["num_images"] == 5
     np.testing.assert_array_equal(np.load(out / "confusion.npy"), confusion)
     assert confusion.sum() > 0
+
+    # Prediction over both processes: each predicts every other file (names fixed over all files first); the
+    # outputs equal one process's, the unreadable file is reported by the process it fell to.
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for index, name in enumerate(["a.png", "c.png", "d.png", "e.png"]):
+        pixels = np.random.default_rng(index).integers(0, 256, (40 + 8 * index, 56, 3), np.uint8)
+        Image.fromarray(pixels).save(inputs / name)
+    (inputs / "b.txt").write_text("not an image")
+    predict = [*command, "--mode=predict", f"--inputs={inputs}"]
+    outputs = run_two_processes([*predict, f"--output_dir={tmp_path / 'together'}"])
+    assert "wrote 4 masks and overlays" in outputs[0] and "skipped 1 unreadable" in outputs[0], outputs[0][-3000:]
+    assert "b.txt" in outputs[1] and "wrote" not in outputs[1], outputs[1][-3000:]
+    alone = subprocess.run(
+        [*predict, f"--output_dir={tmp_path / 'alone'}"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    names = sorted(path.name for path in (tmp_path / "alone").iterdir())
+    assert names == sorted(path.name for path in (tmp_path / "together").iterdir()) and len(names) == 8
+    for name in names:
+        if name.endswith("_mask.png"):
+            together = np.asarray(Image.open(tmp_path / "together" / name))
+            np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "alone" / name)), together)
 
     # One process fails on its own (its host lacks the workdir): it says why and leaves at once, and the job
     # ends within seconds instead of waiting out jax's 5-minute shutdown barrier and aborting with C++ traces.
