@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -221,15 +222,24 @@ def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting (preemption)."""
+    """Turns SIGTERM/SIGINT into a stop at a step boundary so the loop can checkpoint first (preemption).
+
+    Several processes (jax.distributed) must stop after the same step: one that stopped alone would leave
+    the others waiting in the next step's collectives, and the checkpoint needs all of them. There SIGTERM
+    is jax's preemption notice: its coordination service agrees on the step (the highest any process has
+    reached, plus one) whichever processes got the signal; Ctrl-C is turned into that notice.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self.signal: int | None = None  # the signal that asked for the stop
         self._previous = {}
+        # jax installs its preemption notifier's SIGTERM handler when the job has several processes (and
+        # the preemption service is on, the default): a Python handler would replace it.
+        self.coordinated = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.coordinated else (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -240,6 +250,20 @@ class StopRequest:
             raise KeyboardInterrupt(f"signal {signum} received twice: stopped without saving")
         logging.warning("signal %d received: checkpointing after this step, then stopping (again: stop now)", signum)
         self.requested, self.signal = True, signum
+        if self.coordinated:
+            os.kill(os.getpid(), signal.SIGTERM)  # to jax's notifier, which tells the other processes
+
+    def reached(self, step: int) -> bool:
+        """Whether to checkpoint and stop after ``step``; called once after every step (the coordinated
+        form takes part in the processes' agreement on the step)."""
+        if self.coordinated:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = self.signal or signal.SIGTERM  # this process may have received none itself
+                return True
+            return False
+        return self.requested
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -495,14 +519,15 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     best_score = score
                     checkpoints.save_best(done, state, score)
             time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
-            if done % config.train.checkpoint_every == 0 or done == total_steps or stop.requested or time_boxed:
+            stopping = stop.reached(done)
+            if done % config.train.checkpoint_every == 0 or done == total_steps or stopping or time_boxed:
                 checkpoints.save(done, state)
             if should_eval or done % config.train.checkpoint_every == 0:  # not training time: out of img/s
                 jax.block_until_ready(state.step)
                 window_start, window_steps = time.perf_counter(), 0
-            if (stop.requested or time_boxed) and done < total_steps:  # at num_steps the run is finished
+            if (stopping or time_boxed) and done < total_steps:  # at num_steps the run is finished
                 report(f"stopped at step {done}/{total_steps}; run the same command again to resume")
-                stopped_by = stop.signal if stop.requested else "stop_after_steps"
+                stopped_by = stop.signal if stopping else "stop_after_steps"
                 break
         if not last_eval and int(state.step) >= total_steps:  # a finished run asked again: report its metrics
             last_eval = run_eval()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from subprocess import Popen
 
 import numpy as np
 from PIL import Image
@@ -23,15 +28,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_processes(
-    command: list[str], extra: tuple[list[str], list[str]] = ([], []), check: bool = True
-) -> list[str]:
-    """Runs ``command`` (plus ``extra[i]`` for process i) as processes 0 and 1 of one jax.distributed job
-    (2 CPU devices each); their outputs. ``check``: both must exit 0."""
+@contextlib.contextmanager
+def two_processes(command: list[str], extra: tuple[list[str], list[str]] = ([], [])) -> Iterator[list[Popen]]:
+    """Processes 0 and 1 of one jax.distributed job running ``command`` (plus ``extra[i]`` for process i; 2
+    CPU devices each), stdout and stderr together in a text pipe; killed if still running at the end (a
+    failed test leaves no job waiting for its other half)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     distributed = ["--distributed", f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
     processes = [
-        subprocess.Popen(
+        Popen(
             [*command, *distributed, f"--process_id={index}", *extra[index]],
             cwd=ROOT,
             env=env,
@@ -41,11 +46,26 @@ def run_two_processes(
         )
         for index in range(2)
     ]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def run_two_processes(
+    command: list[str], extra: tuple[list[str], list[str]] = ([], []), check: bool = True
+) -> list[str]:
+    """Runs the job of :func:`two_processes` to its end; the processes' outputs, each ending with
+    ``exit status N``. ``check``: both must exit 0."""
     outputs = []
-    for process in processes:
-        output = process.communicate(timeout=600)[0]
-        assert process.returncode == 0 or not check, output[-4000:]
-        outputs.append(f"{output}\nexit status {process.returncode}")  # the last line: for tests that fail one
+    with two_processes(command, extra) as processes:
+        for process in processes:
+            output = process.communicate(timeout=600)[0]
+            assert process.returncode == 0 or not check, output[-4000:]
+            outputs.append(f"{output}\nexit status {process.returncode}")
     return outputs
 
 
@@ -114,6 +134,33 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
     assert outputs[1].endswith("exit status 1") and not outputs[0].endswith("exit status 0"), outputs[0][-3000:]
     assert "process 0 of 2 failed" in outputs[0] and "its output says why" in outputs[0], outputs[0][-3000:]
     assert not (tmp_path / "run" / "eval" / "validation_single_scale_first4").exists()
+
+
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step_with_a_checkpoint(tmp_path):
+    # A preempted host gets SIGTERM alone, at any point of its step: the processes agree on the step to stop
+    # after (jax's preemption sync), checkpoint it together and exit 143 (a process stopping alone would leave
+    # the other waiting in the next step's collectives).
+    command = [
+        sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path / 'run'}",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.crop_size=48",
+        "--config.dataset.base_size=64", "--config.train.batch_size=8", "--config.train.num_steps=300",
+        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=1000",
+    ]  # fmt: skip
+    with two_processes(command) as processes:
+        lines = []
+        for line in processes[0].stdout:
+            lines.append(line)
+            if line.startswith("step 3/300"):
+                processes[1].send_signal(signal.SIGTERM)
+                break
+        outputs = ["".join(lines) + processes[0].communicate(timeout=300)[0]]
+        outputs.append(processes[1].communicate(timeout=300)[0])
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    stopped = re.search(r"stopped at step (\d+)/300", outputs[0])
+    assert stopped, outputs[0][-3000:]
+    _, info = checkpointing.restore_variables(tmp_path / "run")
+    assert info["step"] == int(stopped.group(1)) >= 3
 
 
 def jax_leaves(tree):
