@@ -158,12 +158,42 @@ def config_differences(info: Mapping[str, Any], model_name: str, num_classes: in
     return differences
 
 
+# create_model arguments that choose how the network is computed or trained, not which function it is.
+_NOT_ARCHITECTURE = ("dtype", "aux", "se_loss")
+
+
+def architecture_conflicts(info: Mapping[str, Any], configured: Mapping[str, Any]) -> list[str]:
+    """The ``create_model`` overrides in ``configured`` that would build another network than checkpoint
+    ``info``'s, as ``key=value (the checkpoint's: ...)`` phrases. The checkpoint's value is its stored override
+    or, where training left the key at its default (only set keys are stored), the model's default. Compute
+    dtype, op choices (``*_implementation``) and the training heads (``aux``, ``se_loss``) are not compared."""
+    from fastfcn_jax.models import create_model
+
+    def plain(value: Any) -> Any:
+        return tuple(plain(v) for v in value) if isinstance(value, list | tuple) else value
+
+    trained = model_overrides(info)
+    defaults = create_model(info["model_name"], int(info["num_classes"]))
+    conflicts = []
+    for key, value in configured.items():
+        if key in _NOT_ARCHITECTURE or key.endswith("_implementation"):
+            continue
+        was = trained[key] if key in trained else getattr(defaults, key, value)
+        if plain(value) != plain(was) and str(value) != str(was):
+            conflicts.append(f"{key}={value!r} (the checkpoint's: {was!r})")
+    return conflicts
+
+
 def note_unused_model_config(info: Mapping[str, Any], source: Any, model_config: Mapping[str, Any], use: str) -> None:
-    """Says which of ``model_config``'s name / class count the checkpoint contradicts: evaluation and
-    prediction run the model a checkpoint describes (``use``: "is evaluated", "predicts")."""
+    """Says which of ``model_config``'s name / class count / architecture overrides the checkpoint
+    contradicts: evaluation and prediction run the model a checkpoint describes (``use``: "is evaluated",
+    "predicts")."""
+    from fastfcn_jax.models.registry import model_kwargs
+
     differences = config_differences(
         info, model_config.get("name", info["model_name"]), model_config.get("num_classes", 0)
     )
+    differences += [f"config.model.overrides.{c}" for c in architecture_conflicts(info, model_kwargs(model_config))]
     if differences:
         print(
             f"note: {source} holds {info['model_name']} with {info['num_classes']} classes and {use} as such; the "

@@ -414,23 +414,24 @@ def export_settings(config: Any) -> dict[str, Any]:
     return settings
 
 
-def _trained_overrides(trained: dict[str, Any], configured: dict[str, Any], source: Path) -> dict[str, Any]:
-    """The model as the checkpoint was trained (its stored overrides), computed as the config says (``dtype``
-    and op choices: the config's, not training's); an architecture override of the config that differs from
-    training's is an error: one that changes no weight shape (output_stride, dilations) would otherwise export
-    another function. ``aux`` and ``se_loss`` follow the checkpoint where it records them (they do not change
-    the exported logits, and the config's default would contradict it)."""
+def _trained_overrides(info: dict[str, Any], configured: dict[str, Any], source: Path) -> dict[str, Any]:
+    """The model as checkpoint ``info`` was trained (its stored overrides), computed as the config says
+    (``dtype`` and op choices: the config's, not training's); an architecture override of the config that
+    differs from training's (or from the model's default, where training kept it) is an error: one that changes
+    no weight shape (output_stride, dilations) would otherwise export another function. ``aux`` and
+    ``se_loss`` follow the checkpoint where it records them (they do not change the exported logits, and the
+    config's default would contradict it)."""
+    from fastfcn_jax import checkpointing
+
+    conflicts = checkpointing.architecture_conflicts(info, configured)
+    if conflicts:
+        raise ValueError(
+            f"config.model.overrides.{' and '.join(conflicts)}: checkpoint {source} was trained otherwise; leave "
+            "it unset (the checkpoint's is used) or export another checkpoint"
+        )
     how = {k: v for k, v in configured.items() if k == "dtype" or k.endswith("_implementation")}
-    trained = {k: v for k, v in trained.items() if not k.endswith("_implementation")}
+    trained = {k: v for k, v in checkpointing.model_overrides(info).items() if not k.endswith("_implementation")}
     heads = {k: trained[k] for k in ("aux", "se_loss") if k in trained}
-    for key, value in configured.items():
-        if key in how or key in heads:
-            continue
-        if str(value) != str(trained.get(key, value)):
-            raise ValueError(
-                f"config.model.overrides.{key}={value!r}, but checkpoint {source} was trained with "
-                f"{key}={trained[key]!r}: leave it unset (the checkpoint's is used) or export another checkpoint"
-            )
     return {**trained, **{k: v for k, v in configured.items() if k not in how and k not in heads}, **how}
 
 
@@ -459,7 +460,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
             f"asks for {' and '.join(differences)}: export with the config the checkpoint was trained with, or set "
             "config.export.checkpoint"
         )
-    overrides = _trained_overrides(checkpointing.model_overrides(info), model_overrides(config), source)
+    overrides = _trained_overrides(info, model_overrides(config), source)
     with target_backend(settings["tuned_for"] or None):  # dtype 'auto': the serving backend's compute dtype
         model = create_model(config.model.name, num_classes, **overrides)
     overrides["dtype"] = model.dtype

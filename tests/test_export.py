@@ -245,8 +245,9 @@ def test_stored_overrides_read_back_as_model_arguments_and_export_takes_the_conf
         "psp_bins": (1, 2, 3, 6)
     }
     trained = {"depthwise_implementation": "grouped", "aux": False, "output_stride": 16}
+    info = {"model_name": "fcn_dilated_tiny", "num_classes": 6, "model_overrides": trained}
     configured = {"dtype": "float32", "aux": True}  # the config's defaults
-    assert export._trained_overrides(trained, configured, Path("ckpt")) == {
+    assert export._trained_overrides(info, configured, Path("ckpt")) == {
         "aux": False,  # as trained: the config's default does not contradict it
         "output_stride": 16,
         "dtype": "float32",  # how to compute: the config's (and its op choices, none here)
@@ -272,8 +273,27 @@ def test_export_builds_the_model_the_checkpoint_was_trained_as(tmp_path):
     assert relative_error(got, reference_logits(model, variables, images)) <= TOLERANCE
     assert json.loads((tmp_path / "out" / export.METADATA_FILE).read_text())["model_overrides"]["output_stride"] == 16
     config.model.overrides.output_stride = 8
-    with pytest.raises(ValueError, match="output_stride=8, but checkpoint .* was trained with output_stride=16"):
+    with pytest.raises(ValueError, match=r"output_stride=8 \(the checkpoint's: 16\): checkpoint .* trained otherwise"):
         export.run_export(config, tmp_path)
+
+
+def test_an_architecture_override_is_refused_also_where_training_kept_the_default(tmp_path, capsys):
+    # Training stores only the overrides it was given: a config that changes a default is compared to it.
+    model = create_model("encnet_jpu_tiny", 6)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(2), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": 6, "dataset": DATASET, "model_overrides": {"aux": True}}
+    checkpointing.save_variables(tmp_path / "ckpt", jax.device_get(variables), info)
+    config = demo_config(checkpoint=str(tmp_path / "ckpt"), directory=str(tmp_path / "out"))
+    config.model.overrides.jpu_dilations = (1, 2, 4, 16)
+    with pytest.raises(ValueError, match=r"jpu_dilations=\(1, 2, 4, 16\) \(the checkpoint's: \(1, 2, 4, 8\)\)"):
+        export.run_export(config, tmp_path)
+    config.model.overrides.jpu_dilations = [1, 2, 4, 8]  # the default, as a list: no conflict
+    assert checkpointing.architecture_conflicts(info, {"jpu_dilations": [1, 2, 4, 8], "dtype": "bfloat16"}) == []
+    # Evaluation and prediction run the checkpoint's model and say that the override is not used.
+    checkpointing.note_unused_model_config(info, "ckpt", {"overrides": {"jpu_dilations": (1, 2, 4, 16)}}, "predicts")
+    assert "config.model.overrides.jpu_dilations=(1, 2, 4, 16) (the checkpoint's: (1, 2, 4, 8)) is not used" in (
+        capsys.readouterr().out
+    )
 
 
 def test_export_settings_reject_unknown_keys_and_formats():
