@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastfcn_jax import visualize
+from fastfcn_jax.data.image_files import pil_to_rgb, to_rgb
 from fastfcn_jax.evaluate import (
     PROTOCOLS,
     ProtocolRunner,
@@ -34,33 +35,9 @@ from fastfcn_jax.evaluate import (
 DEFAULT_BASE_SIZE, DEFAULT_CROP_SIZE = 520, 480
 
 
-def to_rgb(image: Any) -> np.ndarray:
-    """[H, W], [H, W, 1], [H, W, 3] or [H, W, 4] pixels -> uint8 RGB [H, W, 3] (alpha dropped).
-
-    uint8 and other integers are 0..255, except uint16 (0..65535, as 16-bit files); floats are 0..255, or
-    0..1 when none exceeds 1 (as matplotlib and scikit-image give them); values outside are clipped.
-    """
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
-        raise ValueError(f"expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; got shape {array.shape}")
-    if array.dtype != np.uint8:
-        values = array.astype(np.float64)
-        if not np.isfinite(values).all():
-            raise ValueError("the image has NaN or infinite pixel values")
-        if array.dtype == np.uint16:
-            values = values * (255.0 / 65535.0)
-        elif np.issubdtype(array.dtype, np.floating) and values.max() <= 1.0:
-            values = values * 255.0
-        array = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3])
-
-
 def load_image(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of an image file (16-bit grayscale scaled to 8 bits). With ``exif_orientation``
+    """uint8 RGB [H, W, 3] of an image file (16-bit and float images as :mod:`fastfcn_jax.data.image_files`
+    says, as the dataset builders read them). With ``exif_orientation``
     turned as its EXIF tag says (as photo viewers show it); without, as stored (as datasets and their
     benchmarks read it).
 
@@ -71,11 +48,7 @@ def load_image(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray
         with Image.open(path) as opened:
             if exif_orientation:
                 opened = ImageOps.exif_transpose(opened)
-            if opened.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                values = np.asarray(opened, np.float64)
-                peak = values.max() if values.size and values.max() > 0 else 1.0
-                return to_rgb(values * (255.0 / peak))
-            return np.asarray(opened.convert("RGB"))
+            return pil_to_rgb(opened)
     # PIL raises SyntaxError for some bad PNGs, DecompressionBombError past Image.MAX_IMAGE_PIXELS (89 MP).
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from error

@@ -677,6 +677,34 @@ def test_pascal_aug_builder_combines_voc_and_sbd(tmp_path):
     assert pipeline.dataset_size("pascal_aug", "sbd_trainval", tmp_path / "tfds") == 3
 
 
+def test_16_bit_float_and_palette_images_read_alike_for_datasets_prediction_and_arrays(tmp_path):
+    # One rule (fastfcn_jax.data.image_files): 16 bits scaled by 255/65535, floats in 0..1, a palette's colours.
+    from PIL import Image
+
+    from fastfcn_jax.predict import load_image, to_rgb
+
+    gray = np.random.default_rng(0).integers(0, 256, (6, 9), dtype=np.uint8)
+    expected = np.repeat(gray[..., None], 3, -1)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    Image.fromarray(gray.astype(np.uint16) * 4).save(tmp_path / "dim16.png")  # a dark 16-bit picture stays dark
+    Image.fromarray(gray.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    palette = Image.fromarray(gray % 4, "P")
+    palette.putpalette([0, 0, 0, 250, 0, 0, 0, 250, 0, 0, 0, 250])
+    palette.save(tmp_path / "palette.png")
+    coloured = np.asarray(palette.convert("RGB"))
+    for name, want in [("gray16.png", expected), ("float.tif", expected), ("palette.png", coloured)]:
+        stored, size = common.read_rgb(tmp_path / name)  # the dataset builders' reader
+        assert size == (6, 9)
+        np.testing.assert_array_equal(stored, want, err_msg=name)
+        np.testing.assert_array_equal(load_image(tmp_path / name), want, err_msg=name)  # prediction's
+        with Image.open(tmp_path / name) as image:
+            np.testing.assert_array_equal(to_rgb(image), want, err_msg=name)  # the Python API's, a PIL image
+    np.testing.assert_array_equal(to_rgb(gray.astype(np.uint16) * 257), expected)  # and an array
+    dim = np.rint(gray.astype(np.float64) * 4 * 255 / 65535)
+    np.testing.assert_array_equal(common.read_rgb(tmp_path / "dim16.png")[0][..., 0], dim)
+    np.testing.assert_array_equal(load_image(tmp_path / "dim16.png")[..., 0], dim)
+
+
 # --------------------------------------------------------------------------------------------- folder
 def test_custom_folder_round_trip(tmp_path):
     source = tmp_path / "mydata"

@@ -17,6 +17,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
+from fastfcn_jax.data.image_files import pil_to_rgb
+
 
 class DataError(ValueError):
     """A raw example is unusable; the message names the file."""
@@ -63,7 +65,8 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def read_rgb(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
-    """Reads an image file as the reference does (PIL, converted to RGB).
+    """Reads an image file as the reference does (PIL, converted to RGB; 16-bit and float images scaled as
+    :mod:`fastfcn_jax.data.image_files` says, where PIL would saturate them).
 
     Returns what to hand to the tfds Image feature (the original bytes when they already decode to RGB, so
     JPEGs are not re-compressed; otherwise the converted array) and the (height, width).
@@ -73,7 +76,7 @@ def read_rgb(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             fmt, mode, (width, height) = img.format, img.mode, img.size
-            converted = None if mode == "RGB" and fmt in ("JPEG", "PNG") else np.asarray(img.convert("RGB"))
+            converted = None if mode == "RGB" and fmt in ("JPEG", "PNG") else pil_to_rgb(img)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise DataError(f"corrupt or unreadable image {path}: {err}") from err
     return (data if converted is None else converted), (height, width)
