@@ -163,7 +163,13 @@ def _load(builder, split, *, shuffle_seed: int | None, cache: bool = True) -> tf
     # Sub-splits report no size; the whole split's size bounds the shard's.
     whole = (split if isinstance(split, str) else split.split).split("[")[0]
     num_bytes = builder.info.splits[whole].num_bytes
-    return ds.cache() if cache and 0 < num_bytes < _CACHE_BYTES else ds
+    if cache and 0 < num_bytes < _CACHE_BYTES:
+        ds = ds.cache()
+        # Filled now in one pass of the encoded records (the same first pass an iterator would make): an
+        # iterator that stops before the end (a short run, one batch looked at) would otherwise drop its
+        # partial cache with a TensorFlow warning that reads like a user error.
+        ds.reduce(np.int64(0), lambda count, _: count + 1)
+    return ds
 
 
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
