@@ -522,7 +522,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         window_batch=settings.get("batch_size", 0) or 8,
         images_per_call=settings.get("images_per_call", 0) or 4,
     )
-    pipeline.prepare(config.dataset.name, data_dir, config.dataset.get("manual_dir", "") or None)
+    pipeline.prepare_on_first_process(config.dataset.name, data_dir, config.dataset.get("manual_dir", "") or None)
     total = full_size = pipeline.dataset_size(dataset, split, data_dir)
     limit = settings.get("max_examples", 0) or total
     total = min(total, limit)

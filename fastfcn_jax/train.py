@@ -341,12 +341,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         )
     data_dir = config.dataset.data_dir or None
     # Builds the tfds files on first use (seconds for the embedded dataset; real ones need manual_dir).
-    if jax.process_index() == 0:
-        pipeline.prepare(config.dataset.name, data_dir, config.dataset.manual_dir or None)
-    if jax.process_count() > 1:  # the other hosts read it only once the first has built it
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dataset prepared")
+    pipeline.prepare_on_first_process(config.dataset.name, data_dir, config.dataset.manual_dir or None)
     train_size = pipeline.dataset_size(config.dataset.name, config.dataset.train_split, data_dir)
     steps_per_epoch = max(train_size // global_batch, 1)  # the reference drops the last partial batch
     total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch

@@ -86,7 +86,9 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
     assert all(np.all(np.isfinite(leaf)) for leaf in jax_leaves(variables))
 
     # Evaluation over both processes: each takes every other image; the sums equal one process's evaluation.
-    evaluation = [*command, "--mode=eval", "--config.evaluation.max_examples=5"]
+    # Into a data_dir without the dataset: the first process builds it, the other waits.
+    evaluation = [*command, f"--config.dataset.data_dir={tmp_path / 'tfds2'}", "--mode=eval"]
+    evaluation.append("--config.evaluation.max_examples=5")
     outputs = run_two_processes(evaluation)
     assert "5 images over 2 processes" in outputs[0] and "; written to" not in outputs[1]
     out = tmp_path / "run" / "eval" / "validation_single_scale_first5"

@@ -74,6 +74,17 @@ def prepare(
     return prepare_status(dataset, data_dir, manual_dir, source_dir=source_dir, overwrite=overwrite)[0]
 
 
+def prepare_on_first_process(dataset: str, data_dir: str | Path | None, manual_dir: str | Path | None) -> None:
+    """:func:`prepare` by the first process of a job only, the others waiting until it is done: several
+    processes building the same files into a shared ``data_dir`` would overwrite each other's."""
+    if jax.process_index() == 0:
+        prepare(dataset, data_dir, manual_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dataset prepared")
+
+
 def prepare_status(
     dataset: str,
     data_dir: str | Path | None,
