@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from fastfcn_jax.config import MODES, validate
 
 FLAGS = flags.FLAGS
+SINGLE_PROCESS_MODES = ("export", "summary", "benchmark")
 EXIT_RESUMABLE = 75  # checkpointed before num_steps on request (train.stop_after_steps): run again to continue
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, metrics, TensorBoard, summaries).")
@@ -78,6 +79,10 @@ def main(argv: list[str]) -> None:
     if not FLAGS.distributed:
         run_mode()
         return
+    mode = FLAGS.mode or FLAGS.config.get("mode")
+    if mode in SINGLE_PROCESS_MODES:
+        # Each process would write the same files (export) or time a different share of the machine.
+        sys.exit(f"error: --mode={mode} runs in one process: drop --distributed (train, eval and predict take it)")
     import jax
 
     # On TPU pods and SLURM/Kubernetes clusters jax detects these; elsewhere pass all three.

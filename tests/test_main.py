@@ -108,6 +108,13 @@ def test_predict_mode_needs_inputs(tmp_path):
     assert "Traceback" not in result.stderr and "--helpfull" not in result.stderr  # one line, no flag listing
 
 
+def test_single_process_modes_refuse_distributed_before_joining_a_job(tmp_path):
+    # No coordinator runs: a mode that tried to join one would wait for it instead of failing at once.
+    result = run_main(f"--workdir={tmp_path}", "--mode=export", "--distributed", "--coordinator_address=localhost:1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: --mode=export runs in one process: drop --distributed" in result.stderr
+
+
 def test_benchmark_mode_takes_the_scripts_options(tmp_path):
     result = run_main(
         f"--workdir={tmp_path}",
