@@ -159,14 +159,15 @@ def config_differences(info: Mapping[str, Any], model_name: str, num_classes: in
 
 
 # create_model arguments that choose how the network is computed or trained, not which function it is.
-_NOT_ARCHITECTURE = ("dtype", "aux", "se_loss")
+_NOT_ARCHITECTURE = ("dtype", "aux", "se_loss", "dropout")  # dropout: training only
 
 
 def architecture_conflicts(info: Mapping[str, Any], configured: Mapping[str, Any]) -> list[str]:
     """The ``create_model`` overrides in ``configured`` that would build another network than checkpoint
     ``info``'s, as ``key=value (the checkpoint's: ...)`` phrases. The checkpoint's value is its stored override
     or, where training left the key at its default (only set keys are stored), the model's default. Compute
-    dtype, op choices (``*_implementation``) and the training heads (``aux``, ``se_loss``) are not compared."""
+    dtype, op choices (``*_implementation``), the training heads (``aux``, ``se_loss``) and ``dropout`` are not
+    compared."""
     from fastfcn_jax.models import create_model
 
     def plain(value: Any) -> Any:

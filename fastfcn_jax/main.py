@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -87,6 +88,9 @@ def main(argv: list[str]) -> None:
 
     # On TPU pods and SLURM/Kubernetes clusters jax detects these; elsewhere pass all three.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    # jax's preemption notifier takes SIGTERM and would leave the process running; outside the training
+    # loop (which handles it, train.StopRequest) SIGTERM ends the process as it does without --distributed.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         run_mode()
     except BaseException as error:  # noqa: BLE001 (every way out of one process must end the job)
@@ -102,28 +106,36 @@ def leave_failed_job(error: BaseException) -> None:
     this error is buried. Leaving without the barrier ends the others within the coordination service's
     heartbeat timeout (100 s; at once where a collective sees the closed connection). A deliberate exit
     (an integer status: a signal's checkpointed stop, train.stop_after_steps) reached by every process
-    together returns normally.
+    together returns normally, as does a job of one process (nothing to wait for; an asynchronous
+    checkpoint write finishes).
     """
-    import traceback
-
     if isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
         return
-    import jax
+    from jax._src import distributed  # not jax.process_index(): the backend may be what failed
 
-    where = f"process {jax.process_index()} of {jax.process_count()}"
-    status = 1
-    if isinstance(error, SystemExit):
-        message = str(error.code)
-    elif isinstance(error, KeyboardInterrupt):  # outside training, whose signal handler checkpoints first
-        message, status = "interrupted", 130
-    else:
-        message = "".join(traceback.format_exception(error)).rstrip()
-        if type(error).__name__ == "JaxRuntimeError":  # most often a collective whose peer has left
-            message += "\n(if another process of the job failed first, its output says why)"
-    print(f"{message}\n({where} failed: ending the job without waiting for the other processes)", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    index, count = distributed.global_state.process_id, distributed.global_state.num_processes
+    if count is not None and count <= 1:
+        return
+    status = 130 if isinstance(error, KeyboardInterrupt) else 1
+    try:
+        import traceback
+
+        if isinstance(error, SystemExit):
+            message = str(error.code)
+        elif isinstance(error, KeyboardInterrupt):  # outside training, whose signal handler checkpoints first
+            message = "interrupted"
+        else:
+            message = "".join(traceback.format_exception(error)).rstrip()
+            if type(error).__name__ == "JaxRuntimeError":  # most often a collective whose peer has left
+                message += "\n(if another process of the job failed first, its output says why)"
+        print(
+            f"{message}\n(process {index} of {count} failed: ending the job without waiting for the other processes)",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
 
 
 def run_mode() -> None:

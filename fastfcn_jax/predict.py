@@ -263,11 +263,13 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     files = collect_inputs(inputs)
     # Output names over all inputs first, so that several processes (--distributed) name files alike; each
     # process then predicts every P-th file into the same folders (a shared filesystem gathers them).
-    stems: list[str] = []
+    # Image files choose first: a sidecar that sorts before its photo (IMG_1.AAE) does not take its name.
+    images = set(Image.registered_extensions())
+    stems: list[str] = [""] * len(files)
     used: set[str] = set()
-    for path in files:
-        stems.append(_unique_stem(path, used))
-        used.add(stems[-1])
+    for index in sorted(range(len(files)), key=lambda i: files[i].suffix.lower() not in images):
+        stems[index] = _unique_stem(files[index], used)
+        used.add(stems[index])
     process, processes = jax.process_index(), jax.process_count()
     share = list(zip(files, stems, strict=True))[process::processes]
     lead = process == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -73,6 +72,9 @@ def make_train_step(
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
 
     def train_step(state, batch, rng):
+        # Several processes' stop requests (StopRequest), one per example: returned as their maximum.
+        batch = dict(batch)
+        stop_votes = batch.pop("stop", None)
         dropout_rng = jax.random.fold_in(rng, state.step)
         # Resolved at trace time, for the backend compiled for (layers.OpChoices.loss_logits).
         loss_logits = layers.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
@@ -123,6 +125,8 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         terms["grad_norm"] = optax.tree.norm(grads)
+        if stop_votes is not None:
+            terms["stop_requested"] = jnp.max(stop_votes)
         return new_state, terms
 
     return train_step
@@ -221,25 +225,29 @@ def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState
 # Loop helpers.
 
 
+# Several processes: every this many steps they combine their stop requests (read one step later).
+STOP_CHECK_EVERY = 10
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT into a stop at a step boundary so the loop can checkpoint first (preemption).
 
     Several processes (jax.distributed) must stop after the same step: one that stopped alone would leave
-    the others waiting in the next step's collectives, and the checkpoint needs all of them. There SIGTERM
-    is jax's preemption notice: its coordination service agrees on the step (the highest any process has
-    reached, plus one) whichever processes got the signal; Ctrl-C is turned into that notice.
+    the others waiting in the next step's collectives, and the checkpoint needs all of them. There each
+    step carries every process's request as an input (``batch['stop']``, one value per example) and
+    returns their maximum, the same on every process; the loop reads it every ``STOP_CHECK_EVERY`` steps,
+    one step late so that no step waits for it, and all processes stop after the same step.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.signal: int | None = None  # the signal that asked for the stop
         self._previous = {}
-        # jax installs its preemption notifier's SIGTERM handler when the job has several processes (and
-        # the preemption service is on, the default): a Python handler would replace it.
-        self.coordinated = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT,) if self.coordinated else (signal.SIGTERM, signal.SIGINT):
+        # (Under jax.distributed this replaces jax's own preemption notifier for the loop's duration: its
+        # step agreement loses a notice that comes before its first call and can be misled by orbax's calls.)
+        for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -250,20 +258,6 @@ class StopRequest:
             raise KeyboardInterrupt(f"signal {signum} received twice: stopped without saving")
         logging.warning("signal %d received: checkpointing after this step, then stopping (again: stop now)", signum)
         self.requested, self.signal = True, signum
-        if self.coordinated:
-            os.kill(os.getpid(), signal.SIGTERM)  # to jax's notifier, which tells the other processes
-
-    def reached(self, step: int) -> bool:
-        """Whether to checkpoint and stop after ``step``; called once after every step (the coordinated
-        form takes part in the processes' agreement on the step)."""
-        if self.coordinated:
-            from jax.experimental import multihost_utils
-
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signal = self.signal or signal.SIGTERM  # this process may have received none itself
-                return True
-            return False
-        return self.requested
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -467,11 +461,22 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
     stopped_by: int | str | None = None
+    combined = jax.process_count() > 1  # the processes' stop requests travel with the steps
+    votes = None  # a check step's combined request, read after the next step is dispatched
     with StopRequest() as stop:
         for step in range(start_step, total_steps):
-            batch = sharding.global_batch(next(train_batches), mesh)
-            state, terms = train_step(state, batch, step_rng)
+            host_batch = next(train_batches)
+            if combined:
+                host_batch = {**host_batch, "stop": np.full(local_batch, stop.requested, np.int32)}
+            state, terms = train_step(state, sharding.global_batch(host_batch, mesh), step_rng)
             done = step + 1
+            stopping = stop.requested
+            if combined:
+                stopping = votes is not None and bool(jax.device_get(votes))  # alike on every process
+                vote = terms.pop("stop_requested")
+                votes = vote if done % STOP_CHECK_EVERY == 0 else None
+                if stopping and not stop.signal:
+                    stop.signal = signal.SIGTERM  # another process received it
             if step == start_step:  # compiled in this step: its time is not the throughput
                 jax.block_until_ready(terms)
                 report(f"first step (compilation included) took {format_duration(time.perf_counter() - run_start)}")
@@ -514,7 +519,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     best_score = score
                     checkpoints.save_best(done, state, score)
             time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
-            stopping = stop.reached(done)
             if done % config.train.checkpoint_every == 0 or done == total_steps or stopping or time_boxed:
                 checkpoints.save(done, state)
             if should_eval or done % config.train.checkpoint_every == 0:  # not training time: out of img/s

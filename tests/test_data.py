@@ -700,6 +700,8 @@ def test_16_bit_float_and_palette_images_read_alike_for_datasets_prediction_and_
         with Image.open(tmp_path / name) as image:
             np.testing.assert_array_equal(to_rgb(image), want, err_msg=name)  # the Python API's, a PIL image
     np.testing.assert_array_equal(to_rgb(gray.astype(np.uint16) * 257), expected)  # and an array
+    # 32-bit integer pixels (PIL mode I) are 0..255 values, as integer arrays are.
+    np.testing.assert_array_equal(to_rgb(Image.fromarray(gray.astype(np.int32))), expected)
     dim = np.rint(gray.astype(np.float64) * 4 * 255 / 65535)
     np.testing.assert_array_equal(common.read_rgb(tmp_path / "dim16.png")[0][..., 0], dim)
     np.testing.assert_array_equal(load_image(tmp_path / "dim16.png")[..., 0], dim)

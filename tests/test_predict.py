@@ -164,6 +164,13 @@ def test_same_named_inputs_never_overwrite_each_other_and_oversized_images_are_s
     with pytest.raises(ValueError, match="none of the 1 input file"):
         run_prediction(config, tmp_path / "workdir", str(tmp_path / "text"), str(tmp_path / "out2"))
 
+    # A phone's sidecar file sorts before its photo and is skipped: the photo keeps its own name.
+    (tmp_path / "phone").mkdir()
+    (tmp_path / "phone" / "IMG_0001.AAE").write_text("<plist/>")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "phone" / "IMG_0001.JPG")
+    written = run_prediction(config, tmp_path / "workdir", str(tmp_path / "phone"), str(tmp_path / "out3"))
+    assert [p.name for p in written] == ["IMG_0001_mask.png", "IMG_0001_overlay.png"]
+
 
 def test_a_single_file_and_a_glob_are_accepted(checkpoint, tmp_path):
     from fastfcn_jax.predict import collect_inputs

@@ -2,10 +2,10 @@
 and arrays (the Python API): no TensorFlow here, so prediction can use it without it.
 
 - 8-bit images (RGB, grayscale, palette, RGBA, CMYK, ...): as Pillow converts them to RGB (alpha dropped);
-- 16-bit images (PIL modes ``I;16*``; ``I`` as older Pillow opens 16-bit PNGs) and uint16 arrays: 0..65535
+- 16-bit images (PIL modes ``I;16*``, as Pillow opens 16-bit PNGs and TIFFs) and uint16 arrays: 0..65535
   scaled to 0..255 (65535 / 257 = 255), so that a 16-bit file and its 8-bit version look alike;
 - float images and arrays (PIL mode ``F``): 0..1 when no value exceeds 1 (as matplotlib and scikit-image give
-  them), else 0..255; other integer arrays 0..255. Values outside the range are clipped.
+  them), else 0..255; other integers (PIL mode ``I``, int arrays) 0..255. Values outside are clipped.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def to_rgb(image: Any) -> np.ndarray:
@@ -47,6 +47,6 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
     saturates 16-bit pixels at 255 and reads a palette image's indices as gray levels only via numpy)."""
     if image.mode in _SIXTEEN_BIT_MODES:
         return to_rgb(np.clip(np.asarray(image), 0, 65535).astype(np.uint16))
-    if image.mode == "F":
-        return to_rgb(np.asarray(image, np.float32))
+    if image.mode in ("I", "F"):
+        return to_rgb(np.asarray(image))
     return np.asarray(image.convert("RGB"))

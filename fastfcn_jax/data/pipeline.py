@@ -306,7 +306,9 @@ def eval_batches(
     largest = max(builder.info.splits[s].num_examples for s in shards)
     num_batches = -(-largest // batch_size)
 
-    ds = _load(builder, shard, shuffle_seed=None).map(_decode(info, builder), num_parallel_calls=tf.data.AUTOTUNE)
+    # Not cached: each evaluation builds its own pipeline and reads it once (a cache would be filled in vain).
+    ds = _load(builder, shard, shuffle_seed=None, cache=False)
+    ds = ds.map(_decode(info, builder), num_parallel_calls=tf.data.AUTOTUNE)
 
     def centre_crop(image: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
         image, label = transforms.val_transform(image, label, crop_size=crop_size)
