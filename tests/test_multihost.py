@@ -69,13 +69,19 @@ def run_two_processes(
     return outputs
 
 
-def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
-    command = [
+def demo_command(tmp_path, *overrides: str) -> list[str]:
+    """The demo config's training command (48x48 crops, global batch 8, workdir and data_dir in ``tmp_path``,
+    a log line per step, no evaluation), then ``overrides``."""
+    return [
         sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path / 'run'}",
         f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.crop_size=48",
-        "--config.dataset.base_size=64", "--config.train.batch_size=8", "--config.train.num_steps=3",
-        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.eval.batch_size=8",
+        "--config.dataset.base_size=64", "--config.train.batch_size=8", "--config.train.log_every=1",
+        "--config.train.eval_every=0", *overrides,
     ]  # fmt: skip
+
+
+def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
+    command = demo_command(tmp_path, "--config.train.num_steps=3", "--config.eval.batch_size=8")
     outputs = run_two_processes(command)
     # Only the first process reports and writes metrics; both took part in every step and the checkpoint.
     assert "step 3/3" in outputs[0] and "step 3/3" not in outputs[1]
@@ -142,12 +148,7 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step_with_a_c
     # A preempted host gets SIGTERM alone, at any point of its step: its request travels with the steps, both
     # processes read it at the same check step (train.STOP_CHECK_EVERY), checkpoint the step after it together
     # and exit 143 (a process stopping alone would leave the other waiting in the next step's collectives).
-    command = [
-        sys.executable, "-m", "fastfcn_jax.main", "--config", str(DEMO), f"--workdir={tmp_path / 'run'}",
-        f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.crop_size=48",
-        "--config.dataset.base_size=64", "--config.train.batch_size=8", "--config.train.num_steps=300",
-        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=1000",
-    ]  # fmt: skip
+    command = demo_command(tmp_path, "--config.train.num_steps=300", "--config.train.checkpoint_every=1000")
     with two_processes(command) as processes:
         lines = []
         for line in processes[0].stdout:
