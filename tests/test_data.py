@@ -6,6 +6,7 @@ Expected labels come from the reference's rules (DATASETS.md): ADE ``v - 1``; Pa
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -363,6 +364,69 @@ def test_blur_preserves_flat_regions_and_smooths_edges():
     blurred = transforms.gaussian_blur(tf.constant(image), tf.constant(0.9)).numpy()
     assert (blurred[:, :6] == 0).all() and (blurred[:, 14:] == 200).all()
     assert 0 < blurred[0, 9, 0] < 100 < blurred[0, 10, 0] < 200
+
+
+def _photo(seed: int, height: int, width: int) -> np.ndarray:
+    """Smooth colour fields plus noise (JPEG's chroma subsampling and IDCT matter, unlike flat colour)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (height // 8 + 2, width // 8 + 2, 3)).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), np.float32)
+    return np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def _encoded(array: np.ndarray, fmt: str, **options) -> tf.Tensor:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, **options)
+    return tf.constant(buffer.getvalue())
+
+
+_JPEG_KINDS = {
+    "4:4:4": {"subsampling": 0},
+    "4:2:2": {"subsampling": 1},
+    "4:2:0": {"subsampling": 2},
+    "progressive": {"progressive": True},
+}
+
+
+@pytest.mark.parametrize("kind", [*_JPEG_KINDS, "gray"])
+def test_jpeg_regions_are_the_whole_decode_s_pixels(kind):
+    # Decoding a region alone differs from the whole decode at the region's border by up to 8 levels (libjpeg
+    # upsamples chroma from the region's own edge); the reader decodes a margin and cuts it off.
+    rng = np.random.default_rng(0)
+    photo = _photo(1, 77, 101)
+    encoded = _encoded(photo[..., 0] if kind == "gray" else photo, "JPEG", quality=90, **_JPEG_KINDS.get(kind, {}))
+    whole = transforms.decode_rgb(encoded).numpy()
+    read = transforms.jpeg_regions(encoded)
+    regions = [(0, 0, 77, 101), (76, 100, 1, 1), (5, 17, 1, 60), (16, 32, 16, 16)]
+    regions += [tuple(int(v) for v in (y, x, rng.integers(1, 78 - y), rng.integers(1, 102 - x)))
+                for y, x in rng.integers(0, 70, (24, 2))]  # fmt: skip
+    for y, x, h, w in regions:
+        np.testing.assert_array_equal(read(y, x, h, w).numpy(), whole[y : y + h, x : x + w], err_msg=str((y, x, h, w)))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("rotate_degrees", [0.0, 10.0])
+def test_training_crop_of_encoded_image_and_raw_label_equals_the_decoded_one(fmt, rotate_degrees):
+    # The pipeline's path (a JPEG decoded only where the crop reads; raw label values looked up after the
+    # crop) gives exactly the crops of the whole decoded image and its train ids, padding included.
+    photo = _photo(2, 90, 130)
+    encoded = _encoded(photo, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    raw = np.random.default_rng(3).integers(0, 151, (90, 130)).astype(np.uint8)
+    lut = get_dataset_info("ade20k").label_lut  # 0 -> -1, k -> k - 1
+    padded = 0
+    for seed in range(16):
+        options = dict(base_size=int(40 + 12 * seed), crop_size=96, rotate_degrees=rotate_degrees)
+        image, label = transforms.train_transform_encoded(
+            encoded, tf.constant(raw), tf.constant([7, seed]), label_lut=tf.constant(lut), **options
+        )
+        want_image, want_label = transforms.train_transform(
+            transforms.decode_rgb(encoded), tf.constant(lut[raw]), tf.constant([7, seed]), **options
+        )
+        np.testing.assert_array_equal(image.numpy(), want_image.numpy())
+        np.testing.assert_array_equal(label.numpy(), want_label.numpy())
+        ignored = label.numpy() == -1
+        padded += bool(ignored.all(axis=0).any() or ignored.all(axis=1).any())
+    assert 3 <= padded <= 13  # both regimes of the window: smaller than the crop (padded) and larger
 
 
 # --------------------------------------------------------------------------------------------- ADE20K

@@ -1,6 +1,6 @@
 """Host input pipelines: tfds splits -> per-process NumPy batches for the trainer and the evaluator.
 
-``train_batches``: infinite, shuffled, augmented (``transforms.train_transform``), ``drop_remainder``.
+``train_batches``: infinite, shuffled, augmented (``transforms.train_transform_encoded``), ``drop_remainder``.
 ``eval_batches``: one pass, centre-cropped (``transforms.val_transform``), last batch padded with
 ``valid=False`` examples. Each process reads ``tfds.even_splits(split, jax.process_count())[jax.process_index()]``;
 ``batch_size`` is always the per-process batch. Labels are int32 train ids with -1 = ignore.
@@ -142,25 +142,20 @@ def dataset_size(dataset: str | DatasetInfo, split: str, data_dir: str | Path | 
     return int(_prepared_builder(info, data_dir).info.splits[split].num_examples)
 
 
+def _raw_label_decoder(builder):
+    """Encoded example -> the stored label values [H, W] (uint8 or uint16), train ids by ``info.label_lut``."""
+    label_dtype = builder.info.features["label"].tf_dtype
+    return lambda example: tf.io.decode_png(example["label"], channels=1, dtype=label_dtype)[..., 0]
+
+
 def _decode(info: DatasetInfo, builder):
     """Encoded example -> (uint8 image [H, W, 3], int32 train ids [H, W], -1 = ignore)."""
     lut = tf.constant(info.label_lut, tf.int32)
-    label_dtype = builder.info.features["label"].tf_dtype
-
-    def decode(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
-        data = example["image"]
-        # JPEGs with the accurate IDCT, as PIL decodes them (the reference's reader, and predict's): TF's
-        # default fast IDCT differs from PIL by up to 6 levels on most pixels of a textured photo.
-        image = tf.cond(
-            tf.io.is_jpeg(data),
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-        )
-        image.set_shape([None, None, 3])
-        raw = tf.cast(tf.io.decode_png(example["label"], channels=1, dtype=label_dtype)[..., 0], tf.int32)
-        return image, tf.gather(lut, raw)
-
-    return decode
+    raw_label = _raw_label_decoder(builder)
+    return lambda example: (
+        transforms.decode_rgb(example["image"]),
+        tf.gather(lut, tf.cast(raw_label(example), tf.int32)),
+    )
 
 
 def _load(builder, split, *, shuffle_seed: int | None, cache: bool = True) -> tf.data.Dataset:
@@ -263,17 +258,22 @@ def train_batches(
     # Shuffled before decoding: the buffer holds encoded files, and skipping does not decode what it skips.
     ds = ds.shuffle(min(size, _SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
     skipped = skip_batches * batch_size
-    ds = ds.skip(skipped).map(_decode(info, builder), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.skip(skipped)
+    raw_label, lut = _raw_label_decoder(builder), tf.constant(info.label_lut, tf.int32)
 
-    def augment(position: tf.Tensor, example: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def augment(position: tf.Tensor, example: dict) -> dict[str, tf.Tensor]:
         example_seed = tf.stack([tf.constant(seed, tf.int64), position * processes + process])
-        image, label = transforms.train_transform(
-            *example,
+        # Decoded here, from the encoded files: a JPEG decodes only the part the crop reads, and the label's
+        # raw values become train ids over the crop only.
+        image, label = transforms.train_transform_encoded(
+            example["image"],
+            raw_label(example),
             example_seed,
             base_size=base_size,
             crop_size=crop_size,
             rotate_degrees=info.rotate_degrees,
             pad_label=info.pad_label,
+            label_lut=lut,
         )
         return {"image": image, "label": label}
 
