@@ -380,6 +380,7 @@ def _encoded(array: np.ndarray, fmt: str, **options) -> tf.Tensor:
     return tf.constant(buffer.getvalue())
 
 
+_SEED = tf.TensorSpec([2], tf.int32)
 _JPEG_KINDS = {
     "4:4:4": {"subsampling": 0},
     "4:2:2": {"subsampling": 1},
@@ -414,19 +415,27 @@ def test_training_crop_of_encoded_image_and_raw_label_equals_the_decoded_one(fmt
     raw = np.random.default_rng(3).integers(0, 151, (90, 130)).astype(np.uint8)
     lut = get_dataset_info("ade20k").label_lut  # 0 -> -1, k -> k - 1
     padded = 0
-    for seed in range(16):
-        options = dict(base_size=int(40 + 12 * seed), crop_size=96, rotate_degrees=rotate_degrees)
-        image, label = transforms.train_transform_encoded(
-            encoded, tf.constant(raw), tf.constant([7, seed]), label_lut=tf.constant(lut), **options
+    for base_size in (60, 200):  # short side 30..120 (mostly smaller than the crop, padded) or 100..400
+        options = dict(base_size=base_size, crop_size=96, rotate_degrees=rotate_degrees)
+        # Both traced as tf.data runs them, sizes unknown (graph rewrites of known sizes may round differently).
+        encoded_path = tf.function(
+            lambda data, raw, seed, options=options: transforms.train_transform_encoded(
+                data, raw, seed, label_lut=lut, **options
+            ),
+            input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([None, None], tf.uint8), _SEED],
         )
-        want_image, want_label = transforms.train_transform(
-            transforms.decode_rgb(encoded), tf.constant(lut[raw]), tf.constant([7, seed]), **options
+        decoded_path = tf.function(
+            lambda image, label, seed, options=options: transforms.train_transform(image, label, seed, **options),
+            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([None, None], tf.int32), _SEED],
         )
-        np.testing.assert_array_equal(image.numpy(), want_image.numpy())
-        np.testing.assert_array_equal(label.numpy(), want_label.numpy())
-        ignored = label.numpy() == -1
-        padded += bool(ignored.all(axis=0).any() or ignored.all(axis=1).any())
-    assert 3 <= padded <= 13  # both regimes of the window: smaller than the crop (padded) and larger
+        for seed in range(8):
+            image, label = encoded_path(encoded, raw, tf.constant([7, seed]))
+            want_image, want_label = decoded_path(transforms.decode_rgb(encoded), lut[raw], tf.constant([7, seed]))
+            np.testing.assert_array_equal(image.numpy(), want_image.numpy())
+            np.testing.assert_array_equal(label.numpy(), want_label.numpy())
+            ignored = label.numpy() == -1
+            padded += bool(ignored.all(axis=0).any() or ignored.all(axis=1).any())
+    assert 3 <= padded <= 13  # both regimes of the window
 
 
 # --------------------------------------------------------------------------------------------- ADE20K

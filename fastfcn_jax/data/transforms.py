@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 
 # ImageNet statistics of the reference's transform.Normalize (inputs scaled to [0, 1] first).
@@ -241,7 +242,7 @@ def train_transform(
     pad_label: int = -1,
     blur: bool = True,
     normalise: bool = True,
-    label_lut: tf.Tensor | None = None,
+    label_lut: tf.Tensor | np.ndarray | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The reference's training augmentation with one shared random draw.
 
@@ -267,7 +268,7 @@ def train_transform(
         base_size=base_size,
         crop_size=crop_size,
         rotate_degrees=rotate_degrees,
-        pad_label=pad_label if table is None else tf.shape(table)[0] - 1,
+        pad_label=pad_label if table is None else table.shape[0] - 1,
     )
     image, label = _padded_crop(array_regions(image), shape, label, seed, **options)
     return _finish(image, label, seed, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
@@ -284,7 +285,7 @@ def train_transform_encoded(
     pad_label: int = -1,
     blur: bool = True,
     normalise: bool = True,
-    label_lut: tf.Tensor | None = None,
+    label_lut: tf.Tensor | np.ndarray | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """:func:`train_transform` of the image encoded in ``data`` (string scalar), decoded by
     :func:`decode_rgb`: the same pixels, but a JPEG decodes only the part the crop reads (about half of an
@@ -295,7 +296,7 @@ def train_transform_encoded(
         base_size=base_size,
         crop_size=crop_size,
         rotate_degrees=rotate_degrees,
-        pad_label=pad_label if table is None else tf.shape(table)[0] - 1,
+        pad_label=pad_label if table is None else table.shape[0] - 1,
     )
 
     def from_jpeg() -> tuple[tf.Tensor, tf.Tensor]:
@@ -310,10 +311,14 @@ def train_transform_encoded(
     return _finish(image, label, seed, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
 
 
-def _label_table(label_lut: tf.Tensor | None, pad_label: int) -> tf.Tensor | None:
+def _label_table(label_lut: tf.Tensor | np.ndarray | None, pad_label: int) -> tf.Tensor | None:
+    """``label_lut`` with ``pad_label`` appended (its index marks padding until the look-up)."""
     if label_lut is None:
         return None
-    return tf.concat([tf.cast(label_lut, tf.int32), [pad_label]], 0)
+    table = tf.concat([tf.cast(label_lut, tf.int32), [pad_label]], 0)
+    if table.shape[0] is None:
+        raise ValueError("label_lut must have a static length (a constant table)")
+    return table
 
 
 def _draws(seed: tf.Tensor) -> list[tf.Tensor]:
@@ -330,7 +335,7 @@ def _padded_crop(
     base_size: int,
     crop_size: int,
     rotate_degrees: float,
-    pad_label: int | tf.Tensor,
+    pad_label: int,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """:func:`train_transform` up to the blur: the flipped, resized, [rotated,] padded crop (image float32 on the
     uint8 grid)."""
