@@ -1,9 +1,11 @@
 """Joint image + mask transforms in TensorFlow, following the reference's ``_sync_transform`` and
 ``_val_sync_transform`` (FastFCN ``encoding/datasets/base.py``, ``cityscapes.py``).
 
-Images enter as uint8 [H, W, 3], labels as int32 [H, W] train ids (-1 = ignore). Every random decision is a
-stateless draw from one per-example ``seed`` ([2] int), so image and mask always share it and a pipeline is
-reproducible. Images are rounded to the uint8 grid after each resampling step, as PIL does.
+Images enter as uint8 [H, W, 3] (or encoded, :func:`train_transform_encoded`: a JPEG then decodes only the
+region the crop reads), labels as int32 [H, W] train ids (-1 = ignore) or raw values with the dataset's
+table. Every random decision is a stateless draw from one per-example ``seed`` ([2] int), so image and mask
+always share it and a pipeline is reproducible. Images are rounded to the uint8 grid after each resampling
+step, as PIL does.
 """
 
 from __future__ import annotations
