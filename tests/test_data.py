@@ -438,6 +438,30 @@ def test_training_crop_of_encoded_image_and_raw_label_equals_the_decoded_one(fmt
     assert 3 <= padded <= 13  # both regimes of the window
 
 
+@pytest.mark.parametrize("rotate_degrees", [0.0, 10.0])
+def test_training_crop_refuses_raw_labels_outside_the_table_and_masks_of_another_size(rotate_degrees):
+    # The look-up table's compiled gather would clamp an out-of-range raw value into a class or the padding's
+    # entry; a mask of another size would be resampled on the image's grid. Both stop the pipeline by name.
+    encoded = _encoded(_photo(4, 40, 50), "PNG")
+    lut = np.array([-1, 0, 1, 2], np.int32)
+
+    def first_crop(raw: np.ndarray) -> None:
+        ds = tf.data.Dataset.from_tensors((encoded, raw)).map(
+            lambda data, raw: transforms.train_transform_encoded(
+                data, raw, tf.constant([0, 1]), base_size=40, crop_size=32, label_lut=lut, rotate_degrees=rotate_degrees
+            )
+        )
+        next(iter(ds))
+
+    first_crop(np.full((40, 50), 3, np.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside 0..3, the raw values that the label table maps"):
+        first_crop(np.full((40, 50), 4, np.uint8))  # 4 would read the padding's entry
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside 0..3, the raw values that the label table maps"):
+        first_crop(np.full((40, 50), -2, np.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="label height and width differ from the image height"):
+        first_crop(np.zeros((50, 40), np.uint8))
+
+
 # --------------------------------------------------------------------------------------------- ADE20K
 def _ade_tree(root: Path, *, train_masks: dict[int, np.ndarray]) -> None:
     base = root / "ADEChallengeData2016"

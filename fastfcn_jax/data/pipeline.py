@@ -159,8 +159,9 @@ def _decode(info: DatasetInfo, builder):
 
 
 def _load(builder, split, *, shuffle_seed: int | None, cache: bool = True) -> tf.data.Dataset:
-    """Encoded examples of ``split`` (a name, slice or ``tfds.even_splits`` entry), decoded later by
-    :func:`_decode` (after shuffling and skipping); small splits cached unless ``cache=False``."""
+    """Encoded examples of ``split`` (a name, slice or ``tfds.even_splits`` entry), decoded later (after
+    shuffling and skipping; by :func:`_decode`, or by the training crop itself); small splits cached unless
+    ``cache=False``."""
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
     encoded = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
     ds = builder.as_dataset(
