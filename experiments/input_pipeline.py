@@ -7,8 +7,8 @@ The real ADE20K cannot be downloaded here, so this writes a tree in its exact la
 (``ADEChallengeData2016/images/training/*.jpg``, ``annotations/training/*.png`` with 0 = other and 1..150 the
 classes) at ADE20K's typical image sizes, with textured photos-like content so JPEG decoding costs what real
 photos cost, builds it with the package's tfds builder (``pipeline.prepare``) and times
-``pipeline.train_batches`` (decode, random scale/crop/flip/blur, normalise, batch) as training runs it. It
-prints images/s next to what the train step consumes. Imports TensorFlow.
+``pipeline.train_batches`` (decode, random scale/crop/flip/blur, batch; uint8 images, which the train step
+normalises) as training runs it. It prints images/s next to what the train step consumes. Imports TensorFlow.
 """
 
 from __future__ import annotations

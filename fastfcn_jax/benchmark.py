@@ -529,7 +529,9 @@ def benchmark_input_pipeline(
 
     if dataset == "synthetic_shapes":
         pipeline.prepare(dataset, data_dir)
-    iterator = pipeline.train_batches(dataset, data_dir=data_dir, batch_size=batch_size, seed=0, crop_size=crop_size)
+    iterator = pipeline.train_batches(  # as training reads it: uint8 images, normalised by the step
+        dataset, data_dir=data_dir, batch_size=batch_size, seed=0, crop_size=crop_size, normalise=False
+    )
     for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()

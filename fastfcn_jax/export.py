@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastfcn_jax.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
+
 FORMATS = ("stablehlo", "savedmodel", "onnx")
 OUTPUTS = ("logits", "labels")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -66,11 +68,6 @@ def inference_fn(model: Any, output: str = "logits") -> Callable[[Any, jax.Array
     return fn
 
 
-def normalize_uint8(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-    """uint8 (or 0..255 float) RGB ``[..., 3]`` -> ImageNet-normalised float32, as the training pipeline."""
-    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
 def make_serving_fn(
     model: Any, variables: Any, image_size: Sequence[int], output: str = "logits"
 ) -> Callable[[jax.Array], dict[str, jax.Array]]:
@@ -82,7 +79,6 @@ def make_serving_fn(
     test-time rescaling). Jitted; each input size compiles once.
     """
     from fastfcn_jax.models.layers import resize_bilinear
-    from fastfcn_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
 
     size = (int(image_size[0]), int(image_size[1]))
     forward = inference_fn(model, "logits")
@@ -91,7 +87,7 @@ def make_serving_fn(
     def serve(images: jax.Array) -> dict[str, jax.Array]:
         height, width = images.shape[1:3]
         resized = resize_bilinear(images.astype(jnp.float32), size)
-        logits = forward(variables, normalize_uint8(resized, IMAGENET_MEAN, IMAGENET_STD))
+        logits = forward(variables, normalize_uint8(resized))
         logits = resize_bilinear(logits, (height, width))
         outputs = {"labels": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
         if output == "logits":
@@ -180,14 +176,13 @@ def export_saved_model(
         raise ImportError(
             "SavedModel export needs orbax-export and TensorFlow: pip install -e '.[export]' in the fastfcn-jax clone"
         ) from error
-    from fastfcn_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
 
     directory = Path(directory)
     height, width = int(image_size[0]), int(image_size[1])
     forward = inference_fn(model, "logits")
 
     def apply_fn(variables: Any, inputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = forward(variables, normalize_uint8(inputs["images"], IMAGENET_MEAN, IMAGENET_STD))
+        logits = forward(variables, normalize_uint8(inputs["images"]))
         # The original size rides through the JAX function so the postprocessor can resize back to it.
         return {"logits": logits, "size": inputs["size"]}
 
@@ -302,7 +297,6 @@ def export_onnx(
 
 
 def _input_record(image_size: Sequence[int], metadata: Mapping[str, Any]) -> dict[str, Any]:
-    from fastfcn_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
 
     return {
         "layout": "NHWC",

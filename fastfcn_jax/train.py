@@ -26,6 +26,7 @@ from flax.traverse_util import flatten_dict
 from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
 from fastfcn_jax.convert.converter import BACKBONE_SOURCES
 from fastfcn_jax.models import create_model, layers
+from fastfcn_jax.normalization import normalize_uint8
 
 
 @flax.struct.dataclass
@@ -75,6 +76,8 @@ def make_train_step(
         # Several processes' stop requests (StopRequest), one per example: returned as their maximum.
         batch = dict(batch)
         stop_votes = batch.pop("stop", None)
+        if batch["image"].dtype == jnp.uint8:  # the training pipeline's (a quarter of float32's bytes to send)
+            batch["image"] = normalize_uint8(batch["image"])
         dropout_rng = jax.random.fold_in(rng, state.step)
         # Resolved at trace time, for the backend compiled for (layers.OpChoices.loss_logits).
         loss_logits = layers.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
@@ -442,6 +445,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         base_size=config.dataset.base_size or None,
         split=config.dataset.train_split,
         skip_batches=start_step,  # a resumed run continues the data order after the batches consumed
+        normalise=False,  # uint8 images, normalised by the train step
     )
 
     def run_eval() -> dict[str, Any]:

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from fastfcn_jax.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:

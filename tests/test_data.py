@@ -163,6 +163,20 @@ def test_train_batches_shapes_and_determinism(synthetic_dir):
         pipeline.train_batches("synthetic_shapes", data_dir=synthetic_dir, batch_size=size + 1, seed=0)
 
 
+def test_train_batches_can_send_uint8_images_the_step_normalises(synthetic_dir):
+    def first(normalise: bool) -> dict[str, np.ndarray]:
+        batches = pipeline.train_batches(
+            "synthetic_shapes", data_dir=synthetic_dir, batch_size=4, seed=2, normalise=normalise
+        )
+        return next(batches)
+
+    pixels, normalised = first(False), first(True)
+    assert pixels["image"].dtype == np.uint8 and pixels["image"].shape == normalised["image"].shape
+    np.testing.assert_array_equal(pixels["label"], normalised["label"])
+    np.testing.assert_allclose((pixels["image"] / 255.0 - MEAN) / STD, normalised["image"], atol=1e-5)
+    assert len(np.unique(pixels["image"])) > 50
+
+
 def test_train_batches_skipped_on_resume_continue_the_same_stream(synthetic_dir):
     # A resumed run (train.py: skip_batches=start_step) sees the batches the uninterrupted run would have seen,
     # across an epoch boundary (reshuffled) and with the same augmentation draws.

@@ -72,6 +72,22 @@ def test_four_devices_give_the_same_loss_and_batch_statistics_as_one(setup):
     assert state4.params["neck"]["conv5"]["conv"]["kernel"].sharding.is_fully_replicated
 
 
+def test_a_uint8_batch_is_normalised_by_the_step_as_the_pipeline_would(setup):
+    # The training pipeline sends uint8 images (normalise=False); the step normalises them itself.
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    label = rng.integers(-1, NUM_CLASSES, (8, 32, 32)).astype(np.int32)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # the reference's Normalize
+    normalised = ((pixels / 255.0 - mean) / std).astype(np.float32)
+    state_u8, terms_u8 = run_steps(setup, sharding.make_mesh(1), [{"image": pixels, "label": label}])
+    state_f32, terms_f32 = run_steps(setup, sharding.make_mesh(1), [{"image": normalised, "label": label}])
+    assert float(terms_u8["loss"]) == pytest.approx(float(terms_f32["loss"]), rel=1e-5)
+    assert_trees_close(state_u8.params, state_f32.params, rtol=1e-4, atol=1e-6)
+    # Not the raw pixel values: the same pixels unnormalised train differently.
+    _, terms_raw = run_steps(setup, sharding.make_mesh(1), [{"image": pixels.astype(np.float32), "label": label}])
+    assert float(terms_raw["loss"]) != pytest.approx(float(terms_u8["loss"]), rel=1e-3)
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch(setup):
     batch = make_batch(1)
     _, first = run_steps(setup, sharding.make_mesh(1), [batch])

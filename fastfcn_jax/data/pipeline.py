@@ -229,12 +229,15 @@ def train_batches(
     base_size: int | None = None,
     split: str = "train",
     skip_batches: int = 0,
+    normalise: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator of augmented training batches of this process, from batch ``skip_batches`` on (a
     resumed run continues the interrupted run's stream; the skipped examples are read, not decoded).
 
     Yields:
-      {'image': float32 [batch_size, crop, crop, 3] ImageNet-normalised,
+      {'image': float32 [batch_size, crop, crop, 3] ImageNet-normalised, or with ``normalise=False`` uint8
+       (the same pixels before the normalisation: a quarter of the bytes to batch, copy and send to the
+       devices; the train step normalises them),
        'label': int32 [batch_size, crop, crop] train ids, -1 = ignore}.
     Deterministic for a given seed and process layout: file order, shuffling and every augmentation draw
     (per-example seed = (seed, position in this process's stream, process index)) come from ``seed``.
@@ -275,8 +278,9 @@ def train_batches(
             rotate_degrees=info.rotate_degrees,
             pad_label=info.pad_label,
             label_lut=lut,
+            normalise=normalise,
         )
-        return {"image": image, "label": label}
+        return {"image": image if normalise else tf.cast(image, tf.uint8), "label": label}
 
     ds = ds.enumerate(start=skipped).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     ds = _options(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
