@@ -265,15 +265,7 @@ def train_transform(
       image float32 [crop, crop, 3] (normalised, or 0..255 when ``normalise=False``), label int32 [crop, crop].
     """
     shape = (tf.shape(image)[0], tf.shape(image)[1])
-    table = _label_table(label_lut, pad_label)
-    # With a table, padding is its last entry (pad_label) until the look-up.
-    options = dict(
-        base_size=base_size,
-        crop_size=crop_size,
-        rotate_degrees=rotate_degrees,
-        pad_label=pad_label if table is None else table.shape[0] - 1,
-        raw_limit=None if table is None else table.shape[0] - 1,
-    )
+    table, options = _crop_options(base_size, crop_size, rotate_degrees, pad_label, label_lut)
     image, label = _padded_crop(array_regions(image), shape, label, seed, **options)
     return _finish(image, label, seed, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
 
@@ -294,15 +286,7 @@ def train_transform_encoded(
     """:func:`train_transform` of the image encoded in ``data`` (string scalar), decoded by
     :func:`decode_rgb`: the same pixels, but a JPEG decodes only the part the crop reads (about half of an
     ADE20K image on average)."""
-    table = _label_table(label_lut, pad_label)
-    # With a table, padding is its last entry (pad_label) until the look-up.
-    options = dict(
-        base_size=base_size,
-        crop_size=crop_size,
-        rotate_degrees=rotate_degrees,
-        pad_label=pad_label if table is None else table.shape[0] - 1,
-        raw_limit=None if table is None else table.shape[0] - 1,
-    )
+    table, options = _crop_options(base_size, crop_size, rotate_degrees, pad_label, label_lut)
 
     def from_jpeg() -> tuple[tf.Tensor, tf.Tensor]:
         shape = tf.io.extract_jpeg_shape(data, output_type=tf.int32)
@@ -316,14 +300,22 @@ def train_transform_encoded(
     return _finish(image, label, seed, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
 
 
-def _label_table(label_lut: tf.Tensor | np.ndarray | None, pad_label: int) -> tf.Tensor | None:
-    """``label_lut`` with ``pad_label`` appended (its index marks padding until the look-up)."""
+def _crop_options(
+    base_size: int,
+    crop_size: int,
+    rotate_degrees: float,
+    pad_label: int,
+    label_lut: tf.Tensor | np.ndarray | None,
+) -> tuple[tf.Tensor | None, dict]:
+    """The look-up table (``label_lut`` with ``pad_label`` appended, or None) and :func:`_padded_crop`'s
+    options: with a table, padding is its last entry until the look-up."""
+    options = dict(base_size=base_size, crop_size=crop_size, rotate_degrees=rotate_degrees, pad_label=pad_label)
     if label_lut is None:
-        return None
+        return None, options
     table = tf.concat([tf.cast(label_lut, tf.int32), [pad_label]], 0)
     if table.shape[0] is None:
         raise ValueError("label_lut must have a static length (a constant table)")
-    return table
+    return table, {**options, "pad_label": table.shape[0] - 1, "raw_limit": table.shape[0] - 1}
 
 
 def _draws(seed: tf.Tensor) -> list[tf.Tensor]:
