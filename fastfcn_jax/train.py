@@ -56,7 +56,8 @@ def make_train_step(
     freeze_batch_norm: bool = False,
     microbatches: int = 1,
 ) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """``train_step(state, batch, rng) -> (state, metrics)``; batch = {'image', 'label'}.
+    """``train_step(state, batch, rng) -> (state, metrics)``; batch = {'image', 'label'}: images ImageNet-
+    normalised float, or uint8 pixels that the step normalises (``pipeline.train_batches(normalise=False)``).
 
     BatchNorm statistics are computed over the global batch (the reference's SyncBN): under ``jit`` the
     batch-sharded mean is a cross-device reduction. ``freeze_batch_norm``: BatchNorms use (and keep) their
