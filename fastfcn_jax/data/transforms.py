@@ -71,11 +71,13 @@ def array_regions(image: tf.Tensor) -> RegionReader:
     return lambda y, x, h, w: image[y : y + h, x : x + w]
 
 
-def jpeg_regions(data: tf.Tensor) -> RegionReader:
-    """Regions of an encoded JPEG, decoding only (about) the region: the same pixels as :func:`decode_rgb`."""
+def jpeg_regions(data: tf.Tensor, shape: tf.Tensor | None = None) -> RegionReader:
+    """Regions of an encoded JPEG, decoding only (about) the region: the same pixels as :func:`decode_rgb`.
+    ``shape``: the JPEG's [H, W, C] if already read (``tf.io.extract_jpeg_shape``)."""
+    if shape is None:
+        shape = tf.io.extract_jpeg_shape(data, output_type=tf.int32)
 
     def read(y: tf.Tensor, x: tf.Tensor, h: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-        shape = tf.io.extract_jpeg_shape(data, output_type=tf.int32)
         y0, x0 = tf.maximum(y - _JPEG_REGION_MARGIN, 0), tf.maximum(x - _JPEG_REGION_MARGIN, 0)
         y2 = tf.minimum(y + h + _JPEG_REGION_MARGIN, shape[0])
         x2 = tf.minimum(x + w + _JPEG_REGION_MARGIN, shape[1])
@@ -266,8 +268,9 @@ def train_transform(
     """
     shape = (tf.shape(image)[0], tf.shape(image)[1])
     table, options = _crop_options(base_size, crop_size, rotate_degrees, pad_label, label_lut)
-    image, label = _padded_crop(array_regions(image), shape, label, seed, **options)
-    return _finish(image, label, seed, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
+    seeds = _draws(seed)
+    image, label = _padded_crop(array_regions(image), shape, label, seeds, **options)
+    return _finish(image, label, seeds, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
 
 
 def train_transform_encoded(
@@ -287,17 +290,18 @@ def train_transform_encoded(
     :func:`decode_rgb`: the same pixels, but a JPEG decodes only the part the crop reads (about half of an
     ADE20K image on average)."""
     table, options = _crop_options(base_size, crop_size, rotate_degrees, pad_label, label_lut)
+    seeds = _draws(seed)
 
     def from_jpeg() -> tuple[tf.Tensor, tf.Tensor]:
         shape = tf.io.extract_jpeg_shape(data, output_type=tf.int32)
-        return _padded_crop(jpeg_regions(data), (shape[0], shape[1]), label, seed, **options)
+        return _padded_crop(jpeg_regions(data, shape), (shape[0], shape[1]), label, seeds, **options)
 
     def decoded() -> tuple[tf.Tensor, tf.Tensor]:
         image = decode_rgb(data)
-        return _padded_crop(array_regions(image), (tf.shape(image)[0], tf.shape(image)[1]), label, seed, **options)
+        return _padded_crop(array_regions(image), (tf.shape(image)[0], tf.shape(image)[1]), label, seeds, **options)
 
     image, label = tf.cond(tf.io.is_jpeg(data), from_jpeg, decoded)
-    return _finish(image, label, seed, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
+    return _finish(image, label, seeds, crop_size=crop_size, blur=blur, normalise=normalise, table=table)
 
 
 def _crop_options(
@@ -327,7 +331,7 @@ def _padded_crop(
     read: RegionReader,
     shape: tuple[tf.Tensor, tf.Tensor],
     label: tf.Tensor,
-    seed: tf.Tensor,
+    seeds: list[tf.Tensor],
     *,
     base_size: int,
     crop_size: int,
@@ -337,8 +341,7 @@ def _padded_crop(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """:func:`train_transform` up to the blur: the flipped, resized, [rotated,] padded crop (image float32 on the
     uint8 grid). ``raw_limit``: labels are raw values that must lie in [0, raw_limit) (the look-up table's
-    size; its compiled gather would clamp others silently)."""
-    seeds = _draws(seed)
+    size; its compiled gather would clamp others silently). ``seeds``: :func:`_draws` of the example's seed."""
     height, width = shape
     message = "label height and width differ from the image height and width"
     tf.debugging.assert_equal(tf.shape(label)[:2], tf.stack([height, width]), message=message)
@@ -385,7 +388,7 @@ def _padded_crop(
 def _finish(
     image: tf.Tensor,
     label: tf.Tensor,
-    seed: tf.Tensor,
+    seeds: list[tf.Tensor],
     *,
     crop_size: int,
     blur: bool,
@@ -393,7 +396,6 @@ def _finish(
     table: tf.Tensor | None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Blur, normalisation and the label look-up of the padded crop."""
-    seeds = _draws(seed)
     image = tf.ensure_shape(image, [crop_size, crop_size, 3])
     label = tf.ensure_shape(label, [crop_size, crop_size])
     if table is not None:
