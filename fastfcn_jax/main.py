@@ -38,6 +38,13 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first
 flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 (else auto-detected).")
 flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes (else auto-detected).")
 flags.DEFINE_integer("process_id", None, "With --distributed: this process's index (else auto-detected).")
+flags.DEFINE_integer(
+    "heartbeat_timeout",
+    100,
+    "With --distributed: seconds without a heartbeat after which the job counts a process as gone and the "
+    "others stop (jax's default, 100); lower it to end a job sooner after a host dies.",
+    lower_bound=1,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -87,7 +94,12 @@ def main(argv: list[str]) -> None:
     import jax
 
     # On TPU pods and SLURM/Kubernetes clusters jax detects these; elsewhere pass all three.
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    jax.distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
+    )
     # jax's preemption notifier takes SIGTERM and would leave the process running; outside the training
     # loop (which handles it, train.StopRequest) SIGTERM ends the process as it does without --distributed.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -104,7 +116,7 @@ def leave_failed_job(error: BaseException) -> None:
     Exiting normally would run jax's shutdown barrier, which waits 5 minutes for the other processes while
     they wait in their next collective for this one; then every process aborts with a C++ stack trace and
     this error is buried. Leaving without the barrier ends the others within the coordination service's
-    heartbeat timeout (100 s; at once where a collective sees the closed connection). A deliberate exit
+    heartbeat timeout (``--heartbeat_timeout``, 100 s; at once where a collective sees the closed connection). A deliberate exit
     (an integer status: a signal's checkpointed stop, train.stop_after_steps) reached by every process
     together returns normally, as does a job of one process (nothing to wait for; an asynchronous
     checkpoint write finishes).

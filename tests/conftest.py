@@ -1,23 +1,29 @@
-"""Shared test setup: tiny models, fixture paths, and a persistent compilation cache for speed."""
+"""Shared test setup: fake devices, fixture paths, and a persistent compilation cache for speed."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-# Must be set before jax is imported anywhere in the test process.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Set before jax is imported anywhere in the test process, and inherited by the processes tests start
+# (`python -m fastfcn_jax.main`, the notebook's kernel, two-process jobs), which read them when they import jax:
+# - 4 fake CPU devices, for the sharded code paths;
+# - XLA:CPU compiling for speed of compilation, not of the program: LLVM without optimisation and the
+#   classic loop emitters instead of the MLIR fusion emitters take the tiny model's train step from 25 to
+#   7 s of compilation (the tests run tiny shapes, so the slower code costs little); same HLO, same maths;
+# - one persistent compilation cache for all of them (xdist workers and subprocesses included): most tests
+#   compile the same few tiny-model programs, and a compile costs 5-35 s on 2 cores;
+# - the 'rbg' generator: model init compiles about twice as fast; nothing tested depends on init values.
+REPO = Path(__file__).resolve().parent.parent
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".venv" / "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-# Compiled executables are reused across test processes and runs (xdist workers included).
-jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent.parent / ".venv" / "jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-# Model init compiles about twice as fast with the 'rbg' generator; nothing tested depends on init values.
-jax.config.update("jax_default_prng_impl", "rbg")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from fastfcn_jax import checkpointing
 from fastfcn_jax.train import STOP_CHECK_EVERY
+from tests.conftest import TEST_XLA_FLAGS
 from tests.test_main import ROOT
 from tests.test_train_job import DEMO
 
@@ -33,7 +34,7 @@ def two_processes(command: list[str], extra: tuple[list[str], list[str]] = ([], 
     """Processes 0 and 1 of one jax.distributed job running ``command`` (plus ``extra[i]`` for process i; 2
     CPU devices each), stdout and stderr together in a text pipe; killed if still running at the end (a
     failed test leaves no job waiting for its other half)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}"}
     distributed = ["--distributed", f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
     processes = [
         Popen(
@@ -130,9 +131,10 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
             np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "alone" / name)), together)
 
     # One process fails on its own (its host lacks the workdir): it says why and leaves at once without jax's
-    # 5-minute shutdown barrier; the other ends when a collective or the heartbeat timeout (100 s) finds it gone.
+    # 5-minute shutdown barrier; the other ends when a collective or the heartbeat timeout (here 20 s instead
+    # of 100) finds it gone.
     outputs = run_two_processes(
-        [*evaluation[:-1], "--config.evaluation.max_examples=4"],
+        [*evaluation[:-1], "--config.evaluation.max_examples=4", "--heartbeat_timeout=20"],
         extra=([], [f"--workdir={tmp_path / 'not_mounted'}"]),
         check=False,
     )
