@@ -412,7 +412,9 @@ def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
 
     # float64: both forms compute the same sums in another order, and in float32 the whole model's gradients
     # (through a batch-2 BatchNorm) differ by up to 6e-4 relative on some CPUs (an AVX2 EPYC), which says
-    # nothing about the maths. In float64 they agree to about 1e-14.
+    # nothing about the maths. In float64 they agree to about 1e-14 where the float32 head (classifier and
+    # logits, the model's policy) rounds alike in both programs, and to about 1e-6 where XLA:CPU sums its
+    # terms in another order in each (the tests' compiler flags, conftest); a wrong tap or border is O(1).
     with jax.enable_x64(True):
         images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3), jnp.float64)
         grads = {}
@@ -423,7 +425,7 @@ def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
             grads[separable] = _train_mode_logits_and_gradients(model, variables, images)[1]
     for fused, split in zip(grads["fused"], grads["split"], strict=True):
         assert fused.dtype == split.dtype == np.float64
-        np.testing.assert_allclose(split, fused, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(fused).max()))
+        np.testing.assert_allclose(split, fused, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fused).max()))
     with pytest.raises(ValueError, match="separable_implementation must be one of"):
         layers.OpChoices(separable="barrier")
 
@@ -594,11 +596,13 @@ def _float64_train_results(name: str, **overrides) -> tuple[np.ndarray, list[np.
 
 def _assert_same_results(got, want) -> None:
     (out_got, grads_got), (out_want, grads_want) = got, want
-    # The classifier and the logits stay float32 (the model's policy), everything before them is float64.
-    np.testing.assert_allclose(out_got, out_want, rtol=1e-6, atol=1e-6)
+    # The classifier and the logits stay float32 (the model's policy), everything before them is float64: the
+    # head's rounding, which depends on the order the compiled program sums in, bounds the agreement (about
+    # 1e-6 relative); a wrong tap, border or resize differs by O(1).
+    np.testing.assert_allclose(out_got, out_want, rtol=1e-5, atol=1e-5)
     for g, w in zip(grads_got, grads_want, strict=True):
         assert w.dtype == np.float64
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(w).max()))
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(w).max()))
 
 
 @pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
