@@ -116,10 +116,10 @@ def leave_failed_job(error: BaseException) -> None:
     Exiting normally would run jax's shutdown barrier, which waits 5 minutes for the other processes while
     they wait in their next collective for this one; then every process aborts with a C++ stack trace and
     this error is buried. Leaving without the barrier ends the others within the coordination service's
-    heartbeat timeout (``--heartbeat_timeout``, 100 s; at once where a collective sees the closed connection). A deliberate exit
-    (an integer status: a signal's checkpointed stop, train.stop_after_steps) reached by every process
-    together returns normally, as does a job of one process (nothing to wait for; an asynchronous
-    checkpoint write finishes).
+    heartbeat timeout (``--heartbeat_timeout``, 100 s; at once where a collective sees the closed
+    connection). A deliberate exit (an integer status: a signal's checkpointed stop,
+    train.stop_after_steps) reached by every process together returns normally, as does a job of one
+    process (nothing to wait for; an asynchronous checkpoint write finishes).
     """
     if isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
         return
