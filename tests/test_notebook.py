@@ -9,8 +9,6 @@ from pathlib import Path
 import nbclient
 import nbformat
 
-from tests.conftest import TEST_XLA_FLAGS
-
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "experiments" / "colab_tpu.ipynb"
 INSTALL_TAG = "install"
@@ -32,9 +30,8 @@ def test_notebook_trains_evaluates_shows_predictions_and_exports_on_cpu(tmp_path
         "FASTFCN_NOTEBOOK_EVAL_EXAMPLES": "4",
         "FASTFCN_NOTEBOOK_WORKDIR": str(workdir),
         "TFDS_DATA_DIR": str(tmp_path / "tfds"),
-        # As the other tests (conftest's environment, which the kernel inherits): 4 fake CPU devices, sharded
-        # like a TPU host.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}",
+        # The rest, as for every test, is conftest's environment, which the kernel inherits: 4 fake CPU devices
+        # (sharded like a TPU host), the tests' XLA flags and the shared compilation cache.
     }
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the kernel inherits this process's environment
