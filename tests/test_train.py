@@ -321,6 +321,9 @@ def test_microbatches_average_their_gradients_and_update_batch_norm_in_turn():
     # Sharded over four devices (two examples each, one per micro-batch): the same step.
     state4 = create_train_state(model, unit_sgd, jax.random.PRNGKey(0), IMAGE_SHAPE, mesh4)
     new4, _ = jitted_step(accumulate, state4, mesh4)(state4, sharding.global_batch(batch, mesh4), rng)
-    # Unit SGD: the parameters moved by whole gradients, summed across devices in another order.
-    assert_trees_close(new4.params, new.params, rtol=1e-4, atol=1e-4)
+    # Unit SGD: the parameters moved by whole gradients (up to about 2 here), summed across devices in another
+    # order: float32 rounding of about 1e-4 of a tensor's largest gradient, so each is compared at that scale.
+    gradient4 = jax.tree_util.tree_map(lambda p, q: p - q, state4.params, new4.params)
+    for g4, g in zip(jax.tree_util.tree_leaves(gradient4), jax.tree_util.tree_leaves(gradient), strict=True):
+        np.testing.assert_allclose(g4, g, rtol=0, atol=1e-3 * float(np.abs(g).max()) + 1e-7)
     assert_trees_close(new4.batch_stats, new.batch_stats, rtol=1e-4, atol=1e-5)
