@@ -7,15 +7,27 @@ WORKDIR ?= /tmp/fastfcn_demo
 # and a fixed split can leave one core idle at the end.
 JOBS ?= 2
 
-.PHONY: install test demo lint benchmark clean
+.PHONY: install lock test demo lint benchmark clean
 
-$(VENV)/.installed: pyproject.toml
+# The versions in constraints.txt: the set the suite last passed with (pyproject.toml keeps ranges).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
+
+# A fresh .venv with the newest versions pyproject.toml allows, written to constraints.txt (then run make test).
+lock:
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	head -n 4 constraints.txt > constraints.txt.new
+	$(PY) -m pip freeze --exclude-editable | grep -v -e '^-e' -e '@ file' -e '^#' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check fastfcn_jax tests configs experiments
