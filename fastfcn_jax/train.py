@@ -173,11 +173,9 @@ def make_eval_step(model: Any, num_classes: int) -> Callable[[TrainState, Mappin
 # State creation and restoring.
 
 
-def create_train_state(
+def _jitted_init(
     model: Any, optimizer: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...], mesh
-) -> TrainState:
-    """Initialises the state directly replicated on the mesh (no host copy of the parameters)."""
-
+) -> Callable[[], TrainState]:
     def init():
         variables = model.init(rng, jnp.zeros(image_shape, jnp.float32), train=False)
         params = variables["params"]
@@ -188,7 +186,22 @@ def create_train_state(
             opt_state=optimizer.init(params),
         )
 
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))
+
+
+def create_train_state(
+    model: Any, optimizer: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...], mesh
+) -> TrainState:
+    """Initialises the state directly replicated on the mesh (no host copy of the parameters)."""
+    return _jitted_init(model, optimizer, rng, image_shape, mesh)()
+
+
+def abstract_train_state(
+    model: Any, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...], mesh
+) -> TrainState:
+    """The state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves) without compiling or running
+    the initialisation: what a resumed run restores its checkpoint onto."""
+    return jax.eval_shape(_jitted_init(model, optimizer, jax.random.PRNGKey(0), image_shape, mesh))
 
 
 def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState, dict[str, Any]]:
@@ -353,7 +366,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     )
     rng = jax.random.PRNGKey(config.seed)
     init_rng, step_rng = jax.random.split(rng)
-    state = create_train_state(model, optimizer, init_rng, (1, crop, crop, 3), mesh)
 
     info = {
         "model_name": config.model.name,
@@ -367,7 +379,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         "crop_size": int(crop),
     }
     checkpoints = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints, info=info)
-    restored_step = checkpoints.restore_latest(state)
+    # A resumed run restores onto the state's shapes and shardings: its initialisation is neither compiled nor run.
+    restored_step = checkpoints.restore_latest(abstract_train_state(model, optimizer, (1, crop, crop, 3), mesh))
     if restored_step is not None:
         state = restored_step
         report(f"resumed from {checkpoints.directory} at step {int(state.step)}")
@@ -377,17 +390,20 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             "to resume: pass --config.init_from=DIR (the workdir of the run it continues, or a converted "
             "FastFCN checkpoint)"
         )
-    elif config.init_from:
-        state, source = load_pretrained(state, config.init_from, mesh)
-        if source.get("source") in BACKBONE_SOURCES and config.train.get("requires_init_from"):
-            raise ValueError(
-                f"init_from={config.init_from} holds ImageNet weights (only a backbone), but this config fine-tunes "
-                "a trained segmenter (config.train.requires_init_from): pass the workdir of the run it continues"
-            )
-        if source.get("source") in BACKBONE_SOURCES:
-            report(f"initialised the backbone from {config.init_from} (ImageNet, {source.get('input_file')})")
-        else:
-            report(f"initialised from {config.init_from} ({source.get('model_name')})")
+    else:
+        state = create_train_state(model, optimizer, init_rng, (1, crop, crop, 3), mesh)
+        if config.init_from:
+            state, source = load_pretrained(state, config.init_from, mesh)
+            if source.get("source") in BACKBONE_SOURCES and config.train.get("requires_init_from"):
+                raise ValueError(
+                    f"init_from={config.init_from} holds ImageNet weights (only a backbone), but this config "
+                    "fine-tunes a trained segmenter (config.train.requires_init_from): pass the workdir of the run it "
+                    "continues"
+                )
+            if source.get("source") in BACKBONE_SOURCES:
+                report(f"initialised the backbone from {config.init_from} (ImageNet, {source.get('input_file')})")
+            else:
+                report(f"initialised from {config.init_from} ({source.get('model_name')})")
     start_step = int(state.step)
     run_record = {
         "config": config.to_dict(),

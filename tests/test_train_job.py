@@ -223,11 +223,21 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
     assert checkpointing.restore_variables(tmp_path)[1]["step"] == info["step"] + 2
 
 
-def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadable_step(data_dir, tmp_path, capsys):
+def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadable_step(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    from fastfcn_jax import train
+
     workdir = tmp_path / "run"
     train_and_evaluate(small_config(data_dir, num_steps=4, eval_every=0, checkpoint_every=2), workdir)
     out = capsys.readouterr().out
     assert "first step (compilation included) took" in out and "img/s" in out
+
+    def initialised(*args, **kwargs):
+        raise AssertionError("a resumed run compiled and ran the initialisation")
+
+    # Every run below resumes: onto the state's abstract shapes, without initialising a state to overwrite.
+    monkeypatch.setattr(train, "create_train_state", initialised)
     # The data order of a resumed run is counted in batches: another batch size would replay or skip examples.
     config = small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2)
     config.train.batch_size = 8
