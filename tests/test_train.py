@@ -154,6 +154,22 @@ def test_eval_step_counts_only_valid_examples_and_labelled_pixels(setup):
     assert int(confusion.sum()) == int(np.sum(batch["label"][:3] >= 0))
 
 
+def test_evaluate_sums_every_batchs_counts(setup):
+    # The validation loop reads each batch's counts one batch late: the last one must be counted too.
+    from fastfcn_jax.train import evaluate
+
+    model, optimizer, _ = setup
+    mesh = sharding.make_mesh(2)
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), IMAGE_SHAPE, mesh)
+    batches = [{**make_batch(seed, batch_size=2), "valid": np.array([True, seed != 2])} for seed in range(3)]
+    step = jax.jit(make_eval_step(model, NUM_CLASSES))
+    scores = evaluate(step, state, iter(batches), mesh, NUM_CLASSES)
+    each = [np.asarray(step(state, sharding.global_batch(batch, mesh)), np.int64) for batch in batches]
+    np.testing.assert_array_equal(scores["confusion"], sum(each))
+    labelled = sum(int(np.sum(b["label"][b["valid"]] >= 0)) for b in batches)
+    assert scores["confusion"].sum() == labelled and all(counts.sum() > 0 for counts in each)
+
+
 def test_train_state_is_a_pytree_with_variables_view(setup):
     model, optimizer, _ = setup
     state = create_train_state(model, optimizer, jax.random.PRNGKey(0), IMAGE_SHAPE, sharding.make_mesh(1))
