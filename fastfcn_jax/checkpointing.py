@@ -297,31 +297,51 @@ class TrainCheckpointer:
         """The latest readable checkpoint restored onto ``state``'s structure and shardings, or None if there is
         none.
 
-        Because the targets carry the current shardings, a checkpoint written on 4 devices restores on 1. A step
-        that cannot be read (a file damaged or lost, e.g. by a job killed while a copy was made) is moved aside
-        as ``STEP.unreadable`` with a warning and the step before it is restored; a checkpoint of another model
-        is an error (:class:`CheckpointMismatchError`).
+        Because the targets carry the current shardings, a checkpoint written on 4 devices restores on 1. Newer
+        steps that cannot be read (a file damaged or lost, e.g. by a job killed while a copy was made) are moved
+        aside as ``STEP.unreadable`` with a warning once an older step has been restored. When no step can be
+        read, nothing is moved (the cause may be passing: memory, a network filesystem) and the error names each
+        step's reason; a workdir holding only ``STEP.unreadable`` steps is refused rather than trained from
+        scratch. A checkpoint of another model is an error (:class:`CheckpointMismatchError`).
         """
         steps = sorted(self._manager.all_steps(), reverse=True)
-        for index, step in enumerate(steps):
+        failures: list[tuple[int, str, Exception]] = []
+        for step in steps:
             try:
-                return self._restore_step(step, state)
+                restored = self._restore_step(step, state)
             except CheckpointMismatchError:
                 raise
             except Exception as error:  # orbax and TensorStore raise many kinds; the step is unusable either way
-                reason = " ".join(str(error).split())[:300]
-                older = f"resuming from step {steps[index + 1]}" if index + 1 < len(steps) else "no older step left"
-                if jax.process_count() > 1:  # moving files while other hosts read them: leave it to the user
-                    raise ValueError(
-                        f"checkpoint step {step} in {self.directory} cannot be read ({reason}); delete "
-                        f"{self.directory / str(step)} to resume from the step before it"
-                    ) from error
-                aside = self.directory / f"{step}.unreadable"
-                (self.directory / str(step)).rename(aside)
+                failures.append((step, " ".join(str(error).split())[:300], error))
+                continue
+            if failures and jax.process_count() > 1:  # moving files while other hosts read them: leave it to the user
+                step_failed, reason, error = failures[0]
+                raise ValueError(
+                    f"checkpoint step {step_failed} in {self.directory} cannot be read ({reason}); delete "
+                    f"{self.directory / str(step_failed)} (and any newer step) to resume from step {step}"
+                ) from error
+            for step_failed, reason, _ in failures:
+                aside = self.directory / f"{step_failed}.unreadable"
+                (self.directory / str(step_failed)).rename(aside)
+                print(
+                    f"warning: checkpoint step {step_failed} in {self.directory} cannot be read ({reason}), moved "
+                    f"to {aside}; resuming from step {step}"
+                )
+            if failures:
                 self._manager.reload()
-                print(f"warning: checkpoint step {step} in {self.directory} cannot be read, moved to {aside}; {older}")
-        if steps:
-            raise ValueError(f"no checkpoint in {self.directory} can be read (each moved aside as STEP.unreadable)")
+            return restored
+        if failures:
+            listed = "\n  ".join(f"step {step}: {reason}" for step, reason, _ in failures)
+            raise ValueError(
+                f"no checkpoint in {self.directory} can be read:\n  {listed}\nIf the files are damaged, delete "
+                "them to train from scratch (or restore them from a copy); if the cause has passed, run again."
+            ) from failures[0][2]
+        unreadable = sorted(self.directory.glob("*.unreadable"))
+        if unreadable:
+            raise ValueError(
+                f"{self.directory} holds only steps set aside as unreadable ({', '.join(p.name for p in unreadable)}): "
+                "rename one back (STEP.unreadable -> STEP) to try it again, or delete them to train from scratch"
+            )
         return None
 
     def _restore_step(self, step: int, state: Any) -> Any:

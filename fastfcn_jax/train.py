@@ -350,6 +350,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"train.batch_size={global_batch} must be divisible by the {jax.device_count()} devices "
             f"({jax.process_count()} processes)"
         )
+    eval_batch = config.eval.batch_size or global_batch  # global, as train.batch_size
+    if eval_batch % jax.process_count() or (eval_batch // jax.process_count()) % jax.local_device_count():
+        raise ValueError(
+            f"eval.batch_size={eval_batch} must be divisible by the {jax.device_count()} devices "
+            f"({jax.process_count()} processes)"
+        )
     microbatches = config.train.microbatches
     if global_batch % (microbatches * jax.device_count()):
         raise ValueError(
@@ -475,7 +481,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         batches = pipeline.eval_batches(
             config.dataset.name,
             data_dir=data_dir,
-            batch_size=config.eval.batch_size or global_batch,
+            batch_size=eval_batch // jax.process_count(),
             crop_size=crop,
             split=config.dataset.eval_split,
         )
@@ -490,7 +496,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     stopped_by: int | str | None = None
     combined = jax.process_count() > 1  # the processes' stop requests travel with the steps
     votes = None  # a check step's combined request, read after the next step is dispatched
-    with StopRequest() as stop:
+    # Closed on any exit, an exception included: the checkpoint saves already begun finish (a failed validation
+    # loses no training).
+    with StopRequest() as stop, contextlib.closing(checkpoints), contextlib.closing(writer):
         for step in range(start_step, total_steps):
             host_batch = next(train_batches)
             if combined:
@@ -524,6 +532,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 report(f"step {done}/{total_steps}  loss {terms['loss']:.4f}  lr {lr:.2e}{speed}")
                 writer.scalars(done, scalars)
                 window_start, window_steps = time.perf_counter(), 0
+            # Saved before validating (asynchronously, while it runs): a validation that fails loses no training.
+            time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
+            if done % config.train.checkpoint_every == 0 or done == total_steps or stopping or time_boxed:
+                checkpoints.save(done, state)
             should_eval = done == total_steps or (config.train.eval_every and done % config.train.eval_every == 0)
             if should_eval:
                 last_eval = run_eval()
@@ -545,9 +557,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 if best_score is None or score > best_score:
                     best_score = score
                     checkpoints.save_best(done, state, score)
-            time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
-            if done % config.train.checkpoint_every == 0 or done == total_steps or stopping or time_boxed:
-                checkpoints.save(done, state)
             if should_eval or done % config.train.checkpoint_every == 0:  # not training time: out of img/s
                 jax.block_until_ready(state.step)
                 window_start, window_steps = time.perf_counter(), 0
@@ -557,8 +566,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 break
         if not last_eval and int(state.step) >= total_steps:  # a finished run asked again: report its metrics
             last_eval = run_eval()
-    checkpoints.close()
-    writer.close()
     report(f"trained {int(state.step) - start_step} steps in {format_duration(time.perf_counter() - run_start)}")
 
     # Before num_steps: the signal number (SIGTERM/SIGINT) or "stop_after_steps"; main.py's exit status.

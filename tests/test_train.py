@@ -143,6 +143,43 @@ def test_checkpoint_from_four_devices_restores_on_one(setup, tmp_path):
     assert_trees_close(variables["batch_stats"], state4.batch_stats, rtol=0, atol=0)
 
 
+def test_restore_moves_nothing_aside_when_no_step_can_be_read(tmp_path, monkeypatch):
+    # A cause that may pass (memory, a network filesystem) fails every step alike: nothing is set aside and the
+    # run does not start from scratch; a newer damaged step is set aside only once an older one restored.
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params={"w": jnp.arange(4.0)}, batch_stats={}, opt_state={"m": jnp.ones(4)}
+    )
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES}
+    writer = checkpointing.TrainCheckpointer(tmp_path, keep=3, info=info)
+    for step in (2, 4):
+        writer.save(step, state.replace(step=jnp.asarray(step, jnp.int32)))
+    writer.close()
+    reader = checkpointing.TrainCheckpointer(tmp_path, keep=3, info=info)
+    real_restore = reader._restore_step
+
+    def exhausted(step, target):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while restoring")
+
+    monkeypatch.setattr(reader, "_restore_step", exhausted)
+    with pytest.raises(ValueError, match=r"(?s)no checkpoint .* can be read.*step 4: RESOURCE_EXHAUSTED.*step 2"):
+        reader.restore_latest(state)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name[0].isdigit()) == ["2", "4"]
+
+    def newest_damaged(step, target):
+        return exhausted(step, target) if step == 4 else real_restore(step, target)
+
+    monkeypatch.setattr(reader, "_restore_step", newest_damaged)
+    assert int(reader.restore_latest(state).step) == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name[0].isdigit()) == ["2", "4.unreadable"]
+    reader.close()
+    # Only set-aside steps left: refused, not trained from scratch.
+    (tmp_path / "checkpoints" / "2").rename(tmp_path / "checkpoints" / "2.unreadable")
+    reader = checkpointing.TrainCheckpointer(tmp_path, keep=3, info=info)
+    with pytest.raises(ValueError, match=r"only steps set aside as unreadable \(2.unreadable, 4.unreadable\)"):
+        reader.restore_latest(state)
+    reader.close()
+
+
 def test_eval_step_counts_only_valid_examples_and_labelled_pixels(setup):
     model, optimizer, _ = setup
     mesh = sharding.make_mesh(2)

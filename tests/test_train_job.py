@@ -265,6 +265,24 @@ def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadab
     assert "nothing to train" in capsys.readouterr().out
 
 
+def test_a_failed_validation_loses_no_training_and_a_bad_eval_batch_is_refused_at_once(data_dir, tmp_path, monkeypatch):
+    from fastfcn_jax import train
+
+    config = small_config(data_dir, num_steps=3, eval_every=3, checkpoint_every=3)
+    config.eval.batch_size = 6  # not divisible by the 4 devices: refused before anything is trained
+    with pytest.raises(ValueError, match=r"eval.batch_size=6 must be divisible by the 4 devices"):
+        train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("validation ran out of memory")
+
+    monkeypatch.setattr(train, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="validation ran out of memory"):
+        train_and_evaluate(small_config(data_dir, num_steps=3, eval_every=3, checkpoint_every=3), tmp_path)
+    assert checkpointing.restore_variables(tmp_path)[1]["step"] == 3  # saved before the validation
+
+
 def test_a_second_signal_stops_at_once():
     import os
     import signal
