@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     # sessions such as Colab, cluster jobs); exit status 75; running the same command again resumes
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.batch_size = 0  # 0: train.batch_size (validation during training, centre crops)
+    config.eval.batch_size = 0  # global, as train.batch_size; 0: train.batch_size (validation during training)
 
     # mode=eval and mode=predict: the reference's test protocol (FASTFCN.md section 4.2; docs/evaluation.md).
     config.evaluation = ml_collections.ConfigDict()
