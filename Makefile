@@ -9,25 +9,30 @@ JOBS ?= 2
 
 .PHONY: install lock test demo lint benchmark clean
 
-# The versions in constraints.txt: the set the suite last passed with (pyproject.toml keeps ranges).
+# The versions in constraints.txt (the set the suite last passed with; pyproject.toml keeps ranges), applied
+# under the Python they were made with (its '# python X.Y' line); another Python gets the newest allowed.
+PINS = $$($(PY) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; print("-c constraints.txt" if f"\# python {v}\n" in open("constraints.txt").read() else "")')
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet $(PINS) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
 
-# A fresh .venv with the newest versions pyproject.toml allows, written to constraints.txt (then run make test).
+# constraints.txt anew: the newest versions pyproject.toml allows, installed in a scratch venv (the next
+# `make test` installs them into .venv and runs the suite on them).
 lock:
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	head -n 4 constraints.txt > constraints.txt.new
-	$(PY) -m pip freeze --exclude-editable | grep -v -e '^-e' -e '@ file' -e '^#' >> constraints.txt.new
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -e '.[test]'
+	head -n 3 constraints.txt > constraints.txt.new
+	.venv-lock/bin/python -c 'import sys; print("# python %d.%d" % sys.version_info[:2])' >> constraints.txt.new
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e' -e '@ file' -e '^#' >> constraints.txt.new
 	mv constraints.txt.new constraints.txt
-	touch $(VENV)/.installed
+	rm -rf .venv-lock
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check fastfcn_jax tests configs experiments

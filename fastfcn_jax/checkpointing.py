@@ -315,13 +315,18 @@ class TrainCheckpointer:
                 failures.append((step, " ".join(str(error).split())[:300], error))
                 continue
             if failures and jax.process_count() > 1:  # moving files while other hosts read them: leave it to the user
-                step_failed, reason, error = failures[0]
+                listed = "; ".join(f"step {failed}: {reason}" for failed, reason, _ in failures)
+                paths = " ".join(str(self.directory / str(failed)) for failed, _, _ in failures)
                 raise ValueError(
-                    f"checkpoint step {step_failed} in {self.directory} cannot be read ({reason}); delete "
-                    f"{self.directory / str(step_failed)} (and any newer step) to resume from step {step}"
-                ) from error
+                    f"checkpoints in {self.directory} cannot be read ({listed}); delete {paths} to resume from "
+                    f"step {step}"
+                ) from failures[0][2]
             for step_failed, reason, _ in failures:
                 aside = self.directory / f"{step_failed}.unreadable"
+                for attempt in range(2, 1000):  # a step set aside before, saved again and damaged again
+                    if not aside.exists():
+                        break
+                    aside = self.directory / f"{step_failed}.unreadable-{attempt}"
                 (self.directory / str(step_failed)).rename(aside)
                 print(
                     f"warning: checkpoint step {step_failed} in {self.directory} cannot be read ({reason}), moved "
@@ -336,7 +341,7 @@ class TrainCheckpointer:
                 f"no checkpoint in {self.directory} can be read:\n  {listed}\nIf the files are damaged, delete "
                 "them to train from scratch (or restore them from a copy); if the cause has passed, run again."
             ) from failures[0][2]
-        unreadable = sorted(self.directory.glob("*.unreadable"))
+        unreadable = sorted(self.directory.glob("*.unreadable*"))
         if unreadable:
             raise ValueError(
                 f"{self.directory} holds only steps set aside as unreadable ({', '.join(p.name for p in unreadable)}): "

@@ -345,17 +345,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     model = create_model(config.model.name, num_classes, **overrides)
 
     global_batch = config.train.batch_size
-    if global_batch % jax.process_count() or (global_batch // jax.process_count()) % jax.local_device_count():
-        raise ValueError(
-            f"train.batch_size={global_batch} must be divisible by the {jax.device_count()} devices "
-            f"({jax.process_count()} processes)"
-        )
     eval_batch = config.eval.batch_size or global_batch  # global, as train.batch_size
-    if eval_batch % jax.process_count() or (eval_batch // jax.process_count()) % jax.local_device_count():
-        raise ValueError(
-            f"eval.batch_size={eval_batch} must be divisible by the {jax.device_count()} devices "
-            f"({jax.process_count()} processes)"
-        )
+    for key, size in (("train.batch_size", global_batch), ("eval.batch_size", eval_batch)):
+        if size % jax.process_count() or (size // jax.process_count()) % jax.local_device_count():
+            raise ValueError(
+                f"{key}={size} must be divisible by the {jax.device_count()} devices ({jax.process_count()} processes)"
+            )
     microbatches = config.train.microbatches
     if global_batch % (microbatches * jax.device_count()):
         raise ValueError(

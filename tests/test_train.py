@@ -171,11 +171,16 @@ def test_restore_moves_nothing_aside_when_no_step_can_be_read(tmp_path, monkeypa
     monkeypatch.setattr(reader, "_restore_step", newest_damaged)
     assert int(reader.restore_latest(state).step) == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name[0].isdigit()) == ["2", "4.unreadable"]
+    reader.save(4, state.replace(step=jnp.asarray(4, jnp.int32)))  # saved again by the resumed run, damaged again
+    reader.wait()
+    assert int(reader.restore_latest(state).step) == 2
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name[0].isdigit())
+    assert names == ["2", "4.unreadable", "4.unreadable-2"]
     reader.close()
     # Only set-aside steps left: refused, not trained from scratch.
     (tmp_path / "checkpoints" / "2").rename(tmp_path / "checkpoints" / "2.unreadable")
     reader = checkpointing.TrainCheckpointer(tmp_path, keep=3, info=info)
-    with pytest.raises(ValueError, match=r"only steps set aside as unreadable \(2.unreadable, 4.unreadable\)"):
+    with pytest.raises(ValueError, match=r"set aside as unreadable \(2.unreadable, 4.unreadable, 4.unreadable-2\)"):
         reader.restore_latest(state)
     reader.close()
 
