@@ -286,6 +286,10 @@ class TrainCheckpointer:
         self._best.save(step, args=self._args(state, {"score": float(score)}), force=True)
         self._best.wait_until_finished()
 
+    def latest_step(self) -> int | None:
+        """The newest step saved (or being saved) in ``WORKDIR/checkpoints``, None if there is none."""
+        return self._manager.latest_step()
+
     def best_score(self) -> float | None:
         step = self._best.latest_step()
         if step is None:

@@ -256,9 +256,9 @@ def run_mode() -> None:
                 model_config["num_classes"] = get_dataset_info(config.dataset.name, data_dir).num_classes
             size = config.dataset.crop_size or 512
             run_summary(model_config, (size, size), 1, config.seed, workdir)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        # A user error (bad config value, missing dataset, checkpoint or optional package): say what is wrong,
-        # no traceback. An ImportError that names no package to install is a bug: its traceback stays.
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
+        # A user error (bad config value, missing dataset, checkpoint or optional package, a diverged run): say
+        # what is wrong, no traceback. An ImportError that names no package to install is a bug: its traceback stays.
         if isinstance(error, ImportError) and "pip install" not in str(error):
             raise
         sys.exit(f"error: {error}")

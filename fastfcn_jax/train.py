@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -302,6 +303,23 @@ def evaluate(
     return scores
 
 
+def check_finite_loss(loss: Any, step: int, checkpoints: checkpointing.TrainCheckpointer) -> None:
+    """Stops a diverged run (a NaN or infinite loss, the same on every process) before it saves its state:
+    ``keep_checkpoints`` saves of NaN weights would otherwise rotate every good checkpoint out."""
+    value = float(jax.device_get(loss))
+    if math.isfinite(value):
+        return
+    latest = checkpoints.latest_step()
+    kept = "no checkpoint was saved"
+    if latest is not None:
+        kept = f"the latest checkpoint is step {latest} in {checkpoints.directory}"
+    raise FloatingPointError(
+        f"the training loss is {value} at step {step}: the run diverged and this step was not saved; {kept}. "
+        "Lower the learning rate (--config.train.lr_per_16) or check the data, then run again: it resumes from "
+        "the latest checkpoint."
+    )
+
+
 def report(message: str) -> None:
     """A progress line on the first process (absl INFO would also print every orbax internal message)."""
     if jax.process_index() == 0:
@@ -526,10 +544,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     scalars["train/images_per_second"] = images_per_second
                 report(f"step {done}/{total_steps}  loss {terms['loss']:.4f}  lr {lr:.2e}{speed}")
                 writer.scalars(done, scalars)
+                check_finite_loss(terms["loss"], done, checkpoints)
                 window_start, window_steps = time.perf_counter(), 0
             # Saved before validating (asynchronously, while it runs): a validation that fails loses no training.
             time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
             if done % config.train.checkpoint_every == 0 or done == total_steps or stopping or time_boxed:
+                check_finite_loss(terms["loss"], done, checkpoints)  # never a diverged state over the good ones
                 checkpoints.save(done, state)
             should_eval = done == total_steps or (config.train.eval_every and done % config.train.eval_every == 0)
             if should_eval:

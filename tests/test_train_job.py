@@ -283,6 +283,35 @@ def test_a_failed_validation_loses_no_training_and_a_bad_eval_batch_is_refused_a
     assert checkpointing.restore_variables(tmp_path)[1]["step"] == 3  # saved before the validation
 
 
+def test_a_diverged_run_stops_before_saving_over_its_good_checkpoints(data_dir, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from fastfcn_jax import train
+
+    real_step = train.make_train_step
+
+    def diverging_from_step_3(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def diverging(state, batch, rng):
+            new_state, terms = step(state, batch, rng)
+            return new_state, {**terms, "loss": jnp.where(state.step >= 2, jnp.nan, terms["loss"])}
+
+        return diverging
+
+    monkeypatch.setattr(train, "make_train_step", diverging_from_step_3)
+    # Logged every 5 steps: the NaN of step 3 is first seen at step 4's checkpoint, which is not written.
+    config = small_config(data_dir, num_steps=6, log_every=5, checkpoint_every=2, eval_every=0)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4.*latest checkpoint is step 2"):
+        train_and_evaluate(config, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert checkpointing.restore_variables(tmp_path)[1]["step"] == 2
+    # Logged every step: stopped at the first NaN, step 3.
+    config = small_config(data_dir, num_steps=6, log_every=1, checkpoint_every=2, eval_every=0)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3"):
+        train_and_evaluate(config, tmp_path / "logged")
+
+
 def test_a_second_signal_stops_at_once():
     import os
     import signal
