@@ -348,6 +348,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     ``stopped_by``: None when ``num_steps`` were trained, else the signal number that stopped the run or
     ``"stop_after_steps"``.
     """
+    # The checkpointer and the summary writer are closed on any exit, an exception included: the checkpoint
+    # saves already begun finish (a validation that fails loses no training).
+    with contextlib.ExitStack() as cleanup:
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     from fastfcn_jax import summary_writer
     from fastfcn_jax.config import model_overrides
     from fastfcn_jax.data import pipeline
@@ -404,6 +411,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         "crop_size": int(crop),
     }
     checkpoints = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints, info=info)
+    cleanup.callback(checkpoints.close)
     # A resumed run restores onto the state's shapes and shardings: its initialisation is neither compiled nor run.
     restored_step = checkpoints.restore_latest(abstract_train_state(model, optimizer, (1, crop, crop, 3), mesh))
     if restored_step is not None:
@@ -502,6 +510,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     resumed_at = start_step if restored_step is not None else None
     writer = summary_writer.SummaryWriter(workdir / "tensorboard" if jax.process_index() == 0 else None, resumed_at)
+    cleanup.callback(writer.close)
     last_eval: dict[str, Any] = {}
     best_score = checkpoints.best_score()
     window_start, window_steps = time.perf_counter(), 0
@@ -509,9 +518,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     stopped_by: int | str | None = None
     combined = jax.process_count() > 1  # the processes' stop requests travel with the steps
     votes = None  # a check step's combined request, read after the next step is dispatched
-    # Closed on any exit, an exception included: the checkpoint saves already begun finish (a failed validation
-    # loses no training).
-    with StopRequest() as stop, contextlib.closing(checkpoints), contextlib.closing(writer):
+    with StopRequest() as stop:
         for step in range(start_step, total_steps):
             host_batch = next(train_batches)
             if combined:
