@@ -1,19 +1,25 @@
-"""TensorBoard scalars. TensorFlow is imported lazily here, never on the model or step import path."""
+"""Scalars: TensorBoard event files and a JSON-lines copy. TensorFlow is imported lazily here, never on the
+model or step import path."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 
 class SummaryWriter:
-    """Writes scalars as TensorBoard event files under ``logdir``; ``logdir=None`` writes nothing
+    """Writes scalars as TensorBoard event files under ``logdir`` and, with ``jsonl``, one JSON line per call
+    (``{"step": N, "train/loss": ...}``: readable without TensorBoard); ``logdir=None`` writes nothing
     (processes other than the first)."""
 
-    def __init__(self, logdir: str | Path | None, resume_step: int | None = None) -> None:
+    def __init__(
+        self, logdir: str | Path | None, resume_step: int | None = None, jsonl: str | Path | None = None
+    ) -> None:
         """``resume_step``: the step a resumed run restored; points logged after it by the interrupted run
         are removed, as the resumed run logs those steps again."""
         self._writer = None
+        self._jsonl = None
         if logdir is not None:
             import tensorflow as tf
 
@@ -21,7 +27,11 @@ class SummaryWriter:
             self._tf = tf
             if resume_step is not None:
                 drop_steps_after(logdir, resume_step)
+                if jsonl is not None:
+                    drop_lines_after(jsonl, resume_step)
             self._writer = tf.summary.create_file_writer(str(logdir))
+            if jsonl is not None:
+                self._jsonl = open(jsonl, "a")  # noqa: SIM115 -- open for the run, closed by close()
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is None:
@@ -30,10 +40,33 @@ class SummaryWriter:
             for name, value in values.items():
                 self._tf.summary.scalar(name, float(value))
         self._writer.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def drop_lines_after(path: str | Path, step: int) -> None:
+    """Keeps the lines of a JSON-lines scalar log up to ``step`` (and none cut short by a kill)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run, cut short
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text("".join(kept))
+    partial.replace(path)
 
 
 def drop_steps_after(logdir: str | Path, step: int) -> int:

@@ -509,7 +509,9 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         return evaluate(eval_step, state, batches, mesh, num_classes)
 
     resumed_at = start_step if restored_step is not None else None
-    writer = summary_writer.SummaryWriter(workdir / "tensorboard" if jax.process_index() == 0 else None, resumed_at)
+    writer = summary_writer.SummaryWriter(
+        workdir / "tensorboard" if jax.process_index() == 0 else None, resumed_at, jsonl=workdir / "scalars.jsonl"
+    )
     cleanup.callback(writer.close)
     last_eval: dict[str, Any] = {}
     best_score = checkpoints.best_score()

@@ -49,6 +49,11 @@ def test_train_job_writes_metrics_checkpoints_tensorboard_and_pictures(data_dir,
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
     assert any((tmp_path / "best").iterdir())
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # The same scalars as JSON lines, readable without TensorBoard.
+    lines = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "train/loss" in line] == [2, 4, 6]
+    assert [line["step"] for line in lines if "val/mean_iou" in line] == [3, 6]
+    assert lines[-1]["val/mean_iou"] == pytest.approx(metrics["mean_iou"])
     assert len(list((tmp_path / "predictions").glob("*.png"))) == 4
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["seed"] == 0 and written["total_steps"] == 6 and "code_version" in written
@@ -339,15 +344,27 @@ def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoi
                 found += [(value.tag, event.step) for value in event.summary.value]
         return sorted(found)
 
-    killed = SummaryWriter(tmp_path)  # logged steps 1-5, its last checkpoint at step 3, then SIGKILL
+    jsonl = tmp_path.parent / f"{tmp_path.name}.jsonl"
+    killed = SummaryWriter(tmp_path, jsonl=jsonl)  # logged steps 1-5, its last checkpoint at step 3, then SIGKILL
     for step in range(1, 6):
         killed.scalars(step, {"train/loss": 1.0 / step})
     killed.close()
-    resumed = SummaryWriter(tmp_path, resume_step=3)
+    with open(jsonl, "a") as log:
+        log.write('{"step": 6, "train/lo')  # a line the kill cut short
+    resumed = SummaryWriter(tmp_path, resume_step=3, jsonl=jsonl)
     for step in (4, 5, 6):
         resumed.scalars(step, {"train/loss": 0.5 / step})
     resumed.close()
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]  # each step once
+    logged = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in logged] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, 1 / 3),
+        (4, 0.125),
+        (5, 0.1),
+        (6, 0.5 / 6),
+    ]
     SummaryWriter(tmp_path, resume_step=6).close()  # nothing after step 6: files left as they are
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]
     # A file cut short by the kill: its readable records are kept, the resume goes on.
