@@ -344,7 +344,11 @@ def _padded_crop(
     size; its compiled gather would clamp others silently). ``seeds``: :func:`_draws` of the example's seed."""
     height, width = shape
     message = "label height and width differ from the image height and width"
-    tf.debugging.assert_equal(tf.shape(label)[:2], tf.stack([height, width]), message=message)
+    same_size = tf.debugging.assert_equal(tf.shape(label)[:2], tf.stack([height, width]), message=message)
+    # In a dataset's graph an assertion is not ordered before the ops that read the label: the mask's gathers
+    # on the image's grid could fail first, with an index error that does not say why.
+    with tf.control_dependencies([same_size]):
+        label = tf.identity(label)
 
     def check_values(label: tf.Tensor) -> None:
         if raw_limit is not None:
