@@ -29,7 +29,10 @@ def cross_entropy(
     logits [B, h, w, C], labels [B, H, W] integer. Logits smaller than the labels are first resized to them
     (bilinear, align corners: the reference's upsampling of the head's output), inside the loss, so that
     the full-resolution logits are never written (:func:`_upsampled_cross_entropy`). A batch without any
-    labelled pixel gives 0 (PyTorch would give NaN), so one empty crop cannot poison a run.
+    labelled pixel gives 0 (PyTorch would give NaN), so one empty crop cannot poison a run. The mean is over
+    the whole global batch: the reference's ``DataParallelCriterion`` averaged the means of its GPUs' shares
+    (4 crops each on 4 GPUs), which weights crops by their share's labelled pixels and changes with the
+    number of GPUs; one mean over the batch does not.
 
     Computed as ``logsumexp(z) - z[label]`` with the label's logit picked by a compare-and-sum over classes
     rather than ``log_softmax`` and ``take_along_axis``: the same value, but no [B, H, W, C] log-probability

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageFilter
 from scipy.io import savemat
 
 from fastfcn_jax.data import pipeline, prepare, transforms
@@ -359,17 +359,26 @@ def test_validation_image_resamples_only_the_centre_crop():
         assert error.max() <= 1.0 and (error > 0).mean() < 1e-2  # float32 rounding at .5: one level
 
 
-def test_blur_equals_the_separable_depthwise_convolution_bit_for_bit():
-    image = tf.constant(np.random.default_rng(0).integers(0, 256, (37, 53, 3)).astype(np.float32))
-    for sigma in (0.05, 0.5, 0.99):
-        taps = np.arange(7, dtype=np.float32) - 3
-        kernel = tf.exp(-(tf.constant(taps) ** 2) / (2.0 * tf.constant(sigma) ** 2))
-        kernel = kernel / tf.reduce_sum(kernel)
-        padded = tf.pad(image[None], [[0, 0], [3, 3], [3, 3], [0, 0]], mode="SYMMETRIC")
-        out = tf.nn.depthwise_conv2d(padded, tf.tile(tf.reshape(kernel, [1, 7, 1, 1]), [1, 1, 3, 1]), [1] * 4, "VALID")
-        out = tf.nn.depthwise_conv2d(out, tf.tile(tf.reshape(kernel, [7, 1, 1, 1]), [1, 1, 3, 1]), [1] * 4, "VALID")
-        expected = tf.clip_by_value(tf.round(out[0]), 0.0, 255.0)
-        np.testing.assert_array_equal(transforms.gaussian_blur(image, tf.constant(sigma)), expected)
+def test_blur_equals_pils_gaussian_blur_bit_for_bit():
+    # The reference's augmentation: img.filter(ImageFilter.GaussianBlur(radius=random.random())).
+    rng = np.random.default_rng(0)
+    radii = [0.0, 1e-7, 0.05, 0.2, 0.25, 0.5, 0.75, 0.999999] + [float(np.float32(r)) for r in rng.random(24)]
+    sizes = [(1, 1), (1, 7), (9, 1), (2, 2)] + [tuple(rng.integers(3, 60, 2)) for _ in range(28)]
+    blurred_any = False
+    for radius, (height, width) in zip(radii, sizes, strict=True):
+        image = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+        if radius > 0.5:  # smooth content too, where rounding ties are common
+            image = np.cumsum(image % 3, axis=1).clip(0, 255).astype(np.uint8)
+        expected = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=radius)))
+        out = transforms.gaussian_blur(tf.constant(image, tf.float32), tf.constant(radius)).numpy()
+        np.testing.assert_array_equal(out, expected, err_msg=f"radius {radius}, size {height}x{width}")
+        blurred_any |= bool((expected != image).any())
+    assert blurred_any
+
+
+def test_blur_refuses_a_radius_from_one():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="radius must be below 1"):
+        transforms.gaussian_blur(tf.zeros([4, 4, 3]), tf.constant(1.0))
 
 
 def test_blur_preserves_flat_regions_and_smooths_edges():

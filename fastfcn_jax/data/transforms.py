@@ -19,7 +19,6 @@ import tensorflow as tf
 # ImageNet statistics of the reference's transform.Normalize (inputs scaled to [0, 1] first).
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
-_BLUR_TAPS = 7  # Covers +-3 sigma for the reference's radius (= sigma) < 1.
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
@@ -192,37 +191,65 @@ def _rotate_pair(image: tf.Tensor, label: tf.Tensor, degrees: tf.Tensor, pad_lab
     return image, tf.cast(label, tf.int32)
 
 
-def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-    """Separable Gaussian blur of [H, W, 3] float with standard deviation ``sigma`` pixels (PIL's radius),
-    rounded to the uint8 grid."""
-    offsets = tf.range(_BLUR_TAPS, dtype=tf.float32) - (_BLUR_TAPS // 2)
-    kernel = tf.exp(-(offsets**2) / (2.0 * tf.maximum(sigma, 1e-3) ** 2))
-    kernel = kernel / tf.reduce_sum(kernel)
-    # Weighted sums of shifted slices, along rows first, then columns (the depthwise convolution's order; the
-    # other order rounds differently), each pass compiled by XLA into one loop: TF's CPU kernels ran the 28
-    # elementwise passes one at a time (8.5 ms for a 480x480 crop, its depthwise convolution 4x longer), and
-    # one compiled function for both passes recomputed the first pass for every tap of the second (6.3 ms);
-    # two take 2.6 ms. XLA's fused multiply-adds may round a pixel the other way at .5 (about 1 in 10^5).
-    return _blur_columns(_blur_rows(image, kernel), kernel)
+def gaussian_blur(image: tf.Tensor, radius: tf.Tensor) -> tf.Tensor:
+    """PIL's ``ImageFilter.GaussianBlur(radius)`` of a [H, W, 3] float image on the uint8 grid, bit for bit,
+    for 0 <= radius < 1 (the reference draws ``random.random()``).
+
+    PIL approximates the Gaussian by three passes of an "extended" box blur along rows, then three along
+    columns (Gwosdek et al. 2011): a box of fractional radius ``b`` chosen so that the three passes' variance
+    is radius**2. Below radius 1 the box's integer part is 0, so a pass is the 3-tap filter [fw, ww, fw] / 2**24
+    in PIL's fixed point, edge pixels repeated, each pass rounded to uint8. A Gaussian sampled at whole pixels
+    does not match it: below radius 0.3 it leaves the image unchanged where PIL's blurs.
+    """
+    radius = tf.convert_to_tensor(radius, tf.float32)
+    check = tf.debugging.assert_less(radius, 1.0, message="gaussian_blur: radius must be below 1")
+    with tf.control_dependencies([check]):
+        far, excess = _box_blur_weights(radius)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    rows = tf.reshape(tf.cast(image, tf.int32), [height, width * 3])
+    for _ in range(3):
+        rows = _box_blur_rows(rows, far, excess)
+    for _ in range(3):
+        rows = _box_blur_columns(rows, far, excess)
+    return tf.reshape(tf.cast(rows, tf.float32), [height, width, 3])
+
+
+def _box_blur_weights(radius: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """PIL's fixed-point weights of one box pass for a Gaussian ``radius`` < 1: (``fw``, ``e``) int32 with
+    centre weight ``ww = 2**24 - 2 * fw - e``. Computed in float32 and float64 where PIL's C code is."""
+    sigma2 = radius * radius / 3.0
+    box_length = tf.cast(tf.sqrt(12.0 * tf.cast(sigma2, tf.float64) + 1.0), tf.float32)
+    whole = tf.cast(tf.floor((tf.cast(box_length, tf.float64) - 1.0) / 2.0), tf.float32)  # 0 below radius 1
+    fraction = (2.0 * whole + 1.0) * (whole * (whole + 1.0) - 3.0 * sigma2)
+    fraction = fraction / (6.0 * (sigma2 - (whole + 1.0) * (whole + 1.0)))
+    centre = tf.cast(tf.constant(2.0**24, tf.float32) / ((whole + fraction) * 2.0 + 1.0), tf.int64)  # truncated
+    far = (2**24 - centre) // 2
+    return tf.cast(far, tf.int32), tf.cast(2**24 - centre - 2 * far, tf.int32)
+
+
+def _box_pass(centre: tf.Tensor, before: tf.Tensor, after: tf.Tensor, far: tf.Tensor, excess: tf.Tensor):
+    # PIL's (ww * x + fw * (before + after) + 2**23) >> 24 with ww = 2**24 - 2 * fw - e, rewritten around x so
+    # that it stays within int32: fw < 2**24 / 6 below radius 1 and |before + after - 2x| <= 510.
+    update = far * (before + after - 2 * centre) - excess * centre + 2**23
+    return centre + tf.bitwise.right_shift(update, 24)
+
+
+# One compiled call per pass: XLA fuses a pass into each of the next one's three shifted reads, so several
+# passes in one function recompute the earlier ones (480x480 crop: six calls 2.3 ms, three per call 7 ms).
+@tf.function(jit_compile=True)
+def _box_blur_rows(rows: tf.Tensor, far: tf.Tensor, excess: tf.Tensor) -> tf.Tensor:
+    """One box pass along the width of [H, W * 3] RGB rows (neighbours 3 values apart)."""
+    before = tf.concat([rows[:, :3], rows[:, :-3]], 1)
+    after = tf.concat([rows[:, 3:], rows[:, -3:]], 1)
+    return _box_pass(rows, before, after, far, excess)
 
 
 @tf.function(jit_compile=True)
-def _blur_rows(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """The first pass over the padded image as a [H + 6, (W + 6) * 3] matrix -> [H + 6, W * 3]."""
-    half = _BLUR_TAPS // 2
-    # PIL extends edge pixels; symmetric padding is the closest cheap equivalent.
-    padded = tf.pad(image, [[half, half], [half, half], [0, 0]], mode="SYMMETRIC")
-    height, width = tf.shape(padded)[0], tf.shape(image)[1]
-    rows = tf.reshape(padded, [height, -1])
-    return sum(kernel[tap] * rows[:, 3 * tap : 3 * (tap + width)] for tap in range(_BLUR_TAPS))
-
-
-@tf.function(jit_compile=True)
-def _blur_columns(rows: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """The second pass over :func:`_blur_rows`'s output, rounded -> [H, W, 3]."""
-    height = tf.shape(rows)[0] - (_BLUR_TAPS - 1)
-    out = sum(kernel[tap] * rows[tap : tap + height] for tap in range(_BLUR_TAPS))
-    return tf.reshape(tf.clip_by_value(tf.round(out), 0.0, 255.0), [height, -1, 3])
+def _box_blur_columns(rows: tf.Tensor, far: tf.Tensor, excess: tf.Tensor) -> tf.Tensor:
+    """One box pass along the height of [H, W * 3] RGB rows."""
+    before = tf.concat([rows[:1], rows[:-1]], 0)
+    after = tf.concat([rows[1:], rows[-1:]], 0)
+    return _box_pass(rows, before, after, far, excess)
 
 
 @tf.function(jit_compile=True)
@@ -406,8 +433,8 @@ def _finish(
         label = _look_up(label, table)
     if blur:
         do_blur = tf.random.stateless_uniform([], seeds[5]) < 0.5
-        sigma = tf.random.stateless_uniform([], seeds[6])
-        image = tf.cond(do_blur, lambda: gaussian_blur(image, sigma), lambda: image)
+        radius = tf.random.stateless_uniform([], seeds[6])
+        image = tf.cond(do_blur, lambda: gaussian_blur(image, radius), lambda: image)
     return (_compiled_normalize(image) if normalise else image), label
 
 
