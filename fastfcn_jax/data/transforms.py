@@ -205,13 +205,12 @@ def gaussian_blur(image: tf.Tensor, radius: tf.Tensor) -> tf.Tensor:
     check = tf.debugging.assert_less(radius, 1.0, message="gaussian_blur: radius must be below 1")
     with tf.control_dependencies([check]):
         far, excess = _box_blur_weights(radius)
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    rows = tf.reshape(tf.cast(image, tf.int32), [height, width * 3])
+    planes = _planes(image)
     for _ in range(3):
-        rows = _box_blur_rows(rows, far, excess)
+        planes = _box_blur_rows(planes, far, excess)
     for _ in range(3):
-        rows = _box_blur_columns(rows, far, excess)
-    return tf.reshape(tf.cast(rows, tf.float32), [height, width, 3])
+        planes = _box_blur_columns(planes, far, excess)
+    return _interleaved(planes)
 
 
 def _box_blur_weights(radius: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -235,21 +234,34 @@ def _box_pass(centre: tf.Tensor, before: tf.Tensor, after: tf.Tensor, far: tf.Te
 
 
 # One compiled call per pass: XLA fuses a pass into each of the next one's three shifted reads, so several
-# passes in one function recompute the earlier ones (480x480 crop: six calls 2.3 ms, three per call 7 ms).
+# passes in one function recompute the earlier ones. On [3, H, W] planes, where a row's neighbours are
+# adjacent: a 480x480 crop takes 1.0 ms in a tf.data map, against 2.4 ms on interleaved RGB rows.
 @tf.function(jit_compile=True)
-def _box_blur_rows(rows: tf.Tensor, far: tf.Tensor, excess: tf.Tensor) -> tf.Tensor:
-    """One box pass along the width of [H, W * 3] RGB rows (neighbours 3 values apart)."""
-    before = tf.concat([rows[:, :3], rows[:, :-3]], 1)
-    after = tf.concat([rows[:, 3:], rows[:, -3:]], 1)
-    return _box_pass(rows, before, after, far, excess)
+def _planes(image: tf.Tensor) -> tf.Tensor:
+    """[H, W, 3] float -> [3, H, W] int32."""
+    return tf.transpose(tf.cast(image, tf.int32), [2, 0, 1])
 
 
 @tf.function(jit_compile=True)
-def _box_blur_columns(rows: tf.Tensor, far: tf.Tensor, excess: tf.Tensor) -> tf.Tensor:
-    """One box pass along the height of [H, W * 3] RGB rows."""
-    before = tf.concat([rows[:1], rows[:-1]], 0)
-    after = tf.concat([rows[1:], rows[-1:]], 0)
-    return _box_pass(rows, before, after, far, excess)
+def _interleaved(planes: tf.Tensor) -> tf.Tensor:
+    """[3, H, W] int32 -> [H, W, 3] float32."""
+    return tf.cast(tf.transpose(planes, [1, 2, 0]), tf.float32)
+
+
+@tf.function(jit_compile=True)
+def _box_blur_rows(planes: tf.Tensor, far: tf.Tensor, excess: tf.Tensor) -> tf.Tensor:
+    """One box pass along the rows of [3, H, W] planes."""
+    before = tf.concat([planes[..., :1], planes[..., :-1]], -1)
+    after = tf.concat([planes[..., 1:], planes[..., -1:]], -1)
+    return _box_pass(planes, before, after, far, excess)
+
+
+@tf.function(jit_compile=True)
+def _box_blur_columns(planes: tf.Tensor, far: tf.Tensor, excess: tf.Tensor) -> tf.Tensor:
+    """One box pass along the columns of [3, H, W] planes."""
+    before = tf.concat([planes[:, :1], planes[:, :-1]], 1)
+    after = tf.concat([planes[:, 1:], planes[:, -1:]], 1)
+    return _box_pass(planes, before, after, far, excess)
 
 
 @tf.function(jit_compile=True)
