@@ -219,6 +219,25 @@ def variable_mismatches(expected: Mapping[str, Any], given: Mapping[str, Any]) -
     return problems
 
 
+def describe_mismatches(problems: Sequence[str], per_kind: int = 4) -> str:
+    """:func:`variable_mismatches`' lines in one message: how many of each kind, the first few of each (a
+    checkpoint of another head has as many unexpected variables as missing ones: both must show)."""
+    kinds = {"missing": [], "unexpected": [], "shape": []}
+    for problem in problems:
+        kind, _, name = problem.partition(" ")
+        if kind in ("missing", "unexpected"):
+            kinds[kind].append(name)
+        else:
+            kinds["shape"].append(problem)
+    counts = {"missing": "missing", "unexpected": "unexpected", "shape": "of another shape"}
+    parts = []
+    for kind, found in kinds.items():
+        if found:
+            more = f"; ... {len(found) - per_kind} more" if len(found) > per_kind else ""
+            parts.append(f"{len(found)} {counts[kind]}: " + "; ".join(found[:per_kind]) + more)
+    return " | ".join(parts)
+
+
 def check_variables(
     model: Any, variables: Mapping[str, Any], source: str, image_size: Sequence[int] = (64, 64)
 ) -> None:
@@ -228,7 +247,7 @@ def check_variables(
     expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), sample)
     problems = variable_mismatches(expected, variables)
     if problems:
-        raise ValueError(f"{source} does not fit the configured model: " + "; ".join(problems[:10]))
+        raise ValueError(f"{source} does not fit the configured model: {describe_mismatches(problems)}")
 
 
 def _abstract(tree: Any) -> Any:
@@ -259,9 +278,11 @@ class TrainCheckpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_handlers=_item_handlers(),
         )
+        # Not max_to_keep=1: orbax keeps the highest steps, so a better step below a best one of an abandoned
+        # future (a resume from an older checkpoint) would be the one deleted; save_best removes the others.
         self._best = ocp.CheckpointManager(
             workdir / "best",
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            options=ocp.CheckpointManagerOptions(create=True),
             item_handlers=_item_handlers(),
         )
 
@@ -280,11 +301,17 @@ class TrainCheckpointer:
             self._manager.save(step, args=self._args(state))
 
     def save_best(self, step: int, state: Any, score: float) -> None:
+        """Saves ``state`` as ``WORKDIR/best`` (its only step once saved)."""
         # The two managers must never save concurrently: each async save runs cross-host barriers in a
         # background thread, and interleaved barriers of two managers can deadlock a multi-host run.
         self._manager.wait_until_finished()
+        if step in self._best.all_steps():  # a resumed run's better weights for a step an earlier run saved
+            self._best.delete(step)
         self._best.save(step, args=self._args(state, {"score": float(score)}), force=True)
         self._best.wait_until_finished()
+        for other in self._best.all_steps():
+            if other != step:
+                self._best.delete(other)
 
     def latest_step(self) -> int | None:
         """The newest step saved (or being saved) in ``WORKDIR/checkpoints``, None if there is none."""

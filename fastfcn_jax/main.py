@@ -128,12 +128,15 @@ def leave_failed_job(error: BaseException) -> None:
     index, count = distributed.global_state.process_id, distributed.global_state.num_processes
     if count is not None and count <= 1:
         return
-    status = 130 if isinstance(error, KeyboardInterrupt) else 1
+    signum = getattr(error, "signum", None)  # train.StoppedNow: a second signal during training
+    status = 128 + signum if signum else 130 if isinstance(error, KeyboardInterrupt) else 1
     try:
         import traceback
 
         if isinstance(error, SystemExit):
             message = str(error.code)
+        elif signum:
+            message = str(error)
         elif isinstance(error, KeyboardInterrupt):  # outside training, whose signal handler checkpoints first
             message = "interrupted"
         else:
@@ -256,6 +259,13 @@ def run_mode() -> None:
                 model_config["num_classes"] = get_dataset_info(config.dataset.name, data_dir).num_classes
             size = config.dataset.crop_size or 512
             run_summary(model_config, (size, size), 1, config.seed, workdir)
+    except KeyboardInterrupt as error:
+        # A second signal during training (train.StoppedNow): said in one line, exit status 128 + N as for a process
+        # that signal ended. Under --distributed the job's own exit path (leave_failed_job) does this.
+        if not getattr(error, "signum", None) or FLAGS.distributed:
+            raise
+        print(f"stopped: {error}", file=sys.stderr)
+        sys.exit(128 + error.signum)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
         # A user error (bad config value, missing dataset, checkpoint or optional package, a diverged run): say
         # what is wrong, no traceback. An ImportError that names no package to install is a bug: its traceback stays.
@@ -281,7 +291,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad ``--config.KEY=VALUE`` (an unknown key, a value of the wrong type)
     reported in one line instead of a traceback."""
     try:
-        return FLAGS(argv)
+        remaining = FLAGS(argv)
+        if FLAGS["config"].present:
+            FLAGS.config.get("mode")  # a config file that cannot be read is reported on first use
+        return remaining
+    except OSError as error:  # ml_collections: "Configuration is not available because of ...: [Errno 2] ..."
+        from ml_collections import config_flags
+
+        reason = str(error).strip().splitlines()[-1].strip()
+        sys.exit(f"error: cannot load --config {config_flags.get_config_filename(FLAGS['config'])}: {reason}")
     except flags.Error as error:
         sys.exit(f"error: {error}\nPass --helpshort or --helpfull to see help on flags.")
     except (AttributeError, KeyError, TypeError, ValueError) as error:

@@ -14,10 +14,10 @@ class SummaryWriter:
     (processes other than the first)."""
 
     def __init__(
-        self, logdir: str | Path | None, resume_step: int | None = None, jsonl: str | Path | None = None
+        self, logdir: str | Path | None, start_step: int | None = None, jsonl: str | Path | None = None
     ) -> None:
-        """``resume_step``: the step a resumed run restored; points logged after it by the interrupted run
-        are removed, as the resumed run logs those steps again."""
+        """``start_step``: the step this run starts from (the restored one, 0 for a run from scratch); points an
+        earlier run in ``logdir`` logged after it are removed, as this run logs those steps again."""
         self._writer = None
         self._jsonl = None
         if logdir is not None:
@@ -25,10 +25,10 @@ class SummaryWriter:
 
             tf.config.set_visible_devices([], "GPU")  # TF must not take accelerator memory from JAX
             self._tf = tf
-            if resume_step is not None:
-                drop_steps_after(logdir, resume_step)
+            if start_step is not None:
+                drop_steps_after(logdir, start_step)
                 if jsonl is not None:
-                    drop_lines_after(jsonl, resume_step)
+                    drop_lines_after(jsonl, start_step)
             self._writer = tf.summary.create_file_writer(str(logdir))
             if jsonl is not None:
                 self._jsonl = open(jsonl, "a")  # noqa: SIM115 -- open for the run, closed by close()

@@ -205,7 +205,9 @@ def abstract_train_state(
     return jax.eval_shape(_jitted_init(model, optimizer, jax.random.PRNGKey(0), image_shape, mesh))
 
 
-def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState, dict[str, Any]]:
+def load_pretrained(
+    state: TrainState, init_from: str, mesh, model_name: str = "the configured model"
+) -> tuple[TrainState, dict[str, Any]]:
     """Replaces params and BN statistics with a converter output's (``init_from``), checking every shape.
 
     A conversion of ImageNet weights (``--from resnet_s`` / ``torchvision``) gives only the backbone: its JPU
@@ -231,7 +233,7 @@ def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState
             )
         raise ValueError(
             f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes): "
-            f"{what} does not fit the configured model: " + "; ".join(problems[:10]) + hint
+            f"{what} does not fit {model_name}: {checkpointing.describe_mismatches(problems)}{hint}"
         )
     restored = jax.device_put(restored, sharding.replicated(mesh))
     if backbone_only:
@@ -245,6 +247,14 @@ def load_pretrained(state: TrainState, init_from: str, mesh) -> tuple[TrainState
 
 # Several processes: every this many steps they combine their stop requests (read one step later).
 STOP_CHECK_EVERY = 10
+
+
+class StoppedNow(KeyboardInterrupt):
+    """A second SIGTERM/SIGINT during training: stopped at once, without a checkpoint of the step."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum} received twice: stopped at once, without saving the current step")
+        self.signum = int(signum)
 
 
 class StopRequest:
@@ -273,7 +283,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second Ctrl-C (or SIGTERM): stop now, without the checkpoint
             self.__exit__()
-            raise KeyboardInterrupt(f"signal {signum} received twice: stopped without saving")
+            raise StoppedNow(signum)
         logging.warning("signal %d received: checkpointing after this step, then stopping (again: stop now)", signum)
         self.requested, self.signal = True, signum
 
@@ -426,7 +436,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     else:
         state = create_train_state(model, optimizer, init_rng, (1, crop, crop, 3), mesh)
         if config.init_from:
-            state, source = load_pretrained(state, config.init_from, mesh)
+            state, source = load_pretrained(state, config.init_from, mesh, f"the configured {config.model.name}")
             if source.get("source") in BACKBONE_SOURCES and config.train.get("requires_init_from"):
                 raise ValueError(
                     f"init_from={config.init_from} holds ImageNet weights (only a backbone), but this config "
@@ -508,9 +518,9 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         )
         return evaluate(eval_step, state, batches, mesh, num_classes)
 
-    resumed_at = start_step if restored_step is not None else None
+    # From scratch too: a run killed before its first checkpoint left points that this one logs again.
     writer = summary_writer.SummaryWriter(
-        workdir / "tensorboard" if jax.process_index() == 0 else None, resumed_at, jsonl=workdir / "scalars.jsonl"
+        workdir / "tensorboard" if jax.process_index() == 0 else None, start_step, jsonl=workdir / "scalars.jsonl"
     )
     cleanup.callback(writer.close)
     last_eval: dict[str, Any] = {}

@@ -232,7 +232,7 @@ def test_exporting_a_checkpoint_with_other_shapes_is_a_clear_error(trained):
     _, _, workdir = trained
     config = demo_config()
     config.model.overrides.aux = False  # same name and classes, but no auxiliary head
-    with pytest.raises(ValueError, match="does not fit the configured model: unexpected params/auxiliary_head"):
+    with pytest.raises(ValueError, match="does not fit the configured model: .*unexpected: params/auxiliary_head"):
         export.run_export(config, workdir)
 
 
@@ -345,3 +345,34 @@ def test_onnx_export_is_refused_with_an_install_hint_without_jax2onnx(trained, t
     with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]'"):
         export.export_onnx(model, variables, tmp_path / "model.onnx", image_size=(SIZE, SIZE), metadata={})
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_exporting_again_removes_artifacts_of_formats_not_written_this_time(trained, tmp_path, capsys):
+    # An earlier export into the same directory wrote a SavedModel, ONNX and params.npz (of another checkpoint,
+    # size or output): TF Serving pointed at saved_model/ would serve that one beside the new StableHLO.
+    _, _, workdir = trained
+    earlier = tmp_path / export.SAVED_MODEL_DIR
+    (earlier / "variables").mkdir(parents=True)
+    (earlier / "saved_model.pb").write_bytes(b"earlier graph")
+    (earlier / "variables" / "variables.index").write_bytes(b"earlier weights")
+    for name in (export.ONNX_FILE, export.PARAMS_FILE, "notes.txt"):
+        (tmp_path / name).write_bytes(b"earlier")
+    config = demo_config(platforms=("cpu",), directory=str(tmp_path), formats=("stablehlo",))
+    paths = export.run_export(config, workdir)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [export.STABLEHLO_FILE, export.METADATA_FILE, "notes.txt"]
+    )
+    assert set(paths) == {"stablehlo", "metadata"}
+    assert (
+        f"removed params.npz, saved_model/, model.onnx from {tmp_path}: an earlier export's" in capsys.readouterr().out
+    )
+
+    # Parameters beside the module this time: params.npz is written, not stale; a saved_model folder that holds
+    # no SavedModel is not this package's to remove; an export of another format replaces the StableHLO files.
+    (tmp_path / export.SAVED_MODEL_DIR).mkdir()
+    (tmp_path / export.PARAMS_FILE).write_bytes(b"earlier")
+    assert export.stale_artifacts(tmp_path, ("stablehlo",), embed_params=False) == []
+    assert export.stale_artifacts(tmp_path, ("onnx",), embed_params=True) == [
+        tmp_path / name for name in (export.STABLEHLO_FILE, export.METADATA_FILE, export.PARAMS_FILE)
+    ]

@@ -47,6 +47,32 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
     assert "error: unknown config key config.train.bogus" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_config_file_that_does_not_exist_is_named_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastfcn_jax.main", "--config", "configs/nonexistent.py", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: cannot load --config configs/nonexistent.py: [Errno 2] No such file" in result.stderr
+
+
+def test_a_second_signal_during_training_exits_128_plus_its_number_in_one_line(tmp_path):
+    # train.StopRequest raises StoppedNow from wherever the second signal lands (often deep inside jax).
+    script = (
+        "import sys; from absl import app; from fastfcn_jax import main, train\n"
+        "def stopped(config, workdir): raise train.StoppedNow(15)\n"
+        "train.train_and_evaluate = stopped\n"
+        f"sys.argv = ['main', '--config', {str(ROOT / 'configs' / 'demo.py')!r}, '--workdir', {str(tmp_path)!r}]\n"
+        "app.run(main.main, flags_parser=main.parse_flags)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 128 + 15, result.stderr[-3000:]
+    assert "stopped: signal 15 received twice: stopped at once" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_workdir_that_cannot_be_written_is_an_error_before_any_work(tmp_path):
     (tmp_path / "a_file").write_text("")
     result = run_main(f"--workdir={tmp_path / 'a_file' / 'run'}", "--mode=summary")

@@ -185,6 +185,24 @@ def test_restore_moves_nothing_aside_when_no_step_can_be_read(tmp_path, monkeypa
     reader.close()
 
 
+def test_best_checkpoint_is_replaced_by_a_resumed_runs_better_step(tmp_path):
+    # A run resumed from an older checkpoint re-validates steps an earlier run already saved as the best.
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params={"w": jnp.arange(4.0)}, batch_stats={}, opt_state={"m": jnp.ones(4)}
+    )
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES}
+    checkpoints = checkpointing.TrainCheckpointer(tmp_path, keep=2, info=info)
+    checkpoints.save_best(30, state.replace(params={"w": jnp.full(4, 1.0)}), 0.5)
+    checkpoints.save_best(30, state.replace(params={"w": jnp.full(4, 2.0)}), 0.7)  # the same step again
+    assert checkpoints.best_score() == 0.7
+    checkpoints.save_best(25, state.replace(params={"w": jnp.full(4, 3.0)}), 0.9)  # below the saved step
+    checkpoints.close()
+    variables, best = checkpointing.restore_variables(tmp_path / "best")
+    assert best["step"] == 25 and best["score"] == 0.9
+    np.testing.assert_array_equal(variables["params"]["w"], np.full(4, 3.0))
+    assert sorted(p.name for p in (tmp_path / "best").iterdir() if p.name[0].isdigit()) == ["25"]
+
+
 def test_eval_step_counts_only_valid_examples_and_labelled_pixels(setup):
     model, optimizer, _ = setup
     mesh = sharding.make_mesh(2)

@@ -99,7 +99,12 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
     config = small_config(data_dir, num_steps=1)
     config.model.name = "psp_jpu_tiny"
     config.init_from = str(tmp_path / "source")
-    with pytest.raises(ValueError, match="does not fit the configured model"):
+    # Another head: its variables are missing and EncNet's unexpected, both counted and shown.
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit the configured psp_jpu_tiny: \d+ missing: .*; \.\.\. \d+ more \| "
+        r"\d+ unexpected: params/decode_head/",
+    ):
         train_and_evaluate(config, tmp_path / "mismatch")
 
     # A fine-tune config (the ADE20K trainval one) refuses to start from scratch.
@@ -321,13 +326,14 @@ def test_a_second_signal_stops_at_once():
     import os
     import signal
 
-    from fastfcn_jax.train import StopRequest
+    from fastfcn_jax.train import StoppedNow, StopRequest
 
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested  # the first: checkpoint, then stop
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(StoppedNow) as stopped:
             os.kill(os.getpid(), signal.SIGINT)
+    assert stopped.value.signum == signal.SIGINT and isinstance(stopped.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -351,7 +357,7 @@ def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoi
     killed.close()
     with open(jsonl, "a") as log:
         log.write('{"step": 6, "train/lo')  # a line the kill cut short
-    resumed = SummaryWriter(tmp_path, resume_step=3, jsonl=jsonl)
+    resumed = SummaryWriter(tmp_path, start_step=3, jsonl=jsonl)
     for step in (4, 5, 6):
         resumed.scalars(step, {"train/loss": 0.5 / step})
     resumed.close()
@@ -365,14 +371,17 @@ def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoi
         (5, 0.1),
         (6, 0.5 / 6),
     ]
-    SummaryWriter(tmp_path, resume_step=6).close()  # nothing after step 6: files left as they are
+    SummaryWriter(tmp_path, start_step=6).close()  # nothing after step 6: files left as they are
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 7)]
     # A file cut short by the kill: its readable records are kept, the resume goes on.
     (resumed_file,) = [p for p in tmp_path.glob("events.out.tfevents.*") if ("train/loss", 6) in points(p, [p])]
     resumed_file.write_bytes(resumed_file.read_bytes()[:-5])  # step 6's record (the last) cut short
-    SummaryWriter(tmp_path, resume_step=5).close()
+    SummaryWriter(tmp_path, start_step=5).close()
     assert points(tmp_path) == [("train/loss", step) for step in range(1, 6)]
     assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("events.out.tfevents.")]
+    # A run killed before its first checkpoint: the next one starts from scratch and logs every step again.
+    SummaryWriter(tmp_path, start_step=0, jsonl=jsonl).close()
+    assert points(tmp_path) == [] and jsonl.read_text() == ""
 
 
 def test_resuming_on_another_number_of_processes_is_reported(tmp_path, capsys):

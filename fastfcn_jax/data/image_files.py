@@ -6,6 +6,10 @@ and arrays (the Python API): no TensorFlow here, so prediction can use it withou
   scaled to 0..255 (65535 / 257 = 255), so that a 16-bit file and its 8-bit version look alike;
 - float images and arrays (PIL mode ``F``): 0..1 when no value exceeds 1 (as matplotlib and scikit-image give
   them), else 0..255; other integers (PIL mode ``I``, int arrays) 0..255. Values outside are clipped.
+
+Files may carry an EXIF orientation tag (phone photos): :func:`exif_orientation` reads it; prediction and
+custom folder datasets use such images turned upright (``PIL.ImageOps.exif_transpose``), as photo viewers and
+annotation tools show them, and the real datasets' builders as stored, as their references read them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+EXIF_ORIENTATION_TAG = 0x0112
 
 
 def to_rgb(image: Any) -> np.ndarray:
@@ -50,3 +55,11 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("I", "F"):
         return to_rgb(np.asarray(image))
     return np.asarray(image.convert("RGB"))
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image: how a viewer turns or mirrors the stored pixels to show
+    them (5..8 swap width and height); 1, as stored, without a tag or with a value outside 1..8 (which
+    ``PIL.ImageOps.exif_transpose`` ignores too)."""
+    value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1

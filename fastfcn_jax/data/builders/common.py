@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fastfcn_jax.data.image_files import pil_to_rgb
+from fastfcn_jax.data.image_files import exif_orientation, pil_to_rgb
 
 
 class DataError(ValueError):
@@ -66,20 +66,41 @@ def require_file(path: Path, what: str) -> Path:
 
 def read_rgb(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
     """Reads an image file as the reference does (PIL, converted to RGB; 16-bit and float images scaled as
-    :mod:`fastfcn_jax.data.image_files` says, where PIL would saturate them).
+    :mod:`fastfcn_jax.data.image_files` says, where PIL would saturate them; pixels as stored, an EXIF
+    orientation tag ignored).
 
     Returns what to hand to the tfds Image feature (the original bytes when they already decode to RGB, so
     JPEGs are not re-compressed; otherwise the converted array) and the (height, width).
     """
+    data, size, _ = _read_rgb(path, upright=False)
+    return data, size
+
+
+def read_rgb_upright(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int], int]:
+    """:func:`read_rgb`, but turned upright as the file's EXIF orientation tag says (as photo viewers,
+    annotation tools and prediction show it).
+
+    Returns what to hand to the tfds Image feature (the original bytes without a turn; the turned pixels
+    otherwise, which the feature stores losslessly as PNG: stored JPEG bytes would decode as stored, since
+    TensorFlow ignores EXIF), the upright (height, width) and the orientation applied (1: none; 5..8 swap
+    height and width).
+    """
+    return _read_rgb(path, upright=True)
+
+
+def _read_rgb(path: Path, *, upright: bool) -> tuple[bytes | np.ndarray, tuple[int, int], int]:
     try:
         data = require_file(path, "image").read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            fmt, mode, (width, height) = img.format, img.mode, img.size
-            converted = None if mode == "RGB" and fmt in ("JPEG", "PNG") else pil_to_rgb(img)
+            orientation = exif_orientation(img) if upright else 1
+            fmt, mode = img.format, img.mode
+            turned = img if orientation == 1 else ImageOps.exif_transpose(img)
+            width, height = turned.size
+            converted = None if orientation == 1 and mode == "RGB" and fmt in ("JPEG", "PNG") else pil_to_rgb(turned)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise DataError(f"corrupt or unreadable image {path}: {err}") from err
-    return (data if converted is None else converted), (height, width)
+    return (data if converted is None else converted), (height, width), orientation
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -100,6 +121,9 @@ def read_index_png(path: Path) -> np.ndarray:
     return array.astype(np.uint8) if array.dtype == bool else array
 
 
+SIZE_REMEDY = "masks are per pixel of their image (resize one of them, the mask with nearest-neighbour sampling)"
+
+
 def check_label(
     label: np.ndarray,
     image_size: tuple[int, int],
@@ -107,16 +131,17 @@ def check_label(
     valid_values: Sequence[int] | np.ndarray,
     example: str | Path,
     value_remedy: str = "",
+    size_remedy: str = SIZE_REMEDY,
 ) -> np.ndarray:
     """Checks a raw mask against its image; returns it as [H, W, 1] ready for the label feature.
-    ``value_remedy``: what to do about values outside ``valid_values`` (appended to that error)."""
+    ``value_remedy``: what to do about values outside ``valid_values`` (appended to that error);
+    ``size_remedy``: what to do about a size that differs from ``image_size`` (appended to that error)."""
     if label.ndim != 2:
         raise DataError(f"{example}: label must be one channel, got shape {label.shape}")
     if label.shape != tuple(image_size):
         raise DataError(
             f"{example}: label size {label.shape[1]}x{label.shape[0]} (WxH) differs from its image "
-            f"{image_size[1]}x{image_size[0]}: masks are per pixel of their image (resize one of them, the mask "
-            "with nearest-neighbour sampling)"
+            f"{image_size[1]}x{image_size[0]}: {size_remedy}"
         )
     bad = np.setdiff1d(np.unique(label), np.asarray(valid_values))
     if bad.size:

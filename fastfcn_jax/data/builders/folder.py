@@ -25,14 +25,22 @@ Custom folder dataset: put your data in SOURCE as
   SOURCE/classes.json                 {"names": ["road", "car", ...], "palette": [[128, 64, 128], ...],
                                        "ignore_label": 255, "base_size": 520, "crop_size": 480}
                                       (palette, ignore_label, base_size, crop_size optional)
-  SOURCE/images/<split>/<stem>.jpg    (or .png; RGB; grayscale is repeated, alpha dropped)
+  SOURCE/images/<split>/<stem>.jpg    (or .png; RGB; grayscale is repeated, alpha dropped; used upright as
+                                      an EXIF orientation tag says, as photo viewers and prediction show it)
   SOURCE/masks/<split>/<stem>.png     single-channel PNG (8 or 16 bit), pixel = class index 0..C-1 or
-                                      ignore_label; same size as the image
+                                      ignore_label; same size as the (upright) image
 with <split> among train, validation (or val), test. Then run
   python -m fastfcn_jax.data.prepare --dataset folder:NAME --source SOURCE --data-dir OUT
 """
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# What EXIF orientations 5..8 (those that swap width and height) do to the stored pixels to show them.
+_TURNS = {
+    5: "mirror across the main diagonal",
+    6: "90 degrees clockwise",
+    7: "mirror across the anti-diagonal",
+    8: "90 degrees anticlockwise",
+}
 _SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
 
@@ -97,7 +105,21 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return common.dataset_info(self, __doc__, metadata=tfds.core.MetadataDict(), label_dtype=tf.uint16)
 
+    def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager, download_config: Any) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        turned = {split: count for split, count in getattr(self, "_turned_upright", {}).items() if count}
+        if turned:
+            name = "folder" if self.builder_config.name == "default" else f"folder:{self.builder_config.name}"
+            print(
+                f"{name}: {sum(turned.values())} image(s) turned upright as their EXIF orientation tag says, as "
+                "photo viewers, annotation tools and prediction show them, and stored so as PNG ("
+                + ", ".join(f"{split} {count}" for split, count in sorted(turned.items()))
+                + ")",
+                flush=True,
+            )
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+        self._turned_upright: dict[str, int] = {}  # split -> images stored turned by their EXIF orientation
         source = common.require_files(common.manual_dir(dl_manager), ["classes.json", "images", "masks"], INSTRUCTIONS)
         table = read_class_table(source)
         self.info.metadata["class_table"] = table
@@ -141,17 +163,41 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             remedy=f"Every image needs masks/{folder}/<its stem>.png and every mask its image: add the missing "
             "files or remove the unpaired ones.",
         )
+        split = _SPLIT_NAMES[folder]
+        self._turned_upright[split] = 0
         for image_path, mask_path in pairs:
-            image, size = common.read_rgb(image_path)
+            # Annotation tools (labelme, CVAT) label the image as shown, turned by its EXIF orientation tag, and
+            # prediction turns new photos the same way: the stored pixels are the upright ones.
+            image, size, orientation = common.read_rgb_upright(image_path)
+            self._turned_upright[split] += orientation != 1
+            mask = common.read_index_png(mask_path)
             label = common.check_label(
-                common.read_index_png(mask_path),
+                mask,
                 size,
                 valid_values=valid,
                 example=mask_path,
                 value_remedy=f"add the classes to {source / 'classes.json'}'s names (index = position), or set "
                 "the value as its ignore_label",
+                size_remedy=_size_remedy(image_path, orientation, size, mask.shape),
             )
             yield image_path.stem, {"image": image, "label": label.astype(np.uint16), "file_name": image_path.name}
+
+
+def _size_remedy(image: Path, orientation: int, size: tuple[int, int], mask_shape: tuple[int, ...]) -> str:
+    """What to do about a mask whose size differs from its image's upright ``size`` (height, width)."""
+    if orientation == 1:
+        return common.SIZE_REMEDY
+    stored = (size[1], size[0]) if orientation >= 5 else size  # orientations 5..8 swap width and height
+    note = (
+        f"the image {image} carries EXIF orientation {orientation} and is used turned upright, as photo viewers, "
+        f"annotation tools and prediction show it ({stored[1]}x{stored[0]} as stored)"
+    )
+    if tuple(mask_shape) == stored:
+        return (
+            f"{note}; this mask matches the stored pixels instead: turn it the same way ({_TURNS[orientation]}), "
+            "or save the image without its orientation tag"
+        )
+    return f"{note}; {common.SIZE_REMEDY}"
 
 
 def is_prepared(name: str, data_dir: str | Path) -> bool:
