@@ -119,8 +119,12 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
     """Restores ``(variables, info)`` from a converter output or a training workdir (latest step by default).
 
     ``variables`` is ``{'params', 'batch_stats'}`` as NumPy arrays on the host; ``info`` holds at least
-    ``model_name``, ``num_classes``, ``class_names`` and ``model_overrides``.
+    ``model_name``, ``num_classes``, ``class_names`` and ``model_overrides``. ``path`` may also be one step's
+    folder (``WORKDIR/checkpoints/60``): that step.
     """
+    path = Path(path).expanduser().absolute()
+    if step is None and path.name.isdigit() and (path / VARIABLES).is_dir() and (path / INFO).is_dir():
+        path, step = path.parent, int(path.name)
     directory = checkpoint_dir(path)
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -392,8 +396,8 @@ class TrainCheckpointer:
                 f"classes and overrides {stored.get('model_overrides')}, which does not fit the configured "
                 f"{self.info.get('model_name')} with {self.info.get('num_classes')} classes and overrides "
                 f"{self.info.get('model_overrides')}:\n  {listed}\n"
-                "Resume with the config that run was trained with, train in a new --workdir, or start a new run "
-                "from those weights with config.init_from."
+                "Resume with the config that run was trained with (WORKDIR/config.json), or train in a new "
+                "--workdir (config.init_from cannot take these weights either: their variables do not fit)."
             )
         train_state = _abstract({"step": state.step, "opt_state": state.opt_state})
         restored = self._manager.restore(

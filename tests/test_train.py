@@ -203,6 +203,18 @@ def test_best_checkpoint_is_replaced_by_a_resumed_runs_better_step(tmp_path):
     assert sorted(p.name for p in (tmp_path / "best").iterdir() if p.name[0].isdigit()) == ["25"]
 
 
+def test_one_steps_folder_restores_that_step(tmp_path):
+    # config.init_from=WORKDIR/checkpoints/2: evaluate, predict or fine-tune from a step other than the latest.
+    state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(4)}, batch_stats={}, opt_state={})
+    checkpoints = checkpointing.TrainCheckpointer(tmp_path, keep=3, info={"model_name": "m", "num_classes": 2})
+    for step in (2, 4):
+        checkpoints.save(step, state.replace(params={"w": jnp.full(4, float(step))}))
+    checkpoints.close()
+    variables, info = checkpointing.restore_variables(tmp_path / "checkpoints" / "2")
+    assert info["step"] == 2 and variables["params"]["w"].tolist() == [2.0] * 4
+    assert checkpointing.restore_variables(tmp_path)[1]["step"] == 4
+
+
 def test_eval_step_counts_only_valid_examples_and_labelled_pixels(setup):
     model, optimizer, _ = setup
     mesh = sharding.make_mesh(2)
