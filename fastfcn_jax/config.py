@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.export.output = "logits"  # or 'labels'
     config.export.platforms = ("cpu", "cuda", "tpu")
     config.export.directory = ""  # "": WORKDIR/export
-    config.export.checkpoint = ""  # "": WORKDIR's latest checkpoint
+    config.export.checkpoint = ""  # "": config.init_from, else WORKDIR's latest checkpoint
     config.export.embed_params = True  # False: params.npz beside model.stablehlo
     config.export.fold_norm = True  # BatchNorms folded into the convolutions before them
     config.export.tuned_for = ""  # 'auto' op choices for: "" = the exporting machine's backend, cpu | gpu | tpu

@@ -484,12 +484,92 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
     return (gathered[0] << 20) + gathered[1]
 
 
+# What makes two evaluations' results different ones (metrics.json keys); the split and protocol name are in
+# the folder's name.
+RESULT_SETTINGS = (
+    "checkpoint",
+    "step",
+    "model_name",
+    "dataset",
+    "num_images",
+    "protocol_scales",
+    "protocol_flip",
+    "protocol_base_size",
+    "protocol_crop_size",
+    "protocol_stride",
+    "protocol_whole",
+)
+
+
+def _settings(result: Mapping[str, Any]) -> dict[str, Any]:
+    settings = json.loads(json.dumps({key: result.get(key) for key in RESULT_SETTINGS}))  # tuples as JSON lists
+    if settings["checkpoint"]:
+        settings["checkpoint"] = str(Path(settings["checkpoint"]).expanduser().absolute())
+    return settings
+
+
+def results_label(result: Mapping[str, Any], workdir: Path) -> str:
+    """What distinguishes an evaluation's results, for a folder name: ``step30``, the checkpoint when it is not the
+    workdir's own (``best``, or the folder's name), then flip, scales and stride where they are not the protocol's
+    defaults, and the sizes: ``step30_best_flip_base64_crop48``."""
+    settings = _settings(result)
+    parts = [f"step{settings['step']}"] if settings["step"] is not None else []
+    if settings["checkpoint"] and Path(settings["checkpoint"]) != workdir:
+        checkpoint = Path(settings["checkpoint"])
+        inside = checkpoint.is_relative_to(workdir)
+        parts.append("-".join(checkpoint.relative_to(workdir).parts) if inside else checkpoint.name)
+    name, flip, scales = result.get("protocol"), settings["protocol_flip"], settings["protocol_scales"]
+    if flip is not None and flip != (name == "multi_scale"):
+        parts.append("flip" if flip else "noflip")
+    default_scales = MULTI_SCALES if name == "multi_scale" else (1.0,)
+    if name == "multi_scale" and result.get("dataset") == "cityscapes":
+        default_scales += CITYSCAPES_EXTRA_SCALES
+    if scales is not None and tuple(scales) != default_scales:
+        parts.append("scales" + "-".join(f"{scale:g}" for scale in scales))
+    base, crop, stride = (settings[f"protocol_{key}"] for key in ("base_size", "crop_size", "stride"))
+    if base is not None and crop is not None:
+        parts.append(f"base{base}_crop{crop}")
+        if stride is not None and stride != int(crop * 2.0 / 3.0):
+            parts.append(f"stride{stride}")
+    return "_".join(str(part) for part in parts) or "earlier"
+
+
+def keep_earlier_results(out: Path, result: Mapping[str, Any], workdir: Path) -> str | None:
+    """Before ``result`` is written to ``out``: moves earlier results there of another checkpoint, step,
+    protocol setting (scales, flip, sizes) or image count aside to ``<out>_<what they were>``
+    (:func:`results_label`, ``_2``, ... if that is taken too), so that nothing is replaced silently. Returns
+    what it did, for the user (None: ``out`` holds no results)."""
+    metrics_file = out / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    try:
+        earlier = json.loads(metrics_file.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    if not isinstance(earlier, dict):
+        earlier = {}
+    if _settings(earlier) == _settings(result):
+        return f"replacing the earlier results in {out}: the same checkpoint, step and protocol settings"
+    label = results_label(earlier, workdir)
+    target, n = out.with_name(f"{out.name}_{label}"), 2
+    while target.exists():
+        target, n = out.with_name(f"{out.name}_{label}_{n}"), n + 1
+    out.rename(target)
+    return (
+        f"earlier results in {out} ({earlier.get('checkpoint')}, step {earlier.get('step')}, "
+        f"{earlier.get('num_images')} images, scales {earlier.get('protocol_scales')}, flip "
+        f"{earlier.get('protocol_flip')}, base {earlier.get('protocol_base_size')}, crop "
+        f"{earlier.get('protocol_crop_size')}) differ from this evaluation's: kept, moved to {target}"
+    )
+
+
 def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Evaluates the workdir's checkpoint (or ``config.init_from``) on ``config.dataset.eval_split``.
 
     Writes to ``WORKDIR/eval/<split>_<protocol>/``: ``metrics.json``, ``per_class_iou.md``, ``confusion.png``,
     ``confusion.npy``; with ``evaluation.submission_dir`` also one label PNG per image in the benchmark's raw
-    encoding. Returns the metrics dict.
+    encoding. Earlier results there of another checkpoint, step or protocol setting are kept, moved aside
+    (:func:`keep_earlier_results`). Returns the metrics dict.
     """
     from PIL import Image
 
@@ -600,6 +680,9 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     out = workdir / "eval" / f"{split}_{name}{partial}"
     if not lead:
         return result
+    kept = keep_earlier_results(out, result, workdir)
+    if kept:
+        print(kept, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "per_class_iou.md").write_text(per_class_table(scores, class_names, confusion))

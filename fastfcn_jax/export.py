@@ -17,6 +17,7 @@ palette, input size, normalisation and source checkpoint:
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "output": "logits",  # or "labels" (int32 argmax)
     "platforms": PLATFORMS,
     "directory": "",  # "": WORKDIR/export
-    "checkpoint": "",  # "": WORKDIR (its latest checkpoint); or a converter output / another workdir
+    "checkpoint": "",  # "": config.init_from, else WORKDIR (its latest checkpoint); or a converter output / workdir
     "embed_params": True,  # False: parameters go to params.npz beside model.stablehlo
     "fold_norm": True,  # BatchNorms folded into the convolutions before them (models.layers.fold_batch_norm)
     "tuned_for": "",  # backend whose 'auto' op choices the export uses: "" = this machine's, or cpu | gpu | tpu
@@ -49,6 +50,13 @@ SAVED_MODEL_DIR = "saved_model"
 ONNX_FILE = "model.onnx"
 # TF Serving's place for files that travel with a SavedModel but are not graph assets.
 SAVED_MODEL_METADATA = Path("assets.extra") / "fastfcn_metadata.json"
+# What each format writes into the export directory: an earlier export's artifacts of a format not written
+# again are removed (they would describe another checkpoint, size or output beside the new ones).
+ARTIFACTS = {
+    "stablehlo": (STABLEHLO_FILE, METADATA_FILE, PARAMS_FILE),
+    "savedmodel": (SAVED_MODEL_DIR,),
+    "onnx": (ONNX_FILE,),
+}
 FORMAT_VERSION = 1
 
 
@@ -430,9 +438,12 @@ def _trained_overrides(info: dict[str, Any], configured: dict[str, Any], source:
 
 
 def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
-    """Exports the checkpoint in ``config.export.checkpoint`` (default: ``workdir``'s latest) as the formats in
+    """Exports the checkpoint in ``config.export.checkpoint`` (else ``config.init_from``, else ``workdir``'s
+    latest) as the formats in
     ``config.export.formats``; returns ``{'stablehlo', 'metadata', 'params', 'savedmodel', 'onnx'}`` -> path for
     those written. The model is ``config.model``; a checkpoint of another model or class count is an error.
+    An earlier export's artifacts in the directory that this one does not write again (:func:`stale_artifacts`)
+    are removed once it is written, and that is printed.
     """
     from fastfcn_jax import checkpointing
     from fastfcn_jax.config import model_overrides
@@ -442,7 +453,8 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
 
     settings = export_settings(config)
     workdir = Path(workdir).expanduser().absolute()
-    source = Path(settings["checkpoint"] or workdir).expanduser().absolute()
+    # config.init_from names the checkpoint of every reading mode (eval and predict too).
+    source = Path(settings["checkpoint"] or config.get("init_from") or workdir).expanduser().absolute()
     variables, info = checkpointing.restore_variables(source)
     dataset_name = info.get("dataset") or config.dataset.name
     dataset = get_dataset_info(dataset_name, config.dataset.get("data_dir") or None)
@@ -482,6 +494,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
         "op_choices_for": settings["tuned_for"] or jax.default_backend(),
     }
     directory = Path(settings["directory"] or workdir / "export").expanduser().absolute()
+    stale = stale_artifacts(directory, settings["formats"], embed_params=bool(settings["embed_params"]))
     written: dict[str, str] = {}
     # One trace serves every platform of the module: its 'auto' op choices are made for one backend. Pallas
     # kernels (a training choice) are exported as their XLA forms: a Triton kernel has no CPU or TPU lowering
@@ -520,4 +533,34 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
                 output=settings["output"],
             )
             written["onnx"] = str(path)
+    if stale:
+        names = ", ".join(f"{path.name}/" if path.is_dir() else path.name for path in stale)
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)  # params.npz: export_stablehlo removed it already
+        print(
+            f"removed {names} from {directory}: an earlier export's, which this one (config.export.formats="
+            f"{settings['formats']}, embed_params={bool(settings['embed_params'])}) does not write again and which "
+            "would not match it",
+            flush=True,
+        )
     return written
+
+
+def stale_artifacts(directory: Path, formats: Sequence[str], *, embed_params: bool) -> list[Path]:
+    """An earlier export's artifacts in ``directory`` that an export of ``formats`` does not write again: the
+    files of the other formats (a ``saved_model`` folder only when it holds a SavedModel) and, with
+    ``embed_params``, ``params.npz``."""
+    stale = []
+    for kind, names in ARTIFACTS.items():
+        for name in names:
+            path = directory / name
+            if kind in formats and not (name == PARAMS_FILE and embed_params):
+                continue
+            if name == SAVED_MODEL_DIR and not (path / "saved_model.pb").is_file():
+                continue
+            if path.exists():
+                stale.append(path)
+    return stale

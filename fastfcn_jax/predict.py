@@ -9,7 +9,10 @@ evaluation (:mod:`fastfcn_jax.evaluate`), several images per device call, with a
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +36,8 @@ from fastfcn_jax.evaluate import (
 
 # The reference's sizes, for checkpoints that do not name a known dataset.
 DEFAULT_BASE_SIZE, DEFAULT_CROP_SIZE = 520, 480
+# Written beside the masks by run_prediction: each input's path -> its output files, checkpoint and protocol.
+INDEX_FILE = "predictions.json"
 
 
 def load_image(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray:
@@ -74,6 +79,9 @@ class Predictor:
 
         self.num_classes = num_classes
         self.checkpoint_info: dict[str, Any] = {}  # from_checkpoint: the checkpoint's description
+        # from_checkpoint: where (base, crop) size came from: 'given', 'checkpoint' (recorded by training),
+        # 'unrecorded' (the sizes for a checkpoint that records none), 'dataset' or 'reference' (520 / 480).
+        self.size_sources: tuple[str, str] = ("given", "given")
         # The dataset's raw label value -> class table (DatasetInfo.label_lut), for test-server encodings.
         self.label_lut = None if label_lut is None else np.asarray(label_lut)
         self.protocol = protocol
@@ -98,13 +106,18 @@ class Predictor:
         flip: bool | str | None = None,
         base_size: int = 0,
         crop_size: int = 0,
+        unrecorded_sizes: tuple[int, int] = (0, 0),
         stride_ratio: float = 2.0 / 3.0,
         window_batch: int = 8,
         images_per_call: int = 4,
     ) -> Predictor:
         """A predictor from a training workdir or a converter output directory.
 
-        Sizes default to the checkpoint's dataset's (``info['dataset']``), else the reference's 520 / 480;
+        Each size (long side at scale 1, window side; pixels) is, in this order: ``base_size`` / ``crop_size``
+        when given (> 0); the one the checkpoint's run was trained and validated at (``info['base_size']`` /
+        ``info['crop_size']``, recorded by training); for a checkpoint that records none (a converter
+        output), ``unrecorded_sizes`` (base, crop) when > 0, else the checkpoint's dataset's
+        (``info['dataset']``), else the reference's 520 / 480. ``size_sources`` says which, per size.
         ``protocol`` is one of ``single_scale`` (default), ``multi_scale``, ``whole``.
         """
         from fastfcn_jax import checkpointing
@@ -121,6 +134,15 @@ class Predictor:
         checkpointing.check_variables(
             model, variables, f"checkpoint {path} ({info['model_name']}, {num_classes} classes)"
         )
+        candidates = (  # (base, crop) per source, first choice first; 0 / None: not set there
+            ("given", (base_size, crop_size)),
+            ("checkpoint", (info.get("base_size"), info.get("crop_size"))),
+            ("unrecorded", tuple(unrecorded_sizes)),
+            ("dataset", (dataset.base_size, dataset.crop_size) if dataset is not None else (0, 0)),
+            ("reference", (DEFAULT_BASE_SIZE, DEFAULT_CROP_SIZE)),
+        )
+        chosen = [next((int(pair[i]), source) for source, pair in candidates if pair[i]) for i in (0, 1)]
+        sizes = [size for size, _ in chosen]
         predictor = cls(
             model,
             variables,
@@ -129,10 +151,8 @@ class Predictor:
             palette=palette,
             protocol=make_protocol(
                 protocol,
-                base_size=base_size
-                or (dataset.base_size if dataset is not None else info.get("base_size") or DEFAULT_BASE_SIZE),
-                crop_size=crop_size
-                or (dataset.crop_size if dataset is not None else info.get("crop_size") or DEFAULT_CROP_SIZE),
+                base_size=sizes[0],
+                crop_size=sizes[1],
                 scales=scales,
                 flip=flip,
                 stride_ratio=stride_ratio,
@@ -143,6 +163,7 @@ class Predictor:
             label_lut=dataset.label_lut if dataset is not None else None,
         )
         predictor.checkpoint_info = dict(info)
+        predictor.size_sources = (chosen[0][1], chosen[1][1])
         return predictor
 
     def __call__(self, image: Any) -> np.ndarray:
@@ -231,14 +252,18 @@ def _progress(done: int, total: int, note: str = "", width: int = 30) -> None:
 def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: str | None = None) -> list[Path]:
     """Writes ``<name>_mask.png`` (palette PNG, pixel = class index) and ``<name>_overlay.png`` (image blended
     with the mask, legend of the classes present) per input image into ``output_dir`` (default
-    ``WORKDIR/predict``); returns the written paths. Files that are not images are reported and skipped.
+    ``WORKDIR/predict``), and there :data:`INDEX_FILE` (each input's path -> its output files, and the
+    checkpoint and protocol used); returns the written masks' and overlays' paths. Files that are not images are
+    reported and skipped. ``<name>`` is the input's path relative to the inputs' common folder, without its
+    suffix, ``/`` as ``_`` (see :func:`output_names`).
 
     With ``config.evaluation.submission_dir``, also ``<name>.png`` there in the benchmark's own label
     encoding (:meth:`Predictor.benchmark_mask`): test-server submissions of unlabelled test images.
 
     The checkpoint is ``config.init_from`` if set, else ``workdir``; the protocol comes from
-    ``config.evaluation`` (as for evaluation) and sizes from ``evaluation``, then ``config.dataset``, then the
-    checkpoint's dataset.
+    ``config.evaluation`` (as for evaluation). Sizes: ``config.evaluation.base_size`` / ``crop_size`` when set,
+    else those the checkpoint's run was trained at (recorded in it), else ``config.dataset``'s, else the
+    checkpoint's dataset's (see :meth:`Predictor.from_checkpoint`).
     """
     settings = config.get("evaluation") or {}
     dataset_config = config.get("dataset") or {}
@@ -246,13 +271,15 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     if protocol not in PROTOCOLS:
         raise ValueError(f"evaluation.protocol={protocol!r}: must be one of {PROTOCOLS}")
     checkpoint = config.get("init_from", "") or str(workdir)
+    configured = (int(dataset_config.get("base_size", 0) or 0), int(dataset_config.get("crop_size", 0) or 0))
     predictor = Predictor.from_checkpoint(
         checkpoint,
         protocol=protocol,
         scales=tuple(settings.get("scales", ()) or ()),
         flip=settings.get("flip", "auto"),
-        base_size=settings.get("base_size", 0) or dataset_config.get("base_size", 0),
-        crop_size=settings.get("crop_size", 0) or dataset_config.get("crop_size", 0),
+        base_size=settings.get("base_size", 0) or 0,
+        crop_size=settings.get("crop_size", 0) or 0,
+        unrecorded_sizes=configured,
         stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
         window_batch=settings.get("batch_size", 0) or 8,
         images_per_call=settings.get("images_per_call", 0) or 4,
@@ -263,16 +290,12 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     files = collect_inputs(inputs)
     # Output names over all inputs first, so that several processes (--distributed) name files alike; each
     # process then predicts every P-th file into the same folders (a shared filesystem gathers them).
-    # Image files choose first: a sidecar that sorts before its photo (IMG_1.AAE) does not take its name.
-    images = set(Image.registered_extensions())
-    stems: list[str] = [""] * len(files)
-    used: set[str] = set()
-    for index in sorted(range(len(files)), key=lambda i: files[i].suffix.lower() not in images):
-        stems[index] = _unique_stem(files[index], used)
-        used.add(stems[index])
+    stems = output_names(files)
     process, processes = jax.process_index(), jax.process_count()
-    share = list(zip(files, stems, strict=True))[process::processes]
+    share = [(index, files[index], stems[index]) for index in range(process, len(files), processes)]
     lead = process == 0
+    if lead:
+        _report_protocol(predictor, checkpoint, protocol, configured, len(files))
     out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     out.mkdir(parents=True, exist_ok=True)
     submission_dir = settings.get("submission_dir", "")
@@ -281,7 +304,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         predictor.benchmark_mask(np.zeros((1, 1), np.int64))  # an unknown encoding fails before any work
         submission.mkdir(parents=True, exist_ok=True)
 
-    skipped: list[str] = []
+    skipped: dict[int, str] = {}  # input index -> why (this process's share)
     loaded: list[tuple[str, np.ndarray]] = []
     done = 0
 
@@ -291,12 +314,12 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
 
     def readable() -> Iterator[np.ndarray]:
         nonlocal done
-        for path, stem in share:
+        for index, path, stem in share:
             try:
                 # Benchmarks score masks of the stored pixels: no EXIF turn for submissions.
                 image = load_image(path, exif_orientation=submission is None)
             except ValueError as error:
-                skipped.append(str(error))
+                skipped[index] = str(error)
                 print(f"\nskipped {error}", file=sys.stderr, flush=True)
                 done += 1
                 progress()
@@ -316,9 +339,33 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         written += [mask_path, overlay_path]
         done += 1
         progress()
-    counts = np.array([len(written) // 2, len(skipped)], np.int64)
+    # Counts and which inputs were skipped, over all processes: the first one writes the index of every input.
+    flags = np.zeros(len(files), np.int64)
+    flags[list(skipped)] = 1
+    totals = np.concatenate([[len(written) // 2, len(skipped)], flags]).astype(np.int64)
     if processes > 1:
-        counts = sum_over_processes(counts)
+        totals = sum_over_processes(totals)
+    counts, skipped_anywhere = totals[:2], totals[2:]
+    index_path = out / INDEX_FILE
+    if lead and counts[0]:
+        entries = []
+        for index, (path, stem) in enumerate(zip(files, stems, strict=True)):
+            entry: dict[str, Any] = {"input": str(path.absolute())}
+            if skipped_anywhere[index]:
+                entry["skipped"] = skipped.get(index, "not a readable image (reported by the process that read it)")
+            else:
+                entry.update(mask=f"{stem}_mask.png", overlay=f"{stem}_overlay.png")
+                if submission is not None:
+                    entry["benchmark_mask"] = str((submission / f"{stem}.png").absolute())
+            entries.append(entry)
+        record = {
+            "checkpoint": checkpoint,
+            "step": predictor.checkpoint_info.get("step"),
+            "model_name": predictor.checkpoint_info.get("model_name"),
+            "protocol": {"name": protocol, **dataclasses.asdict(predictor.protocol)},
+            "files": entries,
+        }
+        index_path.write_text(json.dumps(record, indent=2))
     if lead:
         print(
             f"wrote {counts[0]} masks and overlays to {out}"
@@ -328,7 +375,8 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
                 f" ({processes} processes, each wrote its share into these folders on its host)"
                 if processes > 1
                 else ""
-            ),
+            )
+            + (f"; input -> output files in {index_path}" if counts[0] else ""),
             flush=True,
         )
     if not counts[0]:
@@ -336,14 +384,72 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     return written
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    """``path``'s stem, else stem_suffix, else stem_suffix_2, ...: the first not in ``used`` (inputs from
-    several folders may share a name; none overwrites another's outputs)."""
-    stem = path.stem
-    if stem not in used:
+def _report_protocol(
+    predictor: Predictor, checkpoint: str, protocol: str, configured: tuple[int, int], num_files: int
+) -> None:
+    """Prints the protocol prediction runs (as evaluation does), and a note when config.dataset's sizes are not
+    the ones used because the checkpoint records those its run was trained at."""
+    used = predictor.protocol
+    info = predictor.checkpoint_info
+    words = {
+        "given": "from config.evaluation",
+        "checkpoint": "recorded in the checkpoint",
+        "unrecorded": "from config.dataset (the checkpoint records none)",
+        "dataset": f"of dataset {info.get('dataset')} (the checkpoint records none)",
+        "reference": "the reference's (the checkpoint records none)",
+    }
+    sources = predictor.size_sources
+    origin = (
+        f"sizes {words[sources[0]]}"
+        if sources[0] == sources[1]
+        else f"base {words[sources[0]]}, crop {words[sources[1]]}"
+    )
+    print(
+        f"predicting {num_files} file(s) with {checkpoint} ({info.get('model_name')}, step {info.get('step')}), "
+        f"protocol {protocol} (scales {used.scales}, flip {used.flip}, base {used.base_size}, crop {used.crop_size}, "
+        f"stride {used.stride}; {origin})",
+        flush=True,
+    )
+    sizes = (used.base_size, used.crop_size)
+    # config.dataset's sizes where the checkpoint's recorded ones were preferred to them.
+    wanted = tuple(c if c and s == "checkpoint" else u for c, s, u in zip(configured, sources, sizes, strict=True))
+    if wanted != sizes:
+        print(
+            f"note: predicting at base {sizes[0]} / crop {sizes[1]}, the sizes {checkpoint} was trained at, not at "
+            f"config.dataset's {wanted[0]} / {wanted[1]}; to predict at those, add "
+            f"--config.evaluation.base_size={wanted[0]} --config.evaluation.crop_size={wanted[1]}",
+            flush=True,
+        )
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """One output name per file, distinct: its path relative to the files' common folder without the suffix,
+    ``/`` as ``_`` (``a/x.jpg``, ``b/x.jpg`` -> ``a_x``, ``b_x``; files of one folder keep their stems). A name
+    taken already (``x.jpg`` beside ``x.png``; ``a_x.jpg`` beside ``a/x.jpg``; names equal but for case, which
+    some filesystems do not tell apart) gets the suffix, then a counter: ``x_png``, ``x_png_2``. Image files
+    choose first: a sidecar that sorts before its photo (``IMG_1.AAE``) does not take its name."""
+    if not files:
+        return []
+    absolute = [path.absolute() for path in files]
+    root = Path(os.path.commonpath([str(path.parent) for path in absolute]))
+    images = set(Image.registered_extensions())
+    names: list[str] = [""] * len(files)
+    used: set[str] = set()
+    for index in sorted(range(len(files)), key=lambda i: files[i].suffix.lower() not in images):
+        path = absolute[index]
+        relative = path.relative_to(root)
+        stem = "_".join((*relative.parent.parts, path.stem))
+        names[index] = _unique_stem(stem, path.suffix, used)
+        used.add(names[index].casefold())
+    return names
+
+
+def _unique_stem(stem: str, suffix: str, used: set[str]) -> str:
+    """``stem``, else stem_suffix, else stem_suffix_2, ...: the first not in ``used`` (case-folded names)."""
+    if stem.casefold() not in used:
         return stem
-    stem = f"{path.stem}_{path.suffix.lstrip('.')}" if path.suffix else path.stem
+    stem = f"{stem}_{suffix.lstrip('.')}" if suffix else stem
     candidate, n = stem, 2
-    while candidate in used:
+    while candidate.casefold() in used:
         candidate, n = f"{stem}_{n}", n + 1
     return candidate

@@ -265,18 +265,28 @@ def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
 # End to end.
 
 
+def synthetic_shapes_config(tmp_path) -> ml_collections.ConfigDict:
+    """A base config on the synthetic_shapes dataset, prepared in ``tmp_path / 'data'``."""
+    from fastfcn_jax.data import pipeline
+
+    pipeline.prepare("synthetic_shapes", tmp_path / "data")
+    config = base_config()
+    config.dataset.name = "synthetic_shapes"
+    config.dataset.data_dir = str(tmp_path / "data")
+    return config
+
+
+CHECKPOINT_INFO = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES, "dataset": "synthetic_shapes"}
+
+
 def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path, capsys):
     from fastfcn_jax.data import pipeline
 
     model, variables, _ = tiny
     data_dir = tmp_path / "data"
-    pipeline.prepare("synthetic_shapes", data_dir)
+    config = synthetic_shapes_config(tmp_path)
     checkpoint = tmp_path / "checkpoint"
-    info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES, "dataset": "synthetic_shapes"}
-    checkpointing.save_variables(checkpoint, jax.device_get(variables), info)
-    config = base_config()
-    config.dataset.name = "synthetic_shapes"
-    config.dataset.data_dir = str(data_dir)
+    checkpointing.save_variables(checkpoint, jax.device_get(variables), CHECKPOINT_INFO)
     config.init_from = str(checkpoint)
     with config.unlocked():
         config.evaluation = ml_collections.ConfigDict(
@@ -314,3 +324,36 @@ def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path, capsys):
     for mask, example in zip(masks, sorted(examples, key=lambda e: e["file_name"]), strict=True):
         array = np.asarray(Image.open(mask))
         assert array.shape == example["label"].shape and array.max() < NUM_CLASSES
+
+
+def test_evaluating_another_checkpoint_or_protocol_setting_keeps_the_earlier_results(tiny, tmp_path, capsys):
+    model, variables, _ = tiny
+    config = synthetic_shapes_config(tmp_path)
+    workdir = tmp_path / "workdir"
+    checkpointing.save_variables(workdir / "checkpoints", jax.device_get(variables), CHECKPOINT_INFO, step=30)
+    checkpointing.save_variables(workdir / "best", jax.device_get(variables), CHECKPOINT_INFO, step=20)
+    config.model.name, config.model.num_classes = "encnet_jpu_tiny", NUM_CLASSES
+    with config.unlocked():
+        config.evaluation = ml_collections.ConfigDict({"base_size": CROP, "crop_size": CROP, "max_examples": 2})
+    eval_dir = workdir / "eval"
+    out = eval_dir / "validation_single_scale_first2"
+
+    def metrics_in(folder):
+        return json.loads((folder / "metrics.json").read_text())
+
+    evaluate.run_evaluation(config, workdir)  # the workdir's latest checkpoint (step 30)
+    evaluate.run_evaluation(config, workdir)  # the same again: replaced, and said so
+    assert "replacing the earlier results in" in capsys.readouterr().out
+    assert sorted(p.name for p in eval_dir.iterdir()) == [out.name]
+
+    config.init_from = str(workdir / "best")  # docs/evaluation.md's "the best step"
+    evaluate.run_evaluation(config, workdir)
+    aside = eval_dir / f"{out.name}_step30_base{CROP}_crop{CROP}"
+    assert f"kept, moved to {aside}" in capsys.readouterr().out
+    assert metrics_in(aside)["step"] == 30 and metrics_in(aside)["checkpoint"] == str(workdir.absolute())
+    assert metrics_in(out)["step"] == 20 and metrics_in(out)["checkpoint"] == str(workdir / "best")
+
+    config.evaluation.flip = "true"  # another protocol setting of the same checkpoint
+    evaluate.run_evaluation(config, workdir)
+    assert f"kept, moved to {eval_dir / f'{out.name}_step20_best_base{CROP}_crop{CROP}'}" in capsys.readouterr().out
+    assert metrics_in(out)["protocol_flip"] and len(list(eval_dir.iterdir())) == 3

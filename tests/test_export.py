@@ -376,3 +376,12 @@ def test_exporting_again_removes_artifacts_of_formats_not_written_this_time(trai
     assert export.stale_artifacts(tmp_path, ("onnx",), embed_params=True) == [
         tmp_path / name for name in (export.STABLEHLO_FILE, export.METADATA_FILE, export.PARAMS_FILE)
     ]
+
+
+def test_export_takes_config_init_from_as_every_reading_mode_does(trained, tmp_path):
+    _, _, workdir = trained
+    config = demo_config(platforms=("cpu",), directory=str(tmp_path / "out"), formats=("stablehlo",))
+    config.init_from = str(workdir / "checkpoints" / "7")  # one step's folder, as eval and predict take it
+    export.run_export(config, tmp_path / "empty_workdir")
+    metadata = json.loads((tmp_path / "out" / export.METADATA_FILE).read_text())
+    assert metadata["source_checkpoint"] == {"path": str(workdir / "checkpoints" / "7"), "step": 7}

@@ -178,5 +178,5 @@ def test_reading_modes_name_a_workdir_that_does_not_exist_instead_of_creating_it
     result = run_main(f"--workdir={missing}", "--mode=eval")
     assert f"error: --workdir {missing} does not exist: eval reads the checkpoint" in result.stderr
     result = run_main(f"--workdir={missing}", "--mode=export")
-    assert "point config.export.checkpoint at a checkpoint" in result.stderr
+    assert "point config.init_from or config.export.checkpoint at a checkpoint" in result.stderr
     assert result.returncode != 0 and not missing.exists()

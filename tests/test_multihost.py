@@ -124,7 +124,8 @@ def test_two_processes_train_one_model_on_a_global_mesh(tmp_path):
     )
     assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
     names = sorted(path.name for path in (tmp_path / "alone").iterdir())
-    assert names == sorted(path.name for path in (tmp_path / "together").iterdir()) and len(names) == 8
+    assert names == sorted(path.name for path in (tmp_path / "together").iterdir()) and len(names) == 9
+    assert "predictions.json" in names  # the index of inputs and their outputs, written by the first process
     for name in names:
         if name.endswith("_mask.png"):
             together = np.asarray(Image.open(tmp_path / "together" / name))

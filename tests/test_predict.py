@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +90,7 @@ def test_a_checkpoint_whose_variables_do_not_fit_its_model_fails_when_opened(tmp
     info = {"model_name": "psp_jpu_tiny", "num_classes": 4, "model_overrides": {"dtype": jnp.bfloat16}}
     checkpointing.save_variables(tmp_path / "mislabelled", variables, info)
     assert checkpointing.restore_variables(tmp_path / "mislabelled")[1]["model_overrides"] == {"dtype": "bfloat16"}
-    with pytest.raises(ValueError, match=r"\(psp_jpu_tiny, 4 classes\) does not fit .*missing params/decode_head"):
+    with pytest.raises(ValueError, match=r"\(psp_jpu_tiny, 4 classes\) does not fit .*missing: [a-z_]+/decode_head"):
         Predictor.from_checkpoint(tmp_path / "mislabelled")
     with pytest.raises(ValueError, match="model_overrides.fn=.* cannot be stored as JSON"):
         checkpointing.save_variables(tmp_path / "bad", variables, {**info, "model_overrides": {"fn": print}})
@@ -153,7 +155,7 @@ def test_same_named_inputs_never_overwrite_each_other_and_oversized_images_are_s
     config.dataset.crop_size = SIZE
     written = run_prediction(config, tmp_path / "workdir", str(inputs / "**" / "*.png"), str(tmp_path / "out"))
 
-    stems = ["x", "x_png", "x_png_2", "x_png_png"]  # sub1/x, sub2/x, sub3/x, then x_png.png whose stem is taken
+    stems = ["sub1_x", "sub2_x", "sub3_x", "x_png"]  # the paths below the inputs' common folder
     assert [p.name for p in written] == [f"{stem}_{kind}.png" for stem in stems for kind in ("mask", "overlay")]
     assert all(p.is_file() for p in written)
     report = capsys.readouterr()
@@ -170,6 +172,81 @@ def test_same_named_inputs_never_overwrite_each_other_and_oversized_images_are_s
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "phone" / "IMG_0001.JPG")
     written = run_prediction(config, tmp_path / "workdir", str(tmp_path / "phone"), str(tmp_path / "out3"))
     assert [p.name for p in written] == ["IMG_0001_mask.png", "IMG_0001_overlay.png"]
+
+
+def test_inputs_of_one_name_in_several_folders_are_named_by_their_path_and_listed_in_an_index(checkpoint, tmp_path):
+    from fastfcn_jax.predict import run_prediction
+
+    rng = np.random.default_rng(4)
+    inputs = tmp_path / "nested"
+    for name in ("a/x.jpg", "b/x.jpg", "b/c/x.jpg", "a_x.jpg", "y.jpg"):
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(inputs / name)
+    (inputs / "b" / "notes.txt").write_text("not an image")
+    config = base_config()
+    config.init_from = str(checkpoint)
+    config.dataset.base_size = config.dataset.crop_size = SIZE
+    out = tmp_path / "out"
+    run_prediction(config, tmp_path / "workdir", str(inputs / "**" / "*"), str(out))
+
+    # Sorted inputs: a/x.jpg, a_x.jpg (its name taken by a/x.jpg: the suffix added), b/c/x.jpg, b/notes.txt, ...
+    expected = {
+        "a/x.jpg": "a_x",
+        "a_x.jpg": "a_x_jpg",
+        "b/c/x.jpg": "b_c_x",
+        "b/x.jpg": "b_x",
+        "y.jpg": "y",
+    }
+    index = json.loads((out / "predictions.json").read_text())
+    listed = {Path(entry["input"]).relative_to(inputs).as_posix(): entry for entry in index["files"]}
+    assert sorted(listed) == sorted([*expected, "b/notes.txt"])
+    for name, stem in expected.items():
+        assert listed[name]["mask"] == f"{stem}_mask.png" and listed[name]["overlay"] == f"{stem}_overlay.png"
+        assert (out / f"{stem}_mask.png").is_file() and (out / f"{stem}_overlay.png").is_file()
+    assert "not a readable image" in listed["b/notes.txt"]["skipped"] and "mask" not in listed["b/notes.txt"]
+    assert index["protocol"]["base_size"] == index["protocol"]["crop_size"] == SIZE
+    assert index["checkpoint"] == str(checkpoint) and index["model_name"] == "encnet_jpu_tiny"
+
+
+def test_prediction_uses_the_sizes_the_checkpoint_was_trained_at_and_says_so(checkpoint, tmp_path, capsys):
+    from fastfcn_jax.predict import Predictor, run_prediction
+
+    # synthetic_shapes' own sizes are 128 / 96; this run trained (and validated) at 48 / 32 and recorded them.
+    dataset = get_dataset_info("synthetic_shapes")
+    variables, info = checkpointing.restore_variables(checkpoint)
+    trained = tmp_path / "trained"
+    checkpointing.save_variables(trained, variables, {**info, "base_size": 48, "crop_size": 32}, step=info["step"])
+
+    def sizes(predictor):
+        return predictor.protocol.base_size, predictor.protocol.crop_size, predictor.size_sources
+
+    predictor = Predictor.from_checkpoint(trained)
+    assert (predictor.protocol.base_size, predictor.protocol.crop_size) == (48, 32)  # not the dataset's 128 / 96
+    assert predictor.size_sources == ("checkpoint", "checkpoint")
+    assert sizes(Predictor.from_checkpoint(trained, base_size=64, crop_size=40)) == (64, 40, ("given", "given"))
+    # A checkpoint that records none (a converter's): the sizes given for that case, else its dataset's.
+    assert sizes(Predictor.from_checkpoint(checkpoint)) == (dataset.base_size, dataset.crop_size, ("dataset",) * 2)
+    unrecorded = Predictor.from_checkpoint(checkpoint, unrecorded_sizes=(64, 40))
+    assert sizes(unrecorded) == (64, 40, ("unrecorded", "unrecorded"))
+
+    # mode=predict with a config file's own sizes (as configs/demo.py's): the checkpoint's win, and that is said.
+    (tmp_path / "inputs").mkdir()
+    pixels = np.random.default_rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "inputs" / "photo.png")
+    config = base_config()
+    config.init_from = str(trained)
+    config.dataset.base_size, config.dataset.crop_size = SIZE, SIZE
+    run_prediction(config, tmp_path / "workdir", str(tmp_path / "inputs"), str(tmp_path / "out"))
+    report = capsys.readouterr().out
+    assert "protocol single_scale (scales (1.0,), flip False, base 48, crop 32, stride 21; sizes recorded in" in report
+    assert (
+        f"note: predicting at base 48 / crop 32, the sizes {trained} was trained at, not at config.dataset's 64 / 64; "
+        "to predict at those, add --config.evaluation.base_size=64 --config.evaluation.crop_size=64"
+    ) in report
+    recorded = json.loads((tmp_path / "out" / "predictions.json").read_text())["protocol"]
+    assert (recorded["base_size"], recorded["crop_size"], recorded["flip"]) == (48, 32, False)
+    mask = np.asarray(Image.open(tmp_path / "out" / "photo_mask.png"))
+    np.testing.assert_array_equal(mask, Predictor.from_checkpoint(trained)(pixels))
 
 
 def test_a_single_file_and_a_glob_are_accepted(checkpoint, tmp_path):
