@@ -24,6 +24,8 @@ VARIABLES = "variables"
 INFO = "info"
 TRAIN_STATE = "train_state"
 REQUIRED_INFO = ("model_name", "num_classes")
+# Converter sources (info['source']) of ImageNet weights: only the backbone is trained, JPU and heads are random.
+BACKBONE_SOURCES = ("resnet_s", "torchvision")
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -123,8 +125,14 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
     folder (``WORKDIR/checkpoints/60``): that step.
     """
     path = Path(path).expanduser().absolute()
-    if step is None and path.name.isdigit() and (path / VARIABLES).is_dir() and (path / INFO).is_dir():
-        path, step = path.parent, int(path.name)
+    if step is None and (path / VARIABLES).is_dir() and (path / INFO).is_dir():
+        resolved = path if path.name.isdigit() else path.resolve()  # a link to a step's folder
+        if not resolved.name.isdigit():
+            raise FileNotFoundError(
+                f"{path} looks like one step's folder, but checkpoints find their steps by the folder names (a "
+                "number): give it its step's number as its name, or name the folder that holds it"
+            )
+        path, step = resolved.parent, int(resolved.name)
     directory = checkpoint_dir(path)
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -149,6 +157,17 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
     info = dict(restored[INFO])
     info["step"] = int(step)
     return variables, info
+
+
+def require_segmentation_weights(info: Mapping[str, Any], source: Any, use: str) -> None:
+    """Refuses a conversion of ImageNet weights where a trained segmentation model is needed (evaluation,
+    prediction, export): its model's JPU and heads were never trained."""
+    if info.get("source") in BACKBONE_SOURCES:
+        raise ValueError(
+            f"{source} holds ImageNet weights ({info['source']}): only its backbone is trained, its JPU and heads "
+            f"are random, so it cannot be {use}; train a model from it first (--mode=train "
+            f"--config.init_from={source})"
+        )
 
 
 def config_differences(info: Mapping[str, Any], model_name: str, num_classes: int) -> list[str]:
@@ -322,11 +341,12 @@ class TrainCheckpointer:
         return self._manager.latest_step()
 
     def best_score(self) -> float | None:
-        step = self._best.latest_step()
-        if step is None:
-            return None
-        info = self._best.restore(step, args=ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
-        return info.get("score")
+        """The score of ``WORKDIR/best`` (the highest, should a kill during save_best have left two steps)."""
+        scores = []
+        for step in self._best.all_steps():
+            info = self._best.restore(step, args=ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
+            scores += [info["score"]] if info.get("score") is not None else []
+        return max(scores, default=None)
 
     def restore_latest(self, state: Any) -> Any | None:
         """The latest readable checkpoint restored onto ``state``'s structure and shardings, or None if there is

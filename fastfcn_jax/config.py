@@ -99,8 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.evaluation.protocol = "single_scale"  # 'single_scale' | 'multi_scale' (+ flip) | 'whole'
     config.evaluation.scales = ()  # (): the protocol's own (multi-scale 0.5..1.75; Cityscapes adds 2.0, 2.25)
     config.evaluation.flip = "auto"  # 'auto' (multi_scale only) | 'true' | 'false'
-    config.evaluation.base_size = 0  # 0: dataset.base_size, else the dataset's (long side 520 at scale 1)
-    config.evaluation.crop_size = 0  # 0: dataset.crop_size, else the dataset's (480 sliding windows)
+    # 0: eval: dataset.base_size / crop_size, else the dataset's (long side 520 at scale 1, 480 windows);
+    # predict: the sizes recorded in the checkpoint, else as for eval (docs/evaluation.md).
+    config.evaluation.base_size = 0
+    config.evaluation.crop_size = 0
     config.evaluation.stride_ratio = 2.0 / 3.0  # window stride = int(crop_size * stride_ratio)
     config.evaluation.batch_size = 0  # windows per network call; 0: 8
     config.evaluation.images_per_call = 0  # 0: 4

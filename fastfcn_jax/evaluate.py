@@ -583,8 +583,10 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     data_dir = config.dataset.data_dir or None
     dataset = get_dataset_info(config.dataset.name, data_dir)
     split = settings.get("split", "") or config.dataset.eval_split
-    source = config.get("init_from", "") or str(workdir)
+    # Absolute: results name it, and later evaluations compare it, from any working directory.
+    source = str(Path(config.get("init_from", "") or workdir).expanduser().absolute())
     variables, info = checkpointing.restore_variables(source)
+    checkpointing.require_segmentation_weights(info, source, "evaluated")
     num_classes = int(info["num_classes"])
     if num_classes != dataset.num_classes:
         raise ValueError(

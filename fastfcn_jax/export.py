@@ -456,6 +456,8 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     # config.init_from names the checkpoint of every reading mode (eval and predict too).
     source = Path(settings["checkpoint"] or config.get("init_from") or workdir).expanduser().absolute()
     variables, info = checkpointing.restore_variables(source)
+    checkpointing.require_segmentation_weights(info, source, "exported")
+    print(f"exporting {source} ({info['model_name']}, {info['num_classes']} classes, step {info['step']})", flush=True)
     dataset_name = info.get("dataset") or config.dataset.name
     dataset = get_dataset_info(dataset_name, config.dataset.get("data_dir") or None)
     num_classes = config.model.num_classes or dataset.num_classes
@@ -464,7 +466,7 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
         raise ValueError(
             f"checkpoint {source} holds {info['model_name']} with {info['num_classes']} classes, but the config "
             f"asks for {' and '.join(differences)}: export with the config the checkpoint was trained with, or set "
-            "config.export.checkpoint"
+            "config.init_from (or config.export.checkpoint) to another checkpoint"
         )
     overrides = _trained_overrides(info, model_overrides(config), source)
     with target_backend(settings["tuned_for"] or None):  # dtype 'auto': the serving backend's compute dtype

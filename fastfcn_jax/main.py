@@ -11,7 +11,8 @@ Thin glue: parses flags, validates the config and dispatches to the mode's modul
 
 Exit status of ``train``: 0 when ``num_steps`` are done; ``EXIT_RESUMABLE`` (75, sysexits' EX_TEMPFAIL)
 when ``train.stop_after_steps`` stopped it; 128 + N when signal N (SIGTERM: 143, Ctrl-C: 130) stopped it
-after its checkpoint. Run the same command again to continue. 1 for a user error.
+after its checkpoint, or at once without one when a second signal came. Run the same command again to
+continue. 1 for a user error.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def main(argv: list[str]) -> None:
         raise
 
 
+def job_processes() -> int:
+    """The processes of this jax.distributed job (1 without one); the backend need not work."""
+    from jax._src import distributed
+
+    return distributed.global_state.num_processes or 1
+
+
 def leave_failed_job(error: BaseException) -> None:
     """Ends this process of a jax.distributed job at once when it failed on its own (a user error, a bug).
 
@@ -125,8 +133,8 @@ def leave_failed_job(error: BaseException) -> None:
         return
     from jax._src import distributed  # not jax.process_index(): the backend may be what failed
 
-    index, count = distributed.global_state.process_id, distributed.global_state.num_processes
-    if count is not None and count <= 1:
+    index, count = distributed.global_state.process_id, job_processes()
+    if count <= 1:
         return
     signum = getattr(error, "signum", None)  # train.StoppedNow: a second signal during training
     status = 128 + signum if signum else 130 if isinstance(error, KeyboardInterrupt) else 1
@@ -263,8 +271,8 @@ def run_mode() -> None:
             run_summary(model_config, (size, size), 1, config.seed, workdir)
     except KeyboardInterrupt as error:
         # A second signal during training (train.StoppedNow): said in one line, exit status 128 + N as for a process
-        # that signal ended. Under --distributed the job's own exit path (leave_failed_job) does this.
-        if not getattr(error, "signum", None) or FLAGS.distributed:
+        # that signal ended. A job of several processes leaves through leave_failed_job, which does the same.
+        if not getattr(error, "signum", None) or job_processes() > 1:
             raise
         print(f"stopped: {error}", file=sys.stderr)
         sys.exit(128 + error.signum)

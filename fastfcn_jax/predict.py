@@ -124,6 +124,7 @@ class Predictor:
         from fastfcn_jax.models import create_model
 
         variables, info = checkpointing.restore_variables(path)
+        checkpointing.require_segmentation_weights(info, path, "used for prediction")
         num_classes = int(info["num_classes"])
         dataset = _dataset_info(info.get("dataset"))
         palette = dataset.palette[:num_classes] if dataset is not None and len(dataset.palette) >= num_classes else None
@@ -270,7 +271,8 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     protocol = settings.get("protocol", "single_scale")
     if protocol not in PROTOCOLS:
         raise ValueError(f"evaluation.protocol={protocol!r}: must be one of {PROTOCOLS}")
-    checkpoint = config.get("init_from", "") or str(workdir)
+    # Absolute, as predictions.json names it.
+    checkpoint = str(Path(config.get("init_from", "") or workdir).expanduser().absolute())
     configured = (int(dataset_config.get("base_size", 0) or 0), int(dataset_config.get("crop_size", 0) or 0))
     predictor = Predictor.from_checkpoint(
         checkpoint,
@@ -415,7 +417,7 @@ def _report_protocol(
     wanted = tuple(c if c and s == "checkpoint" else u for c, s, u in zip(configured, sources, sizes, strict=True))
     if wanted != sizes:
         print(
-            f"note: predicting at base {sizes[0]} / crop {sizes[1]}, the sizes {checkpoint} was trained at, not at "
+            f"note: predicting at base {sizes[0]} / crop {sizes[1]} ({origin}), not at "
             f"config.dataset's {wanted[0]} / {wanted[1]}; to predict at those, add "
             f"--config.evaluation.base_size={wanted[0]} --config.evaluation.crop_size={wanted[1]}",
             flush=True,

@@ -25,7 +25,6 @@ from absl import logging
 from flax.traverse_util import flatten_dict
 
 from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
-from fastfcn_jax.convert.converter import BACKBONE_SOURCES
 from fastfcn_jax.models import create_model, layers
 from fastfcn_jax.normalization import normalize_uint8
 
@@ -217,7 +216,7 @@ def load_pretrained(
     variables, info = checkpointing.restore_variables(init_from)
     current = {"params": state.params, "batch_stats": state.batch_stats}
     restored = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    backbone_only = info.get("source") in BACKBONE_SOURCES
+    backbone_only = info.get("source") in checkpointing.BACKBONE_SOURCES
     if backbone_only:
         current = {c: {"backbone": tree.get("backbone", {})} for c, tree in current.items()}
         restored = {c: {"backbone": tree.get("backbone", {})} for c, tree in restored.items()}
@@ -252,8 +251,9 @@ STOP_CHECK_EVERY = 10
 class StoppedNow(KeyboardInterrupt):
     """A second SIGTERM/SIGINT during training: stopped at once, without a checkpoint of the step."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum} received twice: stopped at once, without saving the current step")
+    def __init__(self, signum: int, first: int | None = None) -> None:
+        received = f"signal {signum} received twice" if first in (None, signum) else f"signal {signum} after {first}"
+        super().__init__(f"{received}: stopped at once, without saving the current step")
         self.signum = int(signum)
 
 
@@ -283,7 +283,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second Ctrl-C (or SIGTERM): stop now, without the checkpoint
             self.__exit__()
-            raise StoppedNow(signum)
+            raise StoppedNow(signum, self.signal)
         logging.warning("signal %d received: checkpointing after this step, then stopping (again: stop now)", signum)
         self.requested, self.signal = True, signum
 
@@ -437,13 +437,13 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         state = create_train_state(model, optimizer, init_rng, (1, crop, crop, 3), mesh)
         if config.init_from:
             state, source = load_pretrained(state, config.init_from, mesh, f"the configured {config.model.name}")
-            if source.get("source") in BACKBONE_SOURCES and config.train.get("requires_init_from"):
+            if source.get("source") in checkpointing.BACKBONE_SOURCES and config.train.get("requires_init_from"):
                 raise ValueError(
                     f"init_from={config.init_from} holds ImageNet weights (only a backbone), but this config "
                     "fine-tunes a trained segmenter (config.train.requires_init_from): pass the workdir of the run it "
                     "continues"
                 )
-            if source.get("source") in BACKBONE_SOURCES:
+            if source.get("source") in checkpointing.BACKBONE_SOURCES:
                 report(f"initialised the backbone from {config.init_from} (ImageNet, {source.get('input_file')})")
             else:
                 report(f"initialised from {config.init_from} ({source.get('model_name')})")
@@ -525,6 +525,9 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     cleanup.callback(writer.close)
     last_eval: dict[str, Any] = {}
     best_score = checkpoints.best_score()
+    if restored_step is None and best_score is not None:  # e.g. checkpoints/ deleted to start again
+        report(f"note: {workdir}/best holds an earlier run's step (score {best_score:.4f}): this run replaces it")
+        best_score = None
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
     stopped_by: int | str | None = None

@@ -240,7 +240,7 @@ def test_prediction_uses_the_sizes_the_checkpoint_was_trained_at_and_says_so(che
     report = capsys.readouterr().out
     assert "protocol single_scale (scales (1.0,), flip False, base 48, crop 32, stride 21; sizes recorded in" in report
     assert (
-        f"note: predicting at base 48 / crop 32, the sizes {trained} was trained at, not at config.dataset's 64 / 64; "
+        "note: predicting at base 48 / crop 32 (sizes recorded in the checkpoint), not at config.dataset's 64 / 64; "
         "to predict at those, add --config.evaluation.base_size=64 --config.evaluation.crop_size=64"
     ) in report
     recorded = json.loads((tmp_path / "out" / "predictions.json").read_text())["protocol"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import jax
@@ -212,7 +213,21 @@ def test_one_steps_folder_restores_that_step(tmp_path):
     checkpoints.close()
     variables, info = checkpointing.restore_variables(tmp_path / "checkpoints" / "2")
     assert info["step"] == 2 and variables["params"]["w"].tolist() == [2.0] * 4
+    (tmp_path / "step2").symlink_to(tmp_path / "checkpoints" / "2")
+    assert checkpointing.restore_variables(tmp_path / "step2")[1]["step"] == 2
+    shutil.copytree(tmp_path / "checkpoints" / "2", tmp_path / "copy_of_2")
+    with pytest.raises(FileNotFoundError, match="looks like one step's folder.*give it its step's number"):
+        checkpointing.restore_variables(tmp_path / "copy_of_2")
     assert checkpointing.restore_variables(tmp_path)[1]["step"] == 4
+
+
+def test_imagenet_weights_are_refused_where_a_trained_segmentation_model_is_needed(tmp_path):
+    from fastfcn_jax.predict import Predictor
+
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES, "source": "resnet_s"}
+    checkpointing.save_variables(tmp_path, {"params": {"w": np.zeros(2)}, "batch_stats": {}}, info)
+    with pytest.raises(ValueError, match=r"ImageNet weights \(resnet_s\).*JPU and heads are random.*--mode=train"):
+        Predictor.from_checkpoint(tmp_path)
 
 
 def test_eval_step_counts_only_valid_examples_and_labelled_pixels(setup):

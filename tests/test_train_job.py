@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import jax
@@ -233,6 +234,10 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
     assert checkpointing.restore_variables(tmp_path)[1]["step"] == info["step"] + 2
 
 
+# Orbax's reads of the damaged step that its failure abandoned: reclaimed (and reported) within this test.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object _read_array_index:pytest.PytestUnraisableExceptionWarning"
+)
 def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadable_step(
     data_dir, tmp_path, capsys, monkeypatch
 ):
@@ -270,6 +275,7 @@ def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadab
     assert "checkpoint step 6" in out and "cannot be read" in out and "resuming from step 4" in out
     assert "resumed from" in out and "at step 4" in out and final["step"] == 6
     assert (workdir / "checkpoints/6.unreadable").is_dir() and (workdir / "checkpoints/6").is_dir()
+    gc.collect()
     # Asked again at the end: nothing to train, said so.
     train_and_evaluate(small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2, lr_per_16=0.02), workdir)
     assert "nothing to train" in capsys.readouterr().out

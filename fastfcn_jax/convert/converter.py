@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fastfcn_jax.checkpointing import BACKBONE_SOURCES
 from fastfcn_jax.convert.keymap import CLASSIFIER_MODULES, UNUSED_SOURCE_KEY, torch_key, torch_module
 from fastfcn_jax.models import create_model, model_config
 
 SOURCES = ("official", "resnet_s", "torchvision")
 # ImageNet classifiers: only the backbone comes from the file, so training from such a conversion takes only
 # its backbone (train.load_pretrained) and one conversion serves every model with the same ResNet.
-BACKBONE_SOURCES = ("resnet_s", "torchvision")
 
 
 class ConversionError(ValueError):

@@ -85,7 +85,12 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     """Image/mask pairs from a user folder (masks stored as uint16 class indices)."""
 
     name = "fastfcn_folder"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    # A folder prepared at an older version is not found at this one: prepare it again from its source.
+    RELEASE_NOTES = {
+        "1.0.0": "Images stored as in their files.",
+        "1.1.0": "Images with an EXIF orientation tag stored turned upright, as prediction reads them.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
     BUILDER_CONFIGS = [FolderConfig(name="default")]
 
