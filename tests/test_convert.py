@@ -24,6 +24,7 @@ from safetensors.numpy import save_file as save_safetensors
 from fastfcn_jax.checkpointing import restore_variables
 from fastfcn_jax.convert import (
     CheckpointReadError,
+    ConversionError,
     UnsafeCheckpointError,
     convert_state_dict,
     convert_with_report,
@@ -449,7 +450,7 @@ def test_imagenet_backbone_converts_and_its_c4_matches_a_numpy_resnet(tmp_path, 
     # Every backbone variable came from the file; the ImageNet classifier and counters were dropped.
     assert not report.unexpected
     dropped = [k for k in state_dict if k.startswith("fc.") or k.endswith("num_batches_tracked")]
-    assert sorted(report.dropped) == sorted(f"pretrained.{k}" for k in dropped)
+    assert sorted(report.dropped) == sorted(dropped)  # named as in the file
     assert len(report.used) == len(state_dict) - len(report.dropped)
     assert all(name.split("/")[1] == "backbone" for name in report.filled)
     assert {name.split("/")[1] for name in report.initialized} == {"neck", "decode_head", "auxiliary_head"}
@@ -491,3 +492,23 @@ def test_class_names_come_from_a_dataset_name_or_a_file(tmp_path):
         read_class_names(str(tmp_path / "missing.txt"), 3)
     (tmp_path / "names.txt").write_text("sky\nroad\n\ncar\n")
     assert read_class_names(tmp_path / "names.txt", 3) == ["sky", "road", "car"]
+
+
+@pytest.mark.parametrize("stem, suggested", [("deep", "resnet_s"), ("standard", "torchvision")])
+def test_an_imagenet_resnet_converted_as_a_segmentation_model_is_refused_with_the_right_from(stem, suggested):
+    state_dict = imagenet_resnet_state_dict(stem)
+    with pytest.raises(ConversionError, match=f"are an ImageNet ResNet's: convert it with --from {suggested}"):
+        convert_with_report(state_dict, "fcn_jpu_tiny", 5)
+    # The flags the error offers would otherwise give a random model that passes for a converted one.
+    with pytest.raises(ConversionError, match="no checkpoint key fits the model"):
+        convert_with_report(state_dict, "fcn_jpu_tiny", 5, allow_missing=True, allow_unexpected=True)
+    # The other way round: a whole segmentation model given as ImageNet weights, its keys as in the file.
+    whole = {f"pretrained.{key}": value for key, value in state_dict.items()} | {"head.conv5.0.weight": np.zeros(1)}
+    with pytest.raises(ConversionError, match=r"(?s)unexpected .*: head\.conv5\.0\.weight.*--from official"):
+        convert_with_report(whole, "fcn_jpu_tiny", 5, "resnet_s" if stem == "deep" else "torchvision")
+
+
+def test_a_directory_given_as_the_checkpoint_names_the_files_inside(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointReadError, match=r"a directory, not a checkpoint file: .*\(model.safetensors\)"):
+        load_state_dict(tmp_path)

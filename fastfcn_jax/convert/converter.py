@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -61,17 +61,33 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _normalise_keys(state_dict: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+def _normalise_keys(state_dict: Mapping[str, Any], source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The state dict under the official model's key names, and each renamed key's name in the file."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("module."):  # saved from DataParallel / DDP
-            key = key[len("module.") :]
-        if source in ("resnet_s", "torchvision") and not key.startswith("pretrained."):
+    out, in_file = {}, {}
+    for original, value in state_dict.items():
+        key = original[len("module.") :] if original.startswith("module.") else original  # DataParallel / DDP
+        if source in BACKBONE_SOURCES and not key.startswith("pretrained."):
             key = "pretrained." + key
         out[key] = value
-    return out
+        in_file[key] = original
+    return out, in_file
+
+
+def _layout_hint(keys: Sequence[str], source: str) -> str:
+    """Which ``--from`` the file's key names suggest, when it is not ``source`` ('' otherwise)."""
+    bare = [key.removeprefix("module.") for key in keys]
+    pretrained = any(key.startswith("pretrained.") for key in bare)
+    if source == "official" and not pretrained and any(key.startswith(("layer1.", "conv1.")) for key in bare):
+        stem = "resnet_s" if any(key.startswith("conv1.0.") for key in bare) else "torchvision"
+        return (
+            f"the file's keys (conv1.*, layer1.*, ...) are an ImageNet ResNet's: convert it with --from {stem} "
+            "(its backbone only; the JPU and heads are initialised afresh)"
+        )
+    if source in BACKBONE_SOURCES and any(key.startswith(("jpu.", "head.", "auxlayer.")) for key in bare):
+        return "the file holds a whole segmentation model (jpu.*, head.* keys): convert it with --from official"
+    return ""
 
 
 def convert_with_report(
@@ -98,7 +114,7 @@ def convert_with_report(
     dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed), dummy, train=False))
 
-    source_dict = _normalise_keys(state_dict, source)
+    source_dict, in_file = _normalise_keys(state_dict, source)
     backbone_only = source in BACKBONE_SOURCES
     report = ConversionReport()
     converted: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
@@ -120,7 +136,8 @@ def convert_with_report(
                 if allow_missing or (backbone_only and path[0] != "backbone"):
                     need_init.append((collection, path))
                 else:
-                    report.missing.append(f"{key} (for {flax_name}, shape {tuple(spec.shape)})")
+                    shown = key.removeprefix("pretrained.") if backbone_only else key  # as such a file names it
+                    report.missing.append(f"{shown} (for {flax_name}, shape {tuple(spec.shape)})")
                 continue
             raw = _to_numpy(source_dict[key])
             value = to_flax(raw.astype(np.float32))
@@ -128,7 +145,7 @@ def convert_with_report(
                 classifier_mismatch = classifier_mismatch or module in CLASSIFIER_MODULES
                 mismatched.add(key)
                 errors.append(
-                    f"{key}: checkpoint shape {tuple(raw.shape)} (Flax layout {tuple(value.shape)}) "
+                    f"{in_file[key]}: checkpoint shape {tuple(raw.shape)} (Flax layout {tuple(value.shape)}) "
                     "does not match "
                     f"model variable {flax_name} of shape {tuple(spec.shape)}"
                 )
@@ -142,9 +159,9 @@ def convert_with_report(
         if key in used:
             continue
         if UNUSED_SOURCE_KEY.search(key) or (reinit_classifier and _is_classifier_key(key, config["head"])):
-            report.dropped.append(key)
+            report.dropped.append(in_file[key])
         else:
-            report.unexpected.append(key)
+            report.unexpected.append(in_file[key])
 
     if classifier_mismatch:
         errors.append(
@@ -162,9 +179,13 @@ def convert_with_report(
             "(pass allow_unexpected / --allow-unexpected to "
             "ignore them): " + ", ".join(report.unexpected[:20])
         )
+    hint = _layout_hint(list(in_file.values()), source)
+    if not report.used and not errors:  # --allow-missing and --allow-unexpected would give a random model
+        errors.append("no checkpoint key fits the model: nothing would be converted")
     if errors:
         raise ConversionError(
-            f"cannot convert the checkpoint into {model_name} (num_classes={num_classes}):\n- " + "\n- ".join(errors)
+            f"cannot convert the checkpoint into {model_name} (num_classes={num_classes}):\n- "
+            + "\n- ".join(errors + ([hint] if hint else []))
         )
 
     if need_init:

@@ -402,6 +402,10 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     that references anything but tensor data.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".pt", ".tar", ".npz", ".safetensors"))
+        inside = f" ({', '.join(found[:5])})" if found else ""
+        raise CheckpointReadError(f"{path}: a directory, not a checkpoint file: give the file inside it{inside}")
     if not path.is_file():
         raise CheckpointReadError(f"{path}: no such file")
     if path.stat().st_size == 0:
