@@ -242,7 +242,7 @@ def variable_mismatches(expected: Mapping[str, Any], given: Mapping[str, Any]) -
     return problems
 
 
-def describe_mismatches(problems: Sequence[str], per_kind: int = 4) -> str:
+def describe_mismatches(problems: Sequence[str], per_kind: int = 4, separator: str = " | ") -> str:
     """:func:`variable_mismatches`' lines in one message: how many of each kind, the first few of each (a
     checkpoint of another head has as many unexpected variables as missing ones: both must show)."""
     kinds = {"missing": [], "unexpected": [], "shape": []}
@@ -258,7 +258,7 @@ def describe_mismatches(problems: Sequence[str], per_kind: int = 4) -> str:
         if found:
             more = f"; ... {len(found) - per_kind} more" if len(found) > per_kind else ""
             parts.append(f"{len(found)} {counts[kind]}: " + "; ".join(found[:per_kind]) + more)
-    return " | ".join(parts)
+    return separator.join(parts)
 
 
 def check_variables(
@@ -409,8 +409,7 @@ class TrainCheckpointer:
         problems = variable_mismatches(variables, _stored_structs(self._manager, step))
         if problems:
             stored = self._manager.restore(step, args=ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            listed = "\n  ".join(problems[:20]) + more
+            listed = describe_mismatches(problems, per_kind=8, separator="\n  ")
             raise CheckpointMismatchError(
                 f"{self.directory} holds step {step} of {stored.get('model_name')} with {stored.get('num_classes')} "
                 f"classes and overrides {stored.get('model_overrides')}, which does not fit the configured "

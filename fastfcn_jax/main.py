@@ -174,9 +174,8 @@ def run_mode() -> None:
         local_paths(config)
         # The modes that read a trained workdir: a mistyped one is named, not created empty.
         checkpoint_key = "init_from or config.export.checkpoint" if config.mode == "export" else "init_from"
-        reads_workdir = config.mode in ("eval", "predict", "export") and not config.init_from
-        if config.mode == "export" and config.export.checkpoint:
-            reads_workdir = False
+        named = config.init_from or (config.mode == "export" and config.export.checkpoint)
+        reads_workdir = config.mode in ("eval", "predict", "export") and not named
         if reads_workdir and not os.path.isdir(workdir):
             raise FileNotFoundError(
                 f"--workdir {workdir} does not exist: {config.mode} reads the checkpoint of a training run there "
