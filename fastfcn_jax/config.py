@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset.eval_split = "validation"
     config.dataset.base_size = 0  # 0: the dataset's
     config.dataset.crop_size = 0  # 0: the dataset's
+    # Training order: 0 = a new permutation of the whole split each epoch, as the reference, where the encoded split
+    # fits in a quarter of the host's memory (held there), else a buffer of 1024; N > 0: a buffer of N examples.
+    config.dataset.shuffle_buffer = 0
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 16  # global, over all devices and hosts
@@ -199,6 +202,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(train.stop_after_steps >= 0, "train.stop_after_steps", "must be >= 0 (0 = never)")
     check(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0")
     check(config.dataset.crop_size >= 0, "dataset.crop_size", "must be >= 0")
+    check(config.dataset.shuffle_buffer >= 0, "dataset.shuffle_buffer", "must be >= 0 (0 = the whole split)")
     overrides = config.model.get("overrides") or {}
     for key in INT_OVERRIDES:
         value = overrides.get(key)

@@ -397,6 +397,13 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     pipeline.prepare_on_first_process(config.dataset.name, data_dir, config.dataset.manual_dir or None)
     train_size = pipeline.dataset_size(config.dataset.name, config.dataset.train_split, data_dir)
     steps_per_epoch = max(train_size // global_batch, 1)  # the reference drops the last partial batch
+    order = pipeline.training_order(
+        config.dataset.name,
+        data_dir=data_dir,
+        split=config.dataset.train_split,
+        shuffle_buffer=config.dataset.shuffle_buffer,
+    )
+    report(f"training order: {order.description}")
     total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
     base_lr = optim.scaled_learning_rate(config.train.lr_per_16, global_batch)
     schedule = optim.poly_schedule(base_lr, total_steps, config.train.poly_power)
@@ -459,6 +466,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "processes": jax.process_count(),
         "devices": jax.device_count(),
+        "shuffle_buffer": order.buffer,  # as resolved on this host (config.dataset.shuffle_buffer=0 depends on it)
     }
     if restored_step is not None:
         check_resumed_settings(workdir / "config.json", run_record)
@@ -506,6 +514,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         split=config.dataset.train_split,
         skip_batches=start_step,  # a resumed run continues the data order after the batches consumed
         normalise=False,  # uint8 images, normalised by the train step
+        shuffle_buffer=order.buffer,
     )
 
     def run_eval() -> dict[str, Any]:
@@ -680,6 +689,11 @@ def check_resumed_settings(previous_path: Path, current: Mapping[str, Any]) -> N
     if previous.get("processes", current["processes"]) != current["processes"]:
         lines.append(
             f"  processes: {previous['processes']} -> {current['processes']}: each reads its own shard of the data, "
+            "so the examples from here on are not those an uninterrupted run would have seen"
+        )
+    if previous.get("shuffle_buffer", current["shuffle_buffer"]) != current["shuffle_buffer"]:
+        lines.append(
+            f"  shuffle buffer: {previous['shuffle_buffer']} -> {current['shuffle_buffer']} examples (training order), "
             "so the examples from here on are not those an uninterrupted run would have seen"
         )
     if not lines:

@@ -197,6 +197,57 @@ def test_train_batches_skipped_on_resume_continue_the_same_stream(synthetic_dir)
         next(batches(-1))
 
 
+def _epochs_of_names(synthetic_dir, seed: int, shuffle_buffer: int, epochs: int) -> list[list[str]]:
+    """The training stream's examples (by file name) in the order train_batches augments them."""
+    builder = pipeline._prepared_builder(pipeline._info("synthetic_shapes", synthetic_dir), synthetic_dir)
+    order = pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir, shuffle_buffer=shuffle_buffer)
+    ds = pipeline._shuffled_stream(builder, "train", order, seed=seed)
+    names = [name.decode() for name in tfds.as_numpy(ds.take(order.examples * epochs).map(lambda e: e["file_name"]))]
+    return [names[e * order.examples : (e + 1) * order.examples] for e in range(epochs)]
+
+
+def test_training_order_is_a_new_permutation_of_the_split_each_epoch(synthetic_dir):
+    # The reference's DataLoader(shuffle=True): every example once per epoch, a fresh uniform order each time.
+    first, second = _epochs_of_names(synthetic_dir, seed=0, shuffle_buffer=0, epochs=2)
+    builder = pipeline._prepared_builder(pipeline._info("synthetic_shapes", synthetic_dir), synthetic_dir)
+    stored_ds = pipeline._load(builder, "train", shuffle_seed=None, cache=False).map(lambda e: e["file_name"])
+    stored = [name.decode() for name in tfds.as_numpy(stored_ds)]
+    assert sorted(first) == sorted(second) == sorted(stored) and len(set(first)) == len(stored)
+    assert first != second
+    # Not a local shuffle of the stored order: over the first epoch, positions move across the whole split
+    # (a buffer of 8 moves each example by a few places at most, on average).
+    where = {name: index for index, name in enumerate(stored)}
+    moved = np.mean([abs(where[name] - index) for index, name in enumerate(first)])
+    assert moved > len(stored) / 5
+    local = _epochs_of_names(synthetic_dir, seed=0, shuffle_buffer=8, epochs=1)[0]
+    assert sorted(local) == sorted(stored) and np.mean([abs(where[n] - i) for i, n in enumerate(local)]) < 16
+    assert _epochs_of_names(synthetic_dir, seed=0, shuffle_buffer=0, epochs=1)[0] == first  # seeded
+
+
+def test_training_order_falls_back_to_a_buffer_when_the_split_does_not_fit_in_memory(synthetic_dir, monkeypatch):
+    size = pipeline.dataset_size("synthetic_shapes", "train", synthetic_dir)
+    order = pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir)
+    assert (order.buffer, order.cached, order.exact) == (size, True, True)
+    assert order.description.startswith(f"a new permutation of the split each epoch ({size} examples, ")
+    monkeypatch.setattr(pipeline, "_SHUFFLE_BUFFER", 16)
+    monkeypatch.setattr(pipeline, "host_memory_bytes", lambda: 4 * order.encoded_bytes - 1)  # a quarter: too little
+    small = pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir)
+    assert (small.buffer, small.exact) == (16, False)
+    assert "over a quarter of this host's" in small.description
+    assert f"config.dataset.shuffle_buffer={size} holds it all" in small.description
+    monkeypatch.setattr(pipeline, "host_memory_bytes", lambda: 4 * order.encoded_bytes)
+    assert pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir).exact
+    # Asked for explicitly: a buffer of that size, or all of the split whatever the memory.
+    assert pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir, shuffle_buffer=5).buffer == 5
+    assert pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir, shuffle_buffer=10**6).exact
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 0"):
+        pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir, shuffle_buffer=-1)
+    # Splits joined with "+" and sliced count their bytes too (tfds reports none for them).
+    joined = pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir, split="train[:50%]+validation")
+    assert joined.examples == size // 2 + pipeline.dataset_size("synthetic_shapes", "validation", synthetic_dir)
+    assert 0.5 * order.encoded_bytes < joined.encoded_bytes < order.encoded_bytes
+
+
 def test_eval_batches_pads_last_batch_with_invalid_examples(synthetic_dir):
     batches = list(pipeline.eval_batches("synthetic_shapes", data_dir=synthetic_dir, batch_size=10, crop_size=64))
     assert len(batches) == 7  # ceil(64 / 10)

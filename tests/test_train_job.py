@@ -247,6 +247,8 @@ def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadab
     train_and_evaluate(small_config(data_dir, num_steps=4, eval_every=0, checkpoint_every=2), workdir)
     out = capsys.readouterr().out
     assert "first step (compilation included) took" in out and "img/s" in out
+    assert "training order: a new permutation of the split each epoch (" in out
+    assert json.loads((workdir / "config.json").read_text())["shuffle_buffer"] > 0
 
     def initialised(*args, **kwargs):
         raise AssertionError("a resumed run compiled and ran the initialisation")
@@ -390,12 +392,16 @@ def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoi
     assert points(tmp_path) == [] and jsonl.read_text() == ""
 
 
-def test_resuming_on_another_number_of_processes_is_reported(tmp_path, capsys):
+def test_resuming_on_another_number_of_processes_or_shuffle_is_reported(tmp_path, capsys):
     from fastfcn_jax.train import check_resumed_settings
 
     record = {"config": {"train": {"batch_size": 16}}, "total_steps": 10, "base_lr": 0.01, "start_step": 4}
-    (tmp_path / "config.json").write_text(json.dumps({**record, "start_step": 0, "processes": 2, "devices": 8}))
-    check_resumed_settings(tmp_path / "config.json", {**record, "processes": 1, "devices": 8})
+    before = {**record, "start_step": 0, "processes": 2, "devices": 8, "shuffle_buffer": 5000}
+    (tmp_path / "config.json").write_text(json.dumps(before))
+    check_resumed_settings(tmp_path / "config.json", {**record, "processes": 1, "devices": 8, "shuffle_buffer": 5000})
     assert "processes: 2 -> 1: each reads its own shard" in capsys.readouterr().out
-    check_resumed_settings(tmp_path / "config.json", {**record, "processes": 2, "devices": 4})
+    check_resumed_settings(tmp_path / "config.json", {**record, "processes": 2, "devices": 4, "shuffle_buffer": 5000})
     assert capsys.readouterr().out == ""  # devices alone do not change the data order
+    # config.dataset.shuffle_buffer=0 resolved on a host with less memory: another order, said.
+    check_resumed_settings(tmp_path / "config.json", {**record, "processes": 2, "devices": 8, "shuffle_buffer": 1024})
+    assert "shuffle buffer: 5000 -> 1024 examples (training order)" in capsys.readouterr().out

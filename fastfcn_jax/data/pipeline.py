@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,9 @@ from fastfcn_jax.data.datasets import IGNORE_INDEX, DatasetInfo, get_dataset_inf
 
 # Splits below this size (encoded) are cached in memory, still encoded (synthetic, tests, VOC val).
 _CACHE_BYTES = 256 * 2**20
+# The training shuffle when the whole encoded split would take more than this share of the host's memory.
 _SHUFFLE_BUFFER = 1024
+_SHUFFLE_MEMORY_SHARE = 0.25
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -158,10 +162,10 @@ def _decode(info: DatasetInfo, builder):
     )
 
 
-def _load(builder, split, *, shuffle_seed: int | None, cache: bool = True) -> tf.data.Dataset:
+def _load(builder, split, *, shuffle_seed: int | None, cache: bool | None = None) -> tf.data.Dataset:
     """Encoded examples of ``split`` (a name, slice or ``tfds.even_splits`` entry), decoded later (after
-    shuffling and skipping; by :func:`_decode`, or by the training crop itself); small splits cached unless
-    ``cache=False``."""
+    shuffling and skipping; by :func:`_decode`, or by the training crop itself); cached in memory if ``cache``,
+    or with ``cache=None`` if the split is small."""
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
     encoded = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
     ds = builder.as_dataset(
@@ -170,13 +174,90 @@ def _load(builder, split, *, shuffle_seed: int | None, cache: bool = True) -> tf
     # Sub-splits report no size; the whole split's size bounds the shard's.
     whole = (split if isinstance(split, str) else split.split).split("[")[0]
     num_bytes = builder.info.splits[whole].num_bytes
-    if cache and 0 < num_bytes < _CACHE_BYTES:
+    if cache or (cache is None and 0 < num_bytes < _CACHE_BYTES):
         ds = ds.cache()
         # Filled now in one pass of the encoded records (the same first pass an iterator would make): an
         # iterator that stops before the end (a short run, one batch looked at) would otherwise drop its
         # partial cache with a TensorFlow warning that reads like a user error.
         ds.reduce(np.int64(0), lambda count, _: count + 1)
     return ds
+
+
+def host_memory_bytes() -> int | None:
+    """This host's memory, or a container's limit if lower (cgroup v2 or v1); None where unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = int(Path(limit_file).read_text().strip())  # "max" (no limit) is not a number
+        except (OSError, ValueError):
+            continue
+        total = limit if total is None else min(total, limit)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOrder:
+    """How this process's share of the training split is shuffled (``training_order``)."""
+
+    examples: int  # in this process's share
+    encoded_bytes: int  # of this share, as stored (what holding it in memory costs)
+    buffer: int  # examples in the shuffle buffer; == examples: a uniform permutation each epoch
+    cached: bool  # the encoded share held in memory (read from disk once)
+    description: str
+
+    @property
+    def exact(self) -> bool:
+        return self.buffer >= self.examples
+
+
+def _format_bytes(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+def training_order(
+    dataset: str | DatasetInfo, *, data_dir: str | Path | None, split: str = "train", shuffle_buffer: int = 0
+) -> TrainingOrder:
+    """The training shuffle of this process's share of ``split``.
+
+    The reference draws a new permutation of the whole split each epoch (``DataLoader(shuffle=True)``).
+    ``shuffle_buffer=0`` does the same where the encoded share fits in a quarter of the host's memory: it is
+    held there (read once) and shuffled with a buffer of all its examples; otherwise a buffer of 1024 over
+    the stored order (tfds's hashed order, its files shuffled each epoch). ``shuffle_buffer=N`` > 0: a buffer
+    of N examples (N >= the share's size: the uniform permutation, whatever the memory).
+    """
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0 (0: the whole split if it fits in memory), got {shuffle_buffer}")
+    info = _info(dataset, data_dir)
+    builder = _prepared_builder(info, data_dir)
+    shard = tfds.even_splits(split, jax.process_count())[jax.process_index()]
+    examples = int(builder.info.splits[shard].num_examples)
+    splits = builder.info.splits
+    split_bytes = 0.0  # tfds counts bytes per named split only: each part of "train+validation[:50%]" in turn
+    for part in split.split("+"):
+        named = splits[part.split("[")[0].strip()]
+        split_bytes += named.num_bytes * splits[part.strip()].num_examples / max(named.num_examples, 1)
+    encoded_bytes = int(split_bytes * examples / max(splits[split].num_examples, 1))
+    share = "this process's share" if jax.process_count() > 1 else "the split"
+    size = f"{examples} examples, {_format_bytes(encoded_bytes)} encoded"
+    note = "config.dataset.shuffle_buffer"
+    if shuffle_buffer == 0:
+        memory = host_memory_bytes()
+        fits = memory is not None and encoded_bytes <= _SHUFFLE_MEMORY_SHARE * memory
+        shuffle_buffer = examples if fits else _SHUFFLE_BUFFER
+        where = (
+            "this host's memory is unknown"
+            if memory is None
+            else f"over a quarter of this host's {_format_bytes(memory)}"
+        )
+        note = f"{where}; config.dataset.shuffle_buffer={examples} holds it all: a new permutation each epoch"
+    if shuffle_buffer >= examples:
+        description = f"a new permutation of {share} each epoch ({size}, held in memory)"
+        return TrainingOrder(examples, encoded_bytes, examples, True, description)
+    description = f"a shuffle buffer of {shuffle_buffer} of {share}'s {size} ({note})"
+    return TrainingOrder(examples, encoded_bytes, shuffle_buffer, encoded_bytes < _CACHE_BYTES, description)
 
 
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -219,6 +300,14 @@ def full_examples(
         yield {**example, "file_name": example["file_name"].decode()}
 
 
+def _shuffled_stream(builder, shard, order: TrainingOrder, *, seed: int) -> tf.data.Dataset:
+    """This process's encoded training examples, epoch after epoch, each epoch shuffled as ``order`` says.
+
+    Shuffled before decoding: the buffer holds encoded files, and skipping does not decode what it skips."""
+    ds = _load(builder, shard, shuffle_seed=seed, cache=order.cached)
+    return ds.shuffle(order.buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+
 def train_batches(
     dataset: str | DatasetInfo,
     *,
@@ -230,6 +319,7 @@ def train_batches(
     split: str = "train",
     skip_batches: int = 0,
     normalise: bool = True,
+    shuffle_buffer: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator of augmented training batches of this process, from batch ``skip_batches`` on (a
     resumed run continues the interrupted run's stream; the skipped examples are read, not decoded).
@@ -239,18 +329,20 @@ def train_batches(
        (the same pixels before the normalisation: a quarter of the bytes to batch, copy and send to the
        devices; the train step normalises them),
        'label': int32 [batch_size, crop, crop] train ids, -1 = ignore}.
-    Deterministic for a given seed and process layout: file order, shuffling and every augmentation draw
-    (per-example seed = (seed, position in this process's stream, process index)) come from ``seed``.
+    Each epoch is every example of this process's share once, in the order of :func:`training_order`
+    (``shuffle_buffer``). Deterministic for a given seed and process layout: file order, shuffling and every
+    augmentation draw (per-example seed = (seed, position in this process's stream, process index)) come from
+    ``seed``.
     """
     info = _info(dataset, data_dir)
     crop_size = crop_size or info.crop_size
     base_size = base_size or info.base_size
     builder = _prepared_builder(info, data_dir)
     shard = tfds.even_splits(split, jax.process_count())[jax.process_index()]
-    size = builder.info.splits[shard].num_examples
     process, processes = jax.process_index(), jax.process_count()
-    if size < batch_size:
-        where = f" ({size} on each of {processes} processes)" if processes > 1 else ""
+    order = training_order(info, data_dir=data_dir, split=split, shuffle_buffer=shuffle_buffer)
+    if order.examples < batch_size:
+        where = f" ({order.examples} on each of {processes} processes)" if processes > 1 else ""
         raise ValueError(
             f"the {split!r} split of {info.name!r} has {builder.info.splits[split].num_examples} examples{where}, "
             f"fewer than a batch ({batch_size} per process): lower config.train.batch_size"
@@ -258,9 +350,7 @@ def train_batches(
 
     if skip_batches < 0:
         raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-    ds = _load(builder, shard, shuffle_seed=seed)
-    # Shuffled before decoding: the buffer holds encoded files, and skipping does not decode what it skips.
-    ds = ds.shuffle(min(size, _SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = _shuffled_stream(builder, shard, order, seed=seed)
     skipped = skip_batches * batch_size
     ds = ds.skip(skipped)
     raw_label, lut = _raw_label_decoder(builder), tf.constant(info.label_lut, tf.int32)
