@@ -258,8 +258,9 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     reported and skipped. ``<name>`` is the input's path relative to the inputs' common folder, without its
     suffix, ``/`` as ``_`` (see :func:`output_names`).
 
-    With ``config.evaluation.submission_dir``, also ``<name>.png`` there in the benchmark's own label
-    encoding (:meth:`Predictor.benchmark_mask`): test-server submissions of unlabelled test images.
+    With ``config.evaluation.submission_dir``, also ``<image name>.png`` there (the output name where two
+    images share a name) in the benchmark's own label encoding (:meth:`Predictor.benchmark_mask`): test-server
+    submissions of unlabelled test images.
 
     The checkpoint is ``config.init_from`` if set, else ``workdir``; the protocol comes from
     ``config.evaluation`` (as for evaluation). Sizes: ``config.evaluation.base_size`` / ``crop_size`` when set,
@@ -293,8 +294,12 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     # Output names over all inputs first, so that several processes (--distributed) name files alike; each
     # process then predicts every P-th file into the same folders (a shared filesystem gathers them).
     stems = output_names(files)
+    # Benchmark files are named by their image's own name where those are distinct (Cityscapes' test images lie
+    # in one folder per city, their names already unique): what the servers match.
+    plain = [path.stem for path in files]
+    benchmark_stems = plain if len({stem.casefold() for stem in plain}) == len(plain) else stems
     process, processes = jax.process_index(), jax.process_count()
-    share = [(index, files[index], stems[index]) for index in range(process, len(files), processes)]
+    share = [(index, files[index]) for index in range(process, len(files), processes)]
     lead = process == 0
     if lead:
         _report_protocol(predictor, checkpoint, protocol, configured, len(files))
@@ -307,7 +312,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         submission.mkdir(parents=True, exist_ok=True)
 
     skipped: dict[int, str] = {}  # input index -> why (this process's share)
-    loaded: list[tuple[str, np.ndarray]] = []
+    loaded: list[tuple[int, np.ndarray]] = []
     done = 0
 
     def progress() -> None:
@@ -316,7 +321,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
 
     def readable() -> Iterator[np.ndarray]:
         nonlocal done
-        for index, path, stem in share:
+        for index, path in share:
             try:
                 # Benchmarks score masks of the stored pixels: no EXIF turn for submissions.
                 image = load_image(path, exif_orientation=submission is None)
@@ -326,18 +331,18 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
                 done += 1
                 progress()
                 continue
-            loaded.append((stem, image))
+            loaded.append((index, image))
             yield image
 
     written: list[Path] = []
     progress()
     for mask in predictor.iter_predict(readable()):
-        stem, image = loaded.pop(0)
-        mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
+        index, image = loaded.pop(0)
+        mask_path, overlay_path = out / f"{stems[index]}_mask.png", out / f"{stems[index]}_overlay.png"
         predictor.mask_image(mask).save(mask_path)
         Image.fromarray(predictor.overlay(image, mask)).save(overlay_path)
         if submission is not None:
-            predictor.benchmark_mask(mask).save(submission / f"{stem}.png")
+            predictor.benchmark_mask(mask).save(submission / f"{benchmark_stems[index]}.png")
         written += [mask_path, overlay_path]
         done += 1
         progress()
@@ -358,7 +363,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
             else:
                 entry.update(mask=f"{stem}_mask.png", overlay=f"{stem}_overlay.png")
                 if submission is not None:
-                    entry["benchmark_mask"] = str((submission / f"{stem}.png").absolute())
+                    entry["benchmark_mask"] = str((submission / f"{benchmark_stems[index]}.png").absolute())
             entries.append(entry)
         record = {
             "checkpoint": checkpoint,

@@ -637,6 +637,29 @@ def test_ade20k_missing_files_error_gives_instructions(tmp_path):
     (tmp_path / "zipped/ADEChallengeData2016.zip").write_bytes(b"PK")
     with pytest.raises(FileNotFoundError, match="it holds ADEChallengeData2016.zip: extract the archives there first"):
         pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "zipped")
+    # No manual dir at all: tfds' default folder is not presented as the user's; the command names the dataset.
+    with pytest.raises(FileNotFoundError) as error:
+        pipeline.prepare("ade20k", tmp_path / "tfds")
+    message = str(error.value)
+    assert "(no manual dir given; tfds looked in " in message and "which does not exist" not in message
+    assert "prepare --dataset ade20k --manual-dir DIR" in message and "--config.dataset.manual_dir=DIR" in message
+
+
+def test_archives_extracted_into_folders_of_their_own_or_not_renamed_are_named(tmp_path):
+    # Cityscapes' two zips each extracted into a folder named after the zip.
+    for kind in ("leftImg8bit", "gtFine"):
+        for split in ("train", "val", "test"):
+            (tmp_path / f"cs/{kind}_trainvaltest/{kind}/{split}").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        pipeline.prepare("cityscapes", tmp_path / "tfds", manual_dir=tmp_path / "cs")
+    message = str(error.value)
+    assert f"move {tmp_path / 'cs/gtFine_trainvaltest/gtFine'} to {tmp_path / 'cs/gtFine'}" in message
+    assert f"move {tmp_path / 'cs/leftImg8bit_trainvaltest/leftImg8bit'} to {tmp_path / 'cs/leftImg8bit'}" in message
+    # SBD's archive extracts to benchmark_RELEASE/, which the layout calls VOCaug/.
+    _voc_tree(tmp_path / "voc", {"train": ["2007_000032"], "val": ["2007_000033"]})
+    (tmp_path / "voc/benchmark_RELEASE/dataset").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"rename {tmp_path / 'voc/benchmark_RELEASE'} to "):
+        pipeline.prepare("pascal_aug", tmp_path / "tfds", manual_dir=tmp_path / "voc")
 
 
 @pytest.mark.parametrize("fault", ["corrupt_image", "size_mismatch", "label_above_classes"])
@@ -652,10 +675,10 @@ def test_builder_errors_name_the_example(tmp_path, fault):
         match = "ADE_train_00000002.jpg"
     elif fault == "size_mismatch":
         _write_png(bad_mask, np.ones((16, 20), np.uint8), "L")
-        match = "ADE_train_00000002.png.*differs"
+        match = "ADE_train_00000002.png.*differs.*extract the archives again"
     else:
         _write_png(bad_mask, np.full((16, 16), 151, np.uint8), "L")
-        match = "ADE_train_00000002.png.*151"
+        match = "ADE_train_00000002.png.*151.*extract the archives again"
     with pytest.raises(common.DataError, match=match):
         pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "raw")
 
@@ -754,6 +777,11 @@ def test_pcontext_mat_builder_maps_459_to_59(tmp_path):
     label = _labels_by_file("pcontext", tmp_path / "tfds", "train")["2008_000002.jpg"]
     assert label[0, 0] == 58 and (label[1:, :4] == -1).all()
     assert (label[:, 4:8] == 0).all() and (label[:, 8:] == -1).all()
+    # A damaged annotation (scipy raises its own error kinds for these) is named, with what to do.
+    mat = base / "trainval/2008_000003.mat"
+    mat.write_bytes(mat.read_bytes()[:100])
+    with pytest.raises(common.DataError, match=r"unreadable Pascal Context annotation .*2008_000003.mat .*extract the"):
+        pipeline.prepare("pcontext", tmp_path / "tfds2", manual_dir=tmp_path / "raw")
 
 
 # --------------------------------------------------------------------------------------------- Cityscapes
@@ -852,6 +880,12 @@ def test_pascal_aug_builder_combines_voc_and_sbd(tmp_path):
     assert (train["2007_000032.jpg"][:, 4] == -1).all()
     assert (train["2008_000001.jpg"][0] == 20).all() and (train["2008_000001.jpg"][1:] == 3).all()
     assert pipeline.dataset_size("pascal_aug", "sbd_trainval", tmp_path / "tfds") == 3
+    (sbd / "cls/2008_000002.mat").write_text("garbage\n")
+    with pytest.raises(common.DataError, match=r"unreadable SBD annotation .*2008_000002.mat .*extract the archives"):
+        pipeline.prepare("pascal_aug", tmp_path / "tfds2", manual_dir=raw)
+    savemat(sbd / "cls/2008_000002.mat", {"Segmentation": segmentation})  # readable, not SBD's structure
+    with pytest.raises(common.DataError, match=r"2008_000002.mat holds no GTcls.Segmentation"):
+        pipeline.prepare("pascal_aug", tmp_path / "tfds3", manual_dir=raw)
 
 
 def test_16_bit_float_and_palette_images_read_alike_for_datasets_prediction_and_arrays(tmp_path):
@@ -951,6 +985,9 @@ def test_custom_folder_rejects_unknown_class_index(tmp_path):
         pipeline.prepare("folder:bad", tmp_path / "tfds", source_dir=source)
     _write_png(source / "masks/train/x.png", np.zeros((6, 8), np.uint8), "L")
     with pytest.raises(common.DataError, match=r"x.png: label size 8x6 .WxH. differs from its image 8x8: masks are"):
+        pipeline.prepare("folder:bad", tmp_path / "tfds", source_dir=source)
+    _write_png(source / "masks/train/x.png", np.zeros((8, 8, 3), np.uint8), "RGB")  # drawn in colours
+    with pytest.raises(common.DataError, match=r"mode 'RGB'.*replacing each colour with its class's index"):
         pipeline.prepare("folder:bad", tmp_path / "tfds", source_dir=source)
 
 

@@ -303,18 +303,24 @@ def test_test_server_masks_of_unlabelled_images_are_in_the_benchmarks_own_encodi
     rng = np.random.default_rng(3)
     rotated = Image.Exif()
     rotated[0x0112] = 6  # EXIF orientation "turn 90 degrees": scored as stored, so not applied here
-    for name, shape in (("ADE_test_00000001", (40, 56, 3)), ("ADE_test_00000002", (70, 33, 3))):
+    # One folder per group, as Cityscapes' test images (one per city): the submission is named by the images.
+    for folder, name, shape in (("a", "ADE_test_00000001", (40, 56, 3)), ("b", "ADE_test_00000002", (70, 33, 3))):
         pixels = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
-        pixels.save(inputs / f"{name}.jpg", quality=90, exif=rotated)
+        (inputs / folder).mkdir()
+        pixels.save(inputs / folder / f"{name}.jpg", quality=90, exif=rotated)
     config = base_config()
     config.init_from = str(ade)
     config.dataset.base_size = config.dataset.crop_size = SIZE
     config.evaluation.submission_dir = str(tmp_path / "submission")
-    run_prediction(config, tmp_path / "workdir", str(inputs), str(tmp_path / "out"))
-    for name in ("ADE_test_00000001", "ADE_test_00000002"):
+    run_prediction(config, tmp_path / "workdir", str(inputs / "*/*.jpg"), str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "submission").iterdir()) == [
+        "ADE_test_00000001.png",
+        "ADE_test_00000002.png",
+    ]
+    for folder, name in (("a", "ADE_test_00000001"), ("b", "ADE_test_00000002")):
         submitted = Image.open(tmp_path / "submission" / f"{name}.png")
-        classes = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
-        assert submitted.mode == "L" and submitted.size == Image.open(inputs / f"{name}.jpg").size
+        classes = np.asarray(Image.open(tmp_path / "out" / f"{folder}_{name}_mask.png"))
+        assert submitted.mode == "L" and submitted.size == Image.open(inputs / folder / f"{name}.jpg").size
         np.testing.assert_array_equal(np.asarray(submitted), classes + 1)
 
     # A checkpoint of no known dataset has no benchmark encoding: refused before any image is read.
@@ -324,5 +330,5 @@ def test_test_server_masks_of_unlabelled_images_are_in_the_benchmarks_own_encodi
 
     monkeypatch.setattr(predict, "_dataset_info", lambda name: None)  # e.g. a folder dataset
     with pytest.raises(ValueError, match="benchmark's label encoding is unknown"):
-        run_prediction(config, tmp_path / "workdir", str(inputs), str(tmp_path / "out2"))
+        run_prediction(config, tmp_path / "workdir", str(inputs / "*/*.jpg"), str(tmp_path / "out2"))
     assert not (tmp_path / "unknown").exists() and not list((tmp_path / "out2").glob("*.png"))

@@ -42,7 +42,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         required = [f"{ROOT}/{kind}/{folder}" for folder in _SPLITS.values() for kind in ("images", "annotations")]
-        root = common.require_files(common.manual_dir(dl_manager), required, INSTRUCTIONS) / ROOT
+        root = common.require_files(common.manual_dir(dl_manager), required, INSTRUCTIONS, dataset="ade20k") / ROOT
         return {split: self._generate_examples(root, folder) for split, folder in _SPLITS.items()}
 
     def _generate_examples(self, root: Path, folder: str) -> Iterator[tuple[str, dict]]:

@@ -36,7 +36,7 @@ class Cityscapes(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         required = [f"{kind}/{folder}" for folder in _SPLITS.values() for kind in ("leftImg8bit", "gtFine")]
-        root = common.require_files(common.manual_dir(dl_manager), required, INSTRUCTIONS)
+        root = common.require_files(common.manual_dir(dl_manager), required, INSTRUCTIONS, dataset="cityscapes")
         return {split: self._generate_examples(root, folder) for split, folder in _SPLITS.items()}
 
     def _generate_examples(self, root: Path, folder: str) -> Iterator[tuple[str, dict]]:

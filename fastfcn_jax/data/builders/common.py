@@ -103,8 +103,16 @@ def _read_rgb(path: Path, *, upright: bool) -> tuple[bytes | np.ndarray, tuple[i
     return (data if converted is None else converted), (height, width), orientation
 
 
-def read_index_png(path: Path) -> np.ndarray:
-    """Reads a single-channel label PNG as stored indices ([H, W], uint8/uint16).
+# What to do about a file of a released dataset that is not as released.
+NOT_AS_RELEASED = (
+    "the released files are not like this: extract the archives again (a modified copy or a subset of your own "
+    "is a folder dataset: prepare --dataset folder:NAME)"
+)
+
+
+def read_index_png(path: Path, *, remedy: str = NOT_AS_RELEASED) -> np.ndarray:
+    """Reads a single-channel label PNG as stored indices ([H, W], uint8/uint16); ``remedy``: what to do
+    about a mask that is not one (colours, say).
 
     PIL keeps palette ('P') indices; TensorFlow's decoder would expand them to colours.
     """
@@ -112,7 +120,9 @@ def read_index_png(path: Path) -> np.ndarray:
         with Image.open(require_file(path, "label")) as img:
             img.load()
             if img.mode not in ("L", "P", "I;16", "I", "1"):
-                raise DataError(f"label {path} has PIL mode {img.mode!r}; expected a single-channel index PNG")
+                raise DataError(
+                    f"label {path} has PIL mode {img.mode!r}; expected a single-channel index PNG: {remedy}"
+                )
             array = np.asarray(img)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise DataError(f"corrupt or unreadable label {path}: {err}") from err
@@ -121,6 +131,19 @@ def read_index_png(path: Path) -> np.ndarray:
     return array.astype(np.uint8) if array.dtype == bool else array
 
 
+def load_mat(path: Path, what: str, **kwargs) -> dict:
+    """``scipy.io.loadmat(path, **kwargs)``, or DataError naming the file (scipy raises many kinds of error for
+    a damaged file: MatReadError, IndexError, ValueError, ...)."""
+    from scipy.io import loadmat
+
+    require_file(path, what)
+    try:
+        return loadmat(path, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure to parse is a damaged file, named with its cause
+        raise DataError(f"unreadable {what} {path} ({type(err).__name__}: {err}): {NOT_AS_RELEASED}") from err
+
+
+# For masks of one's own data (folder datasets); a released dataset's mask is extracted again instead.
 SIZE_REMEDY = "masks are per pixel of their image (resize one of them, the mask with nearest-neighbour sampling)"
 
 
@@ -130,12 +153,13 @@ def check_label(
     *,
     valid_values: Sequence[int] | np.ndarray,
     example: str | Path,
-    value_remedy: str = "",
-    size_remedy: str = SIZE_REMEDY,
+    value_remedy: str = NOT_AS_RELEASED,
+    size_remedy: str = NOT_AS_RELEASED,
 ) -> np.ndarray:
     """Checks a raw mask against its image; returns it as [H, W, 1] ready for the label feature.
     ``value_remedy``: what to do about values outside ``valid_values`` (appended to that error);
-    ``size_remedy``: what to do about a size that differs from ``image_size`` (appended to that error)."""
+    ``size_remedy``: what to do about a size that differs from ``image_size`` (appended to that error); both
+    by default for a released dataset."""
     if label.ndim != 2:
         raise DataError(f"{example}: label must be one channel, got shape {label.shape}")
     if label.shape != tuple(image_size):
@@ -147,7 +171,7 @@ def check_label(
     if bad.size:
         raise DataError(
             f"{example}: label values {bad[:10].tolist()} are outside the dataset's encoding "
-            f"(allowed: {_describe(valid_values)})" + (f": {value_remedy}" if value_remedy else "")
+            f"(allowed: {_describe(valid_values)}): {value_remedy}"
         )
     return label[..., None]
 
@@ -158,18 +182,35 @@ def _describe(values: Sequence[int] | np.ndarray) -> str:
     return f"{values[0]}..{values[-1]}" if contiguous else ", ".join(map(str, values[:40]))
 
 
-def require_files(manual_dir: Path | None, required: Iterable[str], instructions: str) -> Path:
-    """Returns ``manual_dir`` or raises FileNotFoundError with the download instructions and layout."""
+def require_files(
+    manual_dir: Path | None,
+    required: Iterable[str],
+    instructions: str,
+    *,
+    dataset: str,
+    renamed: dict[str, str] | None = None,
+) -> Path:
+    """Returns ``manual_dir`` or raises FileNotFoundError with the download instructions and layout.
+
+    ``dataset``: the name ``prepare --dataset`` takes; ``renamed``: {folder the layout needs: the name its
+    archive extracts to} (SBD's benchmark_RELEASE/ -> VOCaug/), named in the error when only the latter exists.
+    """
     missing = list(required) if manual_dir is None else [p for p in required if not (Path(manual_dir) / p).exists()]
     if missing:
-        if manual_dir is None:
-            where = "no manual_dir given"
+        # tfds fills in <data_dir>/downloads/manual when no manual dir is given: not a folder the user named.
+        defaulted = manual_dir is None or (
+            manual_dir.parts[-2:] == ("downloads", "manual") and not Path(manual_dir).exists()
+        )
+        if defaulted:
+            where = "no manual dir given" + ("" if manual_dir is None else f"; tfds looked in {manual_dir}")
         else:
             where = f"manual_dir {manual_dir}" + ("" if Path(manual_dir).is_dir() else ", which does not exist")
-            where += _manual_dir_hint(Path(manual_dir), missing)
+            where += _manual_dir_hint(Path(manual_dir), missing, renamed or {})
+        source = "--source" if dataset.startswith("folder:") else "--manual-dir"
         raise FileNotFoundError(
             f"raw files missing ({where}): {', '.join(missing)}.\n{instructions.strip()}\n"
-            "Then run: python -m fastfcn_jax.data.prepare --dataset NAME --manual-dir DIR --data-dir OUT"
+            f"Then run: python -m fastfcn_jax.data.prepare --dataset {dataset} {source} DIR --data-dir OUT "
+            "(training and evaluation prepare it themselves given --config.dataset.manual_dir=DIR)"
         )
     return Path(manual_dir)
 
@@ -208,17 +249,32 @@ def pair_files(
     return pairs
 
 
-def _manual_dir_hint(manual_dir: Path, missing: Sequence[str]) -> str:
-    """The two usual slips: the folder inside the dataset's top folder given, or archives not extracted."""
+def _manual_dir_hint(manual_dir: Path, missing: Sequence[str], renamed: dict[str, str]) -> str:
+    """The usual slips: the folder inside the dataset's top folder given, an archive's folder not renamed or
+    each archive extracted into a folder of its own, archives not extracted."""
     top = Path(missing[0]).parts[0]
     for parent in manual_dir.parents:
         if parent.name == top:
             return f"; it lies inside {parent}: give {parent.parent} (the folder holding {top}/)"
     if manual_dir.name == top:
         return f"; give its parent {manual_dir.parent} (the folder holding {top}/)"
-    extracted = any((manual_dir / Path(p).parts[0]).exists() for p in missing)
+    if not manual_dir.is_dir():
+        return ""
+    tops = sorted({Path(p).parts[0] for p in missing})
+    hints = [
+        f"rename {manual_dir / renamed[name]} to {manual_dir / name}"
+        for name in tops
+        if name in renamed and (manual_dir / renamed[name]).is_dir() and not (manual_dir / name).exists()
+    ]
+    for name in tops:
+        nested = [] if (manual_dir / name).exists() else sorted(manual_dir.glob(f"*/{name}"))
+        if nested:
+            hints.append(f"move {nested[0]} to {manual_dir / name}")
+    if hints:
+        return "; " + ", and ".join(hints)
+    extracted = any((manual_dir / name).exists() for name in tops)
     archives = []
-    if manual_dir.is_dir() and not extracted:
+    if not extracted:
         archives = sorted(p.name for p in manual_dir.iterdir() if p.is_file() and p.suffix in (".zip", ".tar", ".gz"))
     if archives:
         return f"; it holds {', '.join(archives[:3])}: extract the archives there first"

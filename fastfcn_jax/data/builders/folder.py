@@ -32,6 +32,11 @@ Custom folder dataset: put your data in SOURCE as
 with <split> among train, validation (or val), test. Then run
   python -m fastfcn_jax.data.prepare --dataset folder:NAME --source SOURCE --data-dir OUT
 """
+# What to do about a mask that is not single-channel class indices (colours, typically).
+MASK_FORMAT = (
+    "save each mask as one channel of class indices (PIL mode L, P or I;16); a mask drawn in colours becomes one "
+    "by replacing each colour with its class's index (its row in classes.json's palette)"
+)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # What EXIF orientations 5..8 (those that swap width and height) do to the stored pixels to show them.
@@ -125,7 +130,12 @@ class Folder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         self._turned_upright: dict[str, int] = {}  # split -> images stored turned by their EXIF orientation
-        source = common.require_files(common.manual_dir(dl_manager), ["classes.json", "images", "masks"], INSTRUCTIONS)
+        source = common.require_files(
+            common.manual_dir(dl_manager),
+            ["classes.json", "images", "masks"],
+            INSTRUCTIONS,
+            dataset=f"folder:{self.builder_config.name}",
+        )
         table = read_class_table(source)
         self.info.metadata["class_table"] = table
         valid = np.arange(len(table["names"]))
@@ -175,7 +185,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             # prediction turns new photos the same way: the stored pixels are the upright ones.
             image, size, orientation = common.read_rgb_upright(image_path)
             self._turned_upright[split] += orientation != 1
-            mask = common.read_index_png(mask_path)
+            mask = common.read_index_png(mask_path, remedy=MASK_FORMAT)
             label = common.check_label(
                 mask,
                 size,

@@ -51,14 +51,11 @@ def _voc_example(root: Path, stem: str) -> dict:
 
 def read_sbd_mat(path: Path) -> np.ndarray:
     """``GTcls.Segmentation`` of an SBD ``cls/*.mat`` as uint8 [H, W]."""
-    from scipy.io import loadmat
-
-    common.require_file(path, "SBD annotation")
+    mat = common.load_mat(path, "SBD annotation", mat_dtype=True, squeeze_me=True, struct_as_record=False)
     try:
-        mat = loadmat(path, mat_dtype=True, squeeze_me=True, struct_as_record=False)
         return np.asarray(mat["GTcls"].Segmentation).astype(np.int64)
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise common.DataError(f"unreadable SBD annotation {path}: {err}") from err
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise common.DataError(f"{path} holds no GTcls.Segmentation ({err!r}): {common.NOT_AS_RELEASED}") from err
 
 
 def _sbd_example(root: Path, stem: str) -> dict:
@@ -86,7 +83,7 @@ class PascalVoc(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         lists = {"train": "train", "validation": "val", "trainval": "trainval"}
         required = [f"{VOC_ROOT}/ImageSets/Segmentation/{name}.txt" for name in lists.values()]
-        root = common.require_files(common.manual_dir(dl_manager), required, VOC_INSTRUCTIONS)
+        root = common.require_files(common.manual_dir(dl_manager), required, VOC_INSTRUCTIONS, dataset="pascal_voc")
         split_dir = root / VOC_ROOT / "ImageSets" / "Segmentation"
         return {
             split: self._generate_examples(root, common.read_split_file(split_dir / f"{name}.txt"))
@@ -115,7 +112,13 @@ class PascalAug(tfds.core.GeneratorBasedBuilder):
             f"{SBD_ROOT}/train.txt",
             f"{SBD_ROOT}/val.txt",
         ]
-        root = common.require_files(common.manual_dir(dl_manager), required, AUG_INSTRUCTIONS)
+        root = common.require_files(
+            common.manual_dir(dl_manager),
+            required,
+            AUG_INSTRUCTIONS,
+            dataset="pascal_aug",
+            renamed={"VOCaug": "benchmark_RELEASE"},  # SBD's archive extracts to benchmark_RELEASE/
+        )
         voc_lists = root / VOC_ROOT / "ImageSets" / "Segmentation"
         voc_train = common.read_split_file(voc_lists / "train.txt")
         voc_val = common.read_split_file(voc_lists / "val.txt")

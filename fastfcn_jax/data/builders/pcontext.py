@@ -97,16 +97,18 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
         manual = common.manual_dir(dl_manager)
         root = None if manual is None else manual / ROOT
         if root is not None and (root / "trainval_merged.json").exists():
-            common.require_files(manual, [f"{ROOT}/JPEGImages"], INSTRUCTIONS)
+            common.require_files(manual, [f"{ROOT}/JPEGImages"], INSTRUCTIONS, dataset="pcontext")
             detail = _read_detail(root / "trainval_merged.json")
             return {
                 split: self._generate_examples(self._from_json(root, detail, phase)) for split, phase in _SPLITS.items()
             }
         if root is not None and (root / "trainval").is_dir():
             required = [f"{ROOT}/JPEGImages", f"{ROOT}/ImageSets/Main/train.txt", f"{ROOT}/ImageSets/Main/val.txt"]
-            common.require_files(manual, required, INSTRUCTIONS)
+            common.require_files(manual, required, INSTRUCTIONS, dataset="pcontext")
             return {split: self._generate_examples(self._from_mat(root, phase)) for split, phase in _SPLITS.items()}
-        common.require_files(manual, [f"{ROOT}/JPEGImages", f"{ROOT}/trainval_merged.json"], INSTRUCTIONS)
+        common.require_files(
+            manual, [f"{ROOT}/JPEGImages", f"{ROOT}/trainval_merged.json"], INSTRUCTIONS, dataset="pcontext"
+        )
         raise AssertionError("unreachable: require_files raises when the JSON is missing")
 
     def _generate_examples(self, examples: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:
@@ -138,17 +140,15 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
             yield stem, {"image": image, "label": label[..., None], "file_name": record["file_name"]}
 
     def _from_mat(self, root: Path, phase: str) -> Iterator[tuple[str, dict]]:
-        from scipy.io import loadmat
-
         for stem in sorted(common.read_split_file(root / "ImageSets" / "Main" / f"{phase}.txt")):
             image_path = root / "JPEGImages" / f"{stem}.jpg"
             mat_path = root / "trainval" / f"{stem}.mat"
             image, size = common.read_rgb(image_path)
-            common.require_file(mat_path, "annotation")
+            mat = common.load_mat(mat_path, "Pascal Context annotation")
             try:
-                ids = np.asarray(loadmat(mat_path)["LabelMap"], np.int64)
-            except (OSError, ValueError, KeyError) as err:
-                raise common.DataError(f"unreadable Pascal Context annotation {mat_path}: {err}") from err
+                ids = np.asarray(mat["LabelMap"], np.int64)
+            except (KeyError, TypeError, ValueError) as err:
+                raise common.DataError(f"{mat_path} holds no LabelMap ({err!r}): {common.NOT_AS_RELEASED}") from err
             common.check_label(ids, size, valid_values=np.arange(460), example=mat_path)
             label = map_459_to_60(ids, strict=False, example=mat_path)
             yield stem, {"image": image, "label": label[..., None], "file_name": image_path.name}
