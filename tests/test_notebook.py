@@ -21,6 +21,23 @@ def test_notebook_has_one_install_cell_and_no_outputs_committed():
     assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")
 
 
+def test_notebook_installs_the_jax_family_at_the_versions_the_tests_pass_with():
+    # Colab keeps whatever jax it has unless told otherwise; older ones break training or export (jax < 0.8).
+    import re
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (install,) = [c.source for c in notebook.cells if INSTALL_TAG in c.metadata.get("tags", [])]
+    pins = dict(re.findall(r'"([a-z-]+)(?:\[tpu\])?==([\w.]+)"', install))
+    constraints = dict(
+        line.strip().replace("_", "-").lower().split("==")
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    )
+    assert set(pins) == {"jax", "flax", "optax", "orbax-checkpoint", "orbax-export"}
+    assert {name: constraints[name] for name in pins} == pins
+    assert "raise RuntimeError" in install  # a failed clone stops the notebook there, not cells later
+
+
 def test_notebook_trains_evaluates_shows_predictions_and_exports_on_cpu(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells = [c for c in notebook.cells if INSTALL_TAG not in c.metadata.get("tags", [])]
