@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.mode = "train"
     config.seed = 1  # the reference's seed
-    config.num_devices = 0  # 0: every device
+    config.num_devices = 0  # 0: every device (eval and predict: every local one on GPUs/TPUs, one on CPUs)
     config.init_from = ""  # a converter output (python -m fastfcn_jax.convert ...) or another workdir
 
     config.model = ml_collections.ConfigDict()

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastfcn_jax import metrics, visualize
+from fastfcn_jax import metrics, sharding, visualize
 from fastfcn_jax.config import FLIP_WORDS, PROTOCOLS
 
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -199,6 +199,9 @@ class ProtocolRunner:
       window_batch: windows per network call (the network sees twice as many with flip).
       images_per_call: images whose windows share network calls; device memory holds this many canvases,
         about ``images_per_call * sum_s canvas_side(s)**2 * (C + 1) * 4`` bytes.
+      devices: where the network runs: each group of ``images_per_call`` images goes to the next device in
+        turn, with its own copy of ``variables`` (the reference's MultiEvalModule spreads its images over the
+        GPUs alike); up to one group per device is in flight. None: ``variables``' device, or the default one.
     """
 
     def __init__(
@@ -210,11 +213,22 @@ class ProtocolRunner:
         *,
         window_batch: int = 8,
         images_per_call: int = 4,
+        devices: Sequence[jax.Device] | None = None,
     ) -> None:
         if window_batch < 1 or images_per_call < 1:
             raise ValueError(f"window_batch={window_batch} and images_per_call={images_per_call} must be >= 1")
         self.logits_fn = logits_fn
-        self.variables = variables
+        if devices is None:
+            placed = {
+                d
+                for leaf in jax.tree_util.tree_leaves(variables)
+                if isinstance(leaf, jax.Array)
+                for d in leaf.devices()
+            }
+            devices = list(placed) if len(placed) == 1 else jax.local_devices()[:1]
+        self.devices = list(devices)
+        self._variables = [jax.device_put(variables, device) for device in self.devices]
+        self.groups_per_device = [0] * len(self.devices)  # image groups each device has run
         self.num_classes = num_classes
         self.protocol = protocol
         # 'whole' has one window per image and scale, each scale its own shape: batch across images.
@@ -223,14 +237,23 @@ class ProtocolRunner:
         self.traces: collections.Counter[str] = collections.Counter()
         self.canvas_sides = tuple(protocol.canvas_side(s) for s in protocol.scales)
         donate = jax.default_backend() != "cpu"  # CPU cannot reuse donated buffers and would warn
-        self._zeros = jax.jit(self._zeros_body)
+        # Each device's canvases are made there; the other steps run where their canvases are.
+        self._zeros = [
+            jax.jit(self._zeros_body, out_shardings=jax.sharding.SingleDeviceSharding(device))
+            for device in self.devices
+        ]
         self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(1, 2) if donate else ())
         self._tile = jax.jit(self._tile_body, static_argnames="with_scores")
 
     @property
+    def variables(self) -> Any:
+        return self._variables[0]
+
+    @property
     def compile_count(self) -> int:
-        """How many times a jitted function was traced (each trace is one compilation)."""
-        return sum(self.traces.values())
+        """How many programs were compiled: each traced function once per device that ran it."""
+        used = sum(count > 0 for count in self.groups_per_device) or 1
+        return sum(self.traces.values()) * used  # traced once, compiled for each device
 
     # Jitted bodies. The Python-side counter runs only while tracing.
 
@@ -305,7 +328,7 @@ class ProtocolRunner:
                 pixels[: part.shape[0], : part.shape[1]] = part
                 yield _Window(slot, k, top, left, pixels)
 
-    def _run_windows(self, windows: list[_Window], sums, counts):
+    def _run_windows(self, windows: list[_Window], sums, counts, variables):
         """Feeds windows (grouped by shape, padded to ``window_batch``) through the accumulate step."""
         by_side: dict[int, list[_Window]] = collections.defaultdict(list)
         for window in windows:
@@ -318,7 +341,7 @@ class ProtocolRunner:
                 pixels[: len(chunk)] = np.stack([w.pixels for w in chunk])
                 fields = [np.array([getattr(w, f) for w in chunk] + [0] * pad, np.int32) for f in _FIELDS]
                 valid = np.arange(self.window_batch) < len(chunk)
-                sums, counts = self._accumulate(self.variables, sums, counts, pixels, *fields, valid)
+                sums, counts = self._accumulate(variables, sums, counts, pixels, *fields, valid)
         return sums, counts
 
     def _tile_tables(self, image_size: int, origin: int, scaled_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -347,19 +370,25 @@ class ProtocolRunner:
     def run_pairs(
         self, examples: Iterable[tuple[np.ndarray, np.ndarray | None]], with_scores: bool = False
     ) -> Iterator[dict[str, Any]]:
-        """:meth:`run` over (image, label or None) pairs, ``images_per_call`` at a time."""
+        """:meth:`run` over (image, label or None) pairs, ``images_per_call`` at a time, the groups spread over
+        the devices; results in input order."""
+        in_flight: collections.deque[list] = collections.deque()
+        turn = itertools.cycle(range(len(self.devices)))
         group: list[tuple[np.ndarray, np.ndarray | None]] = []
-        for example in examples:
-            group.append(example)
-            if len(group) == self.images_per_call:
-                yield from self._run_group(group, with_scores)
+        for example in itertools.chain(examples, [None]):
+            if example is not None:
+                group.append(example)
+            if group and (len(group) == self.images_per_call or example is None):
+                # Dispatched (asynchronously) before the oldest group is fetched: every device stays busy.
+                in_flight.append(self._dispatch_group(group, next(turn), with_scores))
                 group = []
-        if group:
-            yield from self._run_group(group, with_scores)
+            while in_flight and (len(in_flight) == len(self.devices) or example is None):
+                yield from self._collect_group(in_flight.popleft(), with_scores)
 
-    def _run_group(self, group: list[tuple[np.ndarray, np.ndarray | None]], with_scores: bool):
+    def _dispatch_group(self, group: list[tuple[np.ndarray, np.ndarray | None]], device: int, with_scores: bool):
+        self.groups_per_device[device] += 1
         windows = [w for slot, (image, _) in enumerate(group) for w in self._windows(slot, image)]
-        sums, counts = self._run_windows(windows, *self._zeros())
+        sums, counts = self._run_windows(windows, *self._zeros[device](), self._variables[device])
         pending = []
         for slot, (image, label) in enumerate(group):
             height, width = image.shape[:2]
@@ -378,7 +407,10 @@ class ProtocolRunner:
                     )
                     tiles.append((top, left, outputs))
             pending.append((height, width, tiles))
-        for height, width, tiles in pending:  # fetch after dispatching every tile of the group
+        return pending
+
+    def _collect_group(self, pending: list, with_scores: bool) -> Iterator[dict[str, Any]]:
+        for height, width, tiles in pending:  # fetched after every tile of the group was dispatched
             prediction = np.zeros((height, width), np.int32)
             scores = np.zeros((height, width, self.num_classes), np.float32) if with_scores else None
             confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
@@ -598,11 +630,12 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     name, protocol = protocol_from_config(config, dataset)
     runner = ProtocolRunner(
         model_logits_fn(model),
-        jax.device_put(variables),
+        variables,
         num_classes,
         protocol,
         window_batch=settings.get("batch_size", 0) or 8,
         images_per_call=settings.get("images_per_call", 0) or 4,
+        devices=sharding.evaluation_devices(config.get("num_devices") or 0),
     )
     pipeline.prepare_on_first_process(config.dataset.name, data_dir, config.dataset.get("manual_dir", "") or None)
     total = full_size = pipeline.dataset_size(dataset, split, data_dir)
@@ -631,6 +664,11 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         print(
             f"evaluating {source} ({info['model_name']}) on {dataset.name}/{split}: {total} images"
             + (f" over {processes} processes" if processes > 1 else "")
+            + (
+                f" on {len(runner.devices)} devices" + (" each" if processes > 1 else "")
+                if len(runner.devices) > 1
+                else ""
+            )
             + f", protocol {name} (scales {protocol.scales}, flip {protocol.flip}, base {protocol.base_size}, "
             f"crop {protocol.crop_size}, stride {protocol.stride})",
             flush=True,

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fastfcn_jax import visualize
+from fastfcn_jax import sharding, visualize
 from fastfcn_jax.data.image_files import pil_to_rgb, to_rgb
 from fastfcn_jax.evaluate import (
     PROTOCOLS,
@@ -74,6 +74,7 @@ class Predictor:
         window_batch: int = 8,
         images_per_call: int = 4,
         label_lut: np.ndarray | None = None,
+        devices: Sequence[Any] | None = None,
     ) -> None:
         import jax
 
@@ -89,11 +90,12 @@ class Predictor:
         self.palette = np.asarray(palette if palette is not None else visualize.default_palette(num_classes), np.uint8)
         self.runner = ProtocolRunner(
             model_logits_fn(model),
-            jax.device_put(variables),
+            jax.device_put(variables) if devices is None else variables,
             num_classes,
             protocol,
             window_batch=window_batch,
             images_per_call=images_per_call,
+            devices=devices,  # None: the default device
         )
 
     @classmethod
@@ -110,6 +112,7 @@ class Predictor:
         stride_ratio: float = 2.0 / 3.0,
         window_batch: int = 8,
         images_per_call: int = 4,
+        devices: Sequence[Any] | None = None,
     ) -> Predictor:
         """A predictor from a training workdir or a converter output directory.
 
@@ -118,7 +121,8 @@ class Predictor:
         ``info['crop_size']``, recorded by training); for a checkpoint that records none (a converter
         output), ``unrecorded_sizes`` (base, crop) when > 0, else the checkpoint's dataset's
         (``info['dataset']``), else the reference's 520 / 480. ``size_sources`` says which, per size.
-        ``protocol`` is one of ``single_scale`` (default), ``multi_scale``, ``whole``.
+        ``protocol`` is one of ``single_scale`` (default), ``multi_scale``, ``whole``. ``devices``: where the
+        network runs, groups of ``images_per_call`` images in turn (``ProtocolRunner``); None: the default device.
         """
         from fastfcn_jax import checkpointing
         from fastfcn_jax.models import create_model
@@ -162,6 +166,7 @@ class Predictor:
             window_batch=window_batch,
             images_per_call=images_per_call,
             label_lut=dataset.label_lut if dataset is not None else None,
+            devices=devices,
         )
         predictor.checkpoint_info = dict(info)
         predictor.size_sources = (chosen[0][1], chosen[1][1])
@@ -286,6 +291,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
         window_batch=settings.get("batch_size", 0) or 8,
         images_per_call=settings.get("images_per_call", 0) or 4,
+        devices=sharding.evaluation_devices(config.get("num_devices") or 0),
     )
     from fastfcn_jax import checkpointing
 

@@ -24,6 +24,18 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
+def evaluation_devices(num_devices: int = 0) -> list[jax.Device]:
+    """This process's devices for evaluation and prediction (``ProtocolRunner``): the first ``num_devices``,
+    or with 0 every local device; on CPUs one (forced host devices share the same cores: more of them only
+    add compilations)."""
+    devices = jax.local_devices()
+    if num_devices:
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"num_devices must be in [1, {len(devices)}] (this process's devices), got {num_devices}")
+        return devices[:num_devices]
+    return devices[:1] if jax.default_backend() == "cpu" else devices
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Parameters, BatchNorm statistics and optimizer state: a full copy on every device."""
     return NamedSharding(mesh, PartitionSpec())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastfcn_jax import checkpointing, evaluate, metrics
+from fastfcn_jax import checkpointing, evaluate, metrics, sharding
 from fastfcn_jax.config import base_config
 from fastfcn_jax.models import create_model
 from tests.model_weights import assert_image_dependent, calibrated_variables
@@ -259,6 +259,42 @@ def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
     results = list(runner.run(images[2:]))
     assert [r["prediction"].shape for r in results] == sizes[2:]
     assert after_first == runner.compile_count == 3  # canvas zeros, window step, output tile
+
+
+def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(tiny):
+    # conftest's 4 forced host devices stand in for a host's GPUs or TPU cores.
+    model, variables, _ = tiny
+    devices = jax.local_devices()[:3]
+    assert len(devices) == 3
+    protocol = evaluate.make_protocol("multi_scale", base_size=BASE, crop_size=CROP, flip=True)
+    rng = np.random.default_rng(1)
+    sizes = [(50, 70), (90, 45), (20, 31), (64, 64), (33, 80), (70, 20), (41, 41)]  # 4 groups of 2: one device twice
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+    labels = [rng.integers(-1, NUM_CLASSES, size=(h, w)).astype(np.int32) for h, w in sizes]
+
+    def run(devices):
+        runner = evaluate.ProtocolRunner(
+            evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=5, images_per_call=2,
+            devices=devices,
+        )  # fmt: skip
+        return runner, list(runner.run(images, labels, with_scores=True))
+
+    one, expected = run(devices[:1])
+    spread, results = run(devices)
+    assert one.groups_per_device == [4] and spread.groups_per_device == [2, 1, 1]
+    assert {d for leaf in jax.tree_util.tree_leaves(spread._variables[2]) for d in leaf.devices()} == {devices[2]}
+    assert [r["prediction"].shape for r in results] == sizes
+    for want, got in zip(expected, results, strict=True):
+        np.testing.assert_array_equal(got["prediction"], want["prediction"])
+        np.testing.assert_array_equal(got["confusion"], want["confusion"])
+        np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6)
+    # Each program traced once and compiled once per device that ran it.
+    assert spread.traces == one.traces and spread.compile_count == 3 * one.compile_count
+    # Devices for eval and predict: all local ones on accelerators, one on CPU unless asked.
+    assert sharding.evaluation_devices() == jax.local_devices()[:1]
+    assert sharding.evaluation_devices(3) == devices
+    with pytest.raises(ValueError, match=r"num_devices must be in \[1, 4\]"):
+        sharding.evaluation_devices(5)
 
 
 # ----------------------------------------------------------------------------------------------------
