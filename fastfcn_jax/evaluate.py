@@ -227,6 +227,8 @@ class ProtocolRunner:
             }
             devices = list(placed) if len(placed) == 1 else jax.local_devices()[:1]
         self.devices = list(devices)
+        if not self.devices:
+            raise ValueError("ProtocolRunner needs at least one device (devices=None: the default one)")
         self._variables = [jax.device_put(variables, device) for device in self.devices]
         self.groups_per_device = [0] * len(self.devices)  # image groups each device has run
         self.num_classes = num_classes

@@ -9,6 +9,7 @@ evaluation (:mod:`fastfcn_jax.evaluate`), several images per device call, with a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
@@ -300,10 +301,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     # Output names over all inputs first, so that several processes (--distributed) name files alike; each
     # process then predicts every P-th file into the same folders (a shared filesystem gathers them).
     stems = output_names(files)
-    # Benchmark files are named by their image's own name where those are distinct (Cityscapes' test images lie
-    # in one folder per city, their names already unique): what the servers match.
-    plain = [path.stem for path in files]
-    benchmark_stems = plain if len({stem.casefold() for stem in plain}) == len(plain) else stems
+    benchmark_stems = benchmark_names(files, stems)
     process, processes = jax.process_index(), jax.process_count()
     share = [(index, files[index]) for index in range(process, len(files), processes)]
     lead = process == 0
@@ -454,6 +452,20 @@ def output_names(files: Sequence[Path]) -> list[str]:
         stem = "_".join((*relative.parent.parts, path.stem))
         names[index] = _unique_stem(stem, path.suffix, used)
         used.add(names[index].casefold())
+    return names
+
+
+def benchmark_names(files: Sequence[Path], stems: Sequence[str]) -> list[str]:
+    """Test-server file names: each image's own name where no other input shares it (Cityscapes' test images
+    lie in one folder per city, their names unique: what the servers match), else its output name
+    (:func:`output_names`), made distinct from the plain names."""
+    counts = collections.Counter(path.stem.casefold() for path in files)
+    names = [path.stem if counts[path.stem.casefold()] == 1 else "" for path in files]
+    used = {name.casefold() for name in names if name}
+    for index, name in enumerate(names):
+        if not name:
+            names[index] = _unique_stem(stems[index], files[index].suffix, used)
+            used.add(names[index].casefold())
     return names
 
 

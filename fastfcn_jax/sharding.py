@@ -25,14 +25,14 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def evaluation_devices(num_devices: int = 0) -> list[jax.Device]:
-    """This process's devices for evaluation and prediction (``ProtocolRunner``): the first ``num_devices``,
-    or with 0 every local device; on CPUs one (forced host devices share the same cores: more of them only
-    add compilations)."""
-    devices = jax.local_devices()
+    """This process's devices for evaluation and prediction (``ProtocolRunner``): its share of ``num_devices``
+    (counted over all processes, as for training's mesh), or with 0 every local device; on CPUs one (forced
+    host devices share the same cores: more of them only add compilations)."""
+    devices, processes = jax.local_devices(), jax.process_count()
     if num_devices:
-        if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"num_devices must be in [1, {len(devices)}] (this process's devices), got {num_devices}")
-        return devices[:num_devices]
+        if not 1 <= num_devices <= jax.device_count():
+            raise ValueError(f"num_devices must be in [1, {jax.device_count()}], got {num_devices}")
+        return devices[: max(num_devices // processes, 1)]
     return devices[:1] if jax.default_backend() == "cpu" else devices
 
 

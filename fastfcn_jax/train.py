@@ -467,6 +467,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         "processes": jax.process_count(),
         "devices": jax.device_count(),
         "shuffle_buffer": order.buffer,  # as resolved on this host (config.dataset.shuffle_buffer=0 depends on it)
+        "shuffled_examples": order.examples,  # this process's share of the training split
     }
     if restored_step is not None:
         check_resumed_settings(workdir / "config.json", run_record)
@@ -691,9 +692,13 @@ def check_resumed_settings(previous_path: Path, current: Mapping[str, Any]) -> N
             f"  processes: {previous['processes']} -> {current['processes']}: each reads its own shard of the data, "
             "so the examples from here on are not those an uninterrupted run would have seen"
         )
-    if previous.get("shuffle_buffer", current["shuffle_buffer"]) != current["shuffle_buffer"]:
+    # Runs recorded before the buffer was (session 20) shuffled with a buffer of at most 1024 examples
+    # (pipeline.SHUFFLE_BUFFER; not imported: TensorFlow stays off this module's import path).
+    legacy = min(current.get("shuffled_examples", 0), 1024) or current["shuffle_buffer"]
+    if previous.get("shuffle_buffer", legacy) != current["shuffle_buffer"]:
         lines.append(
-            f"  shuffle buffer: {previous['shuffle_buffer']} -> {current['shuffle_buffer']} examples (training order), "
+            f"  shuffle buffer: {previous.get('shuffle_buffer', legacy)} -> {current['shuffle_buffer']} examples "
+            "(training order), "
             "so the examples from here on are not those an uninterrupted run would have seen"
         )
     if not lines:

@@ -229,7 +229,7 @@ def test_training_order_falls_back_to_a_buffer_when_the_split_does_not_fit_in_me
     order = pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir)
     assert (order.buffer, order.cached, order.exact) == (size, True, True)
     assert order.description.startswith(f"a new permutation of the split each epoch ({size} examples, ")
-    monkeypatch.setattr(pipeline, "_SHUFFLE_BUFFER", 16)
+    monkeypatch.setattr(pipeline, "SHUFFLE_BUFFER", 16)
     monkeypatch.setattr(pipeline, "host_memory_bytes", lambda: 4 * order.encoded_bytes - 1)  # a quarter: too little
     small = pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir)
     assert (small.buffer, small.exact) == (16, False)
@@ -246,6 +246,25 @@ def test_training_order_falls_back_to_a_buffer_when_the_split_does_not_fit_in_me
     joined = pipeline.training_order("synthetic_shapes", data_dir=synthetic_dir, split="train[:50%]+validation")
     assert joined.examples == size // 2 + pipeline.dataset_size("synthetic_shapes", "validation", synthetic_dir)
     assert 0.5 * order.encoded_bytes < joined.encoded_bytes < order.encoded_bytes
+
+
+def test_host_memory_is_the_lowest_limit_of_this_process_cgroup_and_its_ancestors(tmp_path):
+    physical = pipeline.host_memory_bytes(tmp_path / "none", tmp_path / "none")
+    assert physical is not None and physical > 2**28
+    # cgroup v2, as a SLURM job with --mem: the job's folder limits, its step's says "max".
+    v2 = tmp_path / "v2"
+    (v2 / "slurm/job_7/step_0").mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "slurm/job_7/memory.max").write_text(f"{2**30}\n")
+    (v2 / "slurm/job_7/step_0/memory.max").write_text("max\n")
+    (tmp_path / "self_v2").write_text("0::/slurm/job_7/step_0\n")
+    assert pipeline.host_memory_bytes(v2, tmp_path / "self_v2") == 2**30
+    # cgroup v1: the memory controller's hierarchy (the others' lines are not about memory).
+    v1 = tmp_path / "v1"
+    (v1 / "memory/docker/abc").mkdir(parents=True)
+    (v1 / "memory/docker/abc/memory.limit_in_bytes").write_text(f"{3 * 2**29}\n")
+    (tmp_path / "self_v1").write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert pipeline.host_memory_bytes(v1, tmp_path / "self_v1") == 3 * 2**29
 
 
 def test_eval_batches_pads_last_batch_with_invalid_examples(synthetic_dir):

@@ -295,6 +295,8 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
     assert sharding.evaluation_devices(3) == devices
     with pytest.raises(ValueError, match=r"num_devices must be in \[1, 4\]"):
         sharding.evaluation_devices(5)
+    with pytest.raises(ValueError, match="at least one device"):
+        evaluate.ProtocolRunner(evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, devices=[])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -208,6 +208,18 @@ def test_inputs_of_one_name_in_several_folders_are_named_by_their_path_and_liste
     assert index["checkpoint"] == str(checkpoint) and index["model_name"] == "encnet_jpu_tiny"
 
 
+def test_benchmark_files_keep_each_images_own_name_unless_another_input_shares_it():
+    from fastfcn_jax.predict import benchmark_names, output_names
+
+    files = [Path(p) for p in ("t/a/x.jpg", "t/b/x.jpg", "t/c/y.jpg", "t/a_x.jpg", "t/d/IMG_1.JPG", "t/d/img_1.aae")]
+    names = benchmark_names(files, output_names(files))
+    # y is alone: its own name; the two x share theirs: output names; a_x.jpg is alone but keeps its own name,
+    # which a/x.jpg's output name would have taken; names equal but for case count as shared.
+    assert names[2] == "y" and names[3] == "a_x"
+    assert names[0] not in ("x", "a_x") and names[1] == "b_x" and len({n.casefold() for n in names}) == len(names)
+    assert names[4] == "d_IMG_1" and names[5] != "d_IMG_1"
+
+
 def test_prediction_uses_the_sizes_the_checkpoint_was_trained_at_and_says_so(checkpoint, tmp_path, capsys):
     from fastfcn_jax.predict import Predictor, run_prediction
 

@@ -405,3 +405,10 @@ def test_resuming_on_another_number_of_processes_or_shuffle_is_reported(tmp_path
     # config.dataset.shuffle_buffer=0 resolved on a host with less memory: another order, said.
     check_resumed_settings(tmp_path / "config.json", {**record, "processes": 2, "devices": 8, "shuffle_buffer": 1024})
     assert "shuffle buffer: 5000 -> 1024 examples (training order)" in capsys.readouterr().out
+    # A run recorded before the buffer was: it shuffled with at most 1024 examples.
+    (tmp_path / "config.json").write_text(json.dumps({**record, "start_step": 0, "processes": 2, "devices": 8}))
+    now = {**record, "processes": 2, "devices": 8, "shuffle_buffer": 5000, "shuffled_examples": 5000}
+    check_resumed_settings(tmp_path / "config.json", now)
+    assert "shuffle buffer: 1024 -> 5000 examples (training order)" in capsys.readouterr().out
+    check_resumed_settings(tmp_path / "config.json", {**now, "shuffle_buffer": 700, "shuffled_examples": 700})
+    assert capsys.readouterr().out == ""  # a split of 700: the whole split then too

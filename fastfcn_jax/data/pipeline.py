@@ -25,7 +25,7 @@ from fastfcn_jax.data.datasets import IGNORE_INDEX, DatasetInfo, get_dataset_inf
 # Splits below this size (encoded) are cached in memory, still encoded (synthetic, tests, VOC val).
 _CACHE_BYTES = 256 * 2**20
 # The training shuffle when the whole encoded split would take more than this share of the host's memory.
-_SHUFFLE_BUFFER = 1024
+SHUFFLE_BUFFER = 1024
 _SHUFFLE_MEMORY_SHARE = 0.25
 
 
@@ -183,15 +183,33 @@ def _load(builder, split, *, shuffle_seed: int | None, cache: bool | None = None
     return ds
 
 
-def host_memory_bytes() -> int | None:
-    """This host's memory, or a container's limit if lower (cgroup v2 or v1); None where unknown."""
+def host_memory_bytes(
+    cgroup_root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "/proc/self/cgroup"
+) -> int | None:
+    """This host's memory, or the lowest memory limit of this process's cgroup and its ancestors (a container,
+    a SLURM job's --mem; cgroup v2 or v1); None where unknown."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         total = None
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    try:
+        memberships = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        memberships = []
+    root = Path(cgroup_root)
+    candidates = [root / "memory.max", root / "memory/memory.limit_in_bytes"]  # a container's own view
+    for line in memberships:  # "0::/path" (v2) or "4:memory:/path" (v1)
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        version_dir, limit_name = (
+            (root, "memory.max") if controllers == "" else (root / "memory", "memory.limit_in_bytes")
+        )
+        if controllers not in ("", "memory") and "memory" not in controllers.split(","):
+            continue
+        parts = Path(path.strip() or "/").parts[1:]
+        candidates += [version_dir.joinpath(*parts[:depth], limit_name) for depth in range(len(parts), 0, -1)]
+    for limit_file in candidates:
         try:
-            limit = int(Path(limit_file).read_text().strip())  # "max" (no limit) is not a number
+            limit = int(limit_file.read_text().strip())  # "max" (no limit) is not a number
         except (OSError, ValueError):
             continue
         total = limit if total is None else min(total, limit)
@@ -214,7 +232,10 @@ class TrainingOrder:
 
 
 def _format_bytes(count: float) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 2**10:.0f} KiB"
 
 
 def training_order(
@@ -246,7 +267,7 @@ def training_order(
     if shuffle_buffer == 0:
         memory = host_memory_bytes()
         fits = memory is not None and encoded_bytes <= _SHUFFLE_MEMORY_SHARE * memory
-        shuffle_buffer = examples if fits else _SHUFFLE_BUFFER
+        shuffle_buffer = examples if fits else SHUFFLE_BUFFER
         where = (
             "this host's memory is unknown"
             if memory is None

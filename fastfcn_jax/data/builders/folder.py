@@ -115,11 +115,16 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return common.dataset_info(self, __doc__, metadata=tfds.core.MetadataDict(), label_dtype=tf.uint16)
 
+    @property
+    def dataset_name(self) -> str:
+        """The name ``prepare --dataset`` and ``config.dataset.name`` take: ``folder`` or ``folder:NAME``."""
+        return "folder" if self.builder_config.name == "default" else f"folder:{self.builder_config.name}"
+
     def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager, download_config: Any) -> None:
         super()._download_and_prepare(dl_manager, download_config)
         turned = {split: count for split, count in getattr(self, "_turned_upright", {}).items() if count}
         if turned:
-            name = "folder" if self.builder_config.name == "default" else f"folder:{self.builder_config.name}"
+            name = self.dataset_name
             print(
                 f"{name}: {sum(turned.values())} image(s) turned upright as their EXIF orientation tag says, as "
                 "photo viewers, annotation tools and prediction show them, and stored so as PNG ("
@@ -134,7 +139,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             common.manual_dir(dl_manager),
             ["classes.json", "images", "masks"],
             INSTRUCTIONS,
-            dataset=f"folder:{self.builder_config.name}",
+            dataset=self.dataset_name,
         )
         table = read_class_table(source)
         self.info.metadata["class_table"] = table
