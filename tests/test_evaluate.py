@@ -261,6 +261,19 @@ def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
     assert after_first == runner.compile_count == 3  # canvas zeros, window step, output tile
 
 
+@pytest.mark.parametrize("size", [(1, 1), (7, 300), (57, 40), (64, 64)])
+def test_host_resize_is_the_two_tap_align_corners_formula(size):
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(33, 21, 3)).astype(np.float32)
+    rows = evaluate.align_corners_taps(33, size[0])
+    cols = evaluate.align_corners_taps(21, size[1])
+    (r0, r1, fr), (c0, c1, fc) = [(lo, hi, f.astype(np.float32)) for lo, hi, f in (rows, cols)]
+    upper = image[r0] * (1 - fr)[:, None, None] + image[r1] * fr[:, None, None]
+    want = upper[:, c0] * (1 - fc)[None, :, None] + upper[:, c1] * fc[None, :, None]
+    np.testing.assert_array_equal(evaluate.resize_image(image, *size), want)  # bit for bit: computed in place
+    assert evaluate.resize_image(image, 33, 21) is image
+
+
 def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(tiny):
     # conftest's 4 forced host devices stand in for a host's GPUs or TPU cores.
     model, variables, _ = tiny
