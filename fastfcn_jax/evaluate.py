@@ -259,6 +259,42 @@ class ProtocolRunner:
         ]
         self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(1, 2) if donate else ())
         self._tile = jax.jit(self._tile_body, static_argnames="with_scores")
+        self._compiled_for: set[bool] = set()  # with_scores values compile_all has compiled for
+
+    def compile_all(self, with_scores: bool = False) -> None:
+        """Compiles every program for every device at once, on host threads (XLA compiles without holding the
+        GIL), where each device would otherwise compile its own in turn as its first group arrives. The jitted
+        calls then find them compiled. :meth:`run` does this when it has several devices."""
+        if with_scores in self._compiled_for:
+            return
+        sides = sorted({self.protocol.window_side(scale) for scale in self.protocol.scales})
+        batch = self.window_batch
+
+        def host(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(shape, dtype)  # NumPy inputs: uncommitted, as the calls pass them
+
+        def compile_for(index: int) -> None:
+            on = jax.sharding.SingleDeviceSharding(self.devices[index])
+            g, c = self.images_per_call, self.num_classes
+            canvases = (
+                tuple(jax.ShapeDtypeStruct((g, side, side, c), jnp.float32, sharding=on) for side in self.canvas_sides),
+                tuple(jax.ShapeDtypeStruct((g, side, side), jnp.float32, sharding=on) for side in self.canvas_sides),
+            )
+            self._zeros[index].lower().compile()
+            for side in sides:
+                fields = [host((batch,), np.int32) for _ in _FIELDS]
+                windows = host((batch, side, side, 3), np.float32)
+                self._accumulate.lower(
+                    self._variables[index], *canvases, windows, *fields, host((batch,), np.bool_)
+                ).compile()
+            count = len(self.protocol.scales)
+            taps, fracs = host((count, 2, TILE), np.int32), host((count, TILE), np.float32)
+            labels = host((TILE, TILE), np.int32)
+            self._tile.lower(*canvases, 0, taps, fracs, taps, fracs, labels, with_scores=with_scores).compile()
+
+        with ThreadPoolExecutor(max_workers=len(self.devices)) as pool:
+            list(pool.map(compile_for, range(len(self.devices))))
+        self._compiled_for.add(with_scores)
 
     @property
     def variables(self) -> Any:
@@ -267,7 +303,7 @@ class ProtocolRunner:
     @property
     def compile_count(self) -> int:
         """How many programs were compiled: each traced function once per device that ran it."""
-        used = sum(count > 0 for count in self.groups_per_device) or 1
+        used = len(self.devices) if self._compiled_for else sum(count > 0 for count in self.groups_per_device) or 1
         return sum(self.traces.values()) * used  # traced once, compiled for each device
 
     # Jitted bodies. The Python-side counter runs only while tracing.
@@ -401,6 +437,8 @@ class ProtocolRunner:
     ) -> Iterator[dict[str, Any]]:
         """:meth:`run` over (image, label or None) pairs, ``images_per_call`` at a time, the groups spread over
         the devices; results in input order."""
+        if len(self.devices) > 1:
+            self.compile_all(with_scores)
         in_flight: collections.deque[list] = collections.deque()
         turn = itertools.cycle(range(len(self.devices)))
         group: list[tuple[np.ndarray, np.ndarray | None]] = []

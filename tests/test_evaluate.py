@@ -285,15 +285,33 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
     images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
     labels = [rng.integers(-1, NUM_CLASSES, size=(h, w)).astype(np.int32) for h, w in sizes]
 
-    def run(devices):
-        runner = evaluate.ProtocolRunner(
+    def runner(devices):
+        return evaluate.ProtocolRunner(
             evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=5, images_per_call=2,
             devices=devices,
         )  # fmt: skip
-        return runner, list(runner.run(images, labels, with_scores=True))
 
-    one, expected = run(devices[:1])
-    spread, results = run(devices)
+    one = runner(devices[:1])
+    expected = list(one.run(images, labels, with_scores=True))
+    spread = runner(devices)
+    compiled: list[str] = []
+
+    def count(name: str, seconds: float, **kwargs) -> None:
+        compiled.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+
+    # Every program compiled for each device by compile_all (on host threads), none again by the run (the
+    # persistent cache off, so that each compilation is one).
+    jax.monitoring.register_event_duration_secs_listener(count)
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        spread.compile_all(with_scores=True)
+        compiled_first = len(compiled)
+        results = list(spread.run(images, labels, with_scores=True))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiled_first == spread.compile_count and len(compiled) == compiled_first
     assert one.groups_per_device == [4] and spread.groups_per_device == [2, 1, 1]
     assert {d for leaf in jax.tree_util.tree_leaves(spread._variables[2]) for d in leaf.devices()} == {devices[2]}
     assert [r["prediction"].shape for r in results] == sizes
@@ -301,7 +319,8 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
         np.testing.assert_array_equal(got["prediction"], want["prediction"])
         np.testing.assert_array_equal(got["confusion"], want["confusion"])
         np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6)
-    # Each program traced once and compiled once per device that ran it.
+    # Each program traced once and compiled once per device, all before the first group (on host threads): the
+    # calls found them compiled.
     assert spread.traces == one.traces and spread.compile_count == 3 * one.compile_count
     # Devices for eval and predict: all local ones on accelerators, one on CPU unless asked.
     assert sharding.evaluation_devices() == jax.local_devices()[:1]
