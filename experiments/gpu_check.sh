@@ -33,6 +33,8 @@
 #                padded), separable=split and loss_logits=upsampled (the CPU form; GPUs default to the loss
 #                upsampling the heads' logits itself);
 #   fp32         float32 forward of the EncNet pair;
+#   eval         --mode=eval's test protocol (ADE20K multi-scale + flip, bf16): images/s and the host's share
+#                (experiments/eval_speed.py);
 #   diagnose     experiments/gpu_diagnose.py: where the forward time goes (prefix timings, op variants and
 #                a kernel profile at batch 16), into OUT_DIR/diagnose; then the EncNet pair at batch 16
 #                with XLA's Triton GEMM fusion off;
@@ -159,11 +161,18 @@ for name in ${STAGES//,/ }; do
             "$PY" experiments/benchmark.py --no-print-json --output "$WORK/diagnose_no_triton.json" \
             --dtype bfloat16 --models encnet_jpu_r50,encnet_dilated_r50 --batch-size 16 --no-peak --warmup 3 \
             --repeats 10 "${QUICK[@]}" ;;
+    eval)  # --mode=eval's protocol: ADE20K multi-scale + flip (18 windows per 512x683 image), bf16, and the host's share
+        if [[ -n "${GPU_CHECK_QUICK:-}" ]]; then
+            EVAL_ARGS=(--model fcn_jpu_tiny --num-classes 5 --image-size 40,60 --base-size 48 --crop-size 32 --images 2)
+        else
+            EVAL_ARGS=(--model encnet_jpu_r50 --dtype bfloat16 --images 16)
+        fi
+        stage eval_multi_scale 150 "$PY" experiments/eval_speed.py "${EVAL_ARGS[@]}" --json ;;
     diagnose_train)  # one EncNet+JPU training step at batch 16, 480x480, profiled per kernel and scope
         stage diagnose_train 200 "$PY" experiments/gpu_diagnose.py --output-dir "$OUT_DIR/diagnose" --no-forward \
             --train-profile encnet_jpu_r50 --train-ops "${GPU_CHECK_TRAIN_OPS:-}" ${GPU_CHECK_QUICK:+--quick} ;;
     *) echo "unknown stage $name (forward, forward_constant, forward_b16, train, train_variants, train_flags, train_ops, ops, parity," \
-           "pallas_check, fp32, diagnose, diagnose_train)" \
+           "pallas_check, fp32, eval, diagnose, diagnose_train)" \
            | tee -a "$LOG"
        FAILED+=("$name") ;;
     esac

@@ -547,6 +547,87 @@ def benchmark_input_pipeline(
     }
 
 
+def benchmark_evaluation(
+    name: str,
+    *,
+    protocol: str = "multi_scale",
+    num_classes: int = 150,
+    image_size: tuple[int, int] = (512, 683),
+    base_size: int = 520,
+    crop_size: int = 480,
+    images: int = 8,
+    dtype: str = "float32",
+    window_batch: int = 8,
+    images_per_call: int = 4,
+    devices: Sequence[Any] | None = None,
+    dataset: str = "",
+) -> dict[str, Any]:
+    """Images/s of ``--mode=eval``'s test protocol (``evaluate.ProtocolRunner``: windows, flip, every scale,
+    the resize back, argmax, confusion) on random weights and random images of one size, over ``devices``
+    (None: ``sharding.evaluation_devices()``), after compiling; and the host's share: its preparation of one
+    image (resize to every scale, windows) alone. Defaults: ADE20K's typical image at its multi-scale protocol."""
+    from fastfcn_jax import evaluate
+
+    height, width = (int(s) for s in image_size)
+    model = create_model(name, num_classes, dtype=dtype)
+    variables = synthetic_variables(model, jnp.zeros((1, crop_size, crop_size, 3), jnp.float32))
+    settings = evaluate.make_protocol(protocol, base_size=base_size, crop_size=crop_size, dataset=dataset)
+    devices = list(devices) if devices is not None else sharding.evaluation_devices()
+    runner = evaluate.ProtocolRunner(
+        evaluate.model_logits_fn(model),
+        variables,
+        num_classes,
+        settings,
+        window_batch=window_batch,
+        images_per_call=images_per_call,
+        devices=devices,
+    )
+    rng = np.random.default_rng(_INPUT_SEED)
+    pictures = [rng.normal(size=(height, width, 3)).astype(np.float32) for _ in range(max(images, 1))]
+    start = time.perf_counter()
+    runner.compile_all()
+    list(runner.run(pictures[: len(devices) * images_per_call]))  # every device's first group: warm
+    warm_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in runner.run(pictures):
+        pass
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    windows = sum(1 for _ in runner._windows(0, runner._scaled(pictures[:1])[0]))
+    host_s = time.perf_counter() - start
+    return {
+        "name": name,
+        "protocol": protocol,
+        "scales": list(settings.scales),
+        "flip": settings.flip,
+        "image_size": [height, width],
+        "base_size": base_size,
+        "crop_size": crop_size,
+        "dtype": dtype,
+        "devices": len(devices),
+        "images": len(pictures),
+        "windows_per_image": windows,
+        "images_per_s": len(pictures) / seconds,
+        "host_ms_per_image": 1e3 * host_s,
+        "compile_and_warmup_s": warm_s,
+        "compilations": runner.compile_count,
+    }
+
+
+def format_evaluation(result: Mapping[str, Any]) -> str:
+    """One markdown table row set for :func:`benchmark_evaluation`'s result."""
+    scales = ", ".join(f"{s:g}" for s in result["scales"]) + (", flip" if result["flip"] else "")
+    return "\n".join(
+        [
+            "| model | protocol | image | windows / image | devices | images/s | host ms / image |",
+            "|---|---|---|---:|---:|---:|---:|",
+            f"| {result['name']} ({result['dtype']}) | {result['protocol']} ({scales})"
+            f" | {result['image_size'][0]}x{result['image_size'][1]} | {result['windows_per_image']} | "
+            f"{result['devices']} | {result['images_per_s']:.2f} | {result['host_ms_per_image']:.0f} |",
+        ]
+    )
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None

@@ -10,9 +10,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# mode=eval / predict test protocols (evaluate.make_protocol) and the words config.evaluation.flip takes.
-PROTOCOLS = ("single_scale", "multi_scale", "whole")
-FLIP_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+from fastfcn_jax.evaluate import FLIP_WORDS, PROTOCOLS
+
 # Segmenter's integer architecture fields that config.model.overrides offers on the command line.
 INT_OVERRIDES = ("stem_width", "base_width", "output_stride", "jpu_width", "jpux_groups", "head_width", "num_codes")
 

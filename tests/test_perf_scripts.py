@@ -145,3 +145,23 @@ def test_gpu_check_skips_stages_past_its_deadline(tmp_path: Path) -> None:
     log = (tmp_path / "log.txt").read_text()
     assert "=== forward_bf16: skipped" in log and "=== train_bf16: skipped" in log
     assert "failed stages: environment(skipped) forward_bf16(skipped)" in log
+
+
+def test_eval_speed_times_the_protocol_on_several_devices_without_tensorflow(capsys) -> None:
+    # The accelerator image has no TensorFlow or ml_collections: evaluation must import without them.
+    code = (
+        "import sys\n"
+        "import fastfcn_jax.benchmark, fastfcn_jax.evaluate\n"
+        "assert 'tensorflow' not in sys.modules and 'ml_collections' not in sys.modules, sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    script = _load("eval_speed")
+    args = ["--model", "fcn_jpu_tiny", "--num-classes", "5", "--image-size", "40,60", "--base-size", "48"]
+    args += ["--crop-size", "32", "--images", "3", "--images-per-call", "1", "--devices", "2", "--json"]
+    assert script.main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{") :])
+    # 40x60 at scales 0.5..1.75 of base 48: 16x24 .. 56x84, windows of 32 at stride 21: 1, 2, 2, 6, 6, 12.
+    assert result["windows_per_image"] == 29 and result["devices"] == 2 and result["flip"]
+    assert result["images_per_s"] > 0 and result["compilations"] == 2 * 3
+    assert "| fcn_jpu_tiny (float32) | multi_scale (0.5, 0.75, 1, 1.25, 1.5, 1.75, flip) | 40x60 | 29 | 2 |" in out
