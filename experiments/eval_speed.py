@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="also print the JSON result")
     args = parser.parse_args(argv)
     height, width = (int(s) for s in args.image_size.split(","))
+    if not 0 <= args.devices <= len(jax.local_devices()):
+        parser.error(f"--devices must be in [0, {len(jax.local_devices())}] (0: every local device, one on CPUs)")
     devices = jax.local_devices()[: args.devices] if args.devices else None
     result = benchmark_evaluation(
         args.model,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from fastfcn_jax.evaluate import FLIP_WORDS, PROTOCOLS
+from fastfcn_jax.protocols import FLIP_WORDS, PROTOCOLS
 
 # Segmenter's integer architecture fields that config.model.overrides offers on the command line.
 INT_OVERRIDES = ("stem_width", "base_width", "output_stride", "jpu_width", "jpux_groups", "head_width", "num_codes")

@@ -18,7 +18,6 @@ import collections
 import dataclasses
 import itertools
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,120 +30,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax import metrics, sharding, visualize
+from fastfcn_jax.protocols import (  # noqa: F401 - re-exported: evaluate.make_protocol and friends
+    CITYSCAPES_EXTRA_SCALES,
+    FLIP_WORDS,
+    MULTI_SCALES,
+    PROTOCOLS,
+    WHOLE_MULTIPLE,
+    Protocol,
+    make_protocol,
+    scaled_size,
+    window_count,
+    window_origins,
+)
 
-# mode=eval / predict test protocols (make_protocol) and the words config.evaluation.flip takes. Defined here,
-# not in config.py, so that evaluation imports without ml_collections (the accelerator image has none).
-PROTOCOLS = ("single_scale", "multi_scale", "whole")
-FLIP_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-CITYSCAPES_EXTRA_SCALES = (2.0, 2.25)  # the reference's test.py adds these for Cityscapes
 TILE = 256  # output tile side of the resize-back / argmax / confusion step
-WHOLE_MULTIPLE = 32  # 'whole' pads each scaled image to a square of this multiple (the network's stride)
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-    """How one image becomes class scores.
-
-    Attributes:
-      scales: long side of scale s is ``ceil(base_size * s)``.
-      flip: add the logits of the horizontally flipped window (flipped back) before ``exp``.
-      base_size: long side at scale 1 in pixels (the reference's 520).
-      crop_size: window side in pixels (the reference's 480).
-      stride: window stride in pixels (the reference's ``int(crop_size * 2/3)`` = 320).
-      whole: one pass per scaled image (padded to a square multiple of 32) instead of sliding windows.
-    """
-
-    scales: tuple[float, ...]
-    flip: bool
-    base_size: int
-    crop_size: int
-    stride: int
-    whole: bool = False
-
-    def long_side(self, scale: float) -> int:
-        return int(math.ceil(self.base_size * scale))
-
-    def window_side(self, scale: float) -> int:
-        """Side of the network input at ``scale``."""
-        if self.whole:
-            return -(-self.long_side(scale) // WHOLE_MULTIPLE) * WHOLE_MULTIPLE
-        return self.crop_size
-
-    def canvas_side(self, scale: float) -> int:
-        """Side of the square canvas that holds every window grid of ``scale`` (fixed per protocol)."""
-        if self.whole:
-            return self.window_side(scale)
-        windows = window_count(self.long_side(scale), self.crop_size, self.stride)
-        return (windows - 1) * self.stride + self.crop_size
-
-
-def make_protocol(
-    name: str,
-    *,
-    base_size: int,
-    crop_size: int,
-    scales: Sequence[float] = (),
-    flip: bool | str | None = None,
-    stride_ratio: float = 2.0 / 3.0,
-    dataset: str = "",
-) -> Protocol:
-    """The named protocol: ``single_scale`` (scale 1, no flip), ``multi_scale`` (0.5..1.75, + 2.0, 2.25 for
-    Cityscapes, with flip) or ``whole``; ``scales`` / ``flip`` override the protocol's defaults."""
-    if name not in PROTOCOLS:
-        raise ValueError(f"evaluation.protocol={name!r}: must be one of {PROTOCOLS}")
-    if base_size <= 0 or crop_size <= 0:
-        raise ValueError(f"evaluation base_size={base_size} / crop_size={crop_size} must be positive")
-    if not 0 < stride_ratio <= 1:
-        raise ValueError(f"evaluation.stride_ratio={stride_ratio}: must be in (0, 1]")
-    if int(crop_size * stride_ratio) < 1:
-        raise ValueError(
-            f"evaluation.stride_ratio={stride_ratio}: the window stride int({crop_size} * {stride_ratio}) is 0 pixels"
-        )
-    if not scales:
-        scales = MULTI_SCALES if name == "multi_scale" else (1.0,)
-        if name == "multi_scale" and dataset == "cityscapes":
-            scales = MULTI_SCALES + CITYSCAPES_EXTRA_SCALES
-    if flip is None or (isinstance(flip, str) and flip.lower() == "auto"):
-        flip = name == "multi_scale"
-    elif isinstance(flip, str):
-        if flip.lower() not in FLIP_WORDS:
-            raise ValueError(f"evaluation.flip={flip!r}: must be 'auto', 'true' or 'false'")
-        flip = FLIP_WORDS[flip.lower()]
-    if any(s <= 0 for s in scales):
-        raise ValueError(f"evaluation.scales={tuple(scales)}: scales must be positive")
-    return Protocol(
-        scales=tuple(float(s) for s in scales),
-        flip=bool(flip),
-        base_size=int(base_size),
-        crop_size=int(crop_size),
-        stride=int(crop_size * stride_ratio),
-        whole=name == "whole",
-    )
-
-
 # ----------------------------------------------------------------------------------------------------
 # Host-side planning (pure NumPy; the tests re-derive all of it from the reference loop).
-
-
-def scaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """The reference's resized size: long side = ``long_side``, short side ``int(short * long / long0 + 0.5)``."""
-    if height > width:
-        return long_side, max(1, int(1.0 * width * long_side / height + 0.5))
-    return max(1, int(1.0 * height * long_side / width + 0.5)), long_side
-
-
-def window_count(size: int, crop: int, stride: int) -> int:
-    """Windows along one side of length ``size`` once padded to at least ``crop``: ``ceil((size-crop)/stride)+1``."""
-    return int(math.ceil(1.0 * (max(size, crop) - crop) / stride)) + 1
-
-
-def window_origins(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int]]:
-    """Top-left corners of the reference's window grid over a ``height`` x ``width`` scaled image."""
-    rows, cols = window_count(height, crop, stride), window_count(width, crop, stride)
-    return [(r * stride, c * stride) for r in range(rows) for c in range(cols)]
 
 
 def align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,16 +164,19 @@ class ProtocolRunner:
             jax.jit(self._zeros_body, out_shardings=jax.sharding.SingleDeviceSharding(device))
             for device in self.devices
         ]
-        # The canvases are updated in place (donated; CPUs too: 7x faster there for ADE20K's 2.2 GB per image).
+        # The canvases are updated in place (donated; CPUs too: one window added to a 1.6 GB canvas took 75 ms
+        # there, 521 ms with a new copy of the canvas).
         self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(1, 2))
         self._tile = jax.jit(self._tile_body, static_argnames="with_scores")
-        self._compiled_for: set[bool] = set()  # with_scores values compile_all has compiled for
+        self._compiled: set[tuple[bool, int]] = set()  # (with_scores, device index) compile_all has compiled
 
-    def compile_all(self, with_scores: bool = False) -> None:
-        """Compiles every program for every device at once, on host threads (XLA compiles without holding the
-        GIL), where each device would otherwise compile its own in turn as its first group arrives. The jitted
-        calls then find them compiled. :meth:`run` does this when it has several devices."""
-        if with_scores in self._compiled_for:
+    def compile_all(self, with_scores: bool = False, devices: int | None = None) -> None:
+        """Compiles every program for the first ``devices`` devices (None: all) at once, on host threads (XLA
+        compiles without holding the GIL), where each device would otherwise compile its own in turn as its
+        first group arrives. The jitted calls then find them compiled. :meth:`run` does this for the devices
+        its input will use, when that is more than one."""
+        todo = [i for i in range(len(self.devices))[:devices] if (with_scores, i) not in self._compiled]
+        if not todo:
             return
         sides = sorted({self.protocol.window_side(scale) for scale in self.protocol.scales})
         batch = self.window_batch
@@ -295,9 +203,9 @@ class ProtocolRunner:
             labels = host((TILE, TILE), np.int32)
             self._tile.lower(*canvases, 0, taps, fracs, taps, fracs, labels, with_scores=with_scores).compile()
 
-        with ThreadPoolExecutor(max_workers=len(self.devices)) as pool:
-            list(pool.map(compile_for, range(len(self.devices))))
-        self._compiled_for.add(with_scores)
+        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            list(pool.map(compile_for, todo))
+        self._compiled.update((with_scores, i) for i in todo)
 
     @property
     def variables(self) -> Any:
@@ -306,8 +214,8 @@ class ProtocolRunner:
     @property
     def compile_count(self) -> int:
         """How many programs were compiled: each traced function once per device that ran it."""
-        used = len(self.devices) if self._compiled_for else sum(count > 0 for count in self.groups_per_device) or 1
-        return sum(self.traces.values()) * used  # traced once, compiled for each device
+        compiled = {i for _, i in self._compiled} | {i for i, n in enumerate(self.groups_per_device) if n}
+        return sum(self.traces.values()) * max(len(compiled), 1)  # traced once, compiled for each device
 
     # Jitted bodies. The Python-side counter runs only while tracing.
 
@@ -374,8 +282,14 @@ class ProtocolRunner:
             for image in images
             for scale in self.protocol.scales
         ]
-        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-            scaled = list(pool.map(lambda job: resize_image(*job), jobs))
+        workers = min(
+            len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
+        if workers == 1:  # one image at one scale, or one core: no threads to start
+            scaled = [resize_image(*job) for job in jobs]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                scaled = list(pool.map(lambda job: resize_image(*job), jobs))
         count = len(self.protocol.scales)
         return [scaled[i * count : (i + 1) * count] for i in range(len(images))]
 
@@ -395,8 +309,9 @@ class ProtocolRunner:
                     pixels = padded
                 yield _Window(slot, k, top, left, pixels)
 
-    def _run_windows(self, windows: list[_Window], sums, counts, variables):
-        """Feeds windows (grouped by shape, padded to ``window_batch``) through the accumulate step."""
+    def _batches(self, windows: list[_Window]) -> Iterator[tuple[np.ndarray, ...]]:
+        """The accumulate step's host arguments: windows grouped by shape, ``window_batch`` at a time (the last
+        padded with invalid ones): (pixels, slot, scale_index, top, left, valid)."""
         by_side: dict[int, list[_Window]] = collections.defaultdict(list)
         for window in windows:
             by_side[window.pixels.shape[0]].append(window)
@@ -408,8 +323,12 @@ class ProtocolRunner:
                 for index, window in enumerate(chunk):
                     pixels[index] = window.pixels
                 fields = [np.array([getattr(w, f) for w in chunk] + [0] * pad, np.int32) for f in _FIELDS]
-                valid = np.arange(self.window_batch) < len(chunk)
-                sums, counts = self._accumulate(variables, sums, counts, pixels, *fields, valid)
+                yield pixels, *fields, np.arange(self.window_batch) < len(chunk)
+
+    def _run_windows(self, windows: list[_Window], sums, counts, variables):
+        """Feeds windows through the accumulate step, a batch at a time."""
+        for arguments in self._batches(windows):
+            sums, counts = self._accumulate(variables, sums, counts, *arguments)
         return sums, counts
 
     def _tile_tables(self, image_size: int, origin: int, scaled_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -440,20 +359,20 @@ class ProtocolRunner:
     ) -> Iterator[dict[str, Any]]:
         """:meth:`run` over (image, label or None) pairs, ``images_per_call`` at a time, the groups spread over
         the devices; results in input order."""
-        if len(self.devices) > 1:
-            self.compile_all(with_scores)
+        examples = iter(examples)
+        groups = iter(lambda: list(itertools.islice(examples, self.images_per_call)), [])
+        first = list(itertools.islice(groups, len(self.devices)))  # the devices this input will use
+        if len(first) > 1:
+            self.compile_all(with_scores, devices=len(first))
         in_flight: collections.deque[list] = collections.deque()
         turn = itertools.cycle(range(len(self.devices)))
-        group: list[tuple[np.ndarray, np.ndarray | None]] = []
-        for example in itertools.chain(examples, [None]):
-            if example is not None:
-                group.append(example)
-            if group and (len(group) == self.images_per_call or example is None):
-                # Dispatched (asynchronously) before the oldest group is fetched: every device stays busy.
-                in_flight.append(self._dispatch_group(group, next(turn), with_scores))
-                group = []
-            while in_flight and (len(in_flight) == len(self.devices) or example is None):
+        for group in itertools.chain(first, groups):
+            # Dispatched (asynchronously) before the oldest group is fetched: every device stays busy.
+            in_flight.append(self._dispatch_group(group, next(turn), with_scores))
+            if len(in_flight) == len(self.devices):
                 yield from self._collect_group(in_flight.popleft(), with_scores)
+        while in_flight:
+            yield from self._collect_group(in_flight.popleft(), with_scores)
 
     def _dispatch_group(self, group: list[tuple[np.ndarray, np.ndarray | None]], device: int, with_scores: bool):
         self.groups_per_device[device] += 1

@@ -322,6 +322,12 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
     # Each program traced once and compiled once per device, all before the first group (on host threads): the
     # calls found them compiled.
     assert spread.traces == one.traces and spread.compile_count == 3 * one.compile_count
+    # An input of two groups compiles for the two devices it uses, not the third.
+    few = runner(devices)
+    few_results = list(few.run(images[:4], labels[:4], with_scores=True))
+    assert few.groups_per_device == [1, 1, 0] and few.compile_count == 2 * one.compile_count
+    assert {i for _, i in few._compiled} == {0, 1}
+    np.testing.assert_array_equal(few_results[3]["prediction"], expected[3]["prediction"])
     # Devices for eval and predict: all local ones on accelerators, one on CPU unless asked.
     assert sharding.evaluation_devices() == jax.local_devices()[:1]
     assert sharding.evaluation_devices(3) == devices
