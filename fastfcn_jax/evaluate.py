@@ -122,7 +122,10 @@ class ProtocolRunner:
         about ``images_per_call * sum_s canvas_side(s)**2 * (C + 1) * 4`` bytes.
       devices: where the network runs: each group of ``images_per_call`` images goes to the next device in
         turn, with its own copy of ``variables`` (the reference's MultiEvalModule spreads its images over the
-        GPUs alike); up to one group per device is in flight. None: ``variables``' device, or the default one.
+        GPUs alike). None: ``variables``' device, or the default one.
+      groups_in_flight: groups dispatched per device before the oldest is fetched; None: 2 where two groups'
+        canvases take at most a quarter of each device's memory (the host prepares the next group while the
+        device runs one), else 1 (and on CPUs, which report no memory limit).
     """
 
     def __init__(
@@ -135,9 +138,12 @@ class ProtocolRunner:
         window_batch: int = 8,
         images_per_call: int = 4,
         devices: Sequence[jax.Device] | None = None,
+        groups_in_flight: int | None = None,
     ) -> None:
         if window_batch < 1 or images_per_call < 1:
             raise ValueError(f"window_batch={window_batch} and images_per_call={images_per_call} must be >= 1")
+        if groups_in_flight is not None and groups_in_flight < 1:
+            raise ValueError(f"groups_in_flight={groups_in_flight} must be >= 1 (None: as the device memory allows)")
         self.logits_fn = logits_fn
         if devices is None:
             placed = {
@@ -159,6 +165,13 @@ class ProtocolRunner:
         self.images_per_call = images_per_call
         self.traces: collections.Counter[str] = collections.Counter()
         self.canvas_sides = tuple(protocol.canvas_side(s) for s in protocol.scales)
+        # Two groups per device when their canvases fit in a quarter of its memory: the host then prepares the
+        # next group while the device runs the current one (with one, each waits for the other).
+        canvas_bytes = images_per_call * sum(side * side * (num_classes + 1) * 4 for side in self.canvas_sides)
+        if groups_in_flight is None:
+            limits = [(device.memory_stats() or {}).get("bytes_limit", 0) for device in self.devices]
+            groups_in_flight = 2 if all(2 * canvas_bytes <= limit / 4 for limit in limits) else 1
+        self.groups_in_flight = groups_in_flight  # per device
         # Each device's canvases are made there; the other steps run where their canvases are.
         self._zeros = [
             jax.jit(self._zeros_body, out_shardings=jax.sharding.SingleDeviceSharding(device))
@@ -369,7 +382,7 @@ class ProtocolRunner:
         for group in itertools.chain(first, groups):
             # Dispatched (asynchronously) before the oldest group is fetched: every device stays busy.
             in_flight.append(self._dispatch_group(group, next(turn), with_scores))
-            if len(in_flight) == len(self.devices):
+            if len(in_flight) == len(self.devices) * self.groups_in_flight:
                 yield from self._collect_group(in_flight.popleft(), with_scores)
         while in_flight:
             yield from self._collect_group(in_flight.popleft(), with_scores)

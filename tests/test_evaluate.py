@@ -261,6 +261,34 @@ def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
     assert after_first == runner.compile_count == 3  # canvas zeros, window step, output tile
 
 
+def test_two_groups_in_flight_overlap_the_next_groups_preparation_with_the_current_one(tiny):
+    model, variables, _ = tiny
+    protocol = evaluate.make_protocol("single_scale", base_size=BASE, crop_size=CROP)
+    rng = np.random.default_rng(3)
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in [(50, 70), (90, 45), (20, 31), (64, 64)]]
+
+    def run(groups_in_flight):
+        runner = evaluate.ProtocolRunner(
+            evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=4, images_per_call=1,
+            groups_in_flight=groups_in_flight,
+        )  # fmt: skip
+        events = []
+        dispatch, collect = runner._dispatch_group, runner._collect_group
+        runner._dispatch_group = lambda group, *a: events.append("d") or dispatch(group, *a)
+        runner._collect_group = lambda pending, *a: events.append("c") or collect(pending, *a)
+        return [r["prediction"] for r in runner.run(images)], "".join(events), runner.groups_in_flight
+
+    one_by_one, events, flight = run(1)
+    assert events == "dcdcdcdc" and flight == 1
+    overlapped, events, flight = run(2)
+    assert events == "ddcdcdcc" and flight == 2  # group i + 1 prepared and dispatched before group i is fetched
+    for want, got in zip(one_by_one, overlapped, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert run(None)[2] == 1  # CPUs report no memory limit: one group at a time
+    with pytest.raises(ValueError, match="groups_in_flight=0"):
+        run(0)
+
+
 @pytest.mark.parametrize("size", [(1, 1), (7, 300), (57, 40), (64, 64)])
 def test_host_resize_is_the_two_tap_align_corners_formula(size):
     rng = np.random.default_rng(2)
