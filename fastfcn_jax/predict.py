@@ -77,8 +77,6 @@ class Predictor:
         label_lut: np.ndarray | None = None,
         devices: Sequence[Any] | None = None,
     ) -> None:
-        import jax
-
         self.num_classes = num_classes
         self.checkpoint_info: dict[str, Any] = {}  # from_checkpoint: the checkpoint's description
         # from_checkpoint: where (base, crop) size came from: 'given', 'checkpoint' (recorded by training),
@@ -91,12 +89,12 @@ class Predictor:
         self.palette = np.asarray(palette if palette is not None else visualize.default_palette(num_classes), np.uint8)
         self.runner = ProtocolRunner(
             model_logits_fn(model),
-            jax.device_put(variables) if devices is None else variables,
+            variables,
             num_classes,
             protocol,
             window_batch=window_batch,
             images_per_call=images_per_call,
-            devices=devices,  # None: the default device
+            devices=devices,  # None: the default device (the runner places the variables)
         )
 
     @classmethod

@@ -162,19 +162,16 @@ def _decode(info: DatasetInfo, builder):
     )
 
 
-def _load(builder, split, *, shuffle_seed: int | None, cache: bool | None = None) -> tf.data.Dataset:
+def _load(builder, split, *, shuffle_seed: int | None, cache: bool) -> tf.data.Dataset:
     """Encoded examples of ``split`` (a name, slice or ``tfds.even_splits`` entry), decoded later (after
-    shuffling and skipping; by :func:`_decode`, or by the training crop itself); cached in memory if ``cache``,
-    or with ``cache=None`` if the split is small."""
+    shuffling and skipping; by :func:`_decode`, or by the training crop itself); held in memory if ``cache``
+    (:func:`training_order` decides for training)."""
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
     encoded = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
     ds = builder.as_dataset(
         split=split, shuffle_files=shuffle_seed is not None, read_config=read_config, decoders=encoded
     )
-    # Sub-splits report no size; the whole split's size bounds the shard's.
-    whole = (split if isinstance(split, str) else split.split).split("[")[0]
-    num_bytes = builder.info.splits[whole].num_bytes
-    if cache or (cache is None and 0 < num_bytes < _CACHE_BYTES):
+    if cache:
         ds = ds.cache()
         # Filled now in one pass of the encoded records (the same first pass an iterator would make): an
         # iterator that stops before the end (a short run, one batch looked at) would otherwise drop its
