@@ -22,7 +22,7 @@ from fastfcn_jax.data import transforms
 from fastfcn_jax.data.builders.common import is_prepared
 from fastfcn_jax.data.datasets import IGNORE_INDEX, DatasetInfo, get_dataset_info
 
-# Splits below this size (encoded) are cached in memory, still encoded (synthetic, tests, VOC val).
+# A training share below this size (encoded) is held in memory even when shuffled with a buffer.
 _CACHE_BYTES = 256 * 2**20
 # The training shuffle when the whole encoded split would take more than this share of the host's memory.
 SHUFFLE_BUFFER = 1024
