@@ -11,7 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastfcn_jax.models import INTERMEDIATE_NAMES, available_models, create_model, layers, model_from_config
+from fastfcn_jax import optim, train
+from fastfcn_jax.models import (
+    INTERMEDIATE_NAMES,
+    Segmenter,
+    available_models,
+    create_model,
+    layers,
+    model_config,
+    model_from_config,
+)
+from fastfcn_jax.models.resnet import ResNet
 from tests.model_weights import assert_image_dependent, calibrated_variables
 
 
@@ -321,3 +331,113 @@ def test_dilation_schedule_follows_the_reference(output_stride):
         )
         assert [conv2[p].dilation for p in blocks] == REFERENCE_DILATIONS[output_stride][stage]
         assert conv2[blocks[0]].stride == stride
+
+
+class PatchBackbone(nn.Module):
+    """A ConvNeXt-shaped stand-in: a stride-4 patch embedding, then stride-2 stages, LayerNorm, no BatchNorm."""
+
+    widths: tuple[int, ...] = (12, 24, 48, 96)
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        features, x = [], images
+        for index, width in enumerate(self.widths):
+            stride = 4 if index == 0 else 2
+            x = nn.Conv(width, (stride, stride), strides=stride, padding="SAME", name=f"downsample{index}")(x)
+            x = nn.gelu(nn.LayerNorm(name=f"norm{index}")(x))
+            x = x + nn.Conv(width, (3, 3), feature_group_count=width, padding="SAME", name=f"mix{index}")(x)
+            features.append(x)
+        return tuple(features)
+
+
+def own_backbone_model(backbone, **fields):
+    """A tiny EncNet+JPU Segmenter on ``backbone``: the registry's tiny widths without its ResNet fields."""
+    config = model_config("encnet_jpu_tiny")
+    for key in ("stage_sizes", "stem_width", "base_width", "depth"):
+        config.pop(key, None)
+    return Segmenter(num_classes=5, **{**config, **fields}, backbone=backbone)
+
+
+def test_own_backbone_given_the_resnet_is_the_registered_model():
+    reference = create_model("encnet_jpu_tiny", 5)
+    resnet = ResNet(stage_sizes=(1, 1, 1, 1), stem_width=8, base_width=8, output_stride=32)
+    model = own_backbone_model(resnet)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 48, 3))
+    expected = reference.init(jax.random.PRNGKey(1), images)
+    variables = model.init(jax.random.PRNGKey(1), images)
+    # The same parameter names and values: the module passed in takes the ResNet's place under 'backbone'.
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, expected)
+    out, ref = model.apply(variables, images), reference.apply(expected, images)
+    for key in ("logits", "aux_logits", "se_logits"):
+        np.testing.assert_array_equal(out[key], ref[key])
+
+
+def test_the_jpu_and_heads_train_on_another_backbone():
+    model = own_backbone_model(PatchBackbone())
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 70, 54, 3))  # strides 4..32 round up
+    labels = jax.random.randint(jax.random.PRNGKey(1), (2, 70, 54), -1, 5)
+    variables = model.init(jax.random.PRNGKey(2), images)
+    assert set(variables["params"]["backbone"]) == {f"{k}{i}" for k in ("downsample", "norm", "mix") for i in range(4)}
+    out, state = model.apply(variables, images, mutable=["intermediates"])
+    assert out["logits"].shape == out["aux_logits"].shape == (2, 70, 54, 5)
+    sizes = {name: state["intermediates"][name].shape for name in ("c1", "c2", "c3", "c4", "jpu", "aux_head")}
+    assert sizes == {
+        "c1": (2, 18, 14, 12),
+        "c2": (2, 9, 7, 24),
+        "c3": (2, 5, 4, 48),
+        "c4": (2, 3, 2, 96),
+        "jpu": (2, 9, 7, 4 * 16),  # at c2's size, four branches of jpu_width
+        "aux_head": (2, 5, 4, 5),  # the auxiliary head reads c3
+    }
+    groups = optim.parameter_groups(variables["params"])
+    assert set(jax.tree_util.tree_leaves(groups["backbone"])) == {optim.BACKBONE_GROUP}
+    assert optim.BACKBONE_GROUP not in jax.tree_util.tree_leaves({k: v for k, v in groups.items() if k != "backbone"})
+
+    optimizer = optim.make_optimizer(lambda step: 0.01)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=optimizer.init(variables["params"]),
+    )
+    step = jax.jit(train.make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2))
+    new_state, metrics = step(state, {"image": images, "label": labels}, jax.random.PRNGKey(3))
+    assert np.isfinite(float(metrics["loss"]))
+    # The loss reaches every parameter of the backbone, and the neck's and heads' BatchNorms still train.
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
+    assert all(jax.tree_util.tree_leaves(changed["backbone"]))
+    moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), state.batch_stats, new_state.batch_stats)
+    assert all(jax.tree_util.tree_leaves(moved))
+
+
+class ListBackbone(nn.Module):
+    features: tuple
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        batch = images.shape[0]
+        return [jnp.zeros((batch, h, w, 4)) for h, w in self.features]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "fields", "message"),
+    [
+        (ListBackbone(((8, 8), (4, 4), (2, 2))), {}, r"must return the four stage outputs .* got list of 3"),
+        (
+            ListBackbone(((16, 16), (2, 2), (4, 4), (8, 8))),
+            {},
+            r"from fine to coarse .* \[\(2, 2\), \(4, 4\), \(8, 8\)\]",
+        ),
+        (PatchBackbone(), {"depth": 101}, r"\['depth'\] configure the ResNet backbone, which backbone PatchBackbone"),
+        (PatchBackbone(), {"stem": "standard"}, r"\['stem'\] configure the ResNet"),
+    ],
+)
+def test_another_backbone_that_breaks_the_contract_is_refused_naming_it(backbone, fields, message):
+    with pytest.raises(ValueError, match=message):
+        own_backbone_model(backbone, **fields).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+
+
+def test_registered_models_refuse_another_backbone():
+    with pytest.raises(ValueError, match=r"names its ResNet backbone; for another one build the model directly"):
+        create_model("encnet_jpu_tiny", 5, backbone=PatchBackbone())

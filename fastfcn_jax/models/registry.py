@@ -34,7 +34,7 @@ TINY = dict(
 )
 
 _NAME = re.compile(r"^(?P<head>[a-z]+)_(?P<neck>[a-z]+)_(?P<size>r\d+|tiny)$")
-_FIELDS = {f.name for f in dataclasses.fields(Segmenter)} - {"parent", "name", "num_classes"}
+_FIELDS = {f.name for f in dataclasses.fields(Segmenter)} - {"parent", "name", "num_classes", "backbone"}
 # Fields the model name fixes ({head}_{neck}_r{depth}); overriding them would contradict the name.
 _NAMED = {"head", "neck", "depth", "stage_sizes"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -64,6 +64,11 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         config["depth"] = depth
     # The reference enables the SE branch for EncNet only (se_loss=(name == 'encnet')).
     config["se_loss"] = match["head"] == "encnet"
+    if "backbone" in overrides:
+        raise ValueError(
+            f"{name!r} names its ResNet backbone; for another one build the model directly: "
+            "fastfcn_jax.models.Segmenter(num_classes, head=..., neck=..., backbone=your_module)"
+        )
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown} for {name!r}; valid options: {sorted(_FIELDS - _NAMED)}")

@@ -8,6 +8,8 @@ align-corners bilinear interpolation.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,8 @@ from fastfcn_jax.models.resnet import STAGE_SIZES, ResNet
 
 HEADS = ("encnet", "psp", "deeplab", "fcn")
 NECKS = ("jpu", "jpux", "dilated")
+# The ResNet's fields, which a Segmenter given its own backbone does not use.
+_RESNET_FIELDS = ("depth", "stage_sizes", "stem", "stem_width", "base_width", "output_stride")
 
 # Sown under these exact names when ``mutable=['intermediates']`` is passed to ``apply``.
 INTERMEDIATE_NAMES = ("c1", "c2", "c3", "c4", "jpu", "head", "aux_head", "enc_x", "enc_e", "enc_en")
@@ -44,12 +48,19 @@ class Segmenter(nn.Module):
     With ``mutable=['intermediates']`` it sows the NHWC feature maps ``c1``..``c4``, ``jpu``, ``head``,
     ``aux_head`` (head outputs before upsampling) and, for EncNet, ``enc_x``, ``enc_e`` [B, K, D],
     ``enc_en`` [B, D]; each is stored as the array itself (not a tuple).
+
+    ``backbone``: another network in place of the ResNet, a Flax module whose ``__call__(images, train)``
+    returns the four stage outputs ``(c1, c2, c3, c4)`` (NHWC, any widths; strides 4, 8, 16, 32 for the JPU
+    necks, as ConvNeXt or Swin give them; output stride 8 for ``neck='dilated'``). Its parameters are the
+    ``'backbone'`` group (the base learning rate; the neck and heads get the multiplier), and the ResNet's
+    own fields (``depth``, ``stem``, ...) must keep their defaults.
     """
 
     num_classes: int
     head: str = "encnet"
     neck: str = "jpu"
-    # Backbone.
+    # Backbone: a ResNet built from these fields, or ``backbone`` (see above).
+    backbone: nn.Module | None = None
     depth: int = 50
     stage_sizes: Sequence[int] | None = None
     stem: str = "deep"
@@ -125,16 +136,19 @@ class Segmenter(nn.Module):
         if self.neck != "dilated" and output_stride != 32:
             raise ValueError(f"neck {self.neck!r} expects an output_stride 32 backbone, got {output_stride}")
 
-        c1, c2, c3, c4 = ResNet(
-            stage_sizes=tuple(self.stage_sizes or _stage_sizes(self.depth)),
-            stem=self.stem,
-            stem_width=self.stem_width,
-            base_width=self.base_width,
-            output_stride=output_stride,
-            dtype=self.dtype,
-            ops=self.ops,
-            name="backbone",
-        )(images, train)
+        if self.backbone is None:
+            c1, c2, c3, c4 = ResNet(
+                stage_sizes=tuple(self.stage_sizes or _stage_sizes(self.depth)),
+                stem=self.stem,
+                stem_width=self.stem_width,
+                base_width=self.base_width,
+                output_stride=output_stride,
+                dtype=self.dtype,
+                ops=self.ops,
+                name="backbone",
+            )(images, train)
+        else:
+            c1, c2, c3, c4 = self._own_backbone_features(images, train)
         for name, value in zip(("c1", "c2", "c3", "c4"), (c1, c2, c3, c4), strict=True):
             self._sow(name, value)
 
@@ -186,6 +200,34 @@ class Segmenter(nn.Module):
             outputs["aux_logits"] = upsample(aux_logits)
         return outputs
 
+    def _own_backbone_features(self, images: jax.Array, train: bool) -> tuple[jax.Array, ...]:
+        what = f"backbone {type(self.backbone).__name__}"
+        resnet_fields = [
+            f.name for f in dataclasses.fields(self) if f.name in _RESNET_FIELDS and getattr(self, f.name) != f.default
+        ]
+        if resnet_fields:
+            raise ValueError(
+                f"{resnet_fields} configure the ResNet backbone, which {what} replaces: set them on it instead"
+            )
+        features = self.backbone(images, train)
+        if not isinstance(features, Sequence) or len(features) != 4:
+            raise ValueError(f"{what} must return the four stage outputs (c1, c2, c3, c4), got {_describe(features)}")
+        for name, feature in zip(("c1", "c2", "c3", "c4"), features, strict=True):
+            if not isinstance(feature, jax.Array) or feature.ndim != 4 or feature.shape[0] != images.shape[0]:
+                raise ValueError(
+                    f"{what}: {name} must be an NHWC array of the batch's {images.shape[0]} images, "
+                    f"got {_describe(feature)}"
+                )
+        if self.neck != "dilated":
+            # The JPU resizes c3 and c4 up to c2's size; maps that grow along the stages mean another order.
+            sizes = [f.shape[1:3] for f in features[1:]]
+            if not all(a[0] >= b[0] and a[1] >= b[1] for a, b in itertools.pairwise(sizes)):
+                raise ValueError(
+                    f"{what}: the {self.neck} neck needs c2, c3, c4 from fine to coarse (strides 8, 16, 32), got "
+                    f"spatial sizes {[tuple(s) for s in sizes]}"
+                )
+        return tuple(features)
+
     def _head(self) -> nn.Module:
         common = dict(dropout=self.dropout, dtype=self.dtype, ops=self.ops, name="decode_head")
         if self.head == "encnet":
@@ -205,6 +247,14 @@ class Segmenter(nn.Module):
         if self.head == "fcn":
             return FCNHead(self.num_classes, **common)
         raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
+
+
+def _describe(value: Any) -> str:
+    if hasattr(value, "shape"):
+        return f"{type(value).__name__} of shape {tuple(value.shape)}"
+    if isinstance(value, Sequence):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def _stage_sizes(depth: int) -> tuple[int, ...]:
