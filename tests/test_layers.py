@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 
@@ -832,14 +833,15 @@ def test_low_res_pooled_branches_have_the_upsampled_forms_outputs_and_gradients(
     [((2, 9, 11, 3), jnp.float32, True), ((1, 8, 8, 5), jnp.float32, False), ((2, 16, 15, 4), jnp.bfloat16, True),
      ((1, 1, 1, 2), jnp.float32, False), ((1, 2, 3, 2), jnp.float32, True)],
 )  # fmt: skip
-def test_max_pool_gradient_goes_to_each_windows_first_maximum_as_autodiffs(shape, dtype, ties):
+@pytest.mark.parametrize("forward", ["window", "taps"])
+def test_max_pool_gradient_goes_to_each_windows_first_maximum_as_autodiffs(shape, dtype, ties, forward):
     # OpChoices.max_pool_grad='taps': the stem's 3x3 stride-2 pool with its gradient as a fused gather equals
     # autodiff's select-and-scatter exactly, ties included (small integers: many equal maxima per window;
-    # integer gradients: sums exact in any order).
+    # integer gradients: sums exact in any order). OpChoices.max_pool: either forward gives the same values.
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, 3, size=shape) if ties else rng.normal(size=shape), dtype)
     want, want_vjp = jax.vjp(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
-    got, got_vjp = jax.vjp(lambda x: layers.max_pool(x, 3, 2, 1), x)
+    got, got_vjp = jax.vjp(lambda x: layers.max_pool(x, 3, 2, 1, forward), x)
     grad = jnp.asarray(rng.integers(1, 8, size=want.shape), dtype)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_vjp(grad)[0], want_vjp(grad)[0])
@@ -847,14 +849,15 @@ def test_max_pool_gradient_goes_to_each_windows_first_maximum_as_autodiffs(shape
 
 
 @pytest.mark.parametrize(("window", "stride", "padding"), [(2, 2, 0), (3, 1, 1), (3, 3, 1), (5, 2, 2), (2, 3, 1)])
-def test_max_pool_gradient_for_other_windows_strides_and_paddings(window, stride, padding):
+@pytest.mark.parametrize("forward", ["window", "taps"])
+def test_max_pool_gradient_for_other_windows_strides_and_paddings(window, stride, padding, forward):
     # Each of the stride x stride phases of the input sums the taps that reach it (none for some when the
     # stride exceeds the window): every geometry equals autodiff's gradient, ties included.
     rng = np.random.default_rng(window * 10 + stride)
     x = jnp.asarray(rng.integers(0, 3, size=(2, 11, 10, 3)), jnp.float32)
     pads = ((padding, padding), (padding, padding))
     want, want_vjp = jax.vjp(lambda x: nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads), x)
-    got, got_vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding), x)
+    got, got_vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding, forward), x)
     grad = jnp.asarray(rng.integers(1, 8, size=want.shape), jnp.float32)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_vjp(grad)[0], want_vjp(grad)[0])
@@ -875,6 +878,29 @@ def test_the_stem_pool_gradient_follows_the_choice_and_backend(backend, choice, 
     with layers.target_backend(backend):
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
     assert jaxpr.count("select_and_scatter_add") == scatters
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_the_stem_pool_as_taps_has_no_pooling_window(backend):
+    # OpChoices.max_pool='taps' (the ONNX export's): no reduce_window in the forward, and its own gradient
+    # (taps) also where max_pool_grad would pick autodiff's select-and-scatter (TPUs).
+    from fastfcn_jax.models.resnet import ResNet
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 3))
+    outputs = {}
+    for form in ("window", "taps"):
+        model = ResNet(stage_sizes=(1, 1, 1, 1), stem_width=4, base_width=4, ops=layers.OpChoices(max_pool=form))
+        variables = model.init(jax.random.PRNGKey(0), x)
+        forward = functools.partial(model.apply, variables)
+        with layers.target_backend(backend):
+            jaxpr = str(jax.make_jaxpr(forward)(x))
+            grad = str(jax.make_jaxpr(jax.grad(lambda x, f=forward: sum(jnp.sum(c) for c in f(x))))(x))
+        assert ("reduce_window_max" in jaxpr) == (form == "window")
+        if form == "taps":
+            assert "select_and_scatter_add" not in grad
+        outputs[form] = model.apply(variables, x)
+    for window, taps in zip(outputs["window"], outputs["taps"], strict=True):
+        np.testing.assert_array_equal(window, taps)
 
 
 @pytest.mark.parametrize(

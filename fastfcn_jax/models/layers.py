@@ -109,6 +109,11 @@ default backend, or the one named by :func:`target_backend` (exports and compile
   fusion, 65.6 -> 64.3 GB per step; measured on the H200, 34.11 ms per step with taps, 34.54 with select.
   ``'auto'``: taps, but select on TPUs, whose compiler runs the scatter natively (compile-only v5e estimate
   of that step: 185.6 ms with select, 190.5 with taps).
+- The stem's max-pool (``max_pool``): ``'window'`` (XLA's ``reduce_window``, as ``nn.max_pool``) or
+  ``'taps'`` (the elementwise maximum of the window's nine strided slices of the input padded with -inf; the
+  same values, max being exact). jax2onnx turns a ``reduce_window`` over NHWC into an ONNX MaxPool with a
+  4-D window, which ONNX Runtime refuses, so the ONNX export traces ``'taps'``; 'taps' takes the
+  ``max_pool_grad='taps'`` gradient.
 - A training BatchNorm's per-channel sums (``norm_statistics``): ``'xla'`` (reductions XLA fuses with their
   producers) or ``'pallas'`` (``batch_norm_pallas``: one Triton kernel for the forward's two moments and one
   for the backward's ``sum(dy)`` and ``sum(dy * x)``, behind custom VJPs with the same formulas). On the
@@ -227,6 +232,9 @@ class OpChoices:
     jpu_depthwise: str = "branches"
     # The stem's max-pool gradient: 'taps' (a fused gather) | 'select' (autodiff's) | 'auto' (select on TPU)
     max_pool_grad: str = "auto"
+    # The stem's max-pool itself: 'window' (XLA's reduce_window) | 'taps' (the maximum of its nine strided
+    # slices, for converters without an NHWC pooling window: the ONNX export)
+    max_pool: str = "window"
     # Training BatchNorms' per-channel sums (forward moments, backward sum(dy) and sum(dy * x)): 'xla' |
     # 'pallas' (one Pallas kernel: batch_norm_pallas; GPUs)
     norm_statistics: str = "xla"
@@ -249,6 +257,7 @@ class OpChoices:
             ("loss_gradient", ("compute", "float32")),
             ("loss_upsample", ("fused", "pallas", "auto")),
             ("max_pool_grad", ("taps", "select", "auto")),
+            ("max_pool", ("window", "taps")),
             ("jpu_depthwise", ("branches", "joint")),
             ("norm_statistics", ("xla", "pallas")),
         ):
@@ -492,8 +501,8 @@ def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
     return _apply_separable(x, adaptive_pool_matrix(in_h, out_h), adaptive_pool_matrix(in_w, out_w))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def max_pool(x: jax.Array, window: int, stride: int, padding: int, forward: str = "window") -> jax.Array:
     """PyTorch ``MaxPool2d(window, stride, padding)`` on ``x`` [B, H, W, C] (padding never selected), whose
     gradient goes to the first maximum of each window in row-major order, as autodiff's (and PyTorch's);
     only windows holding a NaN (the loss is NaN anyway) or nothing but -inf may send theirs elsewhere.
@@ -501,11 +510,14 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     The gradient is computed as a gather (``OpChoices.max_pool_grad='taps'``): each window's first maximum
     tap, then each phase of the input sums the taps that reach it, all elementwise and fused by XLA, where
     autodiff's select-and-scatter visits every window again with a scatter (H200: 0.76 ms for the ResNet
-    stem's pool at batch 16, 480x480, four times its memory roofline)."""
-    return _max_pool_forward(x, window, stride, padding)
+    stem's pool at batch 16, 480x480, four times its memory roofline). ``forward``: ``OpChoices.max_pool``."""
+    return _max_pool_forward(x, window, stride, padding, forward)
 
 
-def _max_pool_forward(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+def _max_pool_forward(x: jax.Array, window: int, stride: int, padding: int, forward: str) -> jax.Array:
+    if forward == "taps":
+        out_shape = (x.shape[0], *((n + 2 * padding - window) // stride + 1 for n in x.shape[1:3]))
+        return functools.reduce(jnp.maximum, (tap for _, tap in _max_pool_taps(x, out_shape, window, stride, padding)))
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((padding, padding),) * 2)
 
 
@@ -518,11 +530,11 @@ def _max_pool_taps(x: jax.Array, out_shape: Sequence[int], window: int, stride: 
             yield (a, b), padded[:, a : a + stride * (rows - 1) + 1 : stride, b : b + stride * (cols - 1) + 1 : stride]
 
 
-def _max_pool_fwd(x, window, stride, padding):
-    return _max_pool_forward(x, window, stride, padding), x
+def _max_pool_fwd(x, window, stride, padding, forward):
+    return _max_pool_forward(x, window, stride, padding, forward), x
 
 
-def _max_pool_bwd(window, stride, padding, x, grad):
+def _max_pool_bwd(window, stride, padding, forward, x, grad):
     # Each window's first maximum tap in row-major order (a later tap wins only if strictly greater), found
     # from x alone, so the pooled output need not be kept for the backward pass. XLA:GPU writes this index
     # array for the fused placement below to read: int8, a quarter of int32's bytes.

@@ -124,8 +124,8 @@ class ResNet(nn.Module):
             x = stem_conv(self.stem_width, 7, 2, True, "stem1")(x, train)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; expected 'deep' or 'standard'")
-        if choose(self.ops.max_pool_grad, tpu="select", other="taps") == "taps":
-            x = max_pool(x, 3, 2, 1)
+        if self.ops.max_pool == "taps" or choose(self.ops.max_pool_grad, tpu="select", other="taps") == "taps":
+            x = max_pool(x, 3, 2, 1, self.ops.max_pool)
         else:
             x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 

@@ -89,6 +89,7 @@ class Segmenter(nn.Module):
     loss_gradient_implementation: str = "compute"
     loss_upsample_implementation: str = "auto"
     max_pool_grad_implementation: str = "auto"
+    max_pool_implementation: str = "window"
     jpu_depthwise_implementation: str = "branches"
     norm_statistics_implementation: str = "xla"
     # Heads.
@@ -120,6 +121,7 @@ class Segmenter(nn.Module):
             loss_gradient=self.loss_gradient_implementation,
             loss_upsample=self.loss_upsample_implementation,
             max_pool_grad=self.max_pool_grad_implementation,
+            max_pool=self.max_pool_implementation,
             jpu_depthwise=self.jpu_depthwise_implementation,
             norm_statistics=self.norm_statistics_implementation,
         )
