@@ -203,8 +203,18 @@ def export_saved_model(
         return {"logits": logits, "size": inputs["size"]}
 
     def preprocess(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        # The signature's [None, None, None, 3] is not enforced by TF: check it here, in words.
-        tf.debugging.assert_equal(tf.shape(images)[-1], 3, message="images must be uint8 RGB [batch, height, width, 3]")
+        # The signature's [None, None, None, 3] is not enforced by TF: check it here, in words, before anything
+        # reads the images (else whichever op fails first would speak).
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(images)[-1], 3, message="images must be uint8 RGB [batch, height, width, 3]"
+            ),
+            tf.debugging.assert_positive(
+                tf.shape(images)[:3], message="images must hold at least one pixel of one image"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            images = tf.identity(images)
         resized = tf.raw_ops.ResizeBilinear(
             images=tf.cast(images, tf.float32), size=(height, width), align_corners=True, half_pixel_centers=False
         )

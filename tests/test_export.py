@@ -234,12 +234,15 @@ def test_saved_model_carries_the_metadata_and_runs_on_every_export_platform(expo
     assert platforms == {("CPU", "CUDA", "TPU")} and metadata["platforms"] == ["cpu", "cuda", "tpu"]
 
 
-def test_saved_model_names_a_wrong_channel_count(exported):
+def test_saved_model_names_a_wrong_channel_count_and_an_empty_batch(exported):
     import tensorflow as tf
 
     serve = tf.saved_model.load(exported["savedmodel"]).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"uint8 RGB \[batch, height, width, 3\]"):
         serve(images=tf.zeros((1, 40, 50, 4), tf.uint8))
+    for shape in ((0, 40, 50, 3), (1, 0, 50, 3)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"at least one pixel of one image"):
+            serve(images=tf.zeros(shape, tf.uint8))
 
 
 def test_exporting_a_checkpoint_of_another_model_is_a_clear_error(trained):
