@@ -165,3 +165,13 @@ def test_eval_speed_times_the_protocol_on_several_devices_without_tensorflow(cap
     assert result["windows_per_image"] == 29 and result["devices"] == 2 and result["flip"]
     assert result["images_per_s"] > 0 and result["compilations"] == 2 * 3
     assert "| fcn_jpu_tiny (float32) | multi_scale (0.5, 0.75, 1, 1.25, 1.5, 1.75, flip) | 40x60 | 29 | 2 |" in out
+
+
+def test_onnx_check_converts_runs_and_compares_a_model(capsys) -> None:
+    script = _load("onnx_check")
+    assert script.main(["--models", "fcn_jpu_tiny", "--size", "64", "--repeats", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["model"] == "fcn_jpu_tiny" and row["relative_error"] < 1e-4  # export_onnx's own limit
+    assert row["onnx_ms"] > 0 and row["jax_ms"] > 0 and row["onnx_mb"] > 0
+    assert out.startswith("| model | size | max error / std |")
