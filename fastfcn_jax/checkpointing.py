@@ -148,11 +148,23 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
             )
         # Restore onto one local device whatever topology wrote it (a pod's checkpoint opens on a laptop).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = _stored_structs(manager, step, device)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(target), INFO: ocp.args.JsonRestore()}),
-        )
+        try:
+            target = _stored_structs(manager, step, device)
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(target), INFO: ocp.args.JsonRestore()}),
+            )
+        except Exception as error:  # orbax and TensorStore raise many kinds; the step is unusable either way
+            others = [other for other in sorted(manager.all_steps(), reverse=True) if other != step]
+            hint = (
+                f"name an older step (config.init_from={directory / str(others[0])}; steps {others})"
+                if others
+                else ("it is the only one")
+            )
+            raise ValueError(
+                f"checkpoint step {step} in {directory} cannot be read ({' '.join(str(error).split())[:300]}): "
+                f"{hint}; if its files are damaged, move the step away (training does so itself on resume)"
+            ) from error
     variables = jax.tree_util.tree_map(np.asarray, dict(restored[VARIABLES]))
     info = dict(restored[INFO])
     info["step"] = int(step)

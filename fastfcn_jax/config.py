@@ -235,6 +235,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "benchmark.train_sizes",
         "must be positive integers, e.g. 256,480",
     )
+    check(
+        sizes or not bench.train_models.strip(),
+        "benchmark.train_sizes",
+        "must name at least one size when benchmark.train_models is set",
+    )
     for key in ("benchmark.ops", "model.ops"):
         pairs = [p.strip() for p in config_value(config, key).split(",") if p.strip()]
         check(all(p.count("=") == 1 for p in pairs), key, "must be OP=CHOICE[,OP=CHOICE...]")

@@ -55,6 +55,8 @@ def writable_directory(path: str, flag: str = "--workdir") -> None:
     from pathlib import Path
 
     directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{flag} {directory} is a file, not a folder: give a folder")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check_"):
@@ -176,6 +178,8 @@ def run_mode() -> None:
         checkpoint_key = "init_from or config.export.checkpoint" if config.mode == "export" else "init_from"
         named = config.init_from or (config.mode == "export" and config.export.checkpoint)
         reads_workdir = config.mode in ("eval", "predict", "export") and not named
+        if reads_workdir and os.path.isfile(workdir):
+            raise ValueError(f"--workdir {workdir} is a file, not a folder: give the training run's folder")
         if reads_workdir and not os.path.isdir(workdir):
             raise FileNotFoundError(
                 f"--workdir {workdir} does not exist: {config.mode} reads the checkpoint of a training run there "
@@ -183,6 +187,8 @@ def run_mode() -> None:
             )
         # Every mode writes into the workdir (predict: into --output_dir when given); a read-only one fails
         # now, not after the work is done.
+        if config.mode != "predict" and (FLAGS.inputs or FLAGS.output_dir):  # not silently ignored
+            raise ValueError(f"--inputs and --output_dir are for --mode=predict, not --mode={config.mode}")
         if config.mode == "predict" and FLAGS.output_dir:
             writable_directory(FLAGS.output_dir, "--output_dir")
         elif config.mode == "export" and config.export.get("directory"):
@@ -197,7 +203,7 @@ def run_mode() -> None:
 
             if "mean_iou" in final and jax.process_index() == 0:  # the process that wrote metrics.json
                 print(
-                    f"validation at step {final['step']}: pixAcc {final['pixel_accuracy']:.4f}  "
+                    f"validation at step {final['evaluated_step']}: pixAcc {final['pixel_accuracy']:.4f}  "
                     f"mIoU {final['mean_iou']:.4f}  (written to {workdir}/metrics.json)"
                 )
             # A run stopped before num_steps (checkpointed, resumable) must not look finished to a job script
@@ -271,10 +277,11 @@ def run_mode() -> None:
     except KeyboardInterrupt as error:
         # A second signal during training (train.StoppedNow): said in one line, exit status 128 + N as for a process
         # that signal ended. A job of several processes leaves through leave_failed_job, which does the same.
-        if not getattr(error, "signum", None) or job_processes() > 1:
+        # Ctrl-C in another mode (no checkpoint to save there) likewise, without a traceback.
+        if job_processes() > 1:
             raise
-        print(f"stopped: {error}", file=sys.stderr)
-        sys.exit(128 + error.signum)
+        print(f"stopped: {str(error) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        sys.exit(128 + (getattr(error, "signum", None) or signal.SIGINT))
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
         # A user error (bad config value, missing dataset, checkpoint or optional package, a diverged run): say
         # what is wrong, no traceback. An ImportError that names no package to install is a bug: its traceback stays.
@@ -296,6 +303,25 @@ def _first_unknown_part(key: str) -> str | None:
     return None
 
 
+def _closest_key(key: str, unknown: str) -> str | None:
+    """``key`` with its ``unknown`` part replaced by the closest name there that makes a whole existing key
+    (``config.modle.name`` -> ``config.model.name``, not ``config.mode.name``)."""
+    import difflib
+
+    from fastfcn_jax.config import base_config
+
+    parts = key.split(".")
+    index = parts.index(unknown, 1)
+    node: object = base_config()
+    for part in parts[1:index]:
+        node = node[part]
+    candidates = [
+        name for name in node if _first_unknown_part(".".join([*parts[:index], name, *parts[index + 1 :]])) is None
+    ]
+    close = difflib.get_close_matches(unknown, candidates, n=1, cutoff=0.6)
+    return ".".join([*parts[:index], close[0], *parts[index + 1 :]]) if close else None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad ``--config.KEY=VALUE`` (an unknown key, a value of the wrong type)
     reported in one line instead of a traceback."""
@@ -309,10 +335,21 @@ def parse_flags(argv: list[str]) -> list[str]:
 
         reason = str(error).strip().splitlines()[-1].strip()
         sys.exit(f"error: cannot load --config {config_flags.get_config_filename(FLAGS['config'])}: {reason}")
+    except SyntaxError as error:
+        sys.exit(f"error: cannot load --config {error.filename}: {error.msg} at line {error.lineno}")
     except flags.Error as error:
-        sys.exit(f"error: {error}\nPass --helpshort or --helpfull to see help on flags.")
+        text = str(error)
+        if "Error whilst parsing config file" in text:  # ml_collections quotes the traceback: its last line says it
+            text = f"{text.splitlines()[0]} {text.strip().splitlines()[-1]}"
+            text += " (a config file defines get_config() without arguments)" if "get_config()" in text else ""
+        sys.exit(f"error: {text}\nPass --helpshort or --helpfull to see help on flags.")
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+        if "get_config" in message:  # no get_config(), or an argument (FILE:ARG) that it does not take
+            given = next((arg for arg in argv if arg.startswith("--config=")), "").partition("=")[2]
+            if not given and "--config" in argv[:-1]:
+                given = argv[argv.index("--config") + 1]
+            sys.exit(f"error: --config {given}: {message} (a config file defines get_config() without arguments)")
         # ml_collections puts the repr of its message in an AttributeError's: undo the escaping.
         message = message.replace("\\n", ": ").replace("\\'", "'").replace("\n", ": ")
         if len(message) > 1 and message[0] == message[-1] == "'":
@@ -324,12 +361,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         keys = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--config.")]
         culprits = [key for key in keys if _first_unknown_part(key) == unknown]
         if isinstance(error, KeyError | AttributeError) and culprits:
-            parts = culprits[0].split(".")
-            suggestion = re.search(r'Did you mean "([^"]+)"', message)
-            hint = ""
-            if suggestion:
-                parts[parts.index(unknown, 1)] = suggestion.group(1)
-                hint = f"; did you mean {'.'.join(parts)}?"
+            suggestion = _closest_key(culprits[0], unknown)
+            hint = f"; did you mean {suggestion}?" if suggestion else ""
             sys.exit(
                 f"error: unknown config key {culprits[0]}{hint} (the keys and their defaults: fastfcn_jax/config.py, "
                 "base_config)"

@@ -239,7 +239,12 @@ def collect_inputs(inputs: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not files:
-        raise FileNotFoundError(f"no files at {inputs!r}: give an image file, a folder of images or a glob pattern")
+        hint = ""
+        if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+            hint = f" ({path} holds only folders: '{path / '**' / '*'}' reads them all)"
+        raise FileNotFoundError(
+            f"no files at {inputs!r}{hint}: give an image file, a folder of images or a glob pattern"
+        )
     return files
 
 
@@ -252,6 +257,12 @@ def _progress(done: int, total: int, note: str = "", width: int = 30) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def is_own_output(path: Path, output_dir: Path) -> bool:
+    """Whether ``path`` is a file :func:`run_prediction` writes into ``output_dir`` (a mask, an overlay)."""
+    names = path.name.endswith(("_mask.png", "_overlay.png")) or path.name == INDEX_FILE
+    return names and path.parent.resolve() == output_dir.resolve()
 
 
 def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: str | None = None) -> list[Path]:
@@ -295,7 +306,15 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     from fastfcn_jax import checkpointing
 
     checkpointing.note_unused_model_config(predictor.checkpoint_info, checkpoint, config.get("model") or {}, "predicts")
+    out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     files = collect_inputs(inputs)
+    own = [path for path in files if is_own_output(path, out)]
+    if own:  # predicting into the inputs' folder, and again: an earlier run's outputs are not new inputs
+        files = [path for path in files if path not in own]
+        if jax.process_index() == 0:
+            print(f"left out {len(own)} files in {out} that an earlier prediction wrote there (*_mask.png, ...)")
+        if not files:
+            raise FileNotFoundError(f"{inputs!r} holds only an earlier prediction's outputs (*_mask.png, ...)")
     # Output names over all inputs first, so that several processes (--distributed) name files alike; each
     # process then predicts every P-th file into the same folders (a shared filesystem gathers them).
     stems = output_names(files)
@@ -305,7 +324,6 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     lead = process == 0
     if lead:
         _report_protocol(predictor, checkpoint, protocol, configured, len(files))
-    out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     out.mkdir(parents=True, exist_ok=True)
     submission_dir = settings.get("submission_dir", "")
     submission = Path(submission_dir).expanduser() if submission_dir else None

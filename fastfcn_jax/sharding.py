@@ -18,7 +18,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
+            raise ValueError(f"config.num_devices={num_devices}: must be in [1, {len(devices)}] (0: all)")
         devices = devices[:num_devices]
     # Auto axes: shardings propagate through the model without explicit annotations on every op.
     return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
@@ -31,7 +31,7 @@ def evaluation_devices(num_devices: int = 0) -> list[jax.Device]:
     devices, processes = jax.local_devices(), jax.process_count()
     if num_devices:
         if not 1 <= num_devices <= jax.device_count():
-            raise ValueError(f"num_devices must be in [1, {jax.device_count()}], got {num_devices}")
+            raise ValueError(f"config.num_devices={num_devices}: must be in [1, {jax.device_count()}] (0: all)")
         return devices[: max(num_devices // processes, 1)]
     return devices[:1] if jax.default_backend() == "cpu" else devices
 

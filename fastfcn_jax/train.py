@@ -354,9 +354,9 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Trains per ``config`` (an ml_collections config, see configs/), writing everything to ``workdir``.
 
-    Returns the last validation metrics (also written to ``WORKDIR/metrics.json``), the step reached and
-    ``stopped_by``: None when ``num_steps`` were trained, else the signal number that stopped the run or
-    ``"stop_after_steps"``.
+    Returns the last validation metrics of this invocation (also written to ``WORKDIR/metrics.json``, with the
+    step validated) and ``evaluated_step``, the step reached and ``stopped_by``: None when ``num_steps`` were
+    trained, else the signal number that stopped the run or ``"stop_after_steps"``.
     """
     # The checkpointer and the summary writer are closed on any exit, an exception included: the checkpoint
     # saves already begun finish (a validation that fails loses no training).
@@ -375,6 +375,14 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     mesh = sharding.make_mesh(config.get("num_devices") or None)
     dataset = get_dataset_info(config.dataset.name, config.dataset.data_dir or None)
     num_classes = config.model.num_classes or dataset.num_classes
+    if num_classes != dataset.num_classes:
+        # Fewer: labels past the last class would be scored against no logit; more: classes no label has, which
+        # the mIoU would average in.
+        raise ValueError(
+            f"config.model.num_classes={num_classes}, but dataset {config.dataset.name!r} has {dataset.num_classes} "
+            "classes: leave it 0 (the dataset's). To fine-tune weights of another class count, convert them with "
+            "--reinit-classifier (docs/converting.md)"
+        )
     crop = config.dataset.crop_size or dataset.crop_size
     overrides = model_overrides(config)
     model = create_model(config.model.name, num_classes, **overrides)
@@ -395,7 +403,13 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     data_dir = config.dataset.data_dir or None
     # Builds the tfds files on first use (seconds for the embedded dataset; real ones need manual_dir).
     pipeline.prepare_on_first_process(config.dataset.name, data_dir, config.dataset.manual_dir or None)
-    train_size = pipeline.dataset_size(config.dataset.name, config.dataset.train_split, data_dir)
+    sizes = {}
+    for key in ("train_split", "eval_split"):  # both now: a misspelt eval split would surface after training
+        try:
+            sizes[key] = pipeline.dataset_size(config.dataset.name, config.dataset[key], data_dir)
+        except (KeyError, ValueError) as error:  # tfds: "Unknown split 'valdation'. Should be one of [...]"
+            raise ValueError(f"config.dataset.{key}={config.dataset[key]!r}: {error}") from None
+    train_size = sizes["train_split"]
     steps_per_epoch = max(train_size // global_batch, 1)  # the reference drops the last partial batch
     order = pipeline.training_order(
         config.dataset.name,
@@ -534,6 +548,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     )
     cleanup.callback(writer.close)
     last_eval: dict[str, Any] = {}
+    last_eval_step = 0
     best_score = checkpoints.best_score()
     if restored_step is None and best_score is not None:  # e.g. checkpoints/ deleted to start again
         report(f"note: {workdir}/best holds an earlier run's step (score {best_score:.4f}): this run replaces it")
@@ -585,7 +600,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
                 checkpoints.save(done, state)
             should_eval = done == total_steps or (config.train.eval_every and done % config.train.eval_every == 0)
             if should_eval:
-                last_eval = run_eval()
+                last_eval, last_eval_step = run_eval(), done
                 score = (last_eval["pixel_accuracy"] + last_eval["mean_iou"]) / 2
                 per_class = dict(zip(info["class_names"], last_eval["per_class_iou"], strict=False))
                 report(
@@ -612,12 +627,14 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
                 stopped_by = stop.signal if stopping else "stop_after_steps"
                 break
         if not last_eval and int(state.step) >= total_steps:  # a finished run asked again: report its metrics
-            last_eval = run_eval()
+            last_eval, last_eval_step = run_eval(), int(state.step)
     report(f"trained {int(state.step) - start_step} steps in {format_duration(time.perf_counter() - run_start)}")
 
     # Before num_steps: the signal number (SIGTERM/SIGINT) or "stop_after_steps"; main.py's exit status.
     final = {"step": int(state.step), "stopped_by": stopped_by}
     if last_eval:
+        # A run stopped after a validation but before the next one: its metrics are of the validated step.
+        final["evaluated_step"] = last_eval_step
         final.update({k: last_eval[k] for k in ("pixel_accuracy", "mean_iou", "mean_iou_present")})
         final["score"] = (last_eval["pixel_accuracy"] + last_eval["mean_iou"]) / 2
         class_names = info["class_names"]
@@ -628,7 +645,8 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
             }
         )
         if jax.process_index() == 0:
-            write_json(workdir / "metrics.json", {k: v for k, v in final.items() if k != "stopped_by"})
+            metrics = {k: v for k, v in final.items() if k not in ("stopped_by", "evaluated_step")}
+            write_json(workdir / "metrics.json", {**metrics, "step": last_eval_step})
             np.save(workdir / "confusion.npy", last_eval["confusion"])
             host_batch = next(
                 pipeline.eval_batches(

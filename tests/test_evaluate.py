@@ -359,7 +359,7 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
     # Devices for eval and predict: all local ones on accelerators, one on CPU unless asked.
     assert sharding.evaluation_devices() == jax.local_devices()[:1]
     assert sharding.evaluation_devices(3) == devices
-    with pytest.raises(ValueError, match=r"num_devices must be in \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"config.num_devices=.*: must be in \[1, 4\]"):
         sharding.evaluation_devices(5)
     with pytest.raises(ValueError, match="at least one device"):
         evaluate.ProtocolRunner(evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, devices=[])

@@ -45,6 +45,9 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
     assert "unknown config key config.train.model " in result.stderr  # the failing one of two naming "model"
     result = run_main(f"--workdir={tmp_path}", "--config.train.bogus=3")  # nothing close: the whole key named
     assert "error: unknown config key config.train.bogus" in result.stderr and "Traceback" not in result.stderr
+    # The suggestion is a whole key that exists: 'mode' is close to 'modle', but config.mode.name is no key.
+    result = run_main(f"--workdir={tmp_path}", "--config.modle.name=psp_jpu_tiny")
+    assert "unknown config key config.modle.name; did you mean config.model.name?" in result.stderr
 
 
 def test_a_config_file_that_does_not_exist_is_named_in_one_line(tmp_path):
@@ -56,6 +59,22 @@ def test_a_config_file_that_does_not_exist_is_named_in_one_line(tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: cannot load --config configs/nonexistent.py: [Errno 2] No such file" in result.stderr
+    # A config file that cannot be run: a syntax error, no get_config(), an argument get_config() does not take.
+    (tmp_path / "syntax.py").write_text("def get_config(:\n    pass\n")
+    (tmp_path / "none.py").write_text("X = 1\n")
+    expected = {
+        str(tmp_path / "syntax.py"): f"error: cannot load --config {tmp_path / 'syntax.py'}: invalid syntax at line 1",
+        str(tmp_path / "none.py"): "has no attribute 'get_config' (a config file defines get_config() without",
+        "configs/demo.py:foo": "get_config() takes 0 positional arguments but 1 was given (a config file defines",
+    }
+    for config, message in expected.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "fastfcn_jax.main", f"--config={config}", f"--workdir={tmp_path}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr and message in result.stderr, result.stderr
 
 
 def test_a_second_signal_during_training_exits_128_plus_its_number_in_one_line(tmp_path):
@@ -78,6 +97,11 @@ def test_a_workdir_that_cannot_be_written_is_an_error_before_any_work(tmp_path):
     result = run_main(f"--workdir={tmp_path / 'a_file' / 'run'}", "--mode=summary")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"cannot write to {tmp_path / 'a_file' / 'run'}" in result.stderr and "--workdir" in result.stderr
+    # A file given as the workdir: said as such, by reading and writing modes alike.
+    for mode in ("eval", "summary"):
+        result = run_main(f"--workdir={tmp_path / 'a_file'}", f"--mode={mode}")
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert f"--workdir {tmp_path / 'a_file'} is a file, not a folder" in result.stderr
 
 
 def test_a_bucket_url_is_refused_instead_of_becoming_a_local_folder(tmp_path):
@@ -115,6 +139,21 @@ def test_an_optional_export_format_without_its_package_fails_before_any_work(tmp
     assert not (tmp_path / "export").exists()
 
 
+def test_ctrl_c_during_evaluation_stops_in_one_line_with_status_130(tmp_path):
+    args = [str(ROOT / "configs/demo.py"), f"--workdir={tmp_path}", "--mode=eval"]
+    interrupted = (
+        "import runpy, sys, fastfcn_jax.evaluate as evaluate\n"
+        "def run_evaluation(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "evaluate.run_evaluation = run_evaluation\n"
+        f"sys.argv = ['main', '--config', *{args!r}]\n"
+        "runpy.run_module('fastfcn_jax.main', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", interrupted], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "stopped: interrupted (Ctrl-C)" in result.stderr
+
+
 def test_unknown_model_name_is_rejected_with_the_available_names(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--mode=summary", "--config.model.name=encnet_jpu_r18")
     assert result.returncode != 0
@@ -132,6 +171,9 @@ def test_predict_mode_needs_inputs(tmp_path):
     assert result.returncode != 0
     assert "error: mode=predict needs --inputs" in result.stderr
     assert "Traceback" not in result.stderr and "--helpfull" not in result.stderr  # one line, no flag listing
+    # Predict's flags in another mode: refused, not silently ignored.
+    result = run_main(f"--workdir={tmp_path}", "--mode=eval", "--inputs=photos")
+    assert "error: --inputs and --output_dir are for --mode=predict, not --mode=eval" in result.stderr
 
 
 def test_single_process_modes_refuse_distributed_before_joining_a_job(tmp_path):
@@ -171,6 +213,13 @@ def test_impossible_benchmark_values_are_rejected_by_key(tmp_path):
     )
     assert result.returncode != 0
     assert "config.benchmark.until='c9'" in result.stderr and "config.benchmark.ops='grouped'" in result.stderr
+    result = run_main(
+        f"--workdir={tmp_path}",
+        "--mode=benchmark",
+        "--config.benchmark.train_models=fcn_jpu_tiny",
+        "--config.benchmark.train_sizes=",
+    )
+    assert "config.benchmark.train_sizes='': must name at least one size when" in result.stderr
 
 
 def test_reading_modes_name_a_workdir_that_does_not_exist_instead_of_creating_it(tmp_path):

@@ -261,6 +261,23 @@ def test_prediction_uses_the_sizes_the_checkpoint_was_trained_at_and_says_so(che
     np.testing.assert_array_equal(mask, Predictor.from_checkpoint(trained)(pixels))
 
 
+def test_predicting_into_the_inputs_folder_again_leaves_out_its_own_outputs(checkpoint, tmp_path, capsys):
+    from fastfcn_jax.predict import run_prediction
+
+    sizes = _write_inputs(tmp_path / "inputs")
+    config = base_config()
+    config.init_from = str(checkpoint)
+    config.dataset.base_size = config.dataset.crop_size = SIZE
+    folder = str(tmp_path / "inputs")
+    first = run_prediction(config, tmp_path / "workdir", folder, folder)
+    second = run_prediction(config, tmp_path / "workdir", folder, folder)
+    assert sorted(p.name for p in second) == sorted(p.name for p in first) and len(first) == 2 * len(sizes)
+    assert not list((tmp_path / "inputs").glob("*_mask_mask.png"))
+    report = capsys.readouterr()
+    assert f"left out {2 * len(sizes) + 1} files in {folder} that an earlier prediction wrote there" in report.out
+    assert "predictions.json" not in report.err  # not reported as an unreadable image either
+
+
 def test_a_single_file_and_a_glob_are_accepted(checkpoint, tmp_path):
     from fastfcn_jax.predict import collect_inputs
 

@@ -69,12 +69,13 @@ def test_train_job_writes_metrics_checkpoints_tensorboard_and_pictures(data_dir,
 
 def test_time_boxed_run_resumed_equals_uninterrupted_run(data_dir, tmp_path):
     train_and_evaluate(small_config(data_dir), tmp_path / "straight")
-    assert train_and_evaluate(small_config(data_dir, stop_after_steps=2), tmp_path / "boxed")["stopped_by"] == (
-        "stop_after_steps"
-    )
+    boxed = train_and_evaluate(small_config(data_dir, stop_after_steps=4), tmp_path / "boxed")
+    assert boxed["stopped_by"] == "stop_after_steps" and boxed["step"] == 4
+    # Validated at step 3 (eval_every), stopped at 4: the metrics say whose they are.
+    assert boxed["evaluated_step"] == 3 == json.loads((tmp_path / "boxed" / "metrics.json").read_text())["step"]
     first, info = checkpointing.restore_variables(tmp_path / "boxed")
-    assert info["step"] == 2
-    # Resumes at step 2 and replays the data order; its box ends at num_steps: finished, not stopped.
+    assert info["step"] == 4
+    # Resumes at step 4 and replays the data order; its box ends at num_steps: finished, not stopped.
     assert train_and_evaluate(small_config(data_dir, stop_after_steps=4), tmp_path / "boxed")["stopped_by"] is None
     straight, _ = checkpointing.restore_variables(tmp_path / "straight")
     resumed, info = checkpointing.restore_variables(tmp_path / "boxed")
@@ -190,9 +191,11 @@ def test_a_custom_folder_dataset_trains_resumes_only_its_model_and_predicts_in_i
     _, info = checkpointing.restore_variables(tmp_path / "run")
     assert info["num_classes"] == 3 and info["class_names"] == table["names"] and info["crop_size"] == 16
 
-    config.model.num_classes = 5
-    with pytest.raises(ValueError, match=r"(?s)does not fit.*decode_head/classifier/conv/kernel.*init_from"):
-        train_and_evaluate(config, tmp_path / "run")
+    # A class count the dataset does not have: refused before anything runs (labels past it, classes without any).
+    for classes in (2, 5):
+        config.model.num_classes = classes
+        with pytest.raises(ValueError, match=rf"num_classes={classes}, but dataset 'folder:cows' has 3 classes"):
+            train_and_evaluate(config, tmp_path / "run")
 
     predictor = Predictor.from_checkpoint(tmp_path / "run")
     np.testing.assert_array_equal(predictor.palette, table["palette"])
@@ -270,6 +273,9 @@ def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadab
     # A damaged newest step (a truncated array file) is moved aside; the run resumes from the step before it.
     damaged = max((workdir / "checkpoints/6").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
     damaged.write_bytes(damaged.read_bytes()[:100])
+    # Evaluation, prediction and export read the newest step: refused in one line naming the older ones.
+    with pytest.raises(ValueError, match=r"checkpoint step 6 in .* cannot be read .*init_from=.*/checkpoints/4; steps"):
+        checkpointing.restore_variables(workdir)
     final = train_and_evaluate(
         small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2, lr_per_16=0.02), workdir
     )
@@ -291,6 +297,12 @@ def test_a_failed_validation_loses_no_training_and_a_bad_eval_batch_is_refused_a
     with pytest.raises(ValueError, match=r"eval.batch_size=6 must be divisible by the 4 devices"):
         train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+    for key in ("eval_split", "train_split"):  # a misspelt split: named before training, not after it
+        misspelt = small_config(data_dir, num_steps=3)
+        misspelt.dataset[key] = "valdation"
+        with pytest.raises(ValueError, match=rf"config.dataset.{key}='valdation': Unknown split 'valdation'"):
+            train_and_evaluate(misspelt, tmp_path)
+        assert not (tmp_path / "checkpoints").exists()
 
     def failing(*args, **kwargs):
         raise RuntimeError("validation ran out of memory")
