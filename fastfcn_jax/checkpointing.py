@@ -117,6 +117,12 @@ def _stored_structs(manager: ocp.CheckpointManager, step: int, sharding: Any = N
     )
 
 
+def unreadable_reason(error: Exception) -> str:
+    """An orbax or TensorStore read error in one line, without the TensorStore spec it appends."""
+    text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+    return text[:300]
+
+
 def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores ``(variables, info)`` from a converter output or a training workdir (latest step by default).
 
@@ -162,7 +168,7 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
                 else ("it is the only one")
             )
             raise ValueError(
-                f"checkpoint step {step} in {directory} cannot be read ({' '.join(str(error).split())[:300]}): "
+                f"checkpoint step {step} in {directory} cannot be read ({unreadable_reason(error)}): "
                 f"{hint}; if its files are damaged, move the step away (training does so itself on resume)"
             ) from error
     variables = jax.tree_util.tree_map(np.asarray, dict(restored[VARIABLES]))
@@ -379,7 +385,7 @@ class TrainCheckpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as error:  # orbax and TensorStore raise many kinds; the step is unusable either way
-                failures.append((step, " ".join(str(error).split())[:300], error))
+                failures.append((step, unreadable_reason(error), error))
                 continue
             if failures and jax.process_count() > 1:  # moving files while other hosts read them: leave it to the user
                 listed = "; ".join(f"step {failed}: {reason}" for failed, reason, _ in failures)
