@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -543,12 +544,16 @@ def _settings(result: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def results_label(result: Mapping[str, Any], workdir: Path) -> str:
-    """What distinguishes an evaluation's results, for a folder name: ``step30``, the checkpoint when it is not the
-    workdir's own (``best``, or the folder's name), then flip, scales and stride where they are not the protocol's
-    defaults, and the sizes: ``step30_best_flip_base64_crop48``."""
+def results_label(result: Mapping[str, Any], workdir: Path, current_dataset: str | None = None) -> str:
+    """What distinguishes an evaluation's results, for a folder name: the dataset when it is not
+    ``current_dataset``, ``step30``, the checkpoint when it is not the workdir's own (``best``, or the folder's
+    name), then flip, scales and stride where they are not the protocol's defaults, and the sizes:
+    ``step30_best_flip_base64_crop48``."""
     settings = _settings(result)
-    parts = [f"step{settings['step']}"] if settings["step"] is not None else []
+    parts = []
+    if current_dataset and settings["dataset"] and settings["dataset"] != current_dataset:
+        parts.append(re.sub(r"[^A-Za-z0-9_.-]+", "-", str(settings["dataset"])))  # folder:six -> folder-six
+    parts += [f"step{settings['step']}"] if settings["step"] is not None else []
     if settings["checkpoint"] and Path(settings["checkpoint"]) != workdir:
         checkpoint = Path(settings["checkpoint"])
         inside = checkpoint.is_relative_to(workdir)
@@ -585,7 +590,7 @@ def keep_earlier_results(out: Path, result: Mapping[str, Any], workdir: Path) ->
         earlier = {}
     if _settings(earlier) == _settings(result):
         return f"replacing the earlier results in {out}: the same checkpoint, step and protocol settings"
-    label = results_label(earlier, workdir)
+    label = results_label(earlier, workdir, result.get("dataset"))
     target, n = out.with_name(f"{out.name}_{label}"), 2
     while target.exists():
         target, n = out.with_name(f"{out.name}_{label}_{n}"), n + 1

@@ -430,6 +430,12 @@ def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path, capsys):
         assert array.shape == example["label"].shape and array.max() < NUM_CLASSES
 
 
+def test_results_of_another_dataset_are_labelled_with_it_when_kept(tmp_path):
+    earlier = {"dataset": "folder:six", "step": 20, "protocol": "single_scale", "checkpoint": str(tmp_path)}
+    assert evaluate.results_label(earlier, tmp_path, "synthetic_shapes") == "folder-six_step20"
+    assert evaluate.results_label(earlier, tmp_path, "folder:six") == "step20"
+
+
 def test_evaluating_another_checkpoint_or_protocol_setting_keeps_the_earlier_results(tiny, tmp_path, capsys):
     model, variables, _ = tiny
     config = synthetic_shapes_config(tmp_path)
