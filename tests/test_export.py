@@ -482,3 +482,20 @@ def test_export_takes_config_init_from_as_every_reading_mode_does(trained, tmp_p
     export.run_export(config, tmp_path / "empty_workdir")
     metadata = json.loads((tmp_path / "out" / export.METADATA_FILE).read_text())
     assert metadata["source_checkpoint"] == {"path": str(workdir / "checkpoints" / "7"), "step": 7}
+
+
+def test_a_model_on_another_backbone_exports_as_stablehlo_and_onnx(tmp_path):
+    # The writers take any Segmenter: README "The JPU on another backbone".
+    from tests.test_models import PatchBackbone, own_backbone_model
+
+    model = own_backbone_model(PatchBackbone())
+    images = np.random.default_rng(6).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), images)
+    expected = reference_logits(model, variables, images)
+    kwargs = dict(image_size=(SIZE, SIZE), metadata={"model_name": "encnet_jpu_on_patches"})
+    export.export_stablehlo(model, variables, tmp_path, platforms=("cpu",), **kwargs)
+    assert relative_error(export.load(tmp_path)(images), expected) <= TOLERANCE
+    (logits,) = onnx_session(export.export_onnx(model, variables, tmp_path / "model.onnx", **kwargs)).run(
+        None, {"images": images}
+    )
+    assert relative_error(logits, expected) <= TOLERANCE
