@@ -215,7 +215,9 @@ def architecture_conflicts(info: Mapping[str, Any], configured: Mapping[str, Any
         return tuple(plain(v) for v in value) if isinstance(value, list | tuple) else value
 
     trained = model_overrides(info)
-    defaults = create_model(info["model_name"], int(info["num_classes"]))
+    # A ..._custom model's backbone is part of its name: always stored.
+    named = {"backbone": trained["backbone"]} if "backbone" in trained else {}
+    defaults = create_model(info["model_name"], int(info["num_classes"]), **named)
     conflicts = []
     for key, value in configured.items():
         if key in _NOT_ARCHITECTURE or key.endswith("_implementation"):

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
             # model name's own (fastfcn_jax.models.Segmenter).
             **{key: placeholder(int) for key in INT_OVERRIDES},
             "stem": placeholder(str),
+            # Models named {head}_{neck}_custom: their backbone, 'module.path:Name' (a Flax module class, or a
+            # function returning a module, importable here; README "The JPU on another backbone").
+            "backbone": placeholder(str),
             "se_loss": placeholder(bool),
             "dropout": placeholder(float),
         }

@@ -168,6 +168,17 @@ def test_registry_names():
         ("deeplab_jpu_tiny", {"aspp_rates": (12, 0)}, "aspp_rates must be positive integers"),
         ("fcn_jpu_tiny", {"jpu_dilations": ()}, "jpu_dilations must be positive integers"),
         ("fcn_jpu_tiny", {"depthwise_implementation": "bogus"}, "depthwise_implementation must be one of"),
+        ("encnet_jpu_custom", {}, r"has another backbone, named by backbone='module:Class'"),
+        (
+            "encnet_jpu_r50",
+            {"backbone": "a:B"},
+            "names its ResNet backbone; for another one name the model encnet_jpu_custom",
+        ),
+        ("psp_jpu_custom", {"backbone": "nowhere_module:Net"}, "cannot import nowhere_module .*PYTHONPATH"),
+        ("psp_jpu_custom", {"backbone": "tests.test_models:Nope"}, "tests.test_models has no Nope"),
+        ("psp_jpu_custom", {"backbone": "tests.test_models"}, "expected 'module.path:Name'"),
+        ("psp_jpu_custom", {"backbone": "tests.test_models:TINY_MODELS"}, "gives a list, not a Flax module"),
+        ("psp_jpu_custom", {"backbone": "tests.test_models:PatchBackbone", "stem": "deep"}, "configure the ResNet"),
     ],
 )
 def test_invalid_model_requests_raise_errors_naming_the_problem(name, overrides, message):
@@ -438,6 +449,12 @@ def test_another_backbone_that_breaks_the_contract_is_refused_naming_it(backbone
         own_backbone_model(backbone, **fields).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
 
 
-def test_registered_models_refuse_another_backbone():
-    with pytest.raises(ValueError, match=r"names its ResNet backbone; for another one build the model directly"):
+def test_a_custom_model_takes_its_backbone_by_import_path_or_as_a_module():
+    by_path = create_model("encnet_jpu_custom", 5, backbone="tests.test_models:PatchBackbone", jpu_width=16)
+    given = create_model("encnet_jpu_custom", 5, backbone=PatchBackbone(), jpu_width=16)
+    images = jnp.zeros((1, 64, 64, 3))
+    shapes = [jax.eval_shape(lambda x, m=m: m.init(jax.random.PRNGKey(0), x), images) for m in (by_path, given)]
+    assert shapes[0] == shapes[1] and "downsample0" in shapes[0]["params"]["backbone"]
+    assert by_path.jpu_width == 16 and by_path.head_width == 512  # the neck and heads at the paper's widths
+    with pytest.raises(ValueError, match=r"names its ResNet backbone"):
         create_model("encnet_jpu_tiny", 5, backbone=PatchBackbone())

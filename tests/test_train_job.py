@@ -424,3 +424,34 @@ def test_resuming_on_another_number_of_processes_or_shuffle_is_reported(tmp_path
     assert "shuffle buffer: 1024 -> 5000 examples (training order)" in capsys.readouterr().out
     check_resumed_settings(tmp_path / "config.json", {**now, "shuffle_buffer": 700, "shuffled_examples": 700})
     assert capsys.readouterr().out == ""  # a split of 700: the whole split then too
+
+
+def test_a_custom_backbone_model_trains_evaluates_and_exports_from_its_checkpoint(data_dir, tmp_path, capsys):
+    # encnet_jpu_custom with backbone='module:Name': stored with the weights, so the reading modes rebuild it
+    # from the checkpoint alone (here with the demo config's own model settings, which are not used).
+    from fastfcn_jax import evaluate, export
+
+    config = small_config(data_dir, num_steps=2, eval_every=0)
+    config.model.name = "encnet_jpu_custom"
+    overrides = {"backbone": "tests.test_models:PatchBackbone", "jpu_width": 16, "head_width": 16, "num_codes": 8}
+    for key, value in overrides.items():
+        config.model.overrides[key] = value
+    final = train_and_evaluate(config, tmp_path)
+    variables, info = checkpointing.restore_variables(tmp_path)
+    assert info["model_overrides"]["backbone"] == "tests.test_models:PatchBackbone" and final["step"] == 2
+    assert set(variables["params"]["backbone"]) >= {"downsample0", "mix3"}
+
+    reading = small_config(data_dir)
+    with reading.unlocked():
+        reading.evaluation.max_examples = 4
+    result = evaluate.run_evaluation(reading, tmp_path)
+    assert result["model_name"] == "encnet_jpu_custom" and 0 <= result["mean_iou"] <= 1
+    assert "holds encnet_jpu_custom with 6 classes and is evaluated as such" in capsys.readouterr().out
+    reading.model.name = "encnet_jpu_custom"
+    for key, value in overrides.items():
+        reading.model.overrides[key] = value
+    with reading.unlocked():
+        reading.export = {"platforms": ("cpu",), "formats": ("stablehlo",)}
+    paths = export.run_export(reading, tmp_path)
+    segmenter = export.load(paths["stablehlo"])
+    assert segmenter(np.zeros((1, *segmenter.image_size, 3), np.float32)).shape == (1, *segmenter.image_size, 6)

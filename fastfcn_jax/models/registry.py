@@ -1,4 +1,5 @@
-"""Models by name: ``{encnet,psp,deeplab,fcn}_{jpu,jpux,dilated}_r{50,101,152}`` and ``..._tiny`` variants.
+"""Models by name: ``{encnet,psp,deeplab,fcn}_{jpu,jpux,dilated}_r{50,101,152}``, ``..._tiny`` variants, and
+``..._custom`` with another backbone named by an import path (``backbone='my_package.nets:ConvNeXtTiny'``).
 
 ``create_model(name, num_classes, **overrides)`` is the stable entry point. A model's configuration is a
 plain dict of :class:`Segmenter` fields, so it can live in an ``ml_collections`` config
@@ -9,6 +10,7 @@ without the model code importing ``ml_collections``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -33,8 +35,8 @@ TINY = dict(
     aspp_rates=(2, 4, 6),
 )
 
-_NAME = re.compile(r"^(?P<head>[a-z]+)_(?P<neck>[a-z]+)_(?P<size>r\d+|tiny)$")
-_FIELDS = {f.name for f in dataclasses.fields(Segmenter)} - {"parent", "name", "num_classes", "backbone"}
+_NAME = re.compile(r"^(?P<head>[a-z]+)_(?P<neck>[a-z]+)_(?P<size>r\d+|tiny|custom)$")
+_FIELDS = {f.name for f in dataclasses.fields(Segmenter)} - {"parent", "name", "num_classes"}
 # Fields the model name fixes ({head}_{neck}_r{depth}); overriding them would contradict the name.
 _NAMED = {"head", "neck", "depth", "stage_sizes"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,8 +54,21 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     if not match or match["head"] not in HEADS or match["neck"] not in NECKS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
     config: dict[str, Any] = {"head": match["head"], "neck": match["neck"]}
+    custom = match["size"] == "custom"
+    if custom != ("backbone" in overrides):
+        raise ValueError(
+            f"{name!r} has another backbone, named by backbone='module:Class' (an import path)"
+            if custom
+            else f"{name!r} names its ResNet backbone; for another one name the model "
+            f"{match['head']}_{match['neck']}_custom with backbone='module:Class' (an import path)"
+        )
+    resnet_fields = sorted(set(overrides) & {"stem", "stem_width", "base_width", "output_stride"})
+    if custom and resnet_fields:
+        raise ValueError(f"{resnet_fields} configure the ResNet, which {name!r} replaces by its backbone")
     if match["size"] == "tiny":
         config.update(TINY)
+    elif custom:
+        pass  # the backbone's own; the neck and heads at the paper's widths unless overridden
     else:
         depth = int(match["size"][1:])
         if depth not in DEPTHS:
@@ -64,11 +79,6 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         config["depth"] = depth
     # The reference enables the SE branch for EncNet only (se_loss=(name == 'encnet')).
     config["se_loss"] = match["head"] == "encnet"
-    if "backbone" in overrides:
-        raise ValueError(
-            f"{name!r} names its ResNet backbone; for another one build the model directly: "
-            "fastfcn_jax.models.Segmenter(num_classes, head=..., neck=..., backbone=your_module)"
-        )
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown} for {name!r}; valid options: {sorted(_FIELDS - _NAMED)}")
@@ -76,7 +86,31 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     if named:
         raise ValueError(f"{named} are fixed by the model name {name!r}: choose another name instead")
     config.update(overrides)
+    if custom:
+        config["backbone"] = load_backbone(config["backbone"])
     return _validated(name, config)
+
+
+def load_backbone(spec: Any) -> Any:
+    """A backbone module from ``spec``: a Flax module, or ``'module.path:Name'`` naming a Flax module class or
+    a function that returns one, called without arguments (bind settings with a subclass or a function)."""
+    import flax.linen as nn
+
+    if isinstance(spec, nn.Module):
+        return spec
+    module_name, _, attribute = str(spec).partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"backbone={spec!r}: expected 'module.path:Name', e.g. 'my_package.nets:ConvNeXtTiny'")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except ImportError as error:
+        raise ValueError(f"backbone={spec!r}: cannot import {module_name} ({error}); is it on PYTHONPATH?") from None
+    except AttributeError:
+        raise ValueError(f"backbone={spec!r}: {module_name} has no {attribute}") from None
+    backbone = found() if callable(found) else found
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(f"backbone={spec!r} gives a {type(backbone).__name__}, not a Flax module")
+    return backbone
 
 
 def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
