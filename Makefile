@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(PINS) -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps $(PINS) 'jax2onnx>=0.17.1'  # its deps: the onnx extra (pyproject.toml)
+	$(PY) -m pip install --quiet --no-deps $(PINS) 'jax2onnx>=0.17.1,<0.18'  # its deps: the onnx extra (pyproject.toml)
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,7 +29,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
 	.venv-lock/bin/python -m pip install --quiet -e '.[test]'
-	.venv-lock/bin/python -m pip install --quiet --no-deps 'jax2onnx>=0.17.1'
+	.venv-lock/bin/python -m pip install --quiet --no-deps 'jax2onnx>=0.17.1,<0.18'
 	head -n 3 constraints.txt > constraints.txt.new
 	.venv-lock/bin/python -c 'import sys; print("# python %d.%d" % sys.version_info[:2])' >> constraints.txt.new
 	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e' -e '@ file' -e '^#' >> constraints.txt.new

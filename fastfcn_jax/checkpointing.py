@@ -162,11 +162,11 @@ def restore_variables(path: str | Path, step: int | None = None) -> tuple[dict[s
             )
         except Exception as error:  # orbax and TensorStore raise many kinds; the step is unusable either way
             others = [other for other in sorted(manager.all_steps(), reverse=True) if other != step]
-            hint = (
-                f"name an older step (config.init_from={directory / str(others[0])}; steps {others})"
-                if others
-                else ("it is the only one")
-            )
+            older = [other for other in others if other < step]
+            hint = "it is the only one"
+            if others:
+                kind, suggested = ("an older", older[0]) if older else ("another", others[0])
+                hint = f"name {kind} step (config.init_from={directory / str(suggested)}; steps {others})"
             raise ValueError(
                 f"checkpoint step {step} in {directory} cannot be read ({unreadable_reason(error)}): "
                 f"{hint}; if its files are damaged, move the step away (training does so itself on resume)"

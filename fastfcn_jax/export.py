@@ -7,7 +7,8 @@ palette, input size, normalisation and source checkpoint:
 - StableHLO (``DIR/export/model.stablehlo`` + ``model.json``, parameters baked in or in ``params.npz``):
   input ``[B, H, W, 3]`` ImageNet-normalised float32 with a symbolic batch ``B`` and the fixed size ``H, W``
   chosen at export time; lowered for cpu, cuda and tpu so one file runs on each. ``load(path)(images)`` needs
-  only jax and numpy: this module imports flax, orbax and TensorFlow inside the functions that write artifacts.
+  only jax, numpy and flatbuffers: this module imports flax, orbax and TensorFlow inside the functions that
+  write artifacts.
 - TF SavedModel (``DIR/export/saved_model``; extra ``export``: orbax-export): signature ``serving_default``
   takes uint8 RGB images ``[B, h, w, 3]`` of any size and resizes, normalises, segments and resizes the
   result back to ``h, w`` itself; :func:`make_serving_fn` is the same computation in JAX.
@@ -262,7 +263,7 @@ def export_saved_model(
     return directory
 
 
-ONNX_INSTALL = "pip install -e '.[onnx]' && pip install --no-deps 'jax2onnx>=0.17.1' (docs/export.md: ONNX)"
+ONNX_INSTALL = "pip install -e '.[onnx]' && pip install --no-deps 'jax2onnx>=0.17.1,<0.18' (docs/export.md: ONNX)"
 
 
 class OnnxExportError(ValueError):
@@ -394,18 +395,19 @@ class ExportedSegmenter:
         try:
             return self.exported.call(*args, **kwargs)
         except ValueError as error:
-            if "was exported for" not in str(error):
+            made_with = self.metadata.get("jax_version")
+            if "exported for 0 devices" not in str(error) or not made_with or made_with == jax.__version__:
                 raise
             # jax 0.8.0 reads a jax 0.10 artifact's device count as 0 (docs/export.md: versions).
-            made_with = self.metadata.get("jax_version", "another version")
             raise ValueError(
-                f"{error}: this jax ({jax.__version__}) cannot run an artifact exported with jax {made_with}; "
-                "use a newer jax (an export of jax 0.10.2 runs under jax 0.8.3 and later)"
+                f"{error}: this jax ({jax.__version__}) cannot run an artifact exported with jax {made_with}; use "
+                "a newer jax (docs/export.md: versions)"
             ) from error
 
 
 def load(path: str | Path) -> ExportedSegmenter:
-    """Loads a StableHLO export (its directory, or the ``model.stablehlo`` file) with only jax and numpy."""
+    """Loads a StableHLO export (its directory, or the ``model.stablehlo`` file) with only jax, numpy and
+    flatbuffers (which ``jax.export`` needs to read it)."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     file = path if path.is_file() else directory / STABLEHLO_FILE
@@ -540,23 +542,21 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     }
     directory = Path(settings["directory"] or workdir / "export").expanduser().absolute()
     stale = stale_artifacts(directory, settings["formats"], embed_params=bool(settings["embed_params"]))
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.partial-", dir=directory.parent) as staging:
+    foreign = directory / SAVED_MODEL_DIR
+    if "savedmodel" in settings["formats"] and foreign.is_dir() and not (foreign / "saved_model.pb").is_file():
+        raise ValueError(f"{foreign} holds files that are not a SavedModel: move them, or export to another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    # Written in a folder inside the directory (its filesystem, its permissions), then moved into place.
+    with tempfile.TemporaryDirectory(prefix=".partial-", dir=directory) as staging:
         written = _write_artifacts(model, variables, Path(staging), settings, image_size, metadata)
-        directory.mkdir(exist_ok=True)
-        for name, path in written.items():
-            target = directory / Path(path).relative_to(staging)
-            if name == "savedmodel" and target.exists():
-                shutil.rmtree(target)
-            Path(path).replace(target)
-            written[name] = str(target)
+        written = _move_into_place(written, Path(staging), directory)
     if stale:
         names = ", ".join(f"{path.name}/" if path.is_dir() else path.name for path in stale)
         for path in stale:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
-                path.unlink(missing_ok=True)  # params.npz: export_stablehlo removed it already
+                path.unlink(missing_ok=True)
         print(
             f"removed {names} from {directory}: an earlier export's, which this one (config.export.formats="
             f"{settings['formats']}, embed_params={bool(settings['embed_params'])}) does not write again and which "
@@ -564,6 +564,31 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
             flush=True,
         )
     return written
+
+
+def _move_into_place(written: Mapping[str, str], staging: Path, directory: Path) -> dict[str, str]:
+    """Moves each written artifact from ``staging`` to ``directory``, an earlier one of the same name set aside
+    in ``staging`` first and put back if a move fails: either every artifact is replaced, or none."""
+    moved: list[tuple[Path, Path | None]] = []
+    try:
+        for path in written.values():
+            target = directory / Path(path).relative_to(staging)
+            backup = None
+            if target.exists():
+                backup = staging / f".earlier-{target.name}"
+                target.replace(backup)
+            moved.append((target, backup))
+            Path(path).replace(target)
+    except OSError:
+        for target, backup in reversed(moved):
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            elif target.exists():
+                target.unlink()
+            if backup is not None:
+                backup.replace(target)
+        raise
+    return {name: str(directory / Path(path).relative_to(staging)) for name, path in written.items()}
 
 
 def _write_artifacts(

@@ -290,36 +290,41 @@ def run_mode() -> None:
         sys.exit(f"error: {error}")
 
 
-def _first_unknown_part(key: str) -> str | None:
-    """The first part of ``config.a.b.c`` that the base config lacks (None: the key exists), so that of
-    several overrides the one that failed is named."""
+def _first_unknown_index(key: str) -> int | None:
+    """The position of the first part of ``config.a.b.c`` that the base config lacks (None: the key exists)."""
     from fastfcn_jax.config import base_config
 
     node: object = base_config()
-    for part in key.split(".")[1:]:
+    for index, part in enumerate(key.split(".")[1:], start=1):
         if not hasattr(node, "keys") or part not in node:
-            return part
+            return index
         node = node[part]
     return None
 
 
-def _closest_key(key: str, unknown: str) -> str | None:
-    """``key`` with its ``unknown`` part replaced by the closest name there that makes a whole existing key
+def _first_unknown_part(key: str) -> str | None:
+    """That part itself, so that of several overrides the one that failed is named."""
+    index = _first_unknown_index(key)
+    return None if index is None else key.split(".")[index]
+
+
+def _closest_key(key: str) -> str | None:
+    """``key`` with its first unknown part replaced by the closest name there that makes a whole existing key
     (``config.modle.name`` -> ``config.model.name``, not ``config.mode.name``)."""
     import difflib
 
     from fastfcn_jax.config import base_config
 
-    parts = key.split(".")
-    index = parts.index(unknown, 1)
+    parts, index = key.split("."), _first_unknown_index(key)
     node: object = base_config()
     for part in parts[1:index]:
         node = node[part]
-    candidates = [
-        name for name in node if _first_unknown_part(".".join([*parts[:index], name, *parts[index + 1 :]])) is None
-    ]
-    close = difflib.get_close_matches(unknown, candidates, n=1, cutoff=0.6)
-    return ".".join([*parts[:index], close[0], *parts[index + 1 :]]) if close else None
+    if index is None or not hasattr(node, "keys"):
+        return None
+    with_name = {name: ".".join([*parts[:index], name, *parts[index + 1 :]]) for name in node}
+    candidates = [name for name, whole in with_name.items() if _first_unknown_index(whole) is None]
+    close = difflib.get_close_matches(parts[index], candidates, n=1, cutoff=0.6)
+    return with_name[close[0]] if close else None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -361,7 +366,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         keys = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--config.")]
         culprits = [key for key in keys if _first_unknown_part(key) == unknown]
         if isinstance(error, KeyError | AttributeError) and culprits:
-            suggestion = _closest_key(culprits[0], unknown)
+            suggestion = _closest_key(culprits[0])
             hint = f"; did you mean {suggestion}?" if suggestion else ""
             sys.exit(
                 f"error: unknown config key {culprits[0]}{hint} (the keys and their defaults: fastfcn_jax/config.py, "

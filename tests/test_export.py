@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -150,17 +152,22 @@ def test_loader_rejects_images_of_another_size(exported):
 
 
 def test_a_jax_too_old_for_the_artifact_is_said_as_such(exported, monkeypatch):
-    # jax 0.8.0 calling an export of jax 0.10.2 fails with this message (docs/export.md: versions).
+    # jax 0.8.0 calling an export of jax 0.10.2 fails with the first message (docs/export.md: versions); another
+    # platform's artifact is jax's own message, not a version hint.
     segmenter = export.load(exported["stablehlo"])
+    segmenter.metadata["jax_version"] = "0.99.0"
+    message = "Function <lambda> was exported for 0 devices and is called in a context with 1 devices."
 
-    def old_jax(*args, **kwargs):
-        raise ValueError("Function <lambda> was exported for 0 devices and is called in a context with 1 devices.")
+    def failing(*args, **kwargs):
+        raise ValueError(message)
 
-    monkeypatch.setattr(type(segmenter.exported), "call", old_jax)
-    with pytest.raises(
-        ValueError, match=rf"cannot run an artifact exported with jax {jax.__version__}; use a newer jax"
-    ):
+    monkeypatch.setattr(type(segmenter.exported), "call", failing)
+    with pytest.raises(ValueError, match=r"cannot run an artifact exported with jax 0\.99\.0; use a newer jax"):
         segmenter(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    message = "Function <lambda> was exported for platforms ('tpu',) but it is used on ('cpu',)."
+    with pytest.raises(ValueError) as error:
+        segmenter(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    assert str(error.value) == message
 
 
 def test_loading_a_directory_without_stablehlo_names_what_it_holds(tmp_path):
@@ -442,6 +449,56 @@ def test_a_failed_export_leaves_the_directory_as_it_was(trained, tmp_path, monke
         export.run_export(config, workdir)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left
+
+
+def test_exporting_again_replaces_a_saved_model_and_every_artifact_or_none(trained, tmp_path, monkeypatch):
+    _, _, workdir = trained
+    config = demo_config(platforms=("cpu",), directory=str(tmp_path), formats=("stablehlo", "savedmodel"))
+    export.run_export(config, workdir)
+    (tmp_path / export.SAVED_MODEL_DIR / "earlier.txt").write_text("from the earlier export")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    # A move that fails half-way (model.json after model.stablehlo): the earlier files are put back.
+    real_replace = Path.replace
+
+    def failing_replace(self, target):
+        if self.name == export.METADATA_FILE and self.parent.name.startswith(".partial-"):
+            raise OSError("disk full")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        export.run_export(demo_config(platforms=("cpu",), directory=str(tmp_path), formats=("stablehlo",)), workdir)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+
+    # Exported again: the SavedModel replaced as a whole (nothing of the earlier one left in it).
+    export.run_export(config, workdir)
+    assert not (tmp_path / export.SAVED_MODEL_DIR / "earlier.txt").exists()
+    assert (tmp_path / export.SAVED_MODEL_DIR / "saved_model.pb").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # A saved_model folder of someone else's files is not replaced.
+    shutil.rmtree(tmp_path / export.SAVED_MODEL_DIR)
+    (tmp_path / export.SAVED_MODEL_DIR).mkdir()
+    (tmp_path / export.SAVED_MODEL_DIR / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"saved_model holds files that are not a SavedModel: move them"):
+        export.run_export(config, workdir)
+
+
+def test_an_export_directory_on_another_filesystem_is_written_in_place(trained, tmp_path):
+    # A link to another filesystem (here memory): the staging folder lives inside the directory.
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the tests' temporary folder")
+    _, _, workdir = trained
+    target = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        (tmp_path / "link").symlink_to(target)
+        config = demo_config(platforms=("cpu",), directory=str(tmp_path / "link"), formats=("stablehlo",))
+        export.run_export(config, workdir)
+        assert sorted(p.name for p in target.iterdir()) == [export.METADATA_FILE, export.STABLEHLO_FILE]
+    finally:
+        shutil.rmtree(target)
 
 
 def test_exporting_again_removes_artifacts_of_formats_not_written_this_time(trained, tmp_path, capsys):

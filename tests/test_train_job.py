@@ -271,7 +271,9 @@ def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadab
     runs = [json.loads(line) for line in (workdir / "runs.jsonl").read_text().splitlines()]
     assert [(r["start_step"], r["total_steps"]) for r in runs] == [(0, 4), (4, 6)]
     # A damaged newest step (a truncated array file) is moved aside; the run resumes from the step before it.
-    damaged = max((workdir / "checkpoints/6").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    # (the weights' largest file: the reading modes read the weights, training the optimizer state too)
+    weights = (workdir / "checkpoints/6" / checkpointing.VARIABLES).rglob("*")
+    damaged = max(weights, key=lambda p: p.stat().st_size if p.is_file() else 0)
     damaged.write_bytes(damaged.read_bytes()[:100])
     # Evaluation, prediction and export read the newest step: refused in one line naming the older ones.
     with pytest.raises(ValueError, match=r"checkpoint step 6 in .* cannot be read .*init_from=.*/checkpoints/4; steps"):
@@ -284,9 +286,12 @@ def test_resume_refuses_another_batch_size_reports_changes_and_skips_an_unreadab
     assert "resumed from" in out and "at step 4" in out and final["step"] == 6
     assert (workdir / "checkpoints/6.unreadable").is_dir() and (workdir / "checkpoints/6").is_dir()
     gc.collect()
-    # Asked again at the end: nothing to train, said so.
-    train_and_evaluate(small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2, lr_per_16=0.02), workdir)
+    # Asked again at the end: nothing to train, said so; the metrics are the finished step's, validated again.
+    again = train_and_evaluate(
+        small_config(data_dir, num_steps=6, eval_every=0, checkpoint_every=2, lr_per_16=0.02), workdir
+    )
     assert "nothing to train" in capsys.readouterr().out
+    assert again["evaluated_step"] == again["step"] == 6 == json.loads((workdir / "metrics.json").read_text())["step"]
 
 
 def test_a_failed_validation_loses_no_training_and_a_bad_eval_batch_is_refused_at_once(data_dir, tmp_path, monkeypatch):
