@@ -648,6 +648,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
             metrics = {k: v for k, v in final.items() if k not in ("stopped_by", "evaluated_step")}
             write_json(workdir / "metrics.json", {**metrics, "step": last_eval_step})
             np.save(workdir / "confusion.npy", last_eval["confusion"])
+        if jax.process_index() == 0 and last_eval_step == int(state.step):  # panels of the validated weights only
             host_batch = next(
                 pipeline.eval_batches(
                     config.dataset.name,

@@ -73,6 +73,7 @@ def test_time_boxed_run_resumed_equals_uninterrupted_run(data_dir, tmp_path):
     assert boxed["stopped_by"] == "stop_after_steps" and boxed["step"] == 4
     # Validated at step 3 (eval_every), stopped at 4: the metrics say whose they are.
     assert boxed["evaluated_step"] == 3 == json.loads((tmp_path / "boxed" / "metrics.json").read_text())["step"]
+    assert not (tmp_path / "boxed" / "predictions").exists()  # panels only of the weights validated
     first, info = checkpointing.restore_variables(tmp_path / "boxed")
     assert info["step"] == 4
     # Resumes at step 4 and replays the data order; its box ends at num_steps: finished, not stopped.
