@@ -52,7 +52,10 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     """The Segmenter fields of a registered model, with ``overrides`` applied and validated."""
     match = _NAME.match(name)
     if not match or match["head"] not in HEADS or match["neck"] not in NECKS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+        raise ValueError(
+            f"unknown model {name!r}; available: {', '.join(available_models())}, and {{head}}_{{neck}}_custom "
+            "with backbone='module:Name'"
+        )
     config: dict[str, Any] = {"head": match["head"], "neck": match["neck"]}
     custom = match["size"] == "custom"
     if custom != ("backbone" in overrides):
