@@ -524,7 +524,8 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     if settings["fold_norm"]:
         # The same function with one fewer pass per BatchNorm: its scale rides in the convolution's kernel.
         model = create_model(config.model.name, num_classes, **{**overrides, "norm_implementation": "folded"})
-        variables = fold_batch_norm(variables)
+        # Another backbone's layers are its own: 'folded' reaches only this package's (README: another backbone).
+        variables = fold_batch_norm(variables, keep=("backbone",) if "backbone" in overrides else ())
 
     class_names = list(info.get("class_names") or dataset.class_names)[:num_classes]
     metadata = {

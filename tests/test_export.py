@@ -556,3 +556,26 @@ def test_a_model_on_another_backbone_exports_as_stablehlo_and_onnx(tmp_path):
         None, {"images": images}
     )
     assert relative_error(logits, expected) <= TOLERANCE
+
+
+def test_exporting_a_custom_backbone_leaves_its_own_batch_norms_unfolded(tmp_path):
+    # Its 'bn' before 'conv' (pre-activation) is no BatchNorm after a convolution: folding it would change the
+    # function (the package folds only its own layers, built for it with norm_implementation='folded').
+    spec = {"backbone": "tests.test_models:PreNormBackbone", "jpu_width": 16, "head_width": 16}
+    model = create_model("fcn_jpu_custom", 6, **spec)
+    images = np.random.default_rng(7).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), images)
+    rng = np.random.default_rng(8)  # running statistics far from 0 and 1: a wrong fold shows
+    variables["batch_stats"] = jax.tree_util.tree_map(
+        lambda v: rng.uniform(0.5, 2.0, v.shape).astype(v.dtype), variables["batch_stats"]
+    )
+    info = {"model_name": "fcn_jpu_custom", "num_classes": 6, "dataset": DATASET, "model_overrides": spec}
+    checkpointing.save_variables(tmp_path / "run" / "checkpoints", variables, info, step=1)
+    config = demo_config(platforms=("cpu",), directory=str(tmp_path / "out"), formats=("stablehlo",))
+    config.model.name = "fcn_jpu_custom"
+    for key, value in spec.items():
+        config.model.overrides[key] = value
+    paths = export.run_export(config, tmp_path / "run")
+    assert json.loads(Path(paths["metadata"]).read_text())["batch_norm"] == "folded"  # the neck's and heads'
+    expected = reference_logits(model, variables, images)
+    assert relative_error(export.load(paths["stablehlo"])(images), expected) <= TOLERANCE

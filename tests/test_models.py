@@ -168,13 +168,15 @@ def test_registry_names():
         ("deeplab_jpu_tiny", {"aspp_rates": (12, 0)}, "aspp_rates must be positive integers"),
         ("fcn_jpu_tiny", {"jpu_dilations": ()}, "jpu_dilations must be positive integers"),
         ("fcn_jpu_tiny", {"depthwise_implementation": "bogus"}, "depthwise_implementation must be one of"),
-        ("encnet_jpu_custom", {}, r"has another backbone, named by backbone='module:Class'"),
+        ("encnet_jpu_custom", {}, r"has another backbone, named by backbone='module:Name'.*overrides.backbone"),
         (
             "encnet_jpu_r50",
             {"backbone": "a:B"},
             "names its ResNet backbone; for another one name the model encnet_jpu_custom",
         ),
-        ("psp_jpu_custom", {"backbone": "nowhere_module:Net"}, "cannot import nowhere_module .*PYTHONPATH"),
+        ("psp_jpu_custom", {"backbone": "nowhere_module:Net"}, "cannot import nowhere_module; is it on PYTHONPATH"),
+        ("psp_jpu_custom", {"backbone": "tests.needs_a_missing_package:Net"}, "importing .* failed: No module named"),
+        ("psp_jpu_custom", {"backbone": "tests.test_models:PatchBackbone", "depth": 101}, r"\['depth'\] configure the"),
         ("psp_jpu_custom", {"backbone": "tests.test_models:Nope"}, "tests.test_models has no Nope"),
         ("psp_jpu_custom", {"backbone": "tests.test_models"}, "expected 'module.path:Name'"),
         ("psp_jpu_custom", {"backbone": "tests.test_models:TINY_MODELS"}, "gives a list, not a Flax module"),
@@ -422,6 +424,79 @@ def test_the_jpu_and_heads_train_on_another_backbone():
     assert all(jax.tree_util.tree_leaves(moved))
 
 
+class PreNormBackbone(nn.Module):
+    """Stages of BatchNorm -> ReLU -> conv (submodules named 'bn' and 'conv', as this package names its own)."""
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        features, x = [], images
+        for index, width in enumerate((8, 16, 24, 32)):
+            stride = 4 if index == 0 else 2
+            x = nn.BatchNorm(use_running_average=not train, name=f"bn{index}")(x)
+            x = StageConv(width, stride, name=f"stage{index}")(nn.relu(x), train)
+            features.append(x)
+        return features
+
+
+class StageConv(nn.Module):
+    width: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+        return nn.Conv(self.width, (3, 3), strides=self.stride, padding=1, use_bias=False, name="conv")(nn.relu(x))
+
+
+class NoTrainFlag(nn.Module):
+    """ConvNeXt-style: ``__call__(images)`` only."""
+
+    @nn.compact
+    def __call__(self, images):
+        return PatchBackbone(name="inner")(images)
+
+
+class StridedBackbone(nn.Module):
+    strides: tuple = (4, 8, 16, 32)
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        batch, height, width, _ = images.shape
+        return [jnp.zeros((batch, -(-height // s), -(-width // s), 4)) for s in self.strides]
+
+
+PATCHES = PatchBackbone()  # a module-level instance, named by an import path
+
+
+def test_another_backbone_is_read_at_the_strides_its_neck_expects():
+    images = jnp.zeros((1, 70, 54, 3))
+    for neck, strides, ok in [
+        ("jpu", (4, 8, 16, 32), True),
+        ("jpu", (8, 16, 32, 64), False),  # one stage too many: the JPU would run at stride 16
+        ("jpux", (4, 8, 8, 8), False),
+        ("dilated", (4, 8, 8, 8), True),
+        ("dilated", (4, 8, 16, 32), False),  # the head would read stride 32
+    ]:
+        model = own_backbone_model(StridedBackbone(strides), neck=neck)
+        if ok:
+            jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x), images)
+            continue
+        with pytest.raises(ValueError, match=rf"the {neck} neck reads c1..c4 at strides .*\(NHWC"):
+            jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x), images)
+
+
+def test_a_backbone_without_a_training_flag_a_module_instance_and_a_class_given_by_mistake():
+    images = jnp.zeros((1, 64, 64, 3))
+    variables = own_backbone_model(NoTrainFlag()).init(jax.random.PRNGKey(0), images)
+    assert "inner" in variables["params"]["backbone"]
+    model = create_model("fcn_jpu_custom", 5, backbone="tests.test_models:PATCHES", jpu_width=16)
+    assert "downsample0" in jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]["backbone"]
+    with pytest.raises(
+        ValueError, match=r"backbone must be a Flax module \(an instance\), got a class: pass an instance"
+    ):
+        own_backbone_model(PatchBackbone).init(jax.random.PRNGKey(0), images)
+
+
 class ListBackbone(nn.Module):
     features: tuple
 
@@ -438,7 +513,7 @@ class ListBackbone(nn.Module):
         (
             ListBackbone(((16, 16), (2, 2), (4, 4), (8, 8))),
             {},
-            r"from fine to coarse .* \[\(2, 2\), \(4, 4\), \(8, 8\)\]",
+            r"at strides .* got \[\(16, 16\), \(2, 2\), \(4, 4\), \(8, 8\)\]",
         ),
         (PatchBackbone(), {"depth": 101}, r"\['depth'\] configure the ResNet backbone, which backbone PatchBackbone"),
         (PatchBackbone(), {"stem": "standard"}, r"\['stem'\] configure the ResNet"),

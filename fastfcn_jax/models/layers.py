@@ -838,14 +838,15 @@ def make_norm(
 FOLDABLE_PAIRS = (("conv", "bn"), ("depthwise", "depthwise_norm"), ("pointwise", "pointwise_norm"))
 
 
-def fold_batch_norm(variables: Any, epsilon: float = NORM_EPSILON) -> dict[str, Any]:
+def fold_batch_norm(variables: Any, epsilon: float = NORM_EPSILON, keep: Sequence[str] = ()) -> dict[str, Any]:
     """Variables for ``norm_implementation='folded'``: each BatchNorm that follows a convolution is folded in.
 
     ``bn(conv(x, W)) = conv(x, W * m) + (bias - mean * m)`` with ``m = scale / sqrt(var + eps)`` per output
     channel: the kernel takes ``m`` along its last (output) axis, the BatchNorm's ``bias`` the shift, its
     ``scale``, ``mean`` and ``var`` become 1, 0, 1 (unused). Computed in float64, stored in the variables'
     dtypes. GroupNorms (no running statistics) and BatchNorms without a convolution sibling (EncNet's
-    codeword BatchNorm) are left as they are, and so does the model built with ``'folded'``.
+    codeword BatchNorm) are left as they are, and so does the model built with ``'folded'``. ``keep``: top-level
+    modules left as they are (another backbone, whose own layers ``'folded'`` does not reach).
     """
     params, stats = variables["params"], variables.get("batch_stats", {})
 
@@ -889,9 +890,11 @@ def fold_batch_norm(variables: Any, epsilon: float = NORM_EPSILON) -> dict[str, 
         return out
 
     folded = dict(variables)
-    folded["params"] = fold(params, stats)
+    kept_params, kept_stats = ({k: v for k, v in tree.items() if k in keep} for tree in (params, stats))
+    params, stats = ({k: v for k, v in tree.items() if k not in keep} for tree in (params, stats))
+    folded["params"] = {**fold(params, stats), **kept_params}
     if "batch_stats" in variables:
-        folded["batch_stats"] = reset_stats(params, stats)
+        folded["batch_stats"] = {**reset_stats(params, stats), **kept_stats}
     return folded
 
 

@@ -60,12 +60,15 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     custom = match["size"] == "custom"
     if custom != ("backbone" in overrides):
         raise ValueError(
-            f"{name!r} has another backbone, named by backbone='module:Class' (an import path)"
+            f"{name!r} has another backbone, named by backbone='module:Name', an import path (on the command line "
+            "--config.model.overrides.backbone=module:Name; a checkpoint of such a model stores it)"
             if custom
             else f"{name!r} names its ResNet backbone; for another one name the model "
             f"{match['head']}_{match['neck']}_custom with backbone='module:Class' (an import path)"
         )
-    resnet_fields = sorted(set(overrides) & {"stem", "stem_width", "base_width", "output_stride"})
+    resnet_fields = sorted(
+        set(overrides) & {"depth", "stage_sizes", "stem", "stem_width", "base_width", "output_stride"}
+    )
     if custom and resnet_fields:
         raise ValueError(f"{resnet_fields} configure the ResNet, which {name!r} replaces by its backbone")
     if match["size"] == "tiny":
@@ -100,17 +103,21 @@ def load_backbone(spec: Any) -> Any:
     import flax.linen as nn
 
     if isinstance(spec, nn.Module):
-        return spec
+        return spec.clone()
     module_name, _, attribute = str(spec).partition(":")
     if not module_name or not attribute:
         raise ValueError(f"backbone={spec!r}: expected 'module.path:Name', e.g. 'my_package.nets:ConvNeXtTiny'")
     try:
         found = getattr(importlib.import_module(module_name), attribute)
     except ImportError as error:
-        raise ValueError(f"backbone={spec!r}: cannot import {module_name} ({error}); is it on PYTHONPATH?") from None
+        missing = getattr(error, "name", None) or ""
+        if module_name == missing or module_name.startswith(f"{missing}."):
+            raise ValueError(f"backbone={spec!r}: cannot import {module_name}; is it on PYTHONPATH?") from None
+        raise ValueError(f"backbone={spec!r}: importing {module_name} failed: {error}") from None
     except AttributeError:
         raise ValueError(f"backbone={spec!r}: {module_name} has no {attribute}") from None
-    backbone = found() if callable(found) else found
+    # A module instance is callable too (it applies the module): used as it is, a copy per model.
+    backbone = found.clone() if isinstance(found, nn.Module) else found() if callable(found) else found
     if not isinstance(backbone, nn.Module):
         raise ValueError(f"backbone={spec!r} gives a {type(backbone).__name__}, not a Flax module")
     return backbone

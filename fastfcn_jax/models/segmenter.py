@@ -9,7 +9,7 @@ align-corners bilinear interpolation.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,11 +49,12 @@ class Segmenter(nn.Module):
     ``aux_head`` (head outputs before upsampling) and, for EncNet, ``enc_x``, ``enc_e`` [B, K, D],
     ``enc_en`` [B, D]; each is stored as the array itself (not a tuple).
 
-    ``backbone``: another network in place of the ResNet, a Flax module whose ``__call__(images, train)``
-    returns the four stage outputs ``(c1, c2, c3, c4)`` (NHWC, any widths; strides 4, 8, 16, 32 for the JPU
-    necks, as ConvNeXt or Swin give them; output stride 8 for ``neck='dilated'``). Its parameters are the
-    ``'backbone'`` group (the base learning rate; the neck and heads get the multiplier), and the ResNet's
-    own fields (``depth``, ``stem``, ...) must keep their defaults.
+    ``backbone``: another network in place of the ResNet, a Flax module whose ``__call__(images)`` (or
+    ``(images, train)``, where it has a ``train`` parameter) returns the four stage outputs ``(c1, c2, c3, c4)``
+    (NHWC, any widths; strides 4, 8, 16, 32 for the JPU necks, as ConvNeXt or Swin give them; 4, 8, 8, 8 for
+    ``neck='dilated'``; checked). Its parameters are the ``'backbone'`` group (the base learning rate; the
+    neck and heads get the multiplier), and the ResNet's own fields (``depth``, ``stem``, ...) must keep their
+    defaults.
     """
 
     num_classes: int
@@ -203,6 +204,13 @@ class Segmenter(nn.Module):
         return outputs
 
     def _own_backbone_features(self, images: jax.Array, train: bool) -> tuple[jax.Array, ...]:
+        if not isinstance(self.backbone, nn.Module):
+            given = self.backbone
+            kind = "a class: pass an instance, e.g. MyNet()" if isinstance(given, type) else type(given).__name__
+            raise ValueError(
+                f"backbone must be a Flax module (an instance), got {kind}; an import path 'module:Name' is for "
+                "models named {head}_{neck}_custom (create_model, config.model.overrides.backbone)"
+            )
         what = f"backbone {type(self.backbone).__name__}"
         resnet_fields = [
             f.name for f in dataclasses.fields(self) if f.name in _RESNET_FIELDS and getattr(self, f.name) != f.default
@@ -211,7 +219,9 @@ class Segmenter(nn.Module):
             raise ValueError(
                 f"{resnet_fields} configure the ResNet backbone, which {what} replaces: set them on it instead"
             )
-        features = self.backbone(images, train)
+        # Called with the training flag where its __call__ takes one (BatchNorm, dropout), else with the images.
+        takes_train = "train" in inspect.signature(type(self.backbone).__call__).parameters
+        features = self.backbone(images, train) if takes_train else self.backbone(images)
         if not isinstance(features, Sequence) or len(features) != 4:
             raise ValueError(f"{what} must return the four stage outputs (c1, c2, c3, c4), got {_describe(features)}")
         for name, feature in zip(("c1", "c2", "c3", "c4"), features, strict=True):
@@ -220,14 +230,19 @@ class Segmenter(nn.Module):
                     f"{what}: {name} must be an NHWC array of the batch's {images.shape[0]} images, "
                     f"got {_describe(feature)}"
                 )
-        if self.neck != "dilated":
-            # The JPU resizes c3 and c4 up to c2's size; maps that grow along the stages mean another order.
-            sizes = [f.shape[1:3] for f in features[1:]]
-            if not all(a[0] >= b[0] and a[1] >= b[1] for a, b in itertools.pairwise(sizes)):
-                raise ValueError(
-                    f"{what}: the {self.neck} neck needs c2, c3, c4 from fine to coarse (strides 8, 16, 32), got "
-                    f"spatial sizes {[tuple(s) for s in sizes]}"
-                )
+        # The strides the neck reads the maps at (the JPU resizes c3 and c4 to c2; the dilated neck's head reads
+        # c4 as the dilated ResNet's): each side within a pixel of the image's over the stride (floor or ceil).
+        strides = (4, 8, 16, 32) if self.neck != "dilated" else (4, 8, 8, 8)
+        sizes = [tuple(int(d) for d in f.shape[1:3]) for f in features]
+        expected = [tuple(side / stride for side in images.shape[1:3]) for stride in strides]
+        if not all(
+            abs(a - b) < 1 for size, want in zip(sizes, expected, strict=True) for a, b in zip(size, want, strict=True)
+        ):
+            raise ValueError(
+                f"{what}: the {self.neck} neck reads c1..c4 at strides {strides} of the image, so for "
+                f"{tuple(images.shape[1:3])} images at about {[tuple(round(v, 1) for v in e) for e in expected]}, "
+                f"got {sizes} (NHWC: [batch, height, width, channels])"
+            )
         return tuple(features)
 
     def _head(self) -> nn.Module:

@@ -1,0 +1,1 @@
+import timm_not_installed_anywhere  # noqa: F401
