@@ -24,8 +24,8 @@ VARIABLES = "variables"
 INFO = "info"
 TRAIN_STATE = "train_state"
 REQUIRED_INFO = ("model_name", "num_classes")
-# Converter sources (info['source']) of ImageNet weights: only the backbone is trained, JPU and heads are random.
-BACKBONE_SOURCES = ("resnet_s", "torchvision")
+# Checkpoints (info['source']) that hold only a backbone: the converter's ImageNet weights, and save_backbone's.
+BACKBONE_SOURCES = ("resnet_s", "torchvision", "backbone")
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -98,6 +98,15 @@ def save_variables(directory: str | Path, variables: Mapping[str, Any], info: Ma
         )
         manager.wait_until_finished()
     return directory
+
+
+def save_backbone(directory: str | Path, params: Any, batch_stats: Any = None, *, description: str = "") -> Path:
+    """Writes pretrained weights of a backbone alone (another backbone's: README "The JPU on another backbone")
+    as a checkpoint that ``config.init_from`` takes for the backbone of any model with that backbone, the neck
+    and heads left to their initialisers (as the ImageNet conversions of the ResNets)."""
+    variables = {"params": {"backbone": params}, "batch_stats": {"backbone": batch_stats or {}}}
+    info = {"model_name": "backbone", "num_classes": 0, "source": "backbone", "input_file": description}
+    return save_variables(directory, variables, info)
 
 
 def _item_handlers() -> dict[str, Any]:
@@ -182,9 +191,8 @@ def require_segmentation_weights(info: Mapping[str, Any], source: Any, use: str)
     prediction, export): its model's JPU and heads were never trained."""
     if info.get("source") in BACKBONE_SOURCES:
         raise ValueError(
-            f"{source} holds ImageNet weights ({info['source']}): only its backbone is trained, its JPU and heads "
-            f"are random, so it cannot be {use}; train a model from it first (--mode=train "
-            f"--config.init_from={source})"
+            f"{source} holds a backbone's weights alone ({info['source']}): its JPU and heads were never trained, "
+            f"so it cannot be {use}; train a model from it first (--mode=train --config.init_from={source})"
         )
 
 

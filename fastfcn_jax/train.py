@@ -222,7 +222,7 @@ def load_pretrained(
         restored = {c: {"backbone": tree.get("backbone", {})} for c, tree in restored.items()}
     problems = checkpointing.variable_mismatches(current, restored)
     if problems:
-        what = f"the backbone of ImageNet weights ({info.get('source')})" if backbone_only else "the checkpoint"
+        what = f"the backbone weights ({info.get('source')})" if backbone_only else "the checkpoint"
         stems = {"torchvision": "standard", "resnet_s": "deep"}
         hint = ""
         if backbone_only and info.get("source") in stems and any("stem" in problem for problem in problems):
@@ -460,12 +460,13 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
             state, source = load_pretrained(state, config.init_from, mesh, f"the configured {config.model.name}")
             if source.get("source") in checkpointing.BACKBONE_SOURCES and config.train.get("requires_init_from"):
                 raise ValueError(
-                    f"init_from={config.init_from} holds ImageNet weights (only a backbone), but this config "
+                    f"init_from={config.init_from} holds a backbone's weights alone, but this config "
                     "fine-tunes a trained segmenter (config.train.requires_init_from): pass the workdir of the run it "
                     "continues"
                 )
             if source.get("source") in checkpointing.BACKBONE_SOURCES:
-                report(f"initialised the backbone from {config.init_from} (ImageNet, {source.get('input_file')})")
+                origin = "ImageNet, " if source.get("source") != "backbone" else ""
+                report(f"initialised the backbone from {config.init_from} ({origin}{source.get('input_file')})")
             else:
                 report(f"initialised from {config.init_from} ({source.get('model_name')})")
     start_step = int(state.step)

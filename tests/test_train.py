@@ -226,7 +226,8 @@ def test_imagenet_weights_are_refused_where_a_trained_segmentation_model_is_need
 
     info = {"model_name": "encnet_jpu_tiny", "num_classes": NUM_CLASSES, "source": "resnet_s"}
     checkpointing.save_variables(tmp_path, {"params": {"w": np.zeros(2)}, "batch_stats": {}}, info)
-    with pytest.raises(ValueError, match=r"ImageNet weights \(resnet_s\).*JPU and heads are random.*--mode=train"):
+    expected = r"a backbone.s weights alone \(resnet_s\).*JPU and heads were never trained.*--mode=train"
+    with pytest.raises(ValueError, match=expected):
         Predictor.from_checkpoint(tmp_path)
 
 

@@ -150,12 +150,12 @@ def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilati
     assert convert(["--model", "fcn_jpu_tiny", *args, "--out", str(tmp_path / "standard")]) == 0
     config = small_config(data_dir, num_steps=1, eval_every=0, requires_init_from=True)  # a fine-tune config
     config.init_from = str(tmp_path / "backbone")
-    with pytest.raises(ValueError, match="holds ImageNet weights .only a backbone., but this config fine-tunes"):
+    with pytest.raises(ValueError, match="holds a backbone.s weights alone, but this config fine-tunes"):
         train_and_evaluate(config, tmp_path / "finetune_from_imagenet")
 
     config = small_config(data_dir, num_steps=1, eval_every=0)
     config.init_from = str(tmp_path / "standard")  # a 7x7 stem for the deep-stem model
-    with pytest.raises(ValueError, match=r"backbone of ImageNet weights \(torchvision\) does not fit.*stem") as error:
+    with pytest.raises(ValueError, match=r"the backbone weights \(torchvision\) does not fit.*stem") as error:
         train_and_evaluate(config, tmp_path / "standard_run")
     assert "train with --config.model.overrides.stem=standard" in str(error.value)
 
@@ -461,3 +461,18 @@ def test_a_custom_backbone_model_trains_evaluates_and_exports_from_its_checkpoin
     paths = export.run_export(reading, tmp_path)
     segmenter = export.load(paths["stablehlo"])
     assert segmenter(np.zeros((1, *segmenter.image_size, 3), np.float32)).shape == (1, *segmenter.image_size, 6)
+
+    # Its backbone alone (checkpointing.save_backbone) initialises another head's model on that backbone.
+    from fastfcn_jax import optim, sharding, train
+    from fastfcn_jax.models import create_model
+
+    checkpointing.save_backbone(
+        tmp_path / "backbone", variables["params"]["backbone"], variables["batch_stats"].get("backbone")
+    )
+    other = create_model("psp_jpux_custom", 3, backbone="tests.test_models:PatchBackbone", jpu_width=32, jpux_groups=4)
+    optimizer, mesh = optim.make_optimizer(lambda step: 0.01), sharding.make_mesh(None)
+    fresh = train.create_train_state(other, optimizer, jax.random.PRNGKey(5), (1, 64, 64, 3), mesh)
+    loaded, source = train.load_pretrained(fresh, str(tmp_path / "backbone"), mesh)
+    assert source["source"] == "backbone"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params["backbone"], variables["params"]["backbone"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params["neck"], fresh.params["neck"])
