@@ -486,8 +486,9 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     latest) as the formats in
     ``config.export.formats``; returns ``{'stablehlo', 'metadata', 'params', 'savedmodel', 'onnx'}`` -> path for
     those written. The model is ``config.model``; a checkpoint of another model or class count is an error.
-    Every artifact is written to a folder beside the directory and moved into it only when all are, so a failed
-    export leaves the directory as it was. An earlier export's artifacts there that this one does not write
+    Every artifact is written to a hidden folder inside the directory and moved into place only when all are
+    written (an earlier one of the same name put back if a move fails), so a failed export leaves the directory
+    as it was. An earlier export's artifacts there that this one does not write
     again (:func:`stale_artifacts`) are then removed, and that is printed.
     """
     from fastfcn_jax import checkpointing

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models.layers import backend, op_overrides, parse_ops
-from fastfcn_jax.models.segmenter import HEADS, NECKS, Segmenter
+from fastfcn_jax.models.segmenter import HEADS, NECKS, RESNET_FIELDS, Segmenter
 
 DEPTHS = (50, 101, 152)
 
@@ -64,11 +64,9 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
             "--config.model.overrides.backbone=module:Name; a checkpoint of such a model stores it)"
             if custom
             else f"{name!r} names its ResNet backbone; for another one name the model "
-            f"{match['head']}_{match['neck']}_custom with backbone='module:Class' (an import path)"
+            f"{match['head']}_{match['neck']}_custom with backbone='module:Name' (an import path)"
         )
-    resnet_fields = sorted(
-        set(overrides) & {"depth", "stage_sizes", "stem", "stem_width", "base_width", "output_stride"}
-    )
+    resnet_fields = sorted(set(overrides) & set(RESNET_FIELDS))
     if custom and resnet_fields:
         raise ValueError(f"{resnet_fields} configure the ResNet, which {name!r} replaces by its backbone")
     if match["size"] == "tiny":

@@ -25,7 +25,7 @@ from fastfcn_jax.models.resnet import STAGE_SIZES, ResNet
 HEADS = ("encnet", "psp", "deeplab", "fcn")
 NECKS = ("jpu", "jpux", "dilated")
 # The ResNet's fields, which a Segmenter given its own backbone does not use.
-_RESNET_FIELDS = ("depth", "stage_sizes", "stem", "stem_width", "base_width", "output_stride")
+RESNET_FIELDS = ("depth", "stage_sizes", "stem", "stem_width", "base_width", "output_stride")
 
 # Sown under these exact names when ``mutable=['intermediates']`` is passed to ``apply``.
 INTERMEDIATE_NAMES = ("c1", "c2", "c3", "c4", "jpu", "head", "aux_head", "enc_x", "enc_e", "enc_en")
@@ -213,7 +213,7 @@ class Segmenter(nn.Module):
             )
         what = f"backbone {type(self.backbone).__name__}"
         resnet_fields = [
-            f.name for f in dataclasses.fields(self) if f.name in _RESNET_FIELDS and getattr(self, f.name) != f.default
+            f.name for f in dataclasses.fields(self) if f.name in RESNET_FIELDS and getattr(self, f.name) != f.default
         ]
         if resnet_fields:
             raise ValueError(
