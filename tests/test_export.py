@@ -489,7 +489,8 @@ def test_an_export_directory_on_another_filesystem_is_written_in_place(trained, 
     # A link to another filesystem (here memory): the staging folder lives inside the directory.
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs /dev/shm on another filesystem than the tests' temporary folder")
+        # A second filesystem cannot be made without privileges; this project's machines (and CI) have one.
+        pytest.skip("no /dev/shm on another filesystem than the tests' temporary folder on this machine")
     _, _, workdir = trained
     target = Path(tempfile.mkdtemp(dir=shm))
     try:
