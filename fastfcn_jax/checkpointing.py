@@ -465,6 +465,13 @@ class TrainCheckpointer:
         self._best.wait_until_finished()
 
     def close(self) -> None:
+        """Finishes the saves begun; removes ``checkpoints/`` and ``best/`` if nothing was saved in them (a run
+        that failed before its first save leaves its workdir as it found it, not with empty folders that look
+        like a run)."""
         self.wait()
         self._manager.close()
         self._best.close()
+        if jax.process_index() == 0:
+            for directory in (self.directory, self.directory.parent / "best"):
+                with contextlib.suppress(OSError):  # not empty (or already gone): kept
+                    directory.rmdir()

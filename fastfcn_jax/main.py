@@ -6,7 +6,7 @@ Thin glue: parses flags, validates the config and dispatches to the mode's modul
 - ``eval``: the reference's test protocol on a split (docs/evaluation.md);
 - ``predict``: masks and overlays for ``--inputs`` (a file, folder or glob);
 - ``export``: StableHLO / SavedModel artifacts (docs/export.md);
-- ``summary``: parameter table and one forward pass;
+- ``summary``: parameter table and one forward pass (of the model WORKDIR's checkpoint or ``init_from`` holds, if any);
 - ``benchmark``: forward latency and FLOPs, dilated vs JPU.
 
 Exit status of ``train``: 0 when ``num_steps`` are done; ``EXIT_RESUMABLE`` (75, sysexits' EX_TEMPFAIL)
@@ -264,16 +264,21 @@ def run_mode() -> None:
             written.write_text(json.dumps(results, indent=2, default=str))
             print(f"written to {written}")
         elif config.mode == "summary":
+            from pathlib import Path
+
             from fastfcn_jax.summary import run_summary
 
+            # The model a checkpoint holds, as eval and predict run it: the workdir's own, or config.init_from.
+            trained = any(step.name.isdigit() for step in (Path(workdir) / "checkpoints").glob("*"))
+            checkpoint = config.init_from or (workdir if trained else None)
             model_config = config.model.to_dict()
-            if not model_config["num_classes"]:
+            if not model_config["num_classes"] and checkpoint != workdir:  # an init_from may hold a backbone alone
                 from fastfcn_jax.data.datasets import get_dataset_info
 
                 data_dir = config.dataset.get("data_dir") or None
                 model_config["num_classes"] = get_dataset_info(config.dataset.name, data_dir).num_classes
-            size = config.dataset.crop_size or 512
-            run_summary(model_config, (size, size), 1, config.seed, workdir)
+            size = config.dataset.crop_size
+            run_summary(model_config, (size, size) if size else None, 1, config.seed, workdir, checkpoint)
     except KeyboardInterrupt as error:
         # A second signal during training (train.StoppedNow): said in one line, exit status 128 + N as for a process
         # that signal ended. A job of several processes leaves through leave_failed_job, which does the same.

@@ -32,18 +32,43 @@ def parameter_table(variables: Mapping[str, Any]) -> str:
 
 def run_summary(
     model_config: Mapping[str, Any],
-    image_size: tuple[int, int],
+    image_size: tuple[int, int] | None,
     batch_size: int,
     seed: int,
     workdir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Builds the model, runs one forward pass on random images and returns (and prints) a summary.
 
-    Writes ``summary.json`` into ``workdir`` when given.
+    With ``checkpoint`` (a training workdir or a converter output), the model it holds with its weights, as
+    evaluation and prediction run it (``model_config``'s contradicting choices are named and not used); else
+    (or for a backbone's weights alone) ``model_config``'s with random weights. ``image_size`` None: the crop
+    size the checkpoint was trained at, else 512. Writes ``summary.json`` into ``workdir`` when given.
     """
-    model = model_from_config(model_config)
+    from fastfcn_jax import checkpointing
+
+    variables, info = checkpointing.restore_variables(checkpoint) if checkpoint is not None else (None, {})
+    if info.get("source") in checkpointing.BACKBONE_SOURCES:
+        print(f"note: {checkpoint} holds a backbone's weights alone: the configured model is summarised")
+        variables, info = None, {}
+    crop = int(info.get("crop_size") or 512)
+    image_size = tuple(image_size or (crop, crop))
     images = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, *image_size, 3), jnp.float32)
-    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(seed + 1), x, train=False))(images)
+    described: dict[str, Any] = {}
+    if variables is not None:
+        from fastfcn_jax.models import create_model
+
+        checkpointing.note_unused_model_config(info, checkpoint, model_config, "is summarised")
+        overrides = checkpointing.model_overrides(info)
+        model = create_model(info["model_name"], int(info["num_classes"]), **overrides)
+        checkpointing.check_variables(model, variables, f"checkpoint {checkpoint} ({info['model_name']})")
+        model_config = {"name": info["model_name"], "num_classes": int(info["num_classes"]), "overrides": overrides}
+        described = {"checkpoint": str(Path(checkpoint).expanduser().absolute()), "step": info["step"]}
+    else:
+        if not model_config.get("num_classes"):
+            raise ValueError("set config.model.num_classes: there is no checkpoint to take the class count from")
+        model = model_from_config(model_config)
+        variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(seed + 1), x, train=False))(images)
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     start = time.perf_counter()
     outputs = jax.block_until_ready(forward(variables, images))
@@ -53,6 +78,7 @@ def run_summary(
     second = time.perf_counter() - start
     summary = {
         "model": dict(model_config.items()) | {"overrides": dict((model_config.get("overrides") or {}).items())},
+        **described,
         "input_shape": [batch_size, *image_size, 3],
         "outputs": {k: list(v.shape) for k, v in outputs.items()},
         "parameters": count_parameters(variables["params"]),
@@ -62,7 +88,8 @@ def run_summary(
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
-    print(f"model {model_config['name']} ({model_config['num_classes']} classes) on {jax.default_backend()}")
+    weights = f"step {described['step']} of {described['checkpoint']}" if described else "random weights"
+    print(f"model {model_config['name']} ({model_config['num_classes']} classes, {weights}) on {jax.default_backend()}")
     print(parameter_table(variables))
     for key, shape in summary["outputs"].items():
         print(f"{key}: {shape}")

@@ -34,6 +34,43 @@ def test_demo_summary_runs_and_writes_summary(tmp_path):
     assert "| **total** |" in result.stdout
 
 
+def test_summary_of_a_trained_workdir_describes_its_checkpoints_model(tmp_path):
+    import jax
+    import numpy as np
+
+    from fastfcn_jax import checkpointing
+    from fastfcn_jax.models import create_model
+
+    # Trained with an architecture override the summary's command line does not repeat.
+    model = create_model("fcn_jpu_tiny", 5, jpu_width=8, aux=False)
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(np.zeros((1, 32, 32, 3)))
+    info = {
+        "model_name": "fcn_jpu_tiny",
+        "num_classes": 5,
+        "model_overrides": {"jpu_width": 8, "aux": False},
+        "crop_size": 48,
+    }
+    checkpointing.save_variables(tmp_path / "checkpoints", jax.device_get(variables), info, step=3)
+    # The demo config (encnet_jpu_tiny) without its crop size (96).
+    result = run_main(f"--workdir={tmp_path}", "--mode=summary", "--config.dataset.crop_size=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the config's config.model.name=encnet_jpu_tiny is not used" in result.stdout
+    assert f"fcn_jpu_tiny (5 classes, step 3 of {tmp_path})" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outputs"] == {"logits": [1, 48, 48, 5]}  # at the crop size it was trained at
+    assert summary["model"]["overrides"]["jpu_width"] == 8 and summary["step"] == 3
+    assert summary["parameters"] == sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(variables["params"]))
+
+    # A backbone's weights alone (config.init_from): the configured model, with random weights.
+    checkpointing.save_backbone(tmp_path / "backbone", variables["params"]["backbone"])
+    result = run_main(
+        f"--workdir={tmp_path / 'other'}", "--mode=summary", f"--config.init_from={tmp_path / 'backbone'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds a backbone's weights alone: the configured model is summarised" in result.stdout
+    assert "encnet_jpu_tiny (6 classes, random weights)" in result.stdout
+
+
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--config.model.nmae=psp_jpu_tiny")
     assert result.returncode != 0

@@ -109,12 +109,15 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
         r"\d+ unexpected: params/decode_head/",
     ):
         train_and_evaluate(config, tmp_path / "mismatch")
+    # A run that failed before its first save leaves no empty checkpoint folders that would look like a run.
+    assert not (tmp_path / "mismatch" / "checkpoints").exists() and not (tmp_path / "mismatch" / "best").exists()
 
     # A fine-tune config (the ADE20K trainval one) refuses to start from scratch.
     config = small_config(data_dir, num_steps=1, requires_init_from=True)
     with pytest.raises(ValueError, match="fine-tunes trained weights.*--config.init_from"):
         train_and_evaluate(config, tmp_path / "scratch")
-    assert not list((tmp_path / "scratch").glob("checkpoints/*"))
+    assert not (tmp_path / "scratch" / "checkpoints").exists() and not (tmp_path / "scratch" / "best").exists()
+    assert list((tmp_path / "source" / "checkpoints").iterdir()) and list((tmp_path / "source" / "best").iterdir())
 
 
 def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilation(data_dir, tmp_path):
