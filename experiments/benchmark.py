@@ -26,7 +26,7 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     run_benchmark,
     tiny_variant,
 )
-from fastfcn_jax.models.layers import parse_ops  # noqa: E402
+from fastfcn_jax.models.op_choices import parse_ops  # noqa: E402
 
 
 def _image_size(text: str) -> tuple[int, int]:

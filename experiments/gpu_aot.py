@@ -14,7 +14,7 @@ Needs jax with the CUDA plugin, no GPU (about 5 GB of wheels; Python 3.11 gets j
     PYTHONPATH=. /tmp/gpuaot/bin/python experiments/gpu_aot.py --train --size 480 --no-triton-gemm
 
 ``--hlo-out`` keeps the optimized HLO; ``XLA_FLAGS=--xla_dump_to=DIR`` also dumps each kernel's PTX.
-Op choices: ``'auto'`` resolves for a GPU (``layers.target_backend('gpu')``), not for the CPU the script
+Op choices: ``'auto'`` resolves for a GPU (``op_choices.target_backend('gpu')``), not for the CPU the script
 runs on, unless ``--ops`` says otherwise. Without autotuning the
 GEMM tile sizes are XLA's defaults, so compare bytes and fusion structure, not GEMM efficiency.
 The jaxlib 0.10.2 compiler aborts on one Triton GEMM fusion of the EncNet+JPU training step
@@ -91,7 +91,7 @@ def compile_for_gpu(args: argparse.Namespace) -> str:
     from jax.experimental.topologies import get_topology_desc
 
     from fastfcn_jax import aot
-    from fastfcn_jax.models.layers import parse_ops
+    from fastfcn_jax.models.op_choices import parse_ops
 
     gpu = GPUS[args.gpu]
     topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")

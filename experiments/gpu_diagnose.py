@@ -48,7 +48,7 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     tiny_variant,
 )
 from fastfcn_jax.models import create_model  # noqa: E402
-from fastfcn_jax.models.layers import op_overrides, parse_ops  # noqa: E402
+from fastfcn_jax.models.op_choices import op_overrides, parse_ops  # noqa: E402
 
 JPU, DILATED = "encnet_jpu_r50", "encnet_dilated_r50"
 # (model, until, ops): prefixes of both models, then the JPU prefix under each alternative op.

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from fastfcn_jax import export  # noqa: E402
 from fastfcn_jax.models import available_models, create_model  # noqa: E402
-from fastfcn_jax.models.layers import fold_batch_norm, xla_forms  # noqa: E402
+from fastfcn_jax.models.batch_norm import fold_batch_norm  # noqa: E402
+from fastfcn_jax.models.op_choices import xla_forms  # noqa: E402
 
 TINY = [name for name in available_models() if name.endswith("_tiny")]
 

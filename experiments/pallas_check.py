@@ -27,7 +27,7 @@ import numpy as np
 
 from fastfcn_jax import losses, upsampled_loss_pallas
 from fastfcn_jax.benchmark import time_calls
-from fastfcn_jax.models import batch_norm_pallas, depthwise_pallas, layers
+from fastfcn_jax.models import batch_norm_pallas, depthwise, depthwise_pallas, resize
 
 # (column block, warps) of the loss kernel timed on a GPU; the first is the default.
 LOSS_KERNEL_CONFIGS = (
@@ -52,7 +52,7 @@ def check(batch: int, size: int, channels: int, dilation: int, margin: int, inte
     # at the training shapes, minutes of compile on an H200).
     @jax.jit
     def reference(x, kernel, grad):
-        forward, vjp = jax.vjp(lambda x, k: layers._shifted_taps(x, k, dilation, margin), x, kernel)
+        forward, vjp = jax.vjp(lambda x, k: depthwise._shifted_taps(x, k, dilation, margin), x, kernel)
         return forward, *vjp(grad)
 
     want_forward, want_x, want_kernel = reference(x, kernel, grad)
@@ -112,7 +112,7 @@ def time_loss(
     """(what, median ms) of one head's loss and gradient in both forms, and of the kernel alone under
     :data:`LOSS_KERNEL_CONFIGS` (GPUs: Triton)."""
     logits, labels = _loss_inputs(batch, low, high, classes)
-    rows = layers.resize_bilinear(logits, (low, high))
+    rows = resize.resize_bilinear(logits, (low, high))
     timings = [
         (f"loss + gradient, {name}", _median_ms(f, logits, labels, runs=runs)) for name, f in _loss_functions().items()
     ]
@@ -145,7 +145,9 @@ def time_kernel_gradient(
     keys = jax.random.split(jax.random.PRNGKey(dilation))
     x = jax.random.normal(keys[0], (batch, size + 2 * margin, size + 2 * margin, channels), jnp.bfloat16)
     grad = jax.random.normal(keys[1], (batch, size, size, channels), jnp.bfloat16)
-    xla = jax.jit(lambda x, g: layers._tap_gradients(layers._shifted_views(x, 3, dilation, margin), g, form="stacked"))
+    xla = jax.jit(
+        lambda x, g: depthwise._tap_gradients(depthwise._shifted_views(x, 3, dilation, margin), g, form="stacked")
+    )
     timings = [("XLA, stacked taps", _median_ms(xla, x, grad, runs=runs))]
     for rows in KERNEL_GRAD_ROWS:
         kernel = jax.jit(

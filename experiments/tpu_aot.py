@@ -14,7 +14,7 @@ model, not a measurement; use it to compare formulations and models and to size 
 
 Every combination of ``--model`` (comma-separated) and ``--ops`` (repeatable; ``''`` is the defaults)
 gives one row of the summary table; ``--details`` also prints each program's per-scope breakdown and its
-costliest kernels. Op choices: ``'auto'`` resolves for a TPU (``layers.target_backend('tpu')``).
+costliest kernels. Op choices: ``'auto'`` resolves for a TPU (``op_choices.target_backend('tpu')``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 def analyse(args: argparse.Namespace, model: str, ops: str) -> dict:
     """Compiles one program for the TPU and returns its summary row (and its kernels)."""
     from fastfcn_jax import aot, roofline
-    from fastfcn_jax.models.layers import parse_ops
+    from fastfcn_jax.models.op_choices import parse_ops
 
     target = aot.TPUS[args.tpu]
     devices = aot.tpu_devices(target, args.devices)

@@ -10,7 +10,7 @@ is compiled (its row printed and saved at once: a time limit loses only what was
 them again in turn, round by round, so that a slow drift of the machine hits all alike. Each is timed with a
 wait after every step (``median ms``) and with its steps dispatched back to back as the training loop runs
 them (``b2b ms``, per step; TFLOP/s from it). A variant that fails to compile or run is reported and skipped. A variant
-is ``default`` or ``OP=CHOICE[,OP=CHOICE...]`` (see ``fastfcn_jax.models.layers.OpChoices``); ``--model``
+is ``default`` or ``OP=CHOICE[,OP=CHOICE...]`` (see ``fastfcn_jax.models.op_choices.OpChoices``); ``--model``
 may name other models too (``--variant model=encnet_dilated_r50``). Prints a markdown table; ``--output``
 writes the JSON. Needs only jax, flax, optax and numpy.
 """
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from fastfcn_jax.benchmark import compile_train_step, describe_device, environment, tiny_variant
-from fastfcn_jax.models.layers import parse_ops
+from fastfcn_jax.models.op_choices import parse_ops
 
 
 def parse_variant(text: str, model: str) -> tuple[str, str, dict[str, str]]:

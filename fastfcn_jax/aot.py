@@ -99,11 +99,11 @@ def lower(
     ``name`` lowered for ``devices``, from shapes only (no arrays are allocated).
 
     ``batch_size`` is the global batch, split over the devices; ``backend`` ('cpu', 'gpu' or 'tpu') is what
-    ``'auto'`` op choices resolve for (:func:`fastfcn_jax.models.layers.target_backend`).
+    ``'auto'`` op choices resolve for (:func:`fastfcn_jax.models.op_choices.target_backend`).
     """
     from fastfcn_jax.benchmark import synthetic_variables
     from fastfcn_jax.models import create_model
-    from fastfcn_jax.models.layers import op_overrides, target_backend
+    from fastfcn_jax.models.op_choices import op_overrides, target_backend
 
     if batch_size % len(devices):
         raise ValueError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")

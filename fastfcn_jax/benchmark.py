@@ -32,7 +32,8 @@ import numpy as np
 
 from fastfcn_jax import sharding
 from fastfcn_jax.models import create_model
-from fastfcn_jax.models.layers import fold_batch_norm, op_overrides, xla_forms
+from fastfcn_jax.models.batch_norm import fold_batch_norm
+from fastfcn_jax.models.op_choices import op_overrides, xla_forms
 from fastfcn_jax.summary import count_parameters
 
 DEFAULT_MODELS = (
@@ -271,7 +272,7 @@ def benchmark_model(name: str, *, warmup: int = 2, repeats: int = 5, **options: 
 
     Options (:func:`compile_forward`): ``num_classes``, ``image_size``, ``batch_size``, ``dtype``, ``aux``;
     ``ops`` chooses op implementations (``{'depthwise': 'grouped'}`` sets the model's
-    ``depthwise_implementation``; see :class:`fastfcn_jax.models.layers.OpChoices`). ``until`` times only
+    ``depthwise_implementation``; see :class:`fastfcn_jax.models.op_choices.OpChoices`). ``until`` times only
     the network up to one sown feature map (``'c4'``: the backbone; ``'jpu'``: backbone and neck;
     ``'head'``: all but the final upsampling): XLA drops everything the map does not depend on, so
     differences between such runs locate where the time goes. ``constant_weights`` compiles the weights
@@ -466,7 +467,7 @@ def compile_train_step(
     rng = jax.random.PRNGKey(2)
     start = time.perf_counter()
     # Traced with a one-device mesh as the training loop traces it, so 'auto' op choices resolve as there
-    # (layers.pallas_for_auto) on a host with several devices too.
+    # (op_choices.pallas_for_auto) on a host with several devices too.
     jitted = jax.jit(sharding.with_mesh(step, sharding.make_mesh(1)), donate_argnums=0)
     lowered = jitted.lower(state, batch, rng)
     compiled = lowered.compile()

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     # How performance-sensitive ops are computed, e.g. "depthwise=grouped,loss_logits=head" (OpChoices in
-    # fastfcn_jax/models/layers.py; same maths): "" = each op's default, 'auto' choices made per backend.
+    # fastfcn_jax/models/op_choices.py; same maths): "" = each op's default, 'auto' choices made per backend.
     config.model.ops = ""
 
     config.dataset = ml_collections.ConfigDict()
@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.benchmark.repeats = 5
     config.benchmark.dtype = "float32"
     config.benchmark.aux = True
-    config.benchmark.ops = ""  # e.g. "depthwise=grouped,resize=matmul" (OpChoices in fastfcn_jax/models/layers.py)
+    config.benchmark.ops = ""  # e.g. "depthwise=grouped,resize=matmul" (OpChoices in fastfcn_jax/models/op_choices.py)
     config.benchmark.until = ""  # "": whole network; c4 | jpu | head: only up to that feature map
     config.benchmark.peak = True  # also measure the matmul peak in benchmark.dtype
     config.benchmark.constant_weights = False  # weights compiled into the forward program (deployment-style)

@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "directory": "",  # "": WORKDIR/export
     "checkpoint": "",  # "": config.init_from, else WORKDIR (its latest checkpoint); or a converter output / workdir
     "embed_params": True,  # False: parameters go to params.npz beside model.stablehlo
-    "fold_norm": True,  # BatchNorms folded into the convolutions before them (models.layers.fold_batch_norm)
+    "fold_norm": True,  # BatchNorms folded into the convolutions before them (models.batch_norm.fold_batch_norm)
     "tuned_for": "",  # backend whose 'auto' op choices the export uses: "" = this machine's, or cpu | gpu | tpu
 }
 STABLEHLO_FILE = "model.stablehlo"
@@ -89,7 +89,7 @@ def make_serving_fn(
     ImageNet statistics, segments, and resizes the logits back to ``h, w`` before the argmax (the reference's
     test-time rescaling). Jitted; each input size compiles once.
     """
-    from fastfcn_jax.models.layers import resize_bilinear
+    from fastfcn_jax.models.resize import resize_bilinear
 
     size = (int(image_size[0]), int(image_size[1]))
     forward = inference_fn(model, "logits")
@@ -181,7 +181,7 @@ def export_saved_model(
     size and returns ``labels`` [B, h, w] int32 and, when ``output == 'logits'``, ``logits`` [B, h, w, C].
 
     The resizes run in TF (``ResizeBilinear(align_corners=True)``, the same formula as
-    ``models.layers.resize_bilinear``) around the jax2tf-converted normalise + model at ``image_size``;
+    ``models.resize.resize_bilinear``) around the jax2tf-converted normalise + model at ``image_size``;
     :func:`make_serving_fn` is the JAX twin tests compare it with. Metadata: ``assets.extra/fastfcn_metadata.json``.
     The model is compiled for every one of ``platforms`` (jax2tf would otherwise serialize it for the exporting
     machine's only: a SavedModel written on a TPU would not load on a CPU).
@@ -495,7 +495,8 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     from fastfcn_jax.config import model_overrides
     from fastfcn_jax.data.datasets import get_dataset_info
     from fastfcn_jax.models import create_model
-    from fastfcn_jax.models.layers import fold_batch_norm, target_backend
+    from fastfcn_jax.models.batch_norm import fold_batch_norm
+    from fastfcn_jax.models.op_choices import target_backend
 
     settings = export_settings(config)
     workdir = Path(workdir).expanduser().absolute()
@@ -601,7 +602,7 @@ def _write_artifacts(
     image_size: tuple[int, int],
     metadata: Mapping[str, Any],
 ) -> dict[str, str]:
-    from fastfcn_jax.models.layers import target_backend, xla_forms
+    from fastfcn_jax.models.op_choices import target_backend, xla_forms
 
     written: dict[str, str] = {}
     # One trace serves every platform of the module: its 'auto' op choices are made for one backend. Pallas

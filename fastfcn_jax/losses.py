@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from fastfcn_jax import sharding, upsampled_loss_pallas
-from fastfcn_jax.models import layers
-from fastfcn_jax.models.layers import resize_bilinear
+from fastfcn_jax.models import op_choices
+from fastfcn_jax.models.resize import resize_bilinear
 
 IGNORE_LABEL = -1
 
@@ -158,7 +158,7 @@ def _pallas_upsampled_cross_entropy(
     gradient of each source row in float32 and writes it in ``gradient_dtype``."""
     rows = resize_bilinear(logits, (logits.shape[1], labels.shape[2]))
     count = jnp.maximum(jnp.sum(labels != ignore_label), 1)
-    return _height_upsampled_sum(rows, labels, ignore_label, gradient_dtype, layers.pallas_interpret()) / count
+    return _height_upsampled_sum(rows, labels, ignore_label, gradient_dtype, op_choices.pallas_interpret()) / count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -234,7 +234,7 @@ def run_mode() -> None:
             from pathlib import Path
 
             from fastfcn_jax.benchmark import format_table, run_benchmark
-            from fastfcn_jax.models.layers import parse_ops
+            from fastfcn_jax.models.op_choices import parse_ops
 
             settings = config.benchmark
 

@@ -25,7 +25,7 @@ from absl import logging
 from flax.traverse_util import flatten_dict
 
 from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
-from fastfcn_jax.models import create_model, layers
+from fastfcn_jax.models import batch_norm, create_model, op_choices
 from fastfcn_jax.normalization import normalize_uint8
 
 
@@ -61,7 +61,7 @@ def make_train_step(
 
     BatchNorm statistics are computed over the global batch (the reference's SyncBN): under ``jit`` the
     batch-sharded mean is a cross-device reduction. ``freeze_batch_norm``: BatchNorms use (and keep) their
-    running statistics instead (:func:`layers.frozen_batch_norm`).
+    running statistics instead (:func:`batch_norm.frozen_batch_norm`).
 
     ``microbatches`` > 1: gradient accumulation. The batch is split into that many interleaved micro-batches
     (examples ``j::microbatches``, so each stays spread over the devices) run one after another; the update
@@ -80,15 +80,15 @@ def make_train_step(
         if batch["image"].dtype == jnp.uint8:  # the training pipeline's (a quarter of float32's bytes to send)
             batch["image"] = normalize_uint8(batch["image"])
         dropout_rng = jax.random.fold_in(rng, state.step)
-        # Resolved at trace time, for the backend compiled for (layers.OpChoices.loss_logits).
-        loss_logits = layers.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
+        # Resolved at trace time, for the backend compiled for (op_choices.OpChoices.loss_logits).
+        loss_logits = op_choices.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
         # OpChoices.loss_gradient: the full-resolution loss gradient in the model's compute dtype.
         compute_dtype = getattr(model, "dtype", jnp.float32)
         loss_gradient_dtype = compute_dtype if model.ops.loss_gradient == "compute" else jnp.float32
-        loss_upsample = layers.choose_pallas("loss_upsample", model.ops.loss_upsample, "fused")
+        loss_upsample = op_choices.choose_pallas("loss_upsample", model.ops.loss_upsample, "fused")
 
         def loss_fn(params, batch_stats, batch, dropout_rng):
-            with layers.frozen_batch_norm(freeze_batch_norm):
+            with batch_norm.frozen_batch_norm(freeze_batch_norm):
                 outputs, new_state = model.apply(
                     {"params": params, "batch_stats": batch_stats},
                     batch["image"],
@@ -495,7 +495,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
 
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
-    # Traced with the mesh as context: the Pallas kernels ('auto' on GPUs, layers.pallas_for_auto) then run on
+    # Traced with the mesh as context: the Pallas kernels ('auto' on GPUs, op_choices.pallas_for_auto) then run on
     # each device's examples.
     train_step = jax.jit(
         sharding.with_mesh(

@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from fastfcn_jax.models.layers import align_corners_taps
+from fastfcn_jax.models.resize import align_corners_taps
 
 # Columns per program and warps: timed on an H200 (session 9, experiments/pallas_check.py: one head's kernel
 # at batch 16, 60 -> 480 rows, 150 classes): 8 columns, 4 warps 1.42 ms; 16/8 1.48; 4/4 1.91; 8/8 1.84;
@@ -57,7 +57,7 @@ def class_chunks(classes: int) -> tuple[tuple[int, int], ...]:
 @functools.lru_cache(maxsize=64)
 def height_bands(in_h: int, out_h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first output row [in_h], row count [in_h], upper weight [out_h]) of each source row's band: the
-    output rows whose lower source row it is under the align-corners resize (``layers.align_corners_taps``)."""
+    output rows whose lower source row it is under the align-corners resize (``resize.align_corners_taps``)."""
     lower, _, weight = align_corners_taps(in_h, out_h)
     counts = np.bincount(lower, minlength=in_h).astype(np.int32)
     starts = (np.cumsum(counts) - counts).astype(np.int32)

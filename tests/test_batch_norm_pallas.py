@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastfcn_jax import sharding
-from fastfcn_jax.models import batch_norm_pallas, depthwise_pallas, layers
+from fastfcn_jax.models import batch_norm, batch_norm_pallas, depthwise_pallas, op_choices
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_channel_sums_match_numpy(rows, channels, dtype) -> None:
 def _batch_norm_results(statistics: str, x: jax.Array, mesh=None):
     """Train-mode output, updated running statistics and the gradients (scale, bias, x) of a loss."""
     channels = x.shape[-1]
-    module = layers.BatchNorm(use_running_average=False, statistics=statistics)
+    module = batch_norm.BatchNorm(use_running_average=False, statistics=statistics)
     params = {"scale": jnp.linspace(0.5, 2.0, channels), "bias": jnp.linspace(-1.0, 1.0, channels)}
     stats = {"mean": jnp.linspace(-0.3, 0.3, channels), "var": jnp.ones(channels)}
     params, stats = jax.tree.map(lambda a: a.astype(x.dtype), (params, stats))
@@ -90,14 +90,14 @@ def test_pallas_statistics_train_like_the_xla_batch_norm() -> None:
         assert error(g, w) <= 2.0**-7
         assert error(g, e) <= 1.25 * error(w, e) + 1e-6
     with pytest.raises(ValueError, match="norm_statistics_implementation must be one of"):
-        layers.OpChoices(norm_statistics="triton")
+        op_choices.OpChoices(norm_statistics="triton")
 
 
 def test_pallas_statistics_are_traced_where_chosen() -> None:
     # Training only (evaluation reads the running statistics), two kernels per BatchNorm (forward moments,
     # backward sums), none inside xla_forms() (FLOP counting), and a Triton program for CUDA.
     x = jnp.ones((4, 6, 6, 32))
-    module = layers.BatchNorm(statistics="pallas")
+    module = batch_norm.BatchNorm(statistics="pallas")
     variables = module.init(jax.random.PRNGKey(0), x, use_running_average=True)
 
     def grad(v, x, train):
@@ -109,7 +109,7 @@ def test_pallas_statistics_are_traced_where_chosen() -> None:
 
     assert str(jax.make_jaxpr(lambda v, x: grad(v, x, True))(variables, x)).count("pallas_call") == 2
     assert "pallas_call" not in str(jax.make_jaxpr(lambda v, x: grad(v, x, False))(variables, x))
-    with layers.xla_forms():
+    with op_choices.xla_forms():
         assert "pallas_call" not in str(jax.make_jaxpr(lambda v, x: grad(v, x, True))(variables, x))
     rows = jax.ShapeDtypeStruct((57600, 512), jnp.bfloat16)
     shift = jax.ShapeDtypeStruct((512,), jnp.float32)

@@ -356,12 +356,12 @@ def test_pallas_kernels_are_counted_as_their_xla_forms(capsys) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fastfcn_jax.models import layers
+    from fastfcn_jax.models import depthwise, op_choices
 
     x = jnp.ones((2, 12, 12, 8))
 
     def gradient_program(**forms):
-        module = layers.DepthwiseConv(dilation=2, **forms)
+        module = depthwise.DepthwiseConv(dilation=2, **forms)
 
         def program(v, x):
             return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2), argnums=(0, 1))(v, x)
@@ -370,8 +370,8 @@ def test_pallas_kernels_are_counted_as_their_xla_forms(capsys) -> None:
 
     pallas = gradient_program(implementation="pallas", input_grad="pallas", kernel_grad="pallas")
     xla = gradient_program(implementation="shifted", input_grad="materialized", kernel_grad="stacked")
-    arguments = (layers.DepthwiseConv(dilation=2).init(jax.random.PRNGKey(0), x), x)
-    with layers.target_backend("gpu"):  # the Pallas kernels as a GPU traces them: Triton, not interpreted
+    arguments = (depthwise.DepthwiseConv(dilation=2).init(jax.random.PRNGKey(0), x), x)
+    with op_choices.target_backend("gpu"):  # the Pallas kernels as a GPU traces them: Triton, not interpreted
         # (The tests' 4 host devices also draw the several-devices warning.)
         with pytest.warns(UserWarning, match="replicates its operands"), pytest.raises(ValueError, match="interpret"):
             jax.jit(pallas).trace(*arguments).lower(lowering_platforms=("cpu",))

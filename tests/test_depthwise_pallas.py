@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastfcn_jax.models import depthwise_pallas, layers
+from fastfcn_jax.models import depthwise, depthwise_pallas
 
 
 def _reference_correlation(x, kernel, dilation, offset, out_size):
@@ -41,7 +41,7 @@ def test_pallas_kernels_match_the_correlation_and_its_gradients(batch, height, w
         forward, _reference_correlation(x, kernel, dilation, pad - margin, (height, width)), rtol=1e-5, atol=1e-4
     )
     # The gradients against autodiff of the XLA shifted form.
-    _, vjp = jax.vjp(lambda x, k: layers._shifted_taps(x, k[:, :, None], dilation, margin), x, kernel)
+    _, vjp = jax.vjp(lambda x, k: depthwise._shifted_taps(x, k[:, :, None], dilation, margin), x, kernel)
     want_x, want_kernel = vjp(grad)
     got_x = depthwise_pallas.depthwise_correlate(
         grad, kernel[::-1, ::-1], dilation=dilation, offset=pad + margin, out_size=x.shape[1:3], interpret=True
@@ -99,8 +99,8 @@ def test_pallas_kernels_run_per_device_under_a_data_parallel_mesh():
     pallas = ("pallas", "pallas", "pallas")
 
     def loss(x, kernel, logits):
-        y = layers._depthwise_shifted(x, kernel, 2, 2, pallas)
-        joint = layers.depthwise_joint(x, [kernel, 2 * kernel], (1, 2), 2)  # the JPU's joint kernels
+        y = depthwise._depthwise_shifted(x, kernel, 2, 2, pallas)
+        joint = depthwise.depthwise_joint(x, [kernel, 2 * kernel], (1, 2), 2)  # the JPU's joint kernels
         return (
             jnp.sum(y**2) + sum(jnp.sum(j * y) for j in joint) + losses.cross_entropy(logits, labels, upsample="pallas")
         )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fastfcn_jax import sharding
-from fastfcn_jax.models import layers
+from fastfcn_jax.models import batch_norm, depthwise, layers, op_choices, resize
 
 
 def torch_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -68,7 +68,7 @@ def test_resize_bilinear_matches_pytorch_align_corners(in_size, out_size, implem
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, *in_size, 3)).astype(np.float32)
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(layers.resize_bilinear(jnp.asarray(x), out_size, implementation))
+        got = np.asarray(resize.resize_bilinear(jnp.asarray(x), out_size, implementation))
     assert got.shape == (2, *out_size, 3)
     for b in range(2):
         for c in range(3):
@@ -79,10 +79,10 @@ def test_resize_bilinear_matches_pytorch_align_corners(in_size, out_size, implem
 def test_resize_bilinear_keeps_corners_and_is_identity_on_same_size():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, 7, 2)), jnp.float32)
     with jax.default_matmul_precision("highest"):
-        y = layers.resize_bilinear(x, (9, 13))
+        y = resize.resize_bilinear(x, (9, 13))
     for (i, j), (k, m) in [((0, 0), (0, 0)), ((0, -1), (0, -1)), ((-1, 0), (-1, 0)), ((-1, -1), (-1, -1))]:
         np.testing.assert_allclose(y[0, i, j], x[0, k, m], rtol=1e-6)
-    assert layers.resize_bilinear(x, (5, 7)) is x
+    assert resize.resize_bilinear(x, (5, 7)) is x
 
 
 @pytest.mark.parametrize("in_size", [(9, 11), (5, 6), (3, 3), (13, 17), (64, 64), (1, 1), (2, 7)])
@@ -91,7 +91,7 @@ def test_adaptive_avg_pool_matches_pytorch(in_size, bins):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, *in_size, 2)).astype(np.float32)
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(layers.adaptive_avg_pool(jnp.asarray(x), bins))
+        got = np.asarray(resize.adaptive_avg_pool(jnp.asarray(x), bins))
     assert got.shape == (1, bins, bins, 2)
     for c in range(2):
         want = torch_adaptive_avg_pool(x[0, :, :, c].astype(np.float64), bins, bins)
@@ -153,7 +153,7 @@ def test_pointwise_conv_matches_pytorch_including_stride2_shortcut(size, stride,
 
 def test_op_choices_reject_unknown_implementations():
     with pytest.raises(ValueError, match="resize_implementation"):
-        layers.OpChoices(resize="bicubic")
+        op_choices.OpChoices(resize="bicubic")
 
 
 @pytest.mark.parametrize("dilation", [1, 2, 4, 8])
@@ -161,7 +161,7 @@ def test_op_choices_reject_unknown_implementations():
 def test_depthwise_conv_matches_grouped_convolution(dilation, implementation):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 9, 11, 5)).astype(np.float32)
-    module = layers.DepthwiseConv(3, dilation, implementation=implementation)
+    module = depthwise.DepthwiseConv(3, dilation, implementation=implementation)
     params = module.init(jax.random.PRNGKey(1), jnp.asarray(x))
     kernel = np.asarray(params["params"]["kernel"])
     assert kernel.shape == (3, 3, 1, 5)
@@ -174,7 +174,7 @@ def test_depthwise_conv_matches_grouped_convolution(dilation, implementation):
 def test_batchnorm_eval_uses_running_statistics_like_pytorch():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
-    bn = layers.BatchNorm(use_running_average=True)
+    bn = batch_norm.BatchNorm(use_running_average=True)
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
     mean, var = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 1.5, 6).astype(np.float32)
     gamma, beta = rng.uniform(0.5, 1.5, 6).astype(np.float32), rng.normal(size=6).astype(np.float32)
@@ -187,7 +187,7 @@ def test_batchnorm_eval_uses_running_statistics_like_pytorch():
 def test_batchnorm_train_normalises_biased_and_updates_running_var_unbiased():
     rng = np.random.default_rng(6)
     x = (3.0 + 2.0 * rng.standard_normal((2, 3, 5, 4))).astype(np.float32)
-    bn = layers.BatchNorm(use_running_average=False)
+    bn = batch_norm.BatchNorm(use_running_average=False)
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
     got, updated = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
     flat = x.reshape(-1, 4).astype(np.float64)
@@ -205,7 +205,7 @@ def test_batchnorm_single_pass_statistics_are_exact_about_the_running_mean(offse
     # (300^2 = 9e4 against a variance of 1e-2); about the running mean the moments stay exact.
     rng = np.random.default_rng(7)
     x = (offset + 0.1 * rng.standard_normal((4, 6, 6, 3))).astype(np.float32)
-    bn = layers.BatchNorm(use_running_average=False)
+    bn = batch_norm.BatchNorm(use_running_average=False)
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
     flat = x.reshape(-1, 3).astype(np.float64)
     running_mean = flat.mean(0) + np.array([0.05, -0.02, 0.0])  # a few steps into training: near, not equal
@@ -223,7 +223,7 @@ def test_batchnorm_single_pass_statistics_are_exact_about_the_running_mean(offse
 
 def test_batchnorm_over_codeword_axis_normalises_per_feature_axis_index():
     x = np.random.default_rng(7).standard_normal((3, 4, 8)).astype(np.float32)
-    bn = layers.BatchNorm(use_running_average=False, feature_axis=1)
+    bn = batch_norm.BatchNorm(use_running_average=False, feature_axis=1)
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
     assert variables["params"]["scale"].shape == (4,)
     got, _ = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
@@ -234,7 +234,7 @@ def test_batchnorm_over_codeword_axis_normalises_per_feature_axis_index():
 
 def test_group_norm_matches_definition():
     x = np.random.default_rng(8).standard_normal((2, 5, 6, 8)).astype(np.float32)
-    norm = layers.make_norm("group", train=False, dtype=jnp.float32, num_groups=4)
+    norm = batch_norm.make_norm("group", train=False, dtype=jnp.float32, num_groups=4)
     variables = norm.init(jax.random.PRNGKey(0), jnp.asarray(x))
     got = np.asarray(norm.apply(variables, jnp.asarray(x)))
     grouped = x.reshape(2, 5, 6, 4, 2)
@@ -246,7 +246,7 @@ def test_group_norm_matches_definition():
 def test_separable_conv_is_depthwise_norm_pointwise_norm_relu_without_relu_between():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((1, 7, 9, 6)).astype(np.float32)
-    module = layers.SeparableConv(4, dilation=2)
+    module = depthwise.SeparableConv(4, dilation=2)
     variables = module.init(jax.random.PRNGKey(2), jnp.asarray(x))
     params = variables["params"]
     # Non-trivial running statistics so that a missing or misplaced norm would show.
@@ -363,7 +363,7 @@ def test_small_maps_run_per_tap_on_cpu_with_the_convolutions_results(batch, size
     assert tap16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(tap16, np.float32), outputs["conv"][0], rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="small_maps_implementation must be one of"):
-        layers.OpChoices(small_maps="taps")
+        op_choices.OpChoices(small_maps="taps")
 
 
 @pytest.mark.parametrize(("size", "dilation"), [((9, 11), 12), ((16, 16), 6), ((7, 5), 2), ((12, 10), 4)])
@@ -428,7 +428,7 @@ def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
         assert fused.dtype == split.dtype == np.float64
         np.testing.assert_allclose(split, fused, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fused).max()))
     with pytest.raises(ValueError, match="separable_implementation must be one of"):
-        layers.OpChoices(separable="barrier")
+        op_choices.OpChoices(separable="barrier")
 
 
 @pytest.mark.parametrize(
@@ -438,13 +438,13 @@ def test_gather_resize_gradient_is_the_interpolation_matrix_transpose(in_hw, out
     # The gather form has a custom VJP (a K-tap gather instead of a scatter-add); it must be the exact adjoint.
     x = jax.random.normal(jax.random.PRNGKey(0), (2, *in_hw, 3))
     cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, *out_hw, 3))
-    grad = jax.grad(lambda x: jnp.sum(layers.resize_bilinear(x, out_hw, "gather") * cotangent))(x)
-    rows = layers.align_corners_matrix(in_hw[0], out_hw[0])
-    cols = layers.align_corners_matrix(in_hw[1], out_hw[1])
+    grad = jax.grad(lambda x: jnp.sum(resize.resize_bilinear(x, out_hw, "gather") * cotangent))(x)
+    rows = resize.align_corners_matrix(in_hw[0], out_hw[0])
+    cols = resize.align_corners_matrix(in_hw[1], out_hw[1])
     expected = np.einsum("oh,pw,bopc->bhwc", rows, cols, np.asarray(cotangent, np.float64))
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5)
     grad_bf16 = jax.grad(
-        lambda x: jnp.sum(layers.resize_bilinear(x, out_hw, "gather").astype(jnp.float32) * cotangent)
+        lambda x: jnp.sum(resize.resize_bilinear(x, out_hw, "gather").astype(jnp.float32) * cotangent)
     )(x.astype(jnp.bfloat16))
     assert grad_bf16.dtype == jnp.bfloat16
 
@@ -457,7 +457,7 @@ def test_shifted_depthwise_gradients_match_grouped_convolution(dilation) -> None
     grads = {}
     for implementation in ("shifted", "grouped", "pallas"):
         grad_forms = {"input_grad": "pallas", "kernel_grad": "pallas"} if implementation == "pallas" else {}
-        module = layers.DepthwiseConv(3, dilation, implementation=implementation, **grad_forms)
+        module = depthwise.DepthwiseConv(3, dilation, implementation=implementation, **grad_forms)
         variables = module.init(jax.random.PRNGKey(2), x)
         grads[implementation] = jax.grad(lambda v, x, m=module: jnp.sum(m.apply(v, x) * cotangent), argnums=(0, 1))(
             variables, x
@@ -473,10 +473,10 @@ def test_depthwise_kernel_gradient_forms_agree(dilation) -> None:
     key_x, key_g = jax.random.split(jax.random.PRNGKey(4))
     x = jax.random.normal(key_x, (2, 7, 9, 5), jnp.float32)
     grad = jax.random.normal(key_g, (2, 7, 9, 5), jnp.float32)
-    views = layers._shifted_views(x, 3, dilation)
-    stacked = layers._tap_gradients(views, grad, form="stacked")
-    separate = layers._tap_gradients(views, grad, form="per_tap")
-    minor = layers._tap_gradients(views, grad, form="stacked_minor")
+    views = depthwise._shifted_views(x, 3, dilation)
+    stacked = depthwise._tap_gradients(views, grad, form="stacked")
+    separate = depthwise._tap_gradients(views, grad, form="per_tap")
+    minor = depthwise._tap_gradients(views, grad, form="stacked_minor")
     assert stacked.shape == separate.shape == minor.shape == (9, 5)
     np.testing.assert_allclose(stacked, separate, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(minor, separate, rtol=1e-5, atol=1e-5)
@@ -497,7 +497,7 @@ def test_depthwise_gradient_choices_give_the_same_gradients(dilation) -> None:
     for input_grad in ("fused", "materialized", "pallas"):
         for kernel_grad in ("stacked", "stacked_minor", "per_tap", "pallas"):
             branches = [
-                layers.DepthwiseConv(dilation=d, margin=8, input_grad=input_grad, kernel_grad=kernel_grad)
+                depthwise.DepthwiseConv(dilation=d, margin=8, input_grad=input_grad, kernel_grad=kernel_grad)
                 for d in (dilation, 2 * dilation)
             ]
             params = [b.init(jax.random.PRNGKey(i), x) for i, b in enumerate(branches)]
@@ -513,9 +513,9 @@ def test_depthwise_gradient_choices_give_the_same_gradients(dilation) -> None:
         for g, w in zip(jax.tree.leaves(got), want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=str(key))
     with pytest.raises(ValueError, match="depthwise_input_grad_implementation must be one of"):
-        layers.OpChoices(depthwise_input_grad="barrier")
+        op_choices.OpChoices(depthwise_input_grad="barrier")
     with pytest.raises(ValueError, match="depthwise_kernel_grad_implementation must be one of"):
-        layers.OpChoices(depthwise_kernel_grad="nine")
+        op_choices.OpChoices(depthwise_kernel_grad="nine")
 
 
 def test_depthwise_gradient_auto_choices_per_backend() -> None:
@@ -525,14 +525,14 @@ def test_depthwise_gradient_auto_choices_per_backend() -> None:
     x = jnp.ones((4, 10, 10, 4))
 
     def backward_text(backend, *, train=False, mesh=None, **forms):
-        module = layers.DepthwiseConv(dilation=2, margin=2, **forms)
+        module = depthwise.DepthwiseConv(dilation=2, margin=2, **forms)
         variables = module.init(jax.random.PRNGKey(0), x)
 
         def grad(v, x):
             return jax.grad(lambda v, x: jnp.sum(module.apply(v, x, train=train)), argnums=(0, 1))(v, x)
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(layers.target_backend(backend))
+            stack.enter_context(op_choices.target_backend(backend))
             if mesh is not None:
                 stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
             return str(jax.make_jaxpr(grad)(variables, x))
@@ -545,7 +545,7 @@ def test_depthwise_gradient_auto_choices_per_backend() -> None:
     assert backward_text("gpu", train=True, mesh=mesh).count("pallas_call") == 3
     # A program for one of the devices, traced with a one-device mesh (as the benchmark does).
     assert backward_text("gpu", train=True, mesh=sharding.make_mesh(1)).count("pallas_call") == 3
-    with layers.xla_forms():  # FLOP counting: the XLA forms of the same maths
+    with op_choices.xla_forms():  # FLOP counting: the XLA forms of the same maths
         assert "pallas_call" not in backward_text("gpu", train=True, mesh=mesh)
     for backend in ("cpu", "tpu"):
         text = backward_text(backend, train=True, mesh=mesh)
@@ -556,7 +556,7 @@ def test_depthwise_gradient_auto_choices_per_backend() -> None:
         pallas = backward_text("gpu", input_grad="pallas", kernel_grad="pallas")
     assert pallas.count("pallas_call") == 2 and "optimization_barrier" not in pallas
     with pytest.raises(ValueError, match="depthwise_implementation must be one of"):
-        layers.depthwise_forms("triton", "auto", "auto", train=True)
+        depthwise.depthwise_forms("triton", "auto", "auto", train=True)
 
 
 @pytest.mark.parametrize(
@@ -574,8 +574,8 @@ def test_auto_takes_the_pallas_kernels_only_on_the_gpus_they_were_checked_on(
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
     monkeypatch.setattr(jax, "device_count", lambda *args: 1)
-    assert layers.pallas_for_auto() is checked
-    assert layers.choose_pallas("depthwise_input_grad", "auto", "materialized") == (
+    assert op_choices.pallas_for_auto() is checked
+    assert op_choices.choose_pallas("depthwise_input_grad", "auto", "materialized") == (
         "pallas" if checked else "materialized"
     )
 
@@ -616,7 +616,7 @@ def test_padded_jpu_input_has_the_fused_forms_outputs_and_gradients(depthwise) -
     }
     _assert_same_results(results["padded"], results["fused"])
     with pytest.raises(ValueError, match="jpu_input_implementation must be one of"):
-        layers.OpChoices(jpu_input="barrier")
+        op_choices.OpChoices(jpu_input="barrier")
 
 
 def test_pallas_depthwise_kernels_train_like_the_xla_forms_in_the_jpu() -> None:
@@ -646,8 +646,8 @@ def test_depthwise_conv_on_a_pre_padded_input_equals_padding_inside(implementati
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 7, 4))
     # The Pallas forward with the Pallas gradients: every offset of the kernels' zero border is exercised.
     forms = {"input_grad": "pallas", "kernel_grad": "pallas"} if implementation == "pallas" else {}
-    inner = layers.DepthwiseConv(dilation=2, implementation=implementation, **forms)
-    outer = layers.DepthwiseConv(dilation=2, implementation=implementation, margin=3, **forms)
+    inner = depthwise.DepthwiseConv(dilation=2, implementation=implementation, **forms)
+    outer = depthwise.DepthwiseConv(dilation=2, implementation=implementation, margin=3, **forms)
     variables = inner.init(jax.random.PRNGKey(0), x)
 
     def run(module, margin):
@@ -666,7 +666,7 @@ def test_depthwise_conv_on_a_pre_padded_input_equals_padding_inside(implementati
     np.testing.assert_allclose(dx_m, dx, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dv_m["params"]["kernel"], dv["params"]["kernel"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="less than the padding"):
-        layers.DepthwiseConv(dilation=4, margin=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 2)))
+        depthwise.DepthwiseConv(dilation=4, margin=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 2)))
 
 
 def _trained_looking_variables(model, images):
@@ -696,7 +696,7 @@ def test_folded_batch_norm_gives_the_same_outputs(name) -> None:
     model = create_model(name, 5)
     variables = _trained_looking_variables(model, images)
     folded_model = create_model(name, 5, norm_implementation="folded")
-    folded = layers.fold_batch_norm(variables)
+    folded = batch_norm.fold_batch_norm(variables)
     assert jax.tree.structure(folded) == jax.tree.structure(variables)
     with jax.default_matmul_precision("highest"):
         want = model.apply(variables, images, train=False)
@@ -724,7 +724,7 @@ def test_fold_batch_norm_folds_conv_pairs_only() -> None:
     images = jnp.zeros((1, 32, 32, 3))
     model = create_model("encnet_jpux_tiny", 5)
     variables = _trained_looking_variables(model, images)
-    folded = layers.fold_batch_norm(variables)
+    folded = batch_norm.fold_batch_norm(variables)
     bn, bn_folded = variables["params"]["backbone"]["stem1"]["bn"], folded["params"]["backbone"]["stem1"]["bn"]
     stats = variables["batch_stats"]["backbone"]["stem1"]["bn"]
     multiplier = np.asarray(bn["scale"]) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
@@ -745,13 +745,13 @@ def test_fold_batch_norm_folds_conv_pairs_only() -> None:
     np.testing.assert_array_equal(folded["params"]["decode_head"]["enc_bn"]["scale"],
                                   variables["params"]["decode_head"]["enc_bn"]["scale"])  # fmt: skip
     with pytest.raises(ValueError, match="norm_implementation must be one of"):
-        layers.OpChoices(norm="merged")
+        op_choices.OpChoices(norm="merged")
 
 
 def test_target_backend_resolves_auto_choices_for_another_backend() -> None:
     from fastfcn_jax.models import create_model
 
-    assert layers.backend() == jax.default_backend() == "cpu"
+    assert op_choices.backend() == jax.default_backend() == "cpu"
     x = jnp.ones((1, 16, 16, 4))
     conv = layers.Conv2D(4, 3, dilation=12)
     variables = conv.init(jax.random.PRNGKey(0), x)
@@ -766,18 +766,18 @@ def test_target_backend_resolves_auto_choices_for_another_backend() -> None:
         )
 
     conv_cpu, model_cpu = traced()
-    with layers.target_backend("gpu"):
-        assert layers.backend() == "gpu"
-        assert layers.choose("auto", tpu="matmul", other="gather", gpu="padded") == "padded"
+    with op_choices.target_backend("gpu"):
+        assert op_choices.backend() == "gpu"
+        assert op_choices.choose("auto", tpu="matmul", other="gather", gpu="padded") == "padded"
         conv_gpu, model_gpu = traced()
-    with layers.target_backend("tpu"):
-        assert layers.choose("auto", tpu="matmul", other="gather") == "matmul"
-    assert layers.backend() == "cpu"
+    with op_choices.target_backend("tpu"):
+        assert op_choices.choose("auto", tpu="matmul", other="gather") == "matmul"
+    assert op_choices.backend() == "cpu"
     # Rate 12 on 16x16: the CPU runs only the taps that read pixels, a GPU the convolution.
     assert "conv_general_dilated" not in conv_cpu and "conv_general_dilated" in conv_gpu
     # The JPU's input is padded once and materialised for GPUs only.
     assert "optimization_barrier" not in model_cpu and "optimization_barrier" in model_gpu
-    with pytest.raises(ValueError, match="unknown backend 'cuda'"), layers.target_backend("cuda"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"), op_choices.target_backend("cuda"):
         pass
 
 
@@ -797,8 +797,8 @@ def test_conv_of_resized_is_the_conv_of_the_upsampled_concatenation(size, pooled
             upsampled = [
                 jnp.einsum(
                     "oh,pw,bhwc->bopc",
-                    layers.align_corners_matrix(x.shape[1], size[0]),
-                    layers.align_corners_matrix(x.shape[2], size[1]),
+                    resize.align_corners_matrix(x.shape[1], size[0]),
+                    resize.align_corners_matrix(x.shape[2], size[1]),
                     x,
                 )
                 for x in inputs
@@ -810,7 +810,7 @@ def test_conv_of_resized_is_the_conv_of_the_upsampled_concatenation(size, pooled
             )  # fmt: skip
 
         def low_res(inputs, kernel):
-            return layers.conv_of_resized(inputs, kernel, size, jnp.float64)
+            return resize.conv_of_resized(inputs, kernel, size, jnp.float64)
 
         want, want_vjp = jax.vjp(reference, inputs, kernel)
         got, got_vjp = jax.vjp(low_res, inputs, kernel)
@@ -819,7 +819,7 @@ def test_conv_of_resized_is_the_conv_of_the_upsampled_concatenation(size, pooled
         for g, w in zip(jax.tree.leaves(got_vjp(cotangent)), jax.tree.leaves(want_vjp(cotangent)), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="resized_implementation must be one of"):
-        layers.OpChoices(resized="lazy")
+        op_choices.OpChoices(resized="lazy")
 
 
 @pytest.mark.parametrize("name", ["psp_jpu_tiny", "deeplab_dilated_tiny"])
@@ -871,11 +871,11 @@ def test_the_stem_pool_gradient_follows_the_choice_and_backend(backend, choice, 
     # OpChoices.max_pool_grad: the fused gather on CPUs and GPUs, autodiff's select-and-scatter on TPUs.
     from fastfcn_jax.models.resnet import ResNet
 
-    model = ResNet(stage_sizes=(1, 1, 1, 1), stem_width=4, base_width=4, ops=layers.OpChoices(max_pool_grad=choice))
+    model = ResNet(stage_sizes=(1, 1, 1, 1), stem_width=4, base_width=4, ops=op_choices.OpChoices(max_pool_grad=choice))
     x = jnp.ones((1, 16, 16, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
     loss = lambda x: sum(jnp.sum(f) for f in model.apply(variables, x))  # noqa: E731
-    with layers.target_backend(backend):
+    with op_choices.target_backend(backend):
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
     assert jaxpr.count("select_and_scatter_add") == scatters
 
@@ -889,10 +889,10 @@ def test_the_stem_pool_as_taps_has_no_pooling_window(backend):
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 3))
     outputs = {}
     for form in ("window", "taps"):
-        model = ResNet(stage_sizes=(1, 1, 1, 1), stem_width=4, base_width=4, ops=layers.OpChoices(max_pool=form))
+        model = ResNet(stage_sizes=(1, 1, 1, 1), stem_width=4, base_width=4, ops=op_choices.OpChoices(max_pool=form))
         variables = model.init(jax.random.PRNGKey(0), x)
         forward = functools.partial(model.apply, variables)
-        with layers.target_backend(backend):
+        with op_choices.target_backend(backend):
             jaxpr = str(jax.make_jaxpr(forward)(x))
             grad = str(jax.make_jaxpr(jax.grad(lambda x, f=forward: sum(jnp.sum(c) for c in f(x))))(x))
         assert ("reduce_window_max" in jaxpr) == (form == "window")
@@ -915,7 +915,7 @@ def test_auto_jpu_input_pads_on_gpus_only_for_the_xla_depthwise_forms(depthwise,
     forms = dict(depthwise=depthwise, depthwise_input_grad="pallas", depthwise_kernel_grad="pallas")
     if depthwise == "shifted":
         forms.update(depthwise_input_grad="materialized", depthwise_kernel_grad="stacked")
-    jpu = JPU(width=8, ops=layers.OpChoices(**forms))
+    jpu = JPU(width=8, ops=op_choices.OpChoices(**forms))
     c2, c3, c4 = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 4, 4, 6)), jnp.ones((1, 2, 2, 8))
     variables = jpu.init(jax.random.PRNGKey(0), c2, c3, c4)
 
@@ -923,7 +923,7 @@ def test_auto_jpu_input_pads_on_gpus_only_for_the_xla_depthwise_forms(depthwise,
         out, _ = jpu.apply({**variables, "params": params}, c2, c3, c4, train=True, mutable=["batch_stats"])
         return jnp.sum(out**2)
 
-    with layers.target_backend("gpu"), warnings.catch_warnings():
+    with op_choices.target_backend("gpu"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # four host devices and no mesh: the replication warning
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
     # The concatenation [1, 8, 8, 24] padded by the largest dilation, 8.
@@ -937,13 +937,13 @@ def test_auto_jpu_input_pads_on_gpus_only_for_the_xla_depthwise_forms(depthwise,
 )
 def test_the_jpu_runs_its_branches_depthwise_kernels_jointly(jpu_input, jpu_depthwise, kernels):
     # OpChoices.jpu_depthwise='joint': with every depthwise form a Pallas kernel and the input padded once, one
-    # kernel per pass serves the four branches (layers.depthwise_joint: forward, summed input gradient, kernel
+    # kernel per pass serves the four branches (depthwise.depthwise_joint: forward, summed input gradient, kernel
     # gradients); without the shared padded input, or with 'branches', each branch has its own three. The
     # parameters are the same either way.
     from fastfcn_jax.models.jpu import JPU
 
     pallas = dict(depthwise="pallas", depthwise_input_grad="pallas", depthwise_kernel_grad="pallas")
-    jpu = JPU(width=8, ops=layers.OpChoices(jpu_input=jpu_input, jpu_depthwise=jpu_depthwise, **pallas))
+    jpu = JPU(width=8, ops=op_choices.OpChoices(jpu_input=jpu_input, jpu_depthwise=jpu_depthwise, **pallas))
     c2, c3, c4 = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 4, 4, 6)), jnp.ones((1, 2, 2, 8))
     variables = jpu.init(jax.random.PRNGKey(0), c2, c3, c4)
     reference = JPU(width=8).init(jax.random.PRNGKey(0), c2, c3, c4)
@@ -952,7 +952,7 @@ def test_the_jpu_runs_its_branches_depthwise_kernels_jointly(jpu_input, jpu_dept
     def loss(params):
         return jnp.sum(jpu.apply({**variables, "params": params}, c2, c3, c4) ** 2)
 
-    with layers.target_backend("gpu"), warnings.catch_warnings():
+    with op_choices.target_backend("gpu"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # four host devices and no mesh: the replication warning
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
     assert jaxpr.count("pallas_call") == kernels

@@ -20,6 +20,7 @@ from fastfcn_jax.models import (
     layers,
     model_config,
     model_from_config,
+    op_choices,
 )
 from fastfcn_jax.models.resnet import ResNet
 from tests.model_weights import assert_image_dependent, calibrated_variables
@@ -249,7 +250,7 @@ def test_tiny_model_trains_and_evaluates(name):
 def test_auto_dtype_computes_in_bfloat16_on_accelerators_and_float32_on_cpus():
     assert create_model("fcn_jpu_tiny", 5, dtype="auto").dtype == jnp.float32  # this machine: a CPU
     for name, expected in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
-        with layers.target_backend(name):
+        with op_choices.target_backend(name):
             assert create_model("fcn_jpu_tiny", 5, dtype="auto").dtype == expected, name
 
 

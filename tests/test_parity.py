@@ -24,7 +24,7 @@ def official_state_dict(fixture: str) -> dict[str, np.ndarray]:
 
 
 # The default fast paths for every fixture; the alternative implementations of resize, 1x1 conv,
-# depthwise conv, the separable conv's fusion and the JPU's padded input (see fastfcn_jax/models/layers.py)
+# depthwise conv, the separable conv's fusion and the JPU's padded input (see fastfcn_jax/models/op_choices.py)
 # on the two fixtures that exercise them.
 ALTERNATIVE_OPS = {
     "resize_implementation": "matmul",

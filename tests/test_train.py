@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from fastfcn_jax import checkpointing, optim, sharding
-from fastfcn_jax.models import create_model, layers
+from fastfcn_jax.models import batch_norm, create_model, op_choices
 from fastfcn_jax.train import TrainState, create_train_state, make_eval_step, make_train_step
 
 NUM_CLASSES = 4
@@ -285,7 +285,7 @@ def test_loss_on_head_logits_trains_as_the_loss_on_upsampled_logits():
     assert_trees_close(head_state.params, state.params, rtol=1e-4, atol=1e-5)
     assert_trees_close(head_state.batch_stats, state.batch_stats, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="loss_logits_implementation must be one of"):
-        layers.OpChoices(loss_logits="full")
+        op_choices.OpChoices(loss_logits="full")
 
 
 def test_the_pallas_loss_is_traced_where_chosen():
@@ -295,10 +295,10 @@ def test_the_pallas_loss_is_traced_where_chosen():
     model = create_model("encnet_jpu_tiny", NUM_CLASSES, loss_upsample_implementation="pallas")
     with pytest.warns(UserWarning, match="replicates its operands"):  # four devices in these tests
         assert _train_step_jaxpr(model, batch, "gpu").count("pallas_call") == 2
-    with layers.xla_forms():
+    with op_choices.xla_forms():
         assert "pallas_call" not in _train_step_jaxpr(model, batch, "gpu")
     with pytest.raises(ValueError, match="loss_upsample_implementation must be one of"):
-        layers.OpChoices(loss_upsample="triton")
+        op_choices.OpChoices(loss_upsample="triton")
 
 
 def test_the_loss_form_follows_the_backend_traced_for():
@@ -338,7 +338,7 @@ def _train_step_jaxpr(model, batch, backend: str, mesh=None) -> str:
     step = make_train_step(model, optimizer, aux_weight=0.2, se_weight=0.2)
     if mesh is not None:
         step = sharding.with_mesh(step, mesh)
-    with layers.target_backend(backend):
+    with op_choices.target_backend(backend):
         return str(jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(1)))
 
 
@@ -371,7 +371,7 @@ def test_frozen_batch_norm_trains_scale_and_bias_on_the_running_statistics():
 
     # The frozen training forward is the inference forward (no dropout here).
     variables = {"params": state.params, "batch_stats": stats}
-    with layers.frozen_batch_norm():
+    with batch_norm.frozen_batch_norm():
         frozen, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
     inference = model.apply(variables, batch["image"], train=False)
     np.testing.assert_allclose(frozen["logits"], inference["logits"], rtol=1e-5, atol=1e-5)

@@ -181,8 +181,9 @@ def test_cross_entropy_is_stable_for_large_logits():
 def test_cross_entropy_of_head_logits_is_that_of_the_upsampled_logits(low, size, backend):
     # The loss upsamples logits smaller than the labels itself (OpChoices.loss_logits='head', on GPUs and
     # TPUs): the same value and gradient as the loss of the model's upsampled output, without writing it.
-    # Traced for a TPU, the resize inside is the interpolation-matrix form (layers.resize_bilinear).
-    from fastfcn_jax.models.layers import resize_bilinear, target_backend
+    # Traced for a TPU, the resize inside is the interpolation-matrix form (resize.resize_bilinear).
+    from fastfcn_jax.models.op_choices import target_backend
+    from fastfcn_jax.models.resize import resize_bilinear
 
     logits = jax.random.normal(jax.random.PRNGKey(0), (2, *low, 6)) * 4
     labels = jax.random.randint(jax.random.PRNGKey(1), (2, *size), -1, 6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fastfcn_jax import losses, upsampled_loss_pallas
-from fastfcn_jax.models import layers
+from fastfcn_jax.models import resize
 
 
 def test_class_chunks_cover_the_classes_with_few_lanes():
@@ -21,7 +21,7 @@ def test_class_chunks_cover_the_classes_with_few_lanes():
 @pytest.mark.parametrize(("low", "high"), [(5, 17), (60, 480), (1, 6), (4, 4), (7, 8)])
 def test_height_bands_partition_the_output_rows_by_their_lower_source_row(low, high):
     starts, counts, weights = upsampled_loss_pallas.height_bands(low, high)
-    lower, upper, weight = layers.align_corners_taps(low, high)
+    lower, upper, weight = resize.align_corners_taps(low, high)
     assert counts.sum() == high and starts[0] == 0
     for i in range(low):
         rows = np.arange(starts[i], starts[i] + counts[i])
@@ -34,7 +34,7 @@ def _reference(rows, labels, ignore_label=-1):
     """Sum over labelled pixels of logsumexp - picked logit of ``rows`` resized along the height (XLA)."""
 
     def total(rows):
-        z = layers.resize_bilinear(rows, (labels.shape[1], rows.shape[2]))
+        z = resize.resize_bilinear(rows, (labels.shape[1], rows.shape[2]))
         lse, picked = losses._log_sum_exp_and_picked(z, labels)
         return jnp.sum(jnp.where(labels != ignore_label, lse - picked, 0.0))
 

@@ -13,7 +13,7 @@ against 1.31; ``docs/performance.md``). One kernel here serves both: for ``u`` a
 (``v`` defaults to ``u``: the moments about a shift, read in one pass). Each program owns a block of
 channels and a band of rows, which it walks in tiles of :data:`TILE_ROWS` rows, accumulating in registers;
 the bands' partial sums are added by XLA. Off GPUs it runs in Pallas's interpreter (``interpret=True``:
-tests). Used by ``layers.BatchNorm`` with ``OpChoices.norm_statistics='pallas'`` (opt-in until a GPU has
+tests). Used by ``batch_norm.BatchNorm`` with ``OpChoices.norm_statistics='pallas'`` (opt-in until a GPU has
 timed it: ``experiments/pallas_check.py``).
 """
 

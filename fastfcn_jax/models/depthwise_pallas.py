@@ -1,6 +1,6 @@
 """The JPU's depthwise convolution and its gradients as Pallas (Triton) kernels for GPUs.
 
-XLA:GPU computes the gradients of the shifted depthwise conv (``layers._depthwise_shifted``) at a fraction
+XLA:GPU computes the gradients of the shifted depthwise conv (``depthwise._depthwise_shifted``) at a fraction
 of their memory roofline: its reductions over nine shifted views re-read the gradient and the input once
 per tap (H200, EncNet+JPU R50 train step at batch 16, 480x480: 4.5 ms for the four branches' kernel
 gradients in two kernels whose memory roofline is 0.23 ms each), and its input-gradient kernels reached a
@@ -19,7 +19,7 @@ Measured on an H200 (jax 0.11.2, batch 16, 480x480, bf16, steps back to back): t
 43.4 ms with XLA's forms, 40.4 with this kernel gradient, 38.7 with both gradients, 37.9 with the forward
 too (session 7); kernel gradients 0.42-0.50 ms per branch, input gradients 0.26-0.33 ms. Session 9 checked
 their values on the H200 against the XLA forms (``experiments/pallas_check.py``: relative errors <= 3.2e-7
-in float32), so ``'auto'`` picks them on GPUs (``layers.pallas_for_auto``). Over several devices they run on
+in float32), so ``'auto'`` picks them on GPUs (``op_choices.pallas_for_auto``). Over several devices they run on
 each device's examples when traced with the mesh as context (``sharding.with_mesh``, as the training loop
 does; ``sharding.over_batch``): XLA's SPMD partitioner cannot split a custom call it knows nothing about,
 and would replicate its operands.

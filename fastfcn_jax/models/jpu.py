@@ -17,17 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import (
-    DEFAULT_OPS,
-    ConvBNReLU,
-    Dtype,
-    OpChoices,
-    SeparableConv,
-    choose,
-    depthwise_forms,
-    depthwise_joint,
-    resize_bilinear,
-)
+from fastfcn_jax.models.depthwise import SeparableConv, depthwise_forms, depthwise_joint
+from fastfcn_jax.models.dtypes import Dtype
+from fastfcn_jax.models.layers import ConvBNReLU
+from fastfcn_jax.models.op_choices import DEFAULT_OPS, OpChoices, choose
+from fastfcn_jax.models.resize import resize_bilinear
 
 
 class JPU(nn.Module):
@@ -57,7 +51,7 @@ class JPU(nn.Module):
         gpu_input = "fused" if all_pallas and self.ops.jpu_depthwise == "branches" else "padded"
         margin = 0
         if choose(self.ops.jpu_input, tpu="fused", other="fused", gpu=gpu_input) == "padded":
-            # Padded once for every branch and written out, so the taps read plain slices (layers.py).
+            # Padded once for every branch and written out, so the taps read plain slices (depthwise.py).
             margin = max(self.dilations)  # the 3x3 depthwise convs pad by their dilation
             feat = jax.lax.optimization_barrier(jnp.pad(feat, ((0, 0), (margin, margin), (margin, margin), (0, 0))))
         branches = [

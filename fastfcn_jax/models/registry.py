@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from fastfcn_jax.models.layers import backend, op_overrides, parse_ops
+from fastfcn_jax.models.op_choices import backend, op_overrides, parse_ops
 from fastfcn_jax.models.segmenter import HEADS, NECKS, RESNET_FIELDS, Segmenter
 
 DEPTHS = (50, 101, 152)

@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import DEFAULT_OPS, ConvBNReLU, Dtype, OpChoices, choose, conv_kernel_init, max_pool
+from fastfcn_jax.models.dtypes import Dtype
+from fastfcn_jax.models.layers import ConvBNReLU, conv_kernel_init, max_pool
+from fastfcn_jax.models.op_choices import DEFAULT_OPS, OpChoices, choose
 
 STAGE_SIZES = {
     50: (3, 4, 6, 3),

@@ -17,9 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fastfcn_jax.models.dtypes import Dtype
 from fastfcn_jax.models.heads import DeepLabV3Head, EncNetHead, FCNHead, PSPHead
 from fastfcn_jax.models.jpu import JPU, JPUX
-from fastfcn_jax.models.layers import Dtype, OpChoices, resize_bilinear
+from fastfcn_jax.models.op_choices import OpChoices
+from fastfcn_jax.models.resize import resize_bilinear
 from fastfcn_jax.models.resnet import STAGE_SIZES, ResNet
 
 HEADS = ("encnet", "psp", "deeplab", "fcn")
@@ -73,7 +75,7 @@ class Segmenter(nn.Module):
     jpu_dilations: Sequence[int] = (1, 2, 4, 8)
     jpux_dilations: Sequence[Sequence[int]] = ((1, 2, 4), (2, 4, 8))
     jpux_groups: int = 32
-    # How performance-sensitive ops are computed (same maths; see fastfcn_jax/models/layers.py).
+    # How performance-sensitive ops are computed (same maths; see fastfcn_jax/models/op_choices.py).
     resize_implementation: str = "auto"
     pointwise_implementation: str = "dot"
     depthwise_implementation: str = "auto"
@@ -81,7 +83,7 @@ class Segmenter(nn.Module):
     dilated_implementation: str = "auto"
     separable_implementation: str = "fused"
     jpu_input_implementation: str = "auto"
-    norm_implementation: str = "standard"  # 'folded': variables from layers.fold_batch_norm, inference only
+    norm_implementation: str = "standard"  # 'folded': variables from batch_norm.fold_batch_norm, inference only
     resized_implementation: str = "low_res"
     loss_logits_implementation: str = "auto"
     small_maps_implementation: str = "auto"

@@ -8,7 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import DEFAULT_OPS, Classifier, ConvBNReLU, Dtype, OpChoices, channel_dropout
+from fastfcn_jax.models.dtypes import Dtype
+from fastfcn_jax.models.layers import Classifier, ConvBNReLU, channel_dropout
+from fastfcn_jax.models.op_choices import DEFAULT_OPS, OpChoices
 
 
 class DeepLabV3Head(nn.Module):

@@ -8,17 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastfcn_jax.models.layers import (
-    DEFAULT_OPS,
-    BatchNorm,
-    Classifier,
-    ConvBNReLU,
-    Dtype,
-    OpChoices,
-    torch_default_bias_init,
-    torch_default_kernel_init,
-    uses_running_statistics,
-)
+from fastfcn_jax.models.batch_norm import BatchNorm, uses_running_statistics
+from fastfcn_jax.models.dtypes import Dtype
+from fastfcn_jax.models.layers import Classifier, ConvBNReLU, torch_default_bias_init, torch_default_kernel_init
+from fastfcn_jax.models.op_choices import DEFAULT_OPS, OpChoices
 
 
 class Encoding(nn.Module):

@@ -8,14 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastfcn_jax.models.layers import (
-    DEFAULT_OPS,
-    Classifier,
-    ConvBNReLU,
-    Dtype,
-    OpChoices,
-    adaptive_avg_pool,
-)
+from fastfcn_jax.models.dtypes import Dtype
+from fastfcn_jax.models.layers import Classifier, ConvBNReLU
+from fastfcn_jax.models.op_choices import DEFAULT_OPS, OpChoices
+from fastfcn_jax.models.resize import adaptive_avg_pool
 
 
 class PSPHead(nn.Module):
