@@ -1,4 +1,4 @@
-"""encnet_dilated_r101 on ADE20K with the paper's recipe.
+r"""encnet_dilated_r101 on ADE20K with the paper's recipe.
 
 Expected: Dilated baseline. ADE20K val, 150 classes: 44.65 mIoU multi-scale + flip.
 

@@ -1,4 +1,4 @@
-"""encnet_dilated_r50 on ADE20K with the paper's recipe.
+r"""encnet_dilated_r50 on ADE20K with the paper's recipe.
 
 Expected: Dilated baseline. ADE20K val, 150 classes: 41.11 mIoU multi-scale + flip.
 

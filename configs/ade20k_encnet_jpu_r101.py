@@ -1,4 +1,4 @@
-"""encnet_jpu_r101 on ADE20K with the paper's recipe.
+r"""encnet_jpu_r101 on ADE20K with the paper's recipe.
 
 Expected: ADE20K val, 150 classes: 44.34 mIoU multi-scale + flip (pixAcc 80.39).
 

@@ -1,4 +1,4 @@
-"""encnet_jpu_r101 fine-tuned on ADE20K train+val for the test server (the paper's ADE20K test entry).
+r"""encnet_jpu_r101 fine-tuned on ADE20K train+val for the test server (the paper's ADE20K test entry).
 
 Expected: ADE20K test, 150 classes: final score 0.5584 = (pixAcc + mIoU) / 2, multi-scale + flip, scored by
 the benchmark's server (FastFCN README: 55.84; the dilated EncNet R101's 55.67).

@@ -1,4 +1,4 @@
-"""encnet_jpu_r50 on ADE20K with the paper's recipe.
+r"""encnet_jpu_r50 on ADE20K with the paper's recipe.
 
 Expected: ADE20K val, 150 classes: 42.75 mIoU multi-scale + flip (official README).
 

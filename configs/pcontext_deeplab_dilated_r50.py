@@ -1,4 +1,4 @@
-"""deeplab_dilated_r50 on Pascal Context with the paper's recipe.
+r"""deeplab_dilated_r50 on Pascal Context with the paper's recipe.
 
 Expected: Dilated baseline. Pascal Context val, 59 classes: 49.19 mIoU single scale.
 

@@ -1,4 +1,4 @@
-"""deeplab_jpu_r50 on Pascal Context with the paper's recipe.
+r"""deeplab_jpu_r50 on Pascal Context with the paper's recipe.
 
 Expected: Pascal Context val, 59 classes: 50.07 mIoU single scale.
 

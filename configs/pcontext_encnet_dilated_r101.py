@@ -1,4 +1,4 @@
-"""encnet_dilated_r101 on Pascal Context with the paper's recipe.
+r"""encnet_dilated_r101 on Pascal Context with the paper's recipe.
 
 Expected: Dilated baseline. Pascal Context val, 59 classes: 52.60 mIoU multi-scale + flip.
 

@@ -1,4 +1,4 @@
-"""encnet_dilated_r50 on Pascal Context with the paper's recipe.
+r"""encnet_dilated_r50 on Pascal Context with the paper's recipe.
 
 Expected: Dilated baseline. Pascal Context val, 59 classes: 49.91 mIoU single scale.
 

@@ -1,4 +1,4 @@
-"""encnet_jpu_r101 on Pascal Context with the paper's recipe.
+r"""encnet_jpu_r101 on Pascal Context with the paper's recipe.
 
 Expected: Pascal Context val, 59 classes: 54.03 mIoU multi-scale + flip (53.13 with background, x59/60).
 

@@ -1,4 +1,4 @@
-"""encnet_jpu_r50 on Pascal Context with the paper's recipe.
+r"""encnet_jpu_r50 on Pascal Context with the paper's recipe.
 
 Expected: Pascal Context val, 59 classes: 51.05 mIoU single scale (official README).
 

@@ -1,4 +1,4 @@
-"""encnet_jpux_r50 on Pascal Context with the paper's recipe.
+r"""encnet_jpux_r50 on Pascal Context with the paper's recipe.
 
 Expected: no reference number for ResNet-50. The only figure for JPU_X is a user's 55.12 mIoU multi-scale
 (59 classes, FastFCN issue #73) for EncNet+JPU_X with an unstated backbone; 1.1 above the official ResNet-101

@@ -1,4 +1,4 @@
-"""psp_dilated_r50 on Pascal Context with the paper's recipe.
+r"""psp_dilated_r50 on Pascal Context with the paper's recipe.
 
 Expected: Dilated baseline. Pascal Context val, 59 classes: 50.58 mIoU single scale.
 

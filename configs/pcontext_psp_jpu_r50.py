@@ -1,4 +1,4 @@
-"""psp_jpu_r50 on Pascal Context with the paper's recipe.
+r"""psp_jpu_r50 on Pascal Context with the paper's recipe.
 
 Expected: Pascal Context val, 59 classes: 50.89 mIoU single scale.
 

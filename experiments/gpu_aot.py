@@ -94,7 +94,15 @@ def compile_for_gpu(args: argparse.Namespace) -> str:
     from fastfcn_jax.models.op_choices import parse_ops
 
     gpu = GPUS[args.gpu]
-    topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")
+    try:
+        topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")
+    except (NotImplementedError, RuntimeError) as error:  # "topology not implemented for cuda": no CUDA plugin
+        import jax
+
+        raise aot.MissingCompilerError(
+            f"compiling for a GPU without one needs jax's CUDA plugin: pip install 'jax[cuda12]=={jax.__version__}' "
+            f"(about 5 GB; this script's docstring) ({error})"
+        ) from error
     lowered = aot.lower(
         args.model,
         topology.devices,
@@ -118,9 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: no GPU runtime is started
 
-    from fastfcn_jax import roofline
+    from fastfcn_jax import aot, roofline
 
-    text = compile_for_gpu(args)
+    try:
+        text = compile_for_gpu(args)
+    except aot.MissingCompilerError as error:
+        sys.exit(f"error: {error}")
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
             f.write(text)

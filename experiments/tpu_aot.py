@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in args.model.split(","):
         for ops in args.ops or [""]:
-            row = analyse(args, model, ops)
+            try:
+                row = analyse(args, model, ops)
+            except aot.MissingCompilerError as error:
+                sys.exit(f"error: {error}")
             rows.append(row)
             print(f"compiled {model} [{row['ops']}] in {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
             if args.details:

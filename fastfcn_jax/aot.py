@@ -51,6 +51,10 @@ TPUS = {
 }
 
 
+class MissingCompilerError(RuntimeError):
+    """The installed jax cannot compile for the target (its plugin is missing); the message says what to install."""
+
+
 def tpu_devices(target: TpuTarget, count: int) -> list[Any]:
     """``count`` compile-only devices of ``target`` (needs ``libtpu``; no TPU): the smallest topology with
     at least that many devices, of which the first ``count`` are used."""
@@ -62,7 +66,14 @@ def tpu_devices(target: TpuTarget, count: int) -> list[Any]:
     topology_name = target.topologies[sizes[0]]
     # A single-chip slice is its own host; larger ones use libtpu's default host bounds.
     options = {"chips_per_host_bounds": [1, 1, 1]} if sizes[0] == 1 else {}
-    devices = list(get_topology_desc(topology_name, "tpu", **options).devices)
+    try:
+        devices = list(get_topology_desc(topology_name, "tpu", **options).devices)
+    except RuntimeError as error:  # "JAX TPU support not installed"
+        import jax
+
+        raise MissingCompilerError(
+            f"compiling for a TPU without one needs libtpu: pip install 'jax[tpu]=={jax.__version__}' ({error})"
+        ) from error
     return devices[:count]
 
 

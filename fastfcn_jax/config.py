@@ -7,6 +7,9 @@ values with messages that name the key (unknown keys are already rejected by the
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import ModuleType
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -93,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 1000
     config.train.keep_checkpoints = 3
     config.train.requires_init_from = False  # a fine-tune: refuse to start from scratch without init_from
+    # False (the paper configs): refuse to start from random initialisation, as a paper experiment starts from
+    # ImageNet weights (config.init_from); True trains from scratch on purpose.
+    config.train.allow_random_init = True
     config.train.stop_after_steps = 0  # > 0: checkpoint and stop after this many steps of this run (time-boxed
     # sessions such as Colab, cluster jobs); exit status 75; running the same command again resumes
 
@@ -164,9 +170,32 @@ def paper_config(dataset: str, model: str, *, aux_weight: float = 0.2, **train_o
     config.train.aux_weight = aux_weight
     config.train.se_weight = 0.2 if model.startswith("encnet") else 0.0
     config.train.eval_every = 2000
+    config.train.allow_random_init = False  # an ImageNet backbone (init_from) or nothing: a forgotten flag is no run
     for key, value in train_overrides.items():
         config.train[key] = value
     return config
+
+
+def config_module(path: str | Path) -> ModuleType:
+    """A config file (``configs/demo.py``) loaded as a module: its ``get_config()`` and its docstring (the
+    launch command)."""
+    import importlib.util
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config()")
+    return module
+
+
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    """A config file's ``get_config()``, as ``--config`` loads it, for the Python API:
+    ``run_evaluation(load_config('configs/demo.py'), workdir)``."""
+    return config_module(path).get_config()
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -681,6 +681,18 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"crop {protocol.crop_size}, stride {protocol.stride})",
             flush=True,
         )
+        trained = (int(info.get("base_size") or 0), int(info.get("crop_size") or 0))
+        used = (protocol.base_size, protocol.crop_size)
+        if all(trained) and trained != used and not (settings.get("base_size") or settings.get("crop_size")):
+            # Prediction prefers the recorded sizes; evaluation keeps the protocol's (the paper's numbers are at
+            # those), but says so.
+            print(
+                f"note: the checkpoint's run was trained at base {trained[0]} / crop {trained[1]}, this evaluation "
+                f"runs at base {used[0]} / crop {used[1]} (config.dataset's, else the dataset's); to evaluate at the "
+                f"trained sizes add --config.evaluation.base_size={trained[0]} "
+                f"--config.evaluation.crop_size={trained[1]}",
+                flush=True,
+            )
     confusion = np.zeros((num_classes, num_classes), np.int64)
     start = time.perf_counter()
     for i, result in enumerate(runner.run_pairs(examples())):

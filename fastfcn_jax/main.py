@@ -5,7 +5,7 @@ Thin glue: parses flags, validates the config and dispatches to the mode's modul
 - ``train``: train, validate, checkpoint (resumes from WORKDIR);
 - ``eval``: the reference's test protocol on a split (docs/evaluation.md);
 - ``predict``: masks and overlays for ``--inputs`` (a file, folder or glob);
-- ``export``: StableHLO / SavedModel artifacts (docs/export.md);
+- ``export``: StableHLO / SavedModel / ONNX artifacts (docs/export.md);
 - ``summary``: parameter table and one forward pass (of the model WORKDIR's checkpoint or ``init_from`` holds, if any);
 - ``benchmark``: forward latency and FLOPs, dilated vs JPU.
 
@@ -373,6 +373,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         if isinstance(error, KeyError | AttributeError) and culprits:
             suggestion = _closest_key(culprits[0])
             hint = f"; did you mean {suggestion}?" if suggestion else ""
+            if culprits[0] in (f"config.model.overrides.{part}" for part in ("head", "neck", "depth")):
+                hint = "; the head, neck and depth are the model's name: set config.model.name (e.g. psp_jpu_r101)"
             sys.exit(
                 f"error: unknown config key {culprits[0]}{hint} (the keys and their defaults: fastfcn_jax/config.py, "
                 "base_config)"

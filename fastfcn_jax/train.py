@@ -222,7 +222,7 @@ def load_pretrained(
         restored = {c: {"backbone": tree.get("backbone", {})} for c, tree in restored.items()}
     problems = checkpointing.variable_mismatches(current, restored)
     if problems:
-        what = f"the backbone weights ({info.get('source')})" if backbone_only else "the checkpoint"
+        what = f"the backbone's weights ({info.get('source')})" if backbone_only else "the checkpoint"
         stems = {"torchvision": "standard", "resnet_s": "deep"}
         hint = ""
         if backbone_only and info.get("source") in stems and any("stem" in problem for problem in problems):
@@ -372,6 +372,14 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
 
     workdir = Path(workdir).expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    trained = any(step.name.isdigit() for step in (workdir / "checkpoints").glob("*"))
+    if not (config.train.allow_random_init or config.init_from or trained or config.train.requires_init_from):
+        raise ValueError(
+            "this config reproduces a paper experiment, which starts from ImageNet weights, and neither "
+            "config.init_from nor a checkpoint in WORKDIR gives any: pass --config.init_from=DIR (a converted ImageNet "
+            "backbone, README 'Training a paper experiment' step 2), or --config.train.allow_random_init=True to "
+            "train from random initialisation"
+        )
     mesh = sharding.make_mesh(config.get("num_devices") or None)
     dataset = get_dataset_info(config.dataset.name, config.dataset.data_dir or None)
     num_classes = config.model.num_classes or dataset.num_classes
@@ -629,7 +637,11 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
                 break
         if not last_eval and int(state.step) >= total_steps:  # a finished run asked again: report its metrics
             last_eval, last_eval_step = run_eval(), int(state.step)
-    report(f"trained {int(state.step) - start_step} steps in {format_duration(time.perf_counter() - run_start)}")
+    trained_steps = int(state.step) - start_step
+    report(
+        f"trained {trained_steps} step{'s' * (trained_steps != 1)} in "
+        f"{format_duration(time.perf_counter() - run_start)}"
+    )
 
     # Before num_steps: the signal number (SIGTERM/SIGINT) or "stop_after_steps"; main.py's exit status.
     final = {"step": int(state.step), "stopped_by": stopped_by}
@@ -676,7 +688,14 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
 
 
 # Settings that may change between the invocations of one run without a note (how it is watched and saved).
-_QUIET_ON_RESUME = ("mode", "init_from", "dataset.data_dir", "dataset.manual_dir", "num_devices")
+_QUIET_ON_RESUME = (
+    "mode",
+    "init_from",
+    "dataset.data_dir",
+    "dataset.manual_dir",
+    "num_devices",
+    "train.allow_random_init",
+)
 _QUIET_PREFIXES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                    "train.stop_after_steps", "eval.", "evaluation.", "export.", "benchmark.")  # fmt: skip
 

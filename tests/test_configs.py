@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
-from fastfcn_jax.config import model_overrides, validate
+from fastfcn_jax.config import config_module, load_config, model_overrides, validate
 from fastfcn_jax.models import model_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.py"))
 
 
 def load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_module(path)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -37,6 +33,7 @@ def test_paper_configs_use_the_reference_recipe(path):
     trainval = path.stem.endswith("_trainval")  # the test-server fine-tune (FASTFCN.md 4.1, `--ft`)
     assert path.stem == f"{dataset}_{model}" + ("_trainval" if trainval else "")
     assert config.train.batch_size == 16
+    assert not config.train.allow_random_init  # from ImageNet weights (init_from), as the paper
     assert config.train.momentum == 0.9 and config.train.weight_decay == 1e-4
     assert config.train.new_layers_lr_multiplier == 10 and config.train.poly_power == 0.9
     # The ADE20K R101 dilated baseline was trained at 640/576 (FASTFCN.md 4.1); everything else at 520/480.
@@ -109,7 +106,7 @@ def test_evaluation_and_export_values_are_checked_before_any_work():
 def test_architecture_overrides_are_settable_and_unset_ones_stay_the_models():
     # config.model.overrides offers Segmenter's scalar architecture fields as typed placeholders, so that
     # --config.model.overrides.jpu_width=16 works from the command line; unset (None) ones are not passed on.
-    config = load(CONFIGS[0]).get_config()
+    config = load(next(path for path in CONFIGS if path.stem == "pcontext_encnet_jpu_r50")).get_config()
     assert set(model_overrides(config)) == {"dtype", "aux"}
     config.model.overrides.jpu_width = 16
     config.model.overrides.dropout = 0.0
@@ -134,3 +131,12 @@ def test_model_ops_reach_the_model_and_bad_ones_name_the_key():
     config.model.ops = "grouped"
     with pytest.raises(ValueError, match=r"config\.model\.ops='grouped': must be OP=CHOICE"):
         validate(config)
+
+
+def test_load_config_gives_a_config_files_config_for_the_python_api(tmp_path):
+    assert load_config(CONFIGS[0]) == load(CONFIGS[0]).get_config()
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_config(tmp_path / "missing.py")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no get_config"):
+        load_config(tmp_path / "empty.py")

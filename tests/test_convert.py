@@ -241,7 +241,7 @@ def test_cli_conversion_matches_official_outputs(tmp_path, ade_npz, fixture, mod
         assert relative_error(out_array, reference[name]) < TOLERANCE, name
 
 
-def test_cli_output_restores_to_the_converted_variables(tmp_path, ade_npz):
+def test_cli_output_restores_to_the_converted_variables(tmp_path, ade_npz, capsys):
     out = tmp_path / "converted"
     class_names = [f"class {i}" for i in range(150)]
     (tmp_path / "names.txt").write_text("\n".join(class_names) + "\n")
@@ -258,6 +258,13 @@ def test_cli_output_restores_to_the_converted_variables(tmp_path, ade_npz):
     assert run_cli(*argv) == 1
     assert run_cli(*argv, "--overwrite") == 0
     assert restore_variables(out)[1]["class_names"] is None
+    # A class-name file of another count: named as the flag's, not the weights file's, problem.
+    (tmp_path / "three.txt").write_text("sky\nroad\ncar\n")
+    capsys.readouterr()
+    assert run_cli(*argv, "--overwrite", "--class-names", tmp_path / "three.txt") == 1
+    assert f"error: --class-names {tmp_path / 'three.txt'}: holds 3 class names, but --num-classes is 150" in (
+        capsys.readouterr().err
+    )
 
 
 # --- bad inputs write nothing -------------------------------------------------------------------------

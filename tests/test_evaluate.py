@@ -467,3 +467,15 @@ def test_evaluating_another_checkpoint_or_protocol_setting_keeps_the_earlier_res
     evaluate.run_evaluation(config, workdir)
     assert f"kept, moved to {eval_dir / f'{out.name}_step20_best_base{CROP}_crop{CROP}'}" in capsys.readouterr().out
     assert metrics_in(out)["protocol_flip"] and len(list(eval_dir.iterdir())) == 3
+
+    # A run trained at other sizes than the protocol's (config.dataset's here): evaluated at the protocol's, said.
+    trained = {**CHECKPOINT_INFO, "base_size": 2 * CROP, "crop_size": CROP + 8}
+    checkpointing.save_variables(tmp_path / "trained", jax.device_get(variables), trained, step=5)
+    config.init_from = str(tmp_path / "trained")
+    config.evaluation.base_size = config.evaluation.crop_size = 0
+    config.dataset.base_size = config.dataset.crop_size = CROP
+    evaluate.run_evaluation(config, workdir)
+    assert (
+        f"note: the checkpoint's run was trained at base {2 * CROP} / crop {CROP + 8}, this evaluation runs at base "
+        f"{CROP} / crop {CROP}"
+    ) in capsys.readouterr().out

@@ -75,6 +75,11 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--config.model.nmae=psp_jpu_tiny")
     assert result.returncode != 0
     assert "unknown config key config.model.nmae; did you mean config.model.name?" in result.stderr
+    result = run_main(f"--workdir={tmp_path}", "--config.model.overrides.head=psp")
+    assert result.returncode != 0
+    assert "config.model.overrides.head; the head, neck and depth are the model's name: set config.model.name" in (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
     result = run_main(f"--workdir={tmp_path}", "--config.trian.batch_size=3")  # a misspelt section
     assert "unknown config key config.trian.batch_size; did you mean config.train.batch_size?" in result.stderr

@@ -117,6 +117,11 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
     with pytest.raises(ValueError, match="fine-tunes trained weights.*--config.init_from"):
         train_and_evaluate(config, tmp_path / "scratch")
     assert not (tmp_path / "scratch" / "checkpoints").exists() and not (tmp_path / "scratch" / "best").exists()
+    # A paper config (an ImageNet backbone expected) refuses random initialisation unless asked for, before any data.
+    config = small_config(data_dir, num_steps=1, allow_random_init=False)
+    config.dataset.name = "no_such_dataset_prepared"
+    with pytest.raises(ValueError, match="starts from ImageNet weights.*--config.train.allow_random_init=True"):
+        train_and_evaluate(config, tmp_path / "forgotten")
     assert list((tmp_path / "source" / "checkpoints").iterdir()) and list((tmp_path / "source" / "best").iterdir())
 
 

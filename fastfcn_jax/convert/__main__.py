@@ -78,7 +78,9 @@ def read_class_names(source: str | Path, num_classes: int) -> list[str]:
             )
         names = list(get_dataset_info(str(source)).class_names)
         if len(names) != num_classes:
-            raise ValueError(f"dataset {source!r} has {len(names)} classes, but --num-classes is {num_classes}")
+            raise ValueError(
+                f"--class-names {source}: that dataset has {len(names)} classes, but --num-classes is {num_classes}"
+            )
         return names
     text = path.read_text()
     try:
@@ -86,9 +88,9 @@ def read_class_names(source: str | Path, num_classes: int) -> list[str]:
     except json.JSONDecodeError:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"{path}: expected one class name per line or a JSON list of strings")
+        raise ValueError(f"--class-names {path}: expected one class name per line or a JSON list of strings")
     if len(names) != num_classes:
-        raise ValueError(f"{path}: holds {len(names)} class names, but --num-classes is {num_classes}")
+        raise ValueError(f"--class-names {path}: holds {len(names)} class names, but --num-classes is {num_classes}")
     return names
 
 
@@ -166,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert_file(args)
     except (ValueError, OSError, KeyError) as error:  # ConversionError, CheckpointReadError included
         message = str(error)
-        if str(args.input) not in message:  # reader errors name the file; conversion errors name the keys
+        # Reader errors name the file, conversion errors the keys; a flag's own error names the flag.
+        if str(args.input) not in message and not message.startswith("--"):
             message = f"{args.input}: {message}"
         print(f"error: {message}", file=sys.stderr)
         print(f"nothing was written: {args.out} is as it was", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Build a dataset's tfds files once, before training.
 
   python -m fastfcn_jax.data.prepare --dataset synthetic_shapes --data-dir ~/tensorflow_datasets
-  python -m fastfcn_jax.data.prepare --dataset ade20k --manual-dir ~/raw --data-dir ~/tensorflow_datasets
+  python -m fastfcn_jax.data.prepare --dataset ade20k --manual-dir ~/raw/ade20k --data-dir ~/tensorflow_datasets
   python -m fastfcn_jax.data.prepare --dataset folder:mydata --source ~/mydata --data-dir ~/tensorflow_datasets
 
 Real datasets are read from ``--manual-dir`` (their download instructions and expected layout are printed

@@ -40,6 +40,16 @@ _FIELDS = {f.name for f in dataclasses.fields(Segmenter)} - {"parent", "name", "
 # Fields the model name fixes ({head}_{neck}_r{depth}); overriding them would contradict the name.
 _NAMED = {"head", "neck", "depth", "stage_sizes"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Options of one head or neck: given for another, they would change nothing, silently.
+_OPTION_OF = {
+    "num_codes": ("head", ("encnet",)),
+    "psp_bins": ("head", ("psp",)),
+    "aspp_rates": ("head", ("deeplab",)),
+    "jpu_width": ("neck", ("jpu", "jpux")),
+    "jpu_dilations": ("neck", ("jpu",)),
+    "jpux_dilations": ("neck", ("jpux",)),
+    "jpux_groups": ("neck", ("jpux",)),
+}
 
 
 def available_models() -> list[str]:
@@ -89,6 +99,13 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     named = sorted(set(overrides) & _NAMED)
     if named:
         raise ValueError(f"{named} are fixed by the model name {name!r}: choose another name instead")
+    for key in sorted(set(overrides) & set(_OPTION_OF)):
+        part, owners = _OPTION_OF[key]
+        if config[part] not in owners:
+            raise ValueError(
+                f"{key} is an option of the {' and '.join(owners)} {part}{'s' if len(owners) > 1 else ''}: it would "
+                f"change nothing in {name!r} (its {part} is {config[part]})"
+            )
     config.update(overrides)
     if custom:
         config["backbone"] = load_backbone(config["backbone"])
