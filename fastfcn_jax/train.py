@@ -373,7 +373,8 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     workdir = Path(workdir).expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     trained = any(step.name.isdigit() for step in (workdir / "checkpoints").glob("*"))
-    if not (config.train.allow_random_init or config.init_from or trained or config.train.requires_init_from):
+    random_init_refused = not config.train.get("allow_random_init", True) and not config.train.get("requires_init_from")
+    if random_init_refused and not (config.init_from or trained):
         raise ValueError(
             "this config reproduces a paper experiment, which starts from ImageNet weights, and neither "
             "config.init_from nor a checkpoint in WORKDIR gives any: pass --config.init_from=DIR (a converted ImageNet "
