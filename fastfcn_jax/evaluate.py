@@ -458,6 +458,21 @@ def submission_encoding(label_lut: np.ndarray, num_classes: int) -> np.ndarray:
     return encoding
 
 
+# Benchmarks whose label files are palette PNGs (Pascal VOC's SegmentationClass, the form its server takes
+# results in); the others' servers take grayscale PNGs of the raw values.
+PALETTE_BENCHMARKS = ("pascal_voc", "pascal_aug")
+
+
+def submission_image(raw: np.ndarray, dataset: str | None, palette: np.ndarray) -> Any:
+    """A test-server PNG of ``raw`` (labels in the benchmark's encoding, :func:`submission_encoding`): palette
+    mode in ``palette``'s colours for Pascal VOC, grayscale for the others (ADE20K, Cityscapes, Pascal Context)."""
+    from PIL import Image
+
+    if dataset in PALETTE_BENCHMARKS:
+        return visualize.palette_png(raw, palette)
+    return Image.fromarray(np.asarray(raw).astype(np.uint8), mode="L")
+
+
 def pcontext_60_class_miou(mean_iou_59: float) -> float:
     """The Pascal Context number papers report: the 59-class mIoU with background added as a class of IoU 0,
     i.e. ``mIoU_59 * 59 / 60`` (FastFCN issue #39; 54.03 -> 53.13, the paper's headline)."""
@@ -632,6 +647,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"checkpoint {source} predicts {num_classes} classes but dataset {dataset.name!r} has "
             f"{dataset.num_classes}; set config.dataset.name to the dataset the model was trained on"
+            + (f" (--config.dataset.name={info['dataset']}, as the checkpoint records)" if info.get("dataset") else "")
         )
     checkpointing.note_unused_model_config(info, source, config.model, "is evaluated")
     model = create_model(info["model_name"], num_classes, **checkpointing.model_overrides(info))
@@ -646,7 +662,16 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         devices=sharding.evaluation_devices(config.get("num_devices") or 0),
     )
     pipeline.prepare_on_first_process(config.dataset.name, data_dir, config.dataset.get("manual_dir", "") or None)
-    total = full_size = pipeline.dataset_size(dataset, split, data_dir)
+    try:
+        total = full_size = pipeline.dataset_size(dataset, split, data_dir)
+    except (KeyError, ValueError) as error:  # tfds: "Unknown split 'test'. Should be one of [...]"
+        hint = (
+            "; unlabelled test images are predicted, not evaluated: --mode=predict --inputs=THEIR_FOLDER "
+            "--config.evaluation.submission_dir=DIR (docs/evaluation.md)"
+            if "test" in split
+            else ""
+        )
+        raise ValueError(f"config.evaluation.split / config.dataset.eval_split {split!r}: {error}{hint}") from None
     limit = settings.get("max_examples", 0) or total
     total = min(total, limit)
     submission_dir = Path(settings["submission_dir"]).expanduser() if settings.get("submission_dir") else None
@@ -698,8 +723,8 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     for i, result in enumerate(runner.run_pairs(examples())):
         confusion += result["confusion"]
         if encoding is not None:
-            raw = encoding[result["prediction"]].astype(np.uint8)
-            Image.fromarray(raw, mode="L").save(submission_dir / (Path(names[i]).stem + ".png"))
+            raw = encoding[result["prediction"]]
+            submission_image(raw, dataset.name, dataset.palette).save(submission_dir / (Path(names[i]).stem + ".png"))
         done = i + 1
         if lead and (done % 50 == 0 or done == share):
             running = metrics.segmentation_scores(confusion)

@@ -32,6 +32,7 @@ from fastfcn_jax.evaluate import (
     model_logits_fn,
     normalize,
     submission_encoding,
+    submission_image,
     sum_over_processes,
 )
 
@@ -199,22 +200,18 @@ class Predictor:
         """The mask as a PNG-ready image: palette mode (pixel value = class index) for up to 256 classes."""
         if self.num_classes > 256:
             return Image.fromarray(mask.astype(np.uint16))
-        image = Image.fromarray(mask.astype(np.uint8), mode="P")
-        palette = np.zeros((256, 3), np.uint8)
-        palette[: len(self.palette)] = self.palette
-        image.putpalette(palette.ravel().tolist())
-        return image
+        return visualize.palette_png(mask, self.palette)
 
     def benchmark_mask(self, mask: np.ndarray) -> Image.Image:
-        """``mask`` in its benchmark's own encoding (ADE20K class + 1, Cityscapes label ids, ...): the grayscale
-        PNG test servers take. Needs the checkpoint's dataset (``label_lut``)."""
+        """``mask`` in its benchmark's own encoding (ADE20K class + 1, Cityscapes label ids, ...) as the PNG test
+        servers take (grayscale; Pascal VOC's palette PNG). Needs the checkpoint's dataset (``label_lut``)."""
         if self.label_lut is None:
             raise ValueError(
                 "the checkpoint names no known dataset, so its benchmark's label encoding is unknown: "
-                "submission PNGs need a checkpoint trained on pcontext, ade20k, cityscapes or pascal_voc"
+                "submission PNGs need a checkpoint trained on pcontext, ade20k, cityscapes, pascal_voc or pascal_aug"
             )
         encoding = submission_encoding(self.label_lut, self.num_classes)
-        return Image.fromarray(encoding[mask].astype(np.uint8), mode="L")
+        return submission_image(encoding[mask], self.checkpoint_info.get("dataset"), self.palette)
 
 
 def _dataset_info(name: str | None):

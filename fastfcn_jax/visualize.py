@@ -54,6 +54,16 @@ def save_panels(
     return paths
 
 
+def palette_png(indices: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """``indices`` (< 256) as a palette-mode image: pixel value = index, shown in ``palette``'s colours (the form of
+    Pascal VOC's label files)."""
+    image = Image.fromarray(np.asarray(indices).astype(np.uint8), mode="P")
+    colours = np.zeros((256, 3), np.uint8)
+    colours[: len(palette)] = np.asarray(palette, np.uint8)[:256]
+    image.putpalette(colours.ravel().tolist())
+    return image
+
+
 def default_palette(num_classes: int) -> np.ndarray:
     """[C, 3] uint8 colours for a checkpoint without a dataset palette (the PASCAL VOC bit pattern)."""
     palette = np.zeros((num_classes, 3), np.uint8)

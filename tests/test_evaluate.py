@@ -84,6 +84,24 @@ def test_submission_encoding_is_the_benchmarks_raw_values():
     assert city[0] == 7 and city[1] == 8 and city[18] == 33  # road, sidewalk, bicycle label ids
 
 
+def test_submission_pngs_take_each_benchmarks_form(tmp_path):
+    from PIL import Image
+
+    from fastfcn_jax.data.datasets import get_dataset_info
+
+    raw = np.array([[0, 1], [20, 15]])
+    for name in ("pascal_voc", "pascal_aug"):  # VOC's SegmentationClass form: palette PNGs, VOC's colours
+        voc = get_dataset_info(name)
+        evaluate.submission_image(raw, name, voc.palette).save(tmp_path / f"{name}.png")
+        read = Image.open(tmp_path / f"{name}.png")
+        assert read.mode == "P" and np.array_equal(np.asarray(read), raw)
+        assert read.getpalette()[3:6] == [128, 0, 0] and read.getpalette()[45:48] == [192, 128, 128]  # plane, person
+    city = get_dataset_info("cityscapes")
+    evaluate.submission_image(raw + 7, "cityscapes", city.palette).save(tmp_path / "city.png")
+    read = Image.open(tmp_path / "city.png")
+    assert read.mode == "L" and np.array_equal(np.asarray(read), raw + 7)  # grayscale label ids
+
+
 # ----------------------------------------------------------------------------------------------------
 # The protocol, written as the reference's loop (FASTFCN.md 4.2 / MultiEvalModule.forward).
 
@@ -434,6 +452,17 @@ def test_results_of_another_dataset_are_labelled_with_it_when_kept(tmp_path):
     earlier = {"dataset": "folder:six", "step": 20, "protocol": "single_scale", "checkpoint": str(tmp_path)}
     assert evaluate.results_label(earlier, tmp_path, "synthetic_shapes") == "folder-six_step20"
     assert evaluate.results_label(earlier, tmp_path, "folder:six") == "step20"
+
+
+def test_a_split_the_dataset_lacks_is_named_with_how_test_images_are_predicted(tiny, tmp_path):
+    _, variables, _ = tiny
+    config = synthetic_shapes_config(tmp_path)
+    checkpointing.save_variables(tmp_path / "checkpoint", jax.device_get(variables), CHECKPOINT_INFO)
+    config.init_from = str(tmp_path / "checkpoint")
+    with config.unlocked():
+        config.evaluation = ml_collections.ConfigDict({"split": "test"})
+    with pytest.raises(ValueError, match=r"split 'test': .*Unknown split.*unlabelled test images are predicted"):
+        evaluate.run_evaluation(config, tmp_path / "workdir")
 
 
 def test_evaluating_another_checkpoint_or_protocol_setting_keeps_the_earlier_results(tiny, tmp_path, capsys):

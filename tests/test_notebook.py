@@ -27,13 +27,16 @@ def test_notebook_installs_the_jax_family_at_the_versions_the_tests_pass_with():
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (install,) = [c.source for c in notebook.cells if INSTALL_TAG in c.metadata.get("tags", [])]
-    pins = dict(re.findall(r'"([a-z-]+)(?:\[tpu\])?==([\w.]+)"', install))
+    found = re.findall(r'"([a-z-]+)(?:\[(\w+)\])?==([\w.]+)"', install)
+    pins = {name: version for name, _, version in found}
+    assert {extra for _, extra, _ in found if extra} == {"tpu", "cuda12"}  # the runtime's accelerator support
     constraints = dict(
         line.strip().replace("_", "-").lower().split("==")
         for line in (REPO / "constraints.txt").read_text().splitlines()
         if "==" in line
     )
-    assert set(pins) == {"jax", "flax", "optax", "orbax-checkpoint", "orbax-export"}
+    constraints["tensorflow"] = constraints["tensorflow-cpu"]  # Colab's tensorflow, upgraded only if older
+    assert set(pins) == {"jax", "flax", "optax", "orbax-checkpoint", "orbax-export", "tensorflow"}
     assert {name: constraints[name] for name in pins} == pins
     assert "raise RuntimeError" in install  # a failed clone stops the notebook there, not cells later
 

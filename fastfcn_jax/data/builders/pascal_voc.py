@@ -37,6 +37,8 @@ renaming benchmark_RELEASE/ to VOCaug/, giving:
 {_VOC_LAYOUT}  MANUAL_DIR/{SBD_ROOT}/img/<stem>.jpg
   MANUAL_DIR/{SBD_ROOT}/cls/<stem>.mat          (GTcls.Segmentation, 0..20)
   MANUAL_DIR/{SBD_ROOT}/{{train,val}}.txt
+Splits: train (train_aug, 10582: VOC train and SBD train + val, less VOC val), validation (VOC val, 1449),
+sbd_trainval and sbd_val (the reference's pascal_aug train and val: 11355 and 2857, SBD masks).
 """
 _VOC_VALUES = np.append(np.arange(21), 255)
 
