@@ -94,15 +94,8 @@ def compile_for_gpu(args: argparse.Namespace) -> str:
     from fastfcn_jax.models.op_choices import parse_ops
 
     gpu = GPUS[args.gpu]
-    try:
-        topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")
-    except (NotImplementedError, RuntimeError) as error:  # "topology not implemented for cuda": no CUDA plugin
-        import jax
-
-        raise aot.MissingCompilerError(
-            f"compiling for a GPU without one needs jax's CUDA plugin: pip install 'jax[cuda12]=={jax.__version__}' "
-            f"(about 5 GB; this script's docstring) ({error})"
-        ) from error
+    aot.require_compiler("cuda")
+    topology = get_topology_desc(args.gpu, "cuda", target_config=_TARGET.format(**gpu), topology="1x1x1")
     lowered = aot.lower(
         args.model,
         topology.devices,

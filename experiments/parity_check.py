@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     fixtures = [name for name in parser.parse_args(argv).fixtures.split(",") if name]
     unknown = sorted(set(fixtures) - set(PARITY_FIXTURES))
     if unknown or not fixtures:
-        parser.error(f"unknown fixtures {unknown}; choose among {', '.join(PARITY_FIXTURES)}")
+        found = f"unknown fixtures {unknown}" if unknown else "no fixtures given"
+        parser.error(f"{found}; choose among {', '.join(PARITY_FIXTURES)}")
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
     worst = 0.0
     for fixture in fixtures:

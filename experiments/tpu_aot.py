@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     from fastfcn_jax import aot, roofline
 
+    try:
+        aot.require_compiler("tpu")
+    except aot.MissingCompilerError as error:
+        sys.exit(f"error: {error}")
     target = aot.TPUS[args.tpu]
     what = "train step" if args.train else "forward"
     print(
@@ -114,10 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in args.model.split(","):
         for ops in args.ops or [""]:
-            try:
-                row = analyse(args, model, ops)
-            except aot.MissingCompilerError as error:
-                sys.exit(f"error: {error}")
+            row = analyse(args, model, ops)
             rows.append(row)
             print(f"compiled {model} [{row['ops']}] in {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
             if args.details:

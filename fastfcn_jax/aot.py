@@ -55,6 +55,31 @@ class MissingCompilerError(RuntimeError):
     """The installed jax cannot compile for the target (its plugin is missing); the message says what to install."""
 
 
+# The modules of jax's compiler plugins (any one of them), by platform.
+_PLUGIN_MODULES = {"cuda": ("jax_cuda12_plugin", "jax_plugins.xla_cuda12"), "tpu": ("libtpu",)}
+
+
+def require_compiler(platform: str) -> None:
+    """Raises :class:`MissingCompilerError`, naming what to install, unless jax's plugin for compiling for
+    ``platform`` (``'cuda'`` or ``'tpu'``) is installed; compiling for a machine one does not have needs it."""
+    import importlib.util
+
+    import jax
+
+    def found(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ImportError:  # a dotted name whose parent package is missing
+            return False
+
+    if not any(found(module) for module in _PLUGIN_MODULES[platform]):
+        extra, size = ("cuda12", ", about 5 GB") if platform == "cuda" else ("tpu", "")
+        raise MissingCompilerError(
+            f"compiling for {'a GPU' if platform == 'cuda' else 'a TPU'} without one needs jax's {platform} plugin: "
+            f"pip install 'jax[{extra}]=={jax.__version__}'{size} (the script's docstring)"
+        )
+
+
 def tpu_devices(target: TpuTarget, count: int) -> list[Any]:
     """``count`` compile-only devices of ``target`` (needs ``libtpu``; no TPU): the smallest topology with
     at least that many devices, of which the first ``count`` are used."""
@@ -66,14 +91,8 @@ def tpu_devices(target: TpuTarget, count: int) -> list[Any]:
     topology_name = target.topologies[sizes[0]]
     # A single-chip slice is its own host; larger ones use libtpu's default host bounds.
     options = {"chips_per_host_bounds": [1, 1, 1]} if sizes[0] == 1 else {}
-    try:
-        devices = list(get_topology_desc(topology_name, "tpu", **options).devices)
-    except RuntimeError as error:  # "JAX TPU support not installed"
-        import jax
-
-        raise MissingCompilerError(
-            f"compiling for a TPU without one needs libtpu: pip install 'jax[tpu]=={jax.__version__}' ({error})"
-        ) from error
+    require_compiler("tpu")
+    devices = list(get_topology_desc(topology_name, "tpu", **options).devices)
     return devices[:count]
 
 

@@ -34,6 +34,13 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+def has_steps(workdir: str | Path) -> bool:
+    """Whether a training workdir holds checkpoint steps (``WORKDIR/checkpoints/<step>``); False if it does not
+    exist."""
+    directory = Path(workdir).expanduser() / "checkpoints"
+    return directory.is_dir() and any(step.name.isdigit() for step in directory.iterdir())
+
+
 def json_info(info: Mapping[str, Any]) -> dict[str, Any]:
     """``info`` as the checkpoint stores it (JSON): dtypes among ``model_overrides`` by name (``jnp.bfloat16``
     -> ``'bfloat16'``); anything else JSON cannot hold is a ValueError naming its key, before any file is
@@ -69,8 +76,13 @@ def storable_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 def model_overrides(info: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's stored ``model_overrides`` as ``create_model`` arguments: lists back to tuples, and the
-    strings older checkpoints stored for tuples (``'(1, 2, 4, 8)'``) parsed."""
+    strings older checkpoints stored for tuples (``'(1, 2, 4, 8)'``) parsed. Options of another head or neck,
+    which training once accepted and which changed nothing, are left out with a warning (``create_model``
+    refuses them)."""
     import ast
+    import warnings
+
+    from fastfcn_jax.models.registry import unused_options
 
     overrides = {}
     for key, value in dict(info.get("model_overrides") or {}).items():
@@ -78,6 +90,9 @@ def model_overrides(info: Mapping[str, Any]) -> dict[str, Any]:
             with contextlib.suppress(ValueError, SyntaxError):
                 value = ast.literal_eval(value)
         overrides[key] = tuple(value) if isinstance(value, list | tuple) else value
+    for key in sorted(overrides):
+        for reason in unused_options(str(info.get("model_name", "")), {key: overrides[key]}):
+            warnings.warn(f"the checkpoint stores {key}={overrides.pop(key)!r}, left out: {reason}", stacklevel=2)
     return overrides
 
 

@@ -184,6 +184,8 @@ def config_module(path: str | Path) -> ModuleType:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no config file {path}")
+    if path.suffix != ".py":
+        raise ValueError(f"{path}: a config file is Python (configs/*.py) with a get_config()")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

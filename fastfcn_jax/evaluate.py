@@ -458,17 +458,13 @@ def submission_encoding(label_lut: np.ndarray, num_classes: int) -> np.ndarray:
     return encoding
 
 
-# Benchmarks whose label files are palette PNGs (Pascal VOC's SegmentationClass, the form its server takes
-# results in); the others' servers take grayscale PNGs of the raw values.
-PALETTE_BENCHMARKS = ("pascal_voc", "pascal_aug")
-
-
-def submission_image(raw: np.ndarray, dataset: str | None, palette: np.ndarray) -> Any:
-    """A test-server PNG of ``raw`` (labels in the benchmark's encoding, :func:`submission_encoding`): palette
-    mode in ``palette``'s colours for Pascal VOC, grayscale for the others (ADE20K, Cityscapes, Pascal Context)."""
+def submission_image(raw: np.ndarray, mode: str, palette: np.ndarray) -> Any:
+    """A test-server PNG of ``raw`` (labels in the benchmark's encoding, :func:`submission_encoding`) in the
+    dataset's ``submission_mode``: ``'P'`` in ``palette``'s colours (Pascal VOC), else grayscale (ADE20K,
+    Cityscapes, Pascal Context)."""
     from PIL import Image
 
-    if dataset in PALETTE_BENCHMARKS:
+    if mode == "P":
         return visualize.palette_png(raw, palette)
     return Image.fromarray(np.asarray(raw).astype(np.uint8), mode="L")
 
@@ -644,10 +640,15 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
     checkpointing.require_segmentation_weights(info, source, "evaluated")
     num_classes = int(info["num_classes"])
     if num_classes != dataset.num_classes:
+        if info.get("dataset") == dataset.name:  # e.g. a folder dataset's classes.json edited since
+            hint = "its class table has changed since the model was trained"
+        else:
+            hint = "set config.dataset.name to the dataset the model was trained on" + (
+                f" (--config.dataset.name={info['dataset']}, as the checkpoint records)" if info.get("dataset") else ""
+            )
         raise ValueError(
             f"checkpoint {source} predicts {num_classes} classes but dataset {dataset.name!r} has "
-            f"{dataset.num_classes}; set config.dataset.name to the dataset the model was trained on"
-            + (f" (--config.dataset.name={info['dataset']}, as the checkpoint records)" if info.get("dataset") else "")
+            f"{dataset.num_classes}: {hint}"
         )
     checkpointing.note_unused_model_config(info, source, config.model, "is evaluated")
     model = create_model(info["model_name"], num_classes, **checkpointing.model_overrides(info))
@@ -724,7 +725,8 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         confusion += result["confusion"]
         if encoding is not None:
             raw = encoding[result["prediction"]]
-            submission_image(raw, dataset.name, dataset.palette).save(submission_dir / (Path(names[i]).stem + ".png"))
+            image = submission_image(raw, dataset.submission_mode, dataset.palette)
+            image.save(submission_dir / (Path(names[i]).stem + ".png"))
         done = i + 1
         if lead and (done % 50 == 0 or done == share):
             running = metrics.segmentation_scores(confusion)

@@ -264,21 +264,22 @@ def run_mode() -> None:
             written.write_text(json.dumps(results, indent=2, default=str))
             print(f"written to {written}")
         elif config.mode == "summary":
-            from pathlib import Path
-
+            from fastfcn_jax import checkpointing
             from fastfcn_jax.summary import run_summary
 
-            # The model a checkpoint holds, as eval and predict run it: the workdir's own, or config.init_from.
-            trained = any(step.name.isdigit() for step in (Path(workdir) / "checkpoints").glob("*"))
-            checkpoint = config.init_from or (workdir if trained else None)
+            # The model a checkpoint holds, as eval and predict run it: config.init_from's, else the workdir's (an
+            # init_from of a backbone's weights alone, as paper configs train with, gives way to the workdir's).
+            trained = checkpointing.has_steps(workdir)
+            checkpoints = [path for path in (config.init_from, workdir if trained else "") if path]
             model_config = config.model.to_dict()
-            if not model_config["num_classes"] and checkpoint != workdir:  # an init_from may hold a backbone alone
+            if not model_config["num_classes"] and not trained:  # an init_from may hold a backbone alone
                 from fastfcn_jax.data.datasets import get_dataset_info
 
                 data_dir = config.dataset.get("data_dir") or None
                 model_config["num_classes"] = get_dataset_info(config.dataset.name, data_dir).num_classes
-            size = config.dataset.crop_size
-            run_summary(model_config, (size, size) if size else None, 1, config.seed, workdir, checkpoint)
+            # At the summarised checkpoint's training crop (as predict), else config.dataset's, else 512.
+            default_size = config.dataset.crop_size or 512
+            run_summary(model_config, None, 1, config.seed, workdir, checkpoints, default_size=default_size)
     except KeyboardInterrupt as error:
         # A second signal during training (train.StoppedNow): said in one line, exit status 128 + N as for a process
         # that signal ended. A job of several processes leaves through leave_failed_job, which does the same.

@@ -76,6 +76,7 @@ class Predictor:
         window_batch: int = 8,
         images_per_call: int = 4,
         label_lut: np.ndarray | None = None,
+        submission_mode: str = "L",
         devices: Sequence[Any] | None = None,
     ) -> None:
         self.num_classes = num_classes
@@ -85,6 +86,7 @@ class Predictor:
         self.size_sources: tuple[str, str] = ("given", "given")
         # The dataset's raw label value -> class table (DatasetInfo.label_lut), for test-server encodings.
         self.label_lut = None if label_lut is None else np.asarray(label_lut)
+        self.submission_mode = submission_mode  # DatasetInfo.submission_mode: 'L' or 'P' (Pascal VOC)
         self.protocol = protocol
         self.class_names = list(class_names) if class_names else [f"class {i}" for i in range(num_classes)]
         self.palette = np.asarray(palette if palette is not None else visualize.default_palette(num_classes), np.uint8)
@@ -166,6 +168,7 @@ class Predictor:
             window_batch=window_batch,
             images_per_call=images_per_call,
             label_lut=dataset.label_lut if dataset is not None else None,
+            submission_mode=dataset.submission_mode if dataset is not None else "L",
             devices=devices,
         )
         predictor.checkpoint_info = dict(info)
@@ -211,7 +214,7 @@ class Predictor:
                 "submission PNGs need a checkpoint trained on pcontext, ade20k, cityscapes, pascal_voc or pascal_aug"
             )
         encoding = submission_encoding(self.label_lut, self.num_classes)
-        return submission_image(encoding[mask], self.checkpoint_info.get("dataset"), self.palette)
+        return submission_image(encoding[mask], self.submission_mode, self.palette)
 
 
 def _dataset_info(name: str | None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +36,29 @@ def run_summary(
     batch_size: int,
     seed: int,
     workdir: str | Path | None = None,
-    checkpoint: str | Path | None = None,
+    checkpoints: Sequence[str | Path] = (),
+    default_size: int = 512,
 ) -> dict[str, Any]:
     """Builds the model, runs one forward pass on random images and returns (and prints) a summary.
 
-    With ``checkpoint`` (a training workdir or a converter output), the model it holds with its weights, as
-    evaluation and prediction run it (``model_config``'s contradicting choices are named and not used); else
-    (or for a backbone's weights alone) ``model_config``'s with random weights. ``image_size`` None: the crop
-    size the checkpoint was trained at, else 512. Writes ``summary.json`` into ``workdir`` when given.
+    With ``checkpoints`` (training workdirs or converter outputs, in order of preference), the model the first
+    one holds, with its weights, as evaluation and prediction run it (``model_config``'s contradicting choices
+    are named and not used); one that holds a backbone's weights alone (an ImageNet conversion) gives way to
+    the next, and without any ``model_config``'s model is summarised with random weights. ``image_size`` None:
+    the crop size the summarised checkpoint was trained at, else ``default_size``. Writes ``summary.json`` into
+    ``workdir`` when given.
     """
     from fastfcn_jax import checkpointing
 
-    variables, info = checkpointing.restore_variables(checkpoint) if checkpoint is not None else (None, {})
-    if info.get("source") in checkpointing.BACKBONE_SOURCES:
-        print(f"note: {checkpoint} holds a backbone's weights alone: the configured model is summarised")
+    variables, info, checkpoint = None, {}, None
+    for candidate in checkpoints:
+        variables, info = checkpointing.restore_variables(candidate)
+        if info.get("source") not in checkpointing.BACKBONE_SOURCES:
+            checkpoint = candidate
+            break
+        print(f"note: {candidate} holds a backbone's weights alone, not the model: not summarised")
         variables, info = None, {}
-    crop = int(info.get("crop_size") or 512)
+    crop = int(info.get("crop_size") or default_size)
     image_size = tuple(image_size or (crop, crop))
     images = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, *image_size, 3), jnp.float32)
     described: dict[str, Any] = {}

@@ -371,16 +371,15 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     from fastfcn_jax.data.datasets import get_dataset_info
 
     workdir = Path(workdir).expanduser().absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    trained = any(step.name.isdigit() for step in (workdir / "checkpoints").glob("*"))
     random_init_refused = not config.train.get("allow_random_init", True) and not config.train.get("requires_init_from")
-    if random_init_refused and not (config.init_from or trained):
+    if random_init_refused and not (config.init_from or checkpointing.has_steps(workdir)):
         raise ValueError(
             "this config reproduces a paper experiment, which starts from ImageNet weights, and neither "
             "config.init_from nor a checkpoint in WORKDIR gives any: pass --config.init_from=DIR (a converted ImageNet "
             "backbone, README 'Training a paper experiment' step 2), or --config.train.allow_random_init=True to "
             "train from random initialisation"
         )
+    workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.get("num_devices") or None)
     dataset = get_dataset_info(config.dataset.name, config.dataset.data_dir or None)
     num_classes = config.model.num_classes or dataset.num_classes

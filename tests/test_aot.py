@@ -7,6 +7,8 @@ four host devices of conftest.py.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec
@@ -57,3 +59,21 @@ def test_tpu_targets_and_script_options() -> None:
         ["--tpu", "v2", "--devices", "8", "--train", "--ops", "", "--ops", "resize=gather", "--model", "a,b"]
     )
     assert args.tpu == "v2" and args.devices == 8 and args.train and args.ops == ["", "resize=gather"]
+
+
+def test_a_missing_compiler_plugin_is_named_with_what_to_install(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith(("jax_cuda", "libtpu")) else real(name, *a),
+    )
+    for platform, install in (("cuda", "jax[cuda12]"), ("tpu", "jax[tpu]")):
+        with pytest.raises(
+            aot.MissingCompilerError, match=rf"needs jax's {platform} plugin: pip install '{re.escape(install)}"
+        ):
+            aot.require_compiler(platform)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "libtpu" else None)
+    aot.require_compiler("tpu")  # installed: nothing said

@@ -134,7 +134,11 @@ def test_model_ops_reach_the_model_and_bad_ones_name_the_key():
 
 
 def test_load_config_gives_a_config_files_config_for_the_python_api(tmp_path):
-    assert load_config(CONFIGS[0]) == load(CONFIGS[0]).get_config()
+    config = load_config(Path(__file__).parent.parent / "configs" / "pcontext_psp_jpu_r50.py")
+    assert config.model.name == "psp_jpu_r50" and config.dataset.name == "pcontext" and config.train.aux_weight == 0.4
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="a config file is Python"):
+        load_config(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="no config file"):
         load_config(tmp_path / "missing.py")
     (tmp_path / "empty.py").write_text("x = 1\n")

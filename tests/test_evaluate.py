@@ -92,12 +92,12 @@ def test_submission_pngs_take_each_benchmarks_form(tmp_path):
     raw = np.array([[0, 1], [20, 15]])
     for name in ("pascal_voc", "pascal_aug"):  # VOC's SegmentationClass form: palette PNGs, VOC's colours
         voc = get_dataset_info(name)
-        evaluate.submission_image(raw, name, voc.palette).save(tmp_path / f"{name}.png")
+        evaluate.submission_image(raw, voc.submission_mode, voc.palette).save(tmp_path / f"{name}.png")
         read = Image.open(tmp_path / f"{name}.png")
         assert read.mode == "P" and np.array_equal(np.asarray(read), raw)
         assert read.getpalette()[3:6] == [128, 0, 0] and read.getpalette()[45:48] == [192, 128, 128]  # plane, person
     city = get_dataset_info("cityscapes")
-    evaluate.submission_image(raw + 7, "cityscapes", city.palette).save(tmp_path / "city.png")
+    evaluate.submission_image(raw + 7, city.submission_mode, city.palette).save(tmp_path / "city.png")
     read = Image.open(tmp_path / "city.png")
     assert read.mode == "L" and np.array_equal(np.asarray(read), raw + 7)  # grayscale label ids
 
@@ -463,6 +463,15 @@ def test_a_split_the_dataset_lacks_is_named_with_how_test_images_are_predicted(t
         config.evaluation = ml_collections.ConfigDict({"split": "test"})
     with pytest.raises(ValueError, match=r"split 'test': .*Unknown split.*unlabelled test images are predicted"):
         evaluate.run_evaluation(config, tmp_path / "workdir")
+    # A checkpoint of another class count: of another dataset, named; of this one, its class table changed.
+    config.evaluation.split = ""
+    for dataset, hint in (("cityscapes", "--config.dataset.name=cityscapes, as the checkpoint records"),
+                          ("synthetic_shapes", "its class table has changed since the model was trained")):  # fmt: skip
+        info = {**CHECKPOINT_INFO, "num_classes": 19, "dataset": dataset}
+        checkpointing.save_variables(tmp_path / dataset, jax.device_get(variables), info)
+        config.init_from = str(tmp_path / dataset)
+        with pytest.raises(ValueError, match=f"predicts 19 classes but dataset 'synthetic_shapes' has 6: .*{hint}"):
+            evaluate.run_evaluation(config, tmp_path / "workdir")
 
 
 def test_evaluating_another_checkpoint_or_protocol_setting_keeps_the_earlier_results(tiny, tmp_path, capsys):

@@ -276,6 +276,11 @@ def test_stored_overrides_read_back_as_model_arguments_and_export_takes_the_conf
     assert checkpointing.model_overrides({"model_overrides": {"psp_bins": "(1, 2, 3, 6)"}}) == {
         "psp_bins": (1, 2, 3, 6)
     }
+    # An option of another head that earlier versions accepted and stored (it changed nothing): left out, said.
+    older = {"model_name": "encnet_dilated_tiny", "model_overrides": {"psp_bins": [1, 2], "aux": False}}
+    with pytest.warns(UserWarning, match=r"stores psp_bins=\(1, 2\), left out: psp_bins is an option of the psp"):
+        kept = checkpointing.model_overrides(older)
+    assert kept == {"aux": False} and create_model("encnet_dilated_tiny", 3, **kept).head == "encnet"
     trained = {"depthwise_implementation": "grouped", "aux": False, "output_stride": 16}
     info = {"model_name": "fcn_dilated_tiny", "num_classes": 6, "model_overrides": trained}
     configured = {"dtype": "float32", "aux": True}  # the config's defaults
@@ -562,7 +567,7 @@ def test_a_model_on_another_backbone_exports_as_stablehlo_and_onnx(tmp_path):
 def test_exporting_a_custom_backbone_leaves_its_own_batch_norms_unfolded(tmp_path):
     # Its 'bn' before 'conv' (pre-activation) is no BatchNorm after a convolution: folding it would change the
     # function (the package folds only its own layers, built for it with norm_implementation='folded').
-    spec = {"backbone": "tests.test_models:PreNormBackbone", "jpu_width": 16, "head_width": 16}
+    spec = {"backbone": "tests.test_models:PreNormBackbone", "jpu_width": 16}
     model = create_model("fcn_jpu_custom", 6, **spec)
     images = np.random.default_rng(7).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(0), images)

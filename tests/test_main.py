@@ -51,9 +51,12 @@ def test_summary_of_a_trained_workdir_describes_its_checkpoints_model(tmp_path):
         "crop_size": 48,
     }
     checkpointing.save_variables(tmp_path / "checkpoints", jax.device_get(variables), info, step=3)
-    # The demo config (encnet_jpu_tiny) without its crop size (96).
-    result = run_main(f"--workdir={tmp_path}", "--mode=summary", "--config.dataset.crop_size=0")
+    # The demo config (encnet_jpu_tiny, crop 96), with init_from a backbone's weights as the paper configs' runs:
+    # the workdir's model is summarised.
+    checkpointing.save_backbone(tmp_path / "backbone", variables["params"]["backbone"])
+    result = run_main(f"--workdir={tmp_path}", "--mode=summary", f"--config.init_from={tmp_path / 'backbone'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds a backbone's weights alone, not the model: not summarised" in result.stdout
     assert "the config's config.model.name=encnet_jpu_tiny is not used" in result.stdout
     assert f"fcn_jpu_tiny (5 classes, step 3 of {tmp_path})" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -61,14 +64,13 @@ def test_summary_of_a_trained_workdir_describes_its_checkpoints_model(tmp_path):
     assert summary["model"]["overrides"]["jpu_width"] == 8 and summary["step"] == 3
     assert summary["parameters"] == sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(variables["params"]))
 
-    # A backbone's weights alone (config.init_from): the configured model, with random weights.
-    checkpointing.save_backbone(tmp_path / "backbone", variables["params"]["backbone"])
+    # Without a trained workdir: the configured model, with random weights, at the config's crop.
     result = run_main(
         f"--workdir={tmp_path / 'other'}", "--mode=summary", f"--config.init_from={tmp_path / 'backbone'}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "holds a backbone's weights alone: the configured model is summarised" in result.stdout
     assert "encnet_jpu_tiny (6 classes, random weights)" in result.stdout
+    assert json.loads((tmp_path / "other" / "summary.json").read_text())["outputs"]["logits"] == [1, 96, 96, 6]
 
 
 def test_unknown_config_key_is_rejected_by_name(tmp_path):

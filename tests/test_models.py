@@ -171,6 +171,7 @@ def test_registry_names():
         ("encnet_jpu_tiny", {"psp_bins": (1, 2)}, r"psp_bins is an option of the psp head: it would change nothing"),
         ("psp_dilated_r50", {"jpu_width": 256}, r"jpu_width is an option of the jpu and jpux necks.*neck is dilated"),
         ("fcn_jpu_r50", {"jpux_groups": 16}, r"jpux_groups is an option of the jpux neck"),
+        ("psp_jpu_tiny", {"head_width": 64}, r"head_width is an option of the encnet head"),
         ("fcn_jpu_tiny", {"depthwise_implementation": "bogus"}, "depthwise_implementation must be one of"),
         ("encnet_jpu_custom", {}, r"has another backbone, named by backbone='module:Name'.*overrides.backbone"),
         (

@@ -21,24 +21,73 @@ def test_notebook_has_one_install_cell_and_no_outputs_committed():
     assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")
 
 
-def test_notebook_installs_the_jax_family_at_the_versions_the_tests_pass_with():
-    # Colab keeps whatever jax it has unless told otherwise; older ones break training or export (jax < 0.8).
-    import re
+def run_install_cell(monkeypatch, *, gpu: bool = False, tpu: bool = False, tensorflow: dict | None = None) -> list:
+    """Runs the install cell as IPython would on a runtime with the given accelerator and TensorFlow
+    distributions installed, recording its shell and magic commands (with IPython's {variable} expansion)
+    instead of running them."""
+    import importlib.metadata
+    import shutil
+    import string
+    import subprocess
+
+    from IPython.core.inputtransformer2 import TransformerManager
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (install,) = [c.source for c in notebook.cells if INSTALL_TAG in c.metadata.get("tags", [])]
-    found = re.findall(r'"([a-z-]+)(?:\[(\w+)\])?==([\w.]+)"', install)
-    pins = {name: version for name, _, version in found}
-    assert {extra for _, extra, _ in found if extra} == {"tpu", "cuda12"}  # the runtime's accelerator support
+    code = TransformerManager().transform_cell(install.replace('"/content/fastfcn-jax"', repr(str(REPO))))
+    namespace: dict = {}
+    commands = []
+
+    class Shell:
+        def run_line_magic(self, magic: str, line: str) -> None:
+            commands.append(" ".join(f"%{magic} {string.Formatter().vformat(line, (), namespace)}".split()))
+
+        def system(self, command: str) -> None:
+            commands.append("!" + string.Formatter().vformat(command, (), namespace))
+
+    versions = tensorflow if tensorflow is not None else {"tensorflow": "2.21.0"}
+
+    def version(name: str) -> str:
+        if name.startswith("tensorflow") and name in versions:
+            return versions[name]
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if gpu and name == "nvidia-smi" else None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0 if gpu else 9))
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-1") if tpu else monkeypatch.delenv(
+        "TPU_ACCELERATOR_TYPE", raising=False
+    )
+    namespace["get_ipython"] = Shell
+    exec(compile(code, "install cell", "exec"), namespace)
+    return commands
+
+
+def test_notebook_installs_the_jax_family_at_the_versions_the_tests_pass_with(monkeypatch):
+    # Colab keeps whatever jax it has unless told otherwise; older ones break training or export (jax < 0.8), and
+    # a jax without the runtime's plugin runs on the CPU.
     constraints = dict(
         line.strip().replace("_", "-").lower().split("==")
         for line in (REPO / "constraints.txt").read_text().splitlines()
         if "==" in line
     )
-    constraints["tensorflow"] = constraints["tensorflow-cpu"]  # Colab's tensorflow, upgraded only if older
-    assert set(pins) == {"jax", "flax", "optax", "orbax-checkpoint", "orbax-export", "tensorflow"}
-    assert {name: constraints[name] for name in pins} == pins
-    assert "raise RuntimeError" in install  # a failed clone stops the notebook there, not cells later
+    family = " ".join(
+        f'"{name}=={constraints[name]}"' for name in ("flax", "optax", "orbax-checkpoint", "orbax-export")
+    )
+    tf = constraints["tensorflow-cpu"]
+    for runtime, extra in ((dict(gpu=True), "[cuda12]"), (dict(tpu=True), "[tpu]"), ({}, "")):
+        commands = run_install_cell(monkeypatch, **runtime)
+        assert commands[0] == f"%cd {REPO}" and commands[1] == "%pip install --quiet --no-deps -e ."
+        assert commands[2].startswith(f'%pip install --quiet "jax{extra}=={constraints["jax"]}" {family} ')
+        assert "tensorflow==" not in commands[2]  # Colab's own, as new as the tests'
+    # An older TensorFlow of whichever distribution is upgraded in place; none: tensorflow installed.
+    commands = run_install_cell(monkeypatch, tensorflow={"tensorflow-cpu": "2.19.0"})
+    assert commands[2].endswith(f" tensorflow-cpu=={tf}") and " tensorflow==" not in commands[2]
+    assert run_install_cell(monkeypatch, tensorflow={})[2].endswith(f" tensorflow=={tf}")
+    # Without REPO_URL and a checkout the cell stops there, saying what to set.
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (install,) = [c.source for c in notebook.cells if INSTALL_TAG in c.metadata.get("tags", [])]
+    assert 'REPO_URL = ""' in install and "set REPO_URL to the repository's git URL" in install
 
 
 def test_notebook_trains_evaluates_shows_predictions_and_exports_on_cpu(tmp_path):

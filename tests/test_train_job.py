@@ -122,6 +122,10 @@ def test_init_from_loads_weights_and_rejects_a_mismatched_model(data_dir, tmp_pa
     config.dataset.name = "no_such_dataset_prepared"
     with pytest.raises(ValueError, match="starts from ImageNet weights.*--config.train.allow_random_init=True"):
         train_and_evaluate(config, tmp_path / "forgotten")
+    assert not (tmp_path / "forgotten").exists()
+    # Its run, started with init_from, resumes without it (a resubmitted job, a time-boxed session).
+    config = small_config(data_dir, num_steps=3, eval_every=0, allow_random_init=False)
+    assert train_and_evaluate(config, tmp_path / "target")["step"] == 3  # from its step 1 above
     assert list((tmp_path / "source" / "checkpoints").iterdir()) and list((tmp_path / "source" / "best").iterdir())
 
 

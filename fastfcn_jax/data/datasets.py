@@ -41,6 +41,8 @@ class DatasetInfo:
       rotate_degrees: train-time rotation range U(-d, d) (the reference rotates Cityscapes only).
       pad_label: label written into padding when a scaled image is smaller than the crop.
       builder_kwargs: extra keyword arguments of the builder's constructor (e.g. its config).
+      submission_mode: the PIL mode of its test server's label PNGs: ``'L'`` (grayscale raw values) or ``'P'``
+        (palette, the form of Pascal VOC's SegmentationClass files).
     """
 
     name: str
@@ -55,6 +57,7 @@ class DatasetInfo:
     rotate_degrees: float = 0.0
     pad_label: int = IGNORE_INDEX
     builder_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    submission_mode: str = "L"
 
     def make_builder(self, data_dir: str | Path | None):
         """Instantiates the tfds builder reading/writing under ``data_dir``."""
@@ -145,6 +148,7 @@ def _voc(name: str) -> DatasetInfo:
         # Background is trained class 0; 255 (void) -> -1. (The reference pads VOC crops with background;
         # we pad with ignore like every other dataset, so padding never teaches "background".)
         label_lut=_lut(256, {k: k for k in range(21)}),
+        submission_mode="P",  # results as VOC's own label files
     )
 
 

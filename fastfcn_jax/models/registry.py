@@ -42,6 +42,7 @@ _NAMED = {"head", "neck", "depth", "stage_sizes"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Options of one head or neck: given for another, they would change nothing, silently.
 _OPTION_OF = {
+    "head_width": ("head", ("encnet",)),  # the other heads' widths follow their input (the reference's)
     "num_codes": ("head", ("encnet",)),
     "psp_bins": ("head", ("psp",)),
     "aspp_rates": ("head", ("deeplab",)),
@@ -56,6 +57,23 @@ def available_models() -> list[str]:
     """Every registered model name."""
     sizes = [f"r{d}" for d in DEPTHS] + ["tiny"]
     return [f"{h}_{n}_{s}" for h in HEADS for n in NECKS for s in sizes]
+
+
+def unused_options(name: str, overrides: Mapping[str, Any]) -> list[str]:
+    """Why each of ``overrides`` that belongs to another head or neck than model ``name``'s would change
+    nothing (``psp_bins`` on an EncNet model), one sentence per option; [] for an unknown name."""
+    match = _NAME.match(name)
+    if not match:
+        return []
+    reasons = []
+    for key in sorted(set(overrides) & set(_OPTION_OF)):
+        part, owners = _OPTION_OF[key]
+        if match[part] not in owners:
+            reasons.append(
+                f"{key} is an option of the {' and '.join(owners)} {part}{'s' if len(owners) > 1 else ''}: it would "
+                f"change nothing in {name!r} (its {part} is {match[part]})"
+            )
+    return reasons
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -99,13 +117,9 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     named = sorted(set(overrides) & _NAMED)
     if named:
         raise ValueError(f"{named} are fixed by the model name {name!r}: choose another name instead")
-    for key in sorted(set(overrides) & set(_OPTION_OF)):
-        part, owners = _OPTION_OF[key]
-        if config[part] not in owners:
-            raise ValueError(
-                f"{key} is an option of the {' and '.join(owners)} {part}{'s' if len(owners) > 1 else ''}: it would "
-                f"change nothing in {name!r} (its {part} is {config[part]})"
-            )
+    unused = unused_options(name, overrides)
+    if unused:
+        raise ValueError(unused[0])
     config.update(overrides)
     if custom:
         config["backbone"] = load_backbone(config["backbone"])
