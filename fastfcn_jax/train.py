@@ -232,7 +232,8 @@ def load_pretrained(
             )
         raise ValueError(
             f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes): "
-            f"{what} does not fit {model_name}: {checkpointing.describe_mismatches(problems)}{hint}"
+            f"{what} {'do' if backbone_only else 'does'} not fit {model_name}: "
+            f"{checkpointing.describe_mismatches(problems)}{hint}"
         )
     restored = jax.device_put(restored, sharding.replicated(mesh))
     if backbone_only:

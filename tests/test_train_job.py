@@ -167,7 +167,7 @@ def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilati
 
     config = small_config(data_dir, num_steps=1, eval_every=0)
     config.init_from = str(tmp_path / "standard")  # a 7x7 stem for the deep-stem model
-    with pytest.raises(ValueError, match=r"the backbone weights \(torchvision\) does not fit.*stem") as error:
+    with pytest.raises(ValueError, match=r"the backbone's weights \(torchvision\) do not fit.*stem") as error:
         train_and_evaluate(config, tmp_path / "standard_run")
     assert "train with --config.model.overrides.stem=standard" in str(error.value)
 
