@@ -1,10 +1,11 @@
-"""Parity with the official PyTorch FastFCN on every fixture, on whatever backend jax runs on.
+"""Parity with the official PyTorch FastFCN and mmsegmentation on every fixture, on whatever backend jax runs on.
 
     python experiments/parity_check.py            # prints max|out - ref| / std(ref) per array and fixture
     python experiments/parity_check.py --fixtures psp_jpu_r50_pcontext,fcn_jpu_r50_pcontext   # some of them
 
-Needs only jax, flax and numpy (no torch, no TensorFlow): the official outputs are in tests/fixtures/parity
-and the synthetic weights are rebuilt from each key list (fastfcn_jax.convert.parity). Runs at float32 with
+Needs only jax, flax and numpy (no torch, no TensorFlow): the original outputs are in tests/fixtures/parity
+(official) and tests/fixtures/parity_mmseg, and the synthetic weights are rebuilt from each key list
+(fastfcn_jax.convert.parity). Runs at float32 with
 ``jax.default_matmul_precision('highest')``. Exits non-zero if any array exceeds the 1e-4 threshold.
 """
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from fastfcn_jax.convert.parity import PARITY_FIXTURES, TOLERANCE, parity_errors  # noqa: E402
+from fastfcn_jax.convert.parity import FIXTURE_FOLDERS, PARITY_FIXTURES, TOLERANCE, parity_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
     worst = 0.0
     for fixture in fixtures:
-        errors, _ = parity_errors(REPO / "tests" / "fixtures" / "parity", fixture)
+        folder = FIXTURE_FOLDERS[PARITY_FIXTURES[fixture][2]]
+        errors, _ = parity_errors(REPO / "tests" / "fixtures" / folder, fixture)
         worst = max(worst, *errors.values())
         details = "  ".join(f"{name} {error:.1e}" for name, error in errors.items())
         print(f"{fixture:30s} worst {max(errors.values()):.2e}  {details}")

@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
             # model name's own (fastfcn_jax.models.Segmenter).
             **{key: placeholder(int) for key in INT_OVERRIDES},
             "stem": placeholder(str),
+            # 'mmseg': mmsegmentation's variant of the model, for its converted checkpoints (--from mmseg), which
+            # record it (evaluation, prediction and export read it from there; fine-tuning needs it set here).
+            "reference": placeholder(str),
             # Models named {head}_{neck}_custom: their backbone, 'module.path:Name' (a Flax module class, or a
             # function returning a module, importable here; README "The JPU on another backbone").
             "backbone": placeholder(str),
@@ -242,6 +245,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(value is None or value > 0, f"model.overrides.{key}", "must be positive (or unset)")
     dropout = overrides.get("dropout")
     check(dropout is None or 0 <= dropout < 1, "model.overrides.dropout", "must be in [0, 1) (or unset)")
+    reference = overrides.get("reference")
+    check(
+        reference in (None, "fastfcn", "mmseg"), "model.overrides.reference", "must be 'fastfcn' or 'mmseg' (or unset)"
+    )
     evaluation = config.evaluation
     check(evaluation.protocol in PROTOCOLS, "evaluation.protocol", f"must be one of {PROTOCOLS}")
     check(str(evaluation.flip).lower() in ("auto", *FLIP_WORDS), "evaluation.flip", "must be 'auto', 'true' or 'false'")

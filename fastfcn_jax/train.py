@@ -80,8 +80,12 @@ def make_train_step(
         if batch["image"].dtype == jnp.uint8:  # the training pipeline's (a quarter of float32's bytes to send)
             batch["image"] = normalize_uint8(batch["image"])
         dropout_rng = jax.random.fold_in(rng, state.step)
-        # Resolved at trace time, for the backend compiled for (op_choices.OpChoices.loss_logits).
+        # Resolved at trace time, for the backend compiled for (op_choices.OpChoices.loss_logits). The loss's own
+        # upsampling is the reference's (align corners): a model that resizes otherwise (reference='mmseg')
+        # upsamples its logits itself.
         loss_logits = op_choices.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
+        if not getattr(model, "align_corners", True):
+            loss_logits = "upsampled"
         # OpChoices.loss_gradient: the full-resolution loss gradient in the model's compute dtype.
         compute_dtype = getattr(model, "dtype", jnp.float32)
         loss_gradient_dtype = compute_dtype if model.ops.loss_gradient == "compute" else jnp.float32
@@ -205,15 +209,23 @@ def abstract_train_state(
 
 
 def load_pretrained(
-    state: TrainState, init_from: str, mesh, model_name: str = "the configured model"
+    state: TrainState, init_from: str, mesh, model_name: str = "the configured model", reference: str = "fastfcn"
 ) -> tuple[TrainState, dict[str, Any]]:
     """Replaces params and BN statistics with a converter output's (``init_from``), checking every shape.
 
     A conversion of ImageNet weights (``--from resnet_s`` / ``torchvision``) gives only the backbone: its JPU
     and heads were random, so they stay the model's own and one conversion serves every head, neck, class
-    count and dilation with that ResNet.
+    count and dilation with that ResNet. A whole model's weights must be for the configured model's
+    ``reference`` (the official design or mmsegmentation's), even where the shapes agree.
     """
     variables, info = checkpointing.restore_variables(init_from)
+    stored_reference = checkpointing.model_overrides(info).get("reference", "fastfcn")
+    if info.get("source") not in checkpointing.BACKBONE_SOURCES and stored_reference != reference:
+        raise ValueError(
+            f"init_from={init_from} holds the reference={stored_reference!r} variant of "
+            f"{info.get('model_name')}, {model_name} is reference={reference!r} (the two resize and connect "
+            f"their layers differently): train with --config.model.overrides.reference={stored_reference}"
+        )
     current = {"params": state.params, "batch_stats": state.batch_stats}
     restored = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     backbone_only = info.get("source") in checkpointing.BACKBONE_SOURCES
@@ -466,7 +478,13 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
     else:
         state = create_train_state(model, optimizer, init_rng, (1, crop, crop, 3), mesh)
         if config.init_from:
-            state, source = load_pretrained(state, config.init_from, mesh, f"the configured {config.model.name}")
+            state, source = load_pretrained(
+                state,
+                config.init_from,
+                mesh,
+                f"the configured {config.model.name}",
+                reference=getattr(model, "reference", "fastfcn"),
+            )
             if source.get("source") in checkpointing.BACKBONE_SOURCES and config.train.get("requires_init_from"):
                 raise ValueError(
                     f"init_from={config.init_from} holds a backbone's weights alone, but this config "

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file as save_safetensors
 
-from fastfcn_jax.checkpointing import restore_variables
+from fastfcn_jax.checkpointing import model_overrides, restore_variables
 from fastfcn_jax.convert import (
     CheckpointReadError,
     ConversionError,
@@ -31,11 +31,13 @@ from fastfcn_jax.convert import (
     load_state_dict,
 )
 from fastfcn_jax.convert.__main__ import main as convert_main
+from fastfcn_jax.convert.parity import official_state_dict as fixture_state_dict
 from fastfcn_jax.models import create_model
 from tests.conftest import FIXTURES
 from tests.test_parity import PARITY, official_state_dict
 
 TORCH_PTH = FIXTURES / "torch_pth"
+PARITY_MMSEG = FIXTURES / "parity_mmseg"
 TOLERANCE = 1e-4
 
 
@@ -96,6 +98,34 @@ def malicious_zip(path: Path, marker: Path) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", pickle.dumps({"state_dict": RunsCode()}, protocol=2))
         archive.writestr("archive/version", "3\n")
+
+
+def test_mmengine_checkpoint_gives_its_weights_and_drops_its_metadata(monkeypatch):
+    # Saved by mmengine as its runner does (make_mmengine_fixture.py): NumPy scalars in `meta` and mmengine's
+    # HistoryBuffer objects in `message_hub`, which torch.load(weights_only=True) refuses. Their globals are
+    # read as inert records and dropped; nothing is imported (torch, numpy's pickling helpers, mmengine).
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "mmengine", None)
+    state_dict = load_state_dict(TORCH_PTH / "mmengine_checkpoint.pth")
+    assert sorted(state_dict) == ["b", "w"]
+    np.testing.assert_array_equal(state_dict["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(state_dict["b"], np.array([0.5, -1.5], np.float32))
+
+
+def test_an_object_of_another_global_among_the_weights_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "mixed.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        payload = {"meta": {"note": RunsCode()}, "state_dict": {"w": RunsCode()}}
+        archive.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match=r"mixed\.pth: refusing .*(posix|os)\.system where the weights"):
+        load_state_dict(path)
+    assert not marker.exists()
 
 
 def test_pickle_that_would_run_code_is_refused_naming_the_global(tmp_path):
@@ -239,6 +269,43 @@ def test_cli_conversion_matches_official_outputs(tmp_path, ade_npz, fixture, mod
         if out_array.ndim == 4:
             out_array = out_array.transpose(0, 3, 1, 2)
         assert relative_error(out_array, reference[name]) < TOLERANCE, name
+
+
+def test_cli_conversion_of_an_mmseg_checkpoint_matches_mmsegs_outputs(tmp_path, capsys):
+    # mmsegmentation's FastFCN EncNet (Cityscapes): converted with --from mmseg into the reference='mmseg'
+    # variant, which the checkpoint records, so the model rebuilt from it gives mmseg's outputs.
+    weights = tmp_path / "fastfcn_r50-d32_jpu_enc.safetensors"
+    save_safetensors(fixture_state_dict(PARITY_MMSEG, "encnet_jpu_r50_mmseg"), str(weights))
+    out = tmp_path / "converted"
+    argv = ["--model", "encnet_jpu_r50", "--num-classes", 19, weights, "--out", out]
+    assert run_cli(*argv, "--from", "mmseg", "--class-names", "cityscapes") == 0
+    variables, info = restore_variables(out)
+    assert info["source"] == "mmseg" and info["model_overrides"] == {"reference": "mmseg"}
+    assert info["class_names"][:2] == ["road", "sidewalk"]
+    model = create_model(info["model_name"], info["num_classes"], **model_overrides(info))
+    reference = np.load(PARITY_MMSEG / "encnet_jpu_r50_mmseg.npz")
+    images = jnp.asarray(reference["input"].transpose(0, 2, 3, 1))
+    with jax.default_matmul_precision("highest"):
+        outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    for name in ("logits", "aux_logits", "se_logits"):
+        out_array = np.asarray(outputs[name])
+        if out_array.ndim == 4:
+            out_array = out_array.transpose(0, 3, 1, 2)
+        assert relative_error(out_array, reference[name]) < TOLERANCE, name
+    # Without --from mmseg, the official layout's keys are missing and mmseg's unexpected: the error says
+    # which --from the file's keys suggest; and the other way round.
+    capsys.readouterr()
+    assert run_cli(*argv[:-1], tmp_path / "other") == 1
+    assert "an mmsegmentation model's: convert it with --from mmseg" in capsys.readouterr().err
+    official = tmp_path / "official.npz"
+    np.savez(official, **official_state_dict("psp_jpu_r50_pcontext"))
+    assert (
+        run_cli("--model", "psp_jpu_r50", "--num-classes", 59, official, "--from", "mmseg", "--out", out, "--overwrite")
+        == 1
+    )
+    assert "an official FastFCN model's: convert it with --from official" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mmsegmentation checkpoints"):
+        convert_state_dict({}, "psp_jpu_r50", 19, "official", model_overrides={"reference": "mmseg"})
 
 
 def test_cli_output_restores_to_the_converted_variables(tmp_path, ade_npz, capsys):

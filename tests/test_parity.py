@@ -1,7 +1,7 @@
-"""Parity with the official PyTorch FastFCN (master 126661b) on synthetic weights.
+"""Parity with the official PyTorch FastFCN (master 126661b) and mmsegmentation 1.2.2 on synthetic weights.
 
-The fixtures (copied from shared/parity) hold the official model's outputs for weights that
-``synthetic_weights.py`` rebuilds from each key list; every array is compared with
+The fixtures (copied from shared/parity; parity_mmseg made by its make_fixtures.py) hold the original model's
+outputs for weights that ``synthetic_weights.py`` rebuilds from each key list; every array is compared with
 ``max|out - ref| / std(ref) < 1e-4`` (the official model's own float32 noise is about 1e-5).
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastfcn_jax.convert import ConversionError, convert_state_dict, convert_with_report
-from fastfcn_jax.convert.parity import PARITY_FIXTURES, TOLERANCE, parity_errors
+from fastfcn_jax.convert.parity import FIXTURE_FOLDERS, PARITY_FIXTURES, TOLERANCE, parity_errors
 from fastfcn_jax.convert.parity import official_state_dict as _official_state_dict
 from tests.conftest import FIXTURES
 
@@ -37,15 +37,17 @@ ALTERNATIVE_OPS = {
 CASES = [(fixture, {}) for fixture in sorted(PARITY_FIXTURES)] + [
     ("psp_jpu_r50_pcontext", ALTERNATIVE_OPS),
     ("encnet_jpux_r50_pcontext", ALTERNATIVE_OPS),
+    ("psp_jpu_r50_mmseg", ALTERNATIVE_OPS),  # half-pixel resizing as matrices, PSP's levels upsampled
 ]
 
 
 @pytest.mark.parametrize(("fixture", "ops"), CASES, ids=[f + ("-alt_ops" if o else "") for f, o in CASES])
-def test_outputs_match_official_model(fixture, ops):
-    errors, report = parity_errors(PARITY, fixture, **ops)
-    # Every tensor of the official model was used; only the unused ImageNet classifier was dropped.
+def test_outputs_match_original_model(fixture, ops):
+    source = PARITY_FIXTURES[fixture][2]
+    errors, report = parity_errors(FIXTURES / FIXTURE_FOLDERS[source], fixture, **ops)
+    # Every tensor of the original model was used; only the official ImageNet classifier was dropped.
     assert not report.unexpected and not report.initialized
-    assert sorted(report.dropped) == ["pretrained.fc.bias", "pretrained.fc.weight"]
+    assert sorted(report.dropped) == (["pretrained.fc.bias", "pretrained.fc.weight"] if source == "official" else [])
     assert {"logits", "aux_logits", "head", "aux_head", "c1", "c2", "c3", "c4"} <= set(errors)
     if fixture.startswith("encnet"):
         assert {"se_logits", "enc_x", "enc_e", "enc_en"} <= set(errors)

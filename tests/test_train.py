@@ -13,7 +13,7 @@ import pytest
 
 from fastfcn_jax import checkpointing, optim, sharding
 from fastfcn_jax.models import batch_norm, create_model, op_choices
-from fastfcn_jax.train import TrainState, create_train_state, make_eval_step, make_train_step
+from fastfcn_jax.train import TrainState, create_train_state, load_pretrained, make_eval_step, make_train_step
 
 NUM_CLASSES = 4
 IMAGE_SHAPE = (1, 32, 32, 3)
@@ -286,6 +286,41 @@ def test_loss_on_head_logits_trains_as_the_loss_on_upsampled_logits():
     assert_trees_close(head_state.batch_stats, state.batch_stats, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="loss_logits_implementation must be one of"):
         op_choices.OpChoices(loss_logits="full")
+
+
+def test_a_half_pixel_model_is_trained_on_its_own_upsampling_whatever_the_loss_form():
+    # reference='mmseg' models resize with align_corners=False, the loss's own upsampling (loss_logits='head')
+    # with the reference's align_corners=True: the step hands such a model's loss its upsampled logits. Were
+    # 'head' taken, the two forms would differ by the interpolation.
+    batch = make_batch(2)
+    results = {}
+    for choice in ("head", "upsampled"):
+        model = create_model("psp_jpu_tiny", NUM_CLASSES, reference="mmseg", loss_logits_implementation=choice)
+        optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
+        step = make_train_step(model, optimizer, aux_weight=0.4, se_weight=0.0)
+        results[choice] = run_steps((model, optimizer, step), sharding.make_mesh(1), [batch])
+    (head_state, head_terms), (state, terms) = results["head"], results["upsampled"]
+    for name in ("ce", "aux_ce", "loss", "grad_norm"):
+        assert float(head_terms[name]) == float(terms[name]), name
+    assert_trees_close(head_state.params, state.params, rtol=0, atol=0)
+
+
+def test_init_from_the_other_reference_is_refused_even_where_the_shapes_agree(tmp_path):
+    # A tiny PSP+JPU has the same variable shapes in both designs (at full size the stems differ): the reference
+    # the checkpoint records decides, so mmseg's weights never run silently in the official design.
+    mesh, optimizer = sharding.make_mesh(1), optim.make_optimizer(lambda step: 0.01)
+    states = {
+        reference: create_train_state(
+            create_model("psp_jpu_tiny", NUM_CLASSES, reference=reference), optimizer, key, IMAGE_SHAPE, mesh
+        )
+        for reference, key in (("mmseg", jax.random.PRNGKey(0)), ("fastfcn", jax.random.PRNGKey(1)))
+    }
+    info = {"model_name": "psp_jpu_tiny", "num_classes": NUM_CLASSES, "model_overrides": {"reference": "mmseg"}}
+    checkpointing.save_variables(tmp_path / "mmseg", states["mmseg"].variables, {**info, "source": "mmseg"})
+    with pytest.raises(ValueError, match=r"reference='mmseg' variant.*--config.model.overrides.reference=mmseg"):
+        load_pretrained(states["fastfcn"], str(tmp_path / "mmseg"), mesh, reference="fastfcn")
+    loaded, _ = load_pretrained(states["fastfcn"], str(tmp_path / "mmseg"), mesh, reference="mmseg")
+    assert_trees_close(loaded.params, states["mmseg"].params, rtol=0, atol=0)
 
 
 def test_the_pallas_loss_is_traced_where_chosen():

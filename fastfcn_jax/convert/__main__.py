@@ -1,6 +1,7 @@
 """Converts PyTorch weights into a fastfcn-jax checkpoint directory.
 
     python -m fastfcn_jax.convert --model encnet_jpu_r50 --num-classes 150 --from official IN.pth --out DIR
+    python -m fastfcn_jax.convert --model psp_jpu_r50 --num-classes 19 --from mmseg MMSEG.pth --out DIR
 
 The whole conversion happens in memory and is written to a temporary folder beside ``--out`` that is
 renamed into place only once complete, so a failed run leaves ``--out`` as it was. The result is read by
@@ -27,9 +28,9 @@ from fastfcn_jax.convert.readers import load_state_dict
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastfcn_jax.convert",
-        description="Convert PyTorch FastFCN / ImageNet ResNet weights (.pth, .pth.tar, .pt, .npz, "
-        ".safetensors) into a fastfcn-jax checkpoint directory. Pickles are read without torch and "
-        "without running any code they contain.",
+        description="Convert PyTorch FastFCN (official or mmsegmentation) / ImageNet ResNet weights (.pth, "
+        ".pth.tar, .pt, .npz, .safetensors) into a fastfcn-jax checkpoint directory. Pickles are read without "
+        "torch and without running any code they contain.",
     )
     parser.add_argument("input", type=Path, help="weights file")
     parser.add_argument("--model", required=True, help="model name, e.g. encnet_jpu_r50")
@@ -39,8 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         dest="source",
         default="official",
         choices=SOURCES,
-        help="official: a FastFCN checkpoint; resnet_s: deep-stem ImageNet ResNet (e.g. timm "
-        "resnet50s.gluon_in1k); torchvision: 7x7-stem ImageNet ResNet (default: official)",
+        help="official: a FastFCN checkpoint; mmseg: an mmsegmentation FastFCN (fastfcn_r50-d32_jpu_*) or "
+        "dilated EncNet/PSPNet/DeepLabV3 R-50 (*_r50-d8) checkpoint, converted into the reference='mmseg' "
+        "variant of the model; resnet_s: deep-stem ImageNet ResNet (e.g. timm resnet50s.gluon_in1k); "
+        "torchvision: 7x7-stem ImageNet ResNet (default: official)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -135,6 +138,8 @@ def convert_file(args: argparse.Namespace) -> str:
         overrides["stem"] = args.stem
     elif args.source == "torchvision":
         overrides["stem"] = "standard"
+    if args.source == "mmseg":
+        overrides["reference"] = "mmseg"  # stored: evaluation, prediction and export rebuild mmseg's variant
     state_dict = load_state_dict(args.input)
     variables, report = convert_with_report(
         state_dict,

@@ -15,7 +15,7 @@ from fastfcn_jax.checkpointing import BACKBONE_SOURCES
 from fastfcn_jax.convert.keymap import CLASSIFIER_MODULES, UNUSED_SOURCE_KEY, torch_key, torch_module
 from fastfcn_jax.models import create_model, model_config
 
-SOURCES = ("official", "resnet_s", "torchvision")
+SOURCES = ("official", "mmseg", "resnet_s", "torchvision")
 # ImageNet classifiers: only the backbone comes from the file, so training from such a conversion takes only
 # its backbone (train.load_pretrained) and one conversion serves every model with the same ResNet.
 
@@ -87,6 +87,11 @@ def _layout_hint(keys: Sequence[str], source: str) -> str:
         )
     if source in BACKBONE_SOURCES and any(key.startswith(("jpu.", "head.", "auxlayer.")) for key in bare):
         return "the file holds a whole segmentation model (jpu.*, head.* keys): convert it with --from official"
+    mmseg = any(key.startswith(("backbone.", "decode_head.")) for key in bare)
+    if source != "mmseg" and mmseg:
+        return "the file's keys (backbone.*, decode_head.*) are an mmsegmentation model's: convert it with --from mmseg"
+    if source == "mmseg" and not mmseg and pretrained:
+        return "the file's keys (pretrained.*) are an official FastFCN model's: convert it with --from official"
     return ""
 
 
@@ -109,7 +114,15 @@ def convert_with_report(
     overrides = dict(model_overrides or {})
     if source == "torchvision":
         overrides.setdefault("stem", "standard")
+    if source == "mmseg":
+        overrides.setdefault("reference", "mmseg")
+    if (overrides.get("reference", "fastfcn") == "mmseg") != (source == "mmseg"):
+        raise ValueError(
+            f"source {source!r} with reference={overrides['reference']!r}: mmsegmentation checkpoints (source "
+            "'mmseg') are converted into reference='mmseg' models, and only they"
+        )
     config = model_config(model_name, **overrides)
+    reference = config.get("reference", "fastfcn")
     model = create_model(model_name, num_classes, **overrides)
     dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed), dummy, train=False))
@@ -128,7 +141,7 @@ def convert_with_report(
         for path, spec in flat.items():
             flax_name = f"{collection}/{'/'.join(path)}"
             module = "/".join(path[:-1])
-            key, to_flax = torch_key(collection, path, config["head"], config.get("stem", "deep"))
+            key, to_flax = torch_key(collection, path, config["head"], config.get("stem", "deep"), reference)
             if reinit_classifier and module in CLASSIFIER_MODULES:
                 need_init.append((collection, path))
                 continue
@@ -158,7 +171,7 @@ def convert_with_report(
     for key in source_dict:
         if key in used:
             continue
-        if UNUSED_SOURCE_KEY.search(key) or (reinit_classifier and _is_classifier_key(key, config["head"])):
+        if UNUSED_SOURCE_KEY.search(key) or (reinit_classifier and _is_classifier_key(key, config["head"], reference)):
             report.dropped.append(in_file[key])
         else:
             report.unexpected.append(in_file[key])
@@ -201,11 +214,11 @@ def convert_with_report(
     return variables, report
 
 
-def _is_classifier_key(key: str, head: str) -> bool:
+def _is_classifier_key(key: str, head: str, reference: str = "fastfcn") -> bool:
     prefixes = []
     for module in CLASSIFIER_MODULES:
         try:
-            prefixes.append(torch_module(module, head) + ".")
+            prefixes.append(torch_module(module, head, reference=reference) + ".")
         except KeyError:
             continue
     return any(key.startswith(p) for p in prefixes)
@@ -222,8 +235,10 @@ def convert_state_dict(
 
     ``state_dict`` maps keys to NumPy arrays (or torch tensors); ``num_batches_tracked`` counters and the
     unused ImageNet ``pretrained.fc.*`` are dropped. Sources: ``'official'`` (FastFCN / PyTorch-Encoding
-    checkpoints: ``pretrained.``, ``jpu.``, ``head.``, ``auxlayer.``), ``'resnet_s'`` (deep-stem ImageNet
-    backbone, e.g. GluonCV v1s / timm ``resnet50s.gluon_in1k``) and ``'torchvision'`` (7x7 stem; the
+    checkpoints: ``pretrained.``, ``jpu.``, ``head.``, ``auxlayer.``), ``'mmseg'`` (mmsegmentation's FastFCN
+    and dilated EncNet / PSPNet / DeepLabV3 R-50 checkpoints: ``backbone.``, ``neck.``, ``decode_head.``,
+    ``auxiliary_head.``; the target model is ``create_model(..., reference='mmseg')``), ``'resnet_s'``
+    (deep-stem ImageNet backbone, e.g. GluonCV v1s / timm ``resnet50s.gluon_in1k``) and ``'torchvision'`` (7x7 stem; the
     target model is ``create_model(..., stem='standard')``). For the backbone-only sources the JPU and
     heads are freshly initialised. Options: ``allow_missing``, ``allow_unexpected``,
     ``reinit_classifier`` (fresh main, aux and SE classifiers, e.g. for another class count), ``rng`` (a

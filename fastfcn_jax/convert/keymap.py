@@ -2,7 +2,9 @@
 
 The mapping walks the Flax variable tree (so every model variable gets exactly one source key) and
 names the PyTorch module that holds it in the official FastFCN code (``pretrained.``, ``jpu.``,
-``head.``, ``auxlayer.``; ``../shared/reference/FASTFCN.md`` section 7), then the tensor inside it.
+``head.``, ``auxlayer.``; ``../shared/reference/FASTFCN.md`` section 7), or for ``reference='mmseg'`` models
+in mmsegmentation's (``backbone.``, ``neck.``, ``decode_head.``, ``auxiliary_head.``, from mmcv's module
+names: ``ConvModule`` holds ``conv`` and ``bn``), then the tensor inside it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 # (Flax module path regex, PyTorch module prefix template) per part of the model. Templates use the
-# regex's groups. The first match wins.
+# regex's groups (or are functions of the match). The first match wins.
 _DEEP_STEM = [
     (r"backbone/stem1/conv", "pretrained.conv1.0"),
     (r"backbone/stem1/bn", "pretrained.conv1.1"),
@@ -83,11 +85,62 @@ _HEADS = {
 }
 _AUX = [(p.format(h="auxiliary_head"), t.format(t="auxlayer")) for p, t in _FCN_LIKE]
 
+
+def _minus_one(template: str) -> Callable[[re.Match], str]:
+    """A template whose ``{i}`` is the match's group 1 less one: Flax's 1-based names, PyTorch's indices."""
+    return lambda match: template.format(i=int(match[1]) - 1)
+
+
+# mmsegmentation (ResNetV1c backbone, JPU neck, PSPHead / ASPPHead / EncHead, FCNHead aux).
+_MMSEG_BACKBONE = [
+    (r"backbone/stem1/conv", "backbone.stem.0"),
+    (r"backbone/stem1/bn", "backbone.stem.1"),
+    (r"backbone/stem2/conv", "backbone.stem.3"),
+    (r"backbone/stem2/bn", "backbone.stem.4"),
+    (r"backbone/stem3/conv", "backbone.stem.6"),
+    (r"backbone/stem3/bn", "backbone.stem.7"),
+    *[(pattern, template.replace("pretrained.", "backbone.")) for pattern, template in _BACKBONE],
+]
+_MMSEG_NECK = [  # conv_layers follow the inputs (c2, c3, c4); the Flax JPU names its convs by stage
+    (r"neck/conv3/(conv|bn)", r"neck.conv_layers.0.0.\1"),
+    (r"neck/conv4/(conv|bn)", r"neck.conv_layers.1.0.\1"),
+    (r"neck/conv5/(conv|bn)", r"neck.conv_layers.2.0.\1"),
+    (r"neck/dilation(\d)/depthwise", _minus_one("neck.dilation_layers.{i}.0.depthwise_conv.conv")),
+    (r"neck/dilation(\d)/depthwise_norm", _minus_one("neck.dilation_layers.{i}.0.depthwise_conv.bn")),
+    (r"neck/dilation(\d)/pointwise", _minus_one("neck.dilation_layers.{i}.0.pointwise_conv.conv")),
+    (r"neck/dilation(\d)/pointwise_norm", _minus_one("neck.dilation_layers.{i}.0.pointwise_conv.bn")),
+]
+_MMSEG_HEADS = {
+    "psp": [
+        (r"decode_head/pool(\d)/(conv|bn)", lambda m: f"decode_head.psp_modules.{int(m[1]) - 1}.1.{m[2]}"),
+        (r"decode_head/conv5/(conv|bn)", r"decode_head.bottleneck.\1"),
+    ],
+    "deeplab": [
+        (r"decode_head/aspp_pool/(conv|bn)", r"decode_head.image_pool.1.\1"),
+        (r"decode_head/aspp_b(\d)/(conv|bn)", r"decode_head.aspp_modules.\1.\2"),
+        (r"decode_head/bottleneck/(conv|bn)", r"decode_head.bottleneck.\1"),
+    ],
+    "encnet": [
+        (r"decode_head/conv5/(conv|bn)", r"decode_head.bottleneck.\1"),
+        (r"decode_head/enc_conv/(conv|bn)", r"decode_head.enc_module.encoding_project.\1"),
+        (r"decode_head/encoding", "decode_head.enc_module.encoding.0"),
+        (r"decode_head/enc_bn", "decode_head.enc_module.encoding.1"),
+        (r"decode_head/fc", "decode_head.enc_module.fc.0"),
+        (r"decode_head/se_classifier", "decode_head.se_layer"),
+    ],
+}
+_MMSEG_CLASSIFIERS = [
+    (r"decode_head/classifier/conv", "decode_head.conv_seg"),
+    (r"auxiliary_head/conv5/(conv|bn)", r"auxiliary_head.convs.0.\1"),
+    (r"auxiliary_head/classifier/conv", "auxiliary_head.conv_seg"),
+]
+
 # Flax variable leaf name -> PyTorch tensor name, per kind of module.
 _LEAF_NORM = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
-# Modules whose keys the official checkpoints carry but the model does not use.
-UNUSED_SOURCE_KEY = re.compile(r"(^|\.)num_batches_tracked$|^pretrained\.fc\.")
+# Modules whose keys the checkpoints carry but the model does not use (mmseg's data preprocessor holds the
+# normalisation, which this library does in its input pipeline).
+UNUSED_SOURCE_KEY = re.compile(r"(^|\.)num_batches_tracked$|^pretrained\.fc\.|^data_preprocessor\.")
 
 # Classifier layers (re-initialised when fine-tuning to another class count).
 CLASSIFIER_MODULES = (
@@ -97,18 +150,25 @@ CLASSIFIER_MODULES = (
 )
 
 
-def _module_rules(head: str, stem: str) -> list[tuple[str, str]]:
+def _module_rules(head: str, stem: str, reference: str = "fastfcn") -> list[tuple[str, str | Callable]]:
+    if reference == "mmseg":
+        return [*_MMSEG_BACKBONE, *_MMSEG_NECK, *_MMSEG_HEADS.get(head, []), *_MMSEG_CLASSIFIERS]
     stem_rules = _DEEP_STEM if stem == "deep" else _STANDARD_STEM
-    return [*stem_rules, *_BACKBONE, *_NECK, *_HEADS[head], *_AUX]
+    return [*_SEPARABLE, *stem_rules, *_BACKBONE, *_NECK, *_HEADS[head], *_AUX]
 
 
-def torch_module(flax_module: str, head: str, stem: str = "deep") -> str:
-    """Official PyTorch module prefix of a Flax module path (``'neck/conv5/conv'`` -> ``'jpu.conv5.0'``)."""
-    for pattern, template in [*_SEPARABLE, *_module_rules(head, stem)]:
+def torch_module(flax_module: str, head: str, stem: str = "deep", reference: str = "fastfcn") -> str:
+    """PyTorch module prefix of a Flax module path in the checkpoints of ``reference``'s code
+    (``'neck/conv5/conv'`` -> ``'jpu.conv5.0'``; mmseg: ``'neck.conv_layers.2.0.conv'``)."""
+    for pattern, template in _module_rules(head, stem, reference):
         match = re.fullmatch(pattern, flax_module)
         if match:
-            return match.expand(template).replace("/", ".")
-    raise KeyError(f"no PyTorch counterpart known for Flax module {flax_module!r} (head {head!r}, stem {stem!r})")
+            name = template(match) if callable(template) else match.expand(template)
+            return name.replace("/", ".")
+    raise KeyError(
+        f"no PyTorch counterpart known for Flax module {flax_module!r} (head {head!r}, stem {stem!r}, "
+        f"reference {reference!r})"
+    )
 
 
 def to_flax_layout(leaf: str, flax_module: str, value: np.ndarray) -> np.ndarray:
@@ -121,10 +181,12 @@ def to_flax_layout(leaf: str, flax_module: str, value: np.ndarray) -> np.ndarray
     return value
 
 
-def torch_key(collection: str, flax_path: tuple[str, ...], head: str, stem: str = "deep") -> tuple[str, Callable]:
+def torch_key(
+    collection: str, flax_path: tuple[str, ...], head: str, stem: str = "deep", reference: str = "fastfcn"
+) -> tuple[str, Callable]:
     """PyTorch state_dict key of a Flax variable and the function converting its layout."""
     module, leaf = "/".join(flax_path[:-1]), flax_path[-1]
-    prefix = torch_module(module, head, stem)
+    prefix = torch_module(module, head, stem, reference)
     if collection == "batch_stats" or leaf in ("scale", "mean", "var") and not module.endswith("/encoding"):
         name = _LEAF_NORM[leaf]
     elif leaf == "kernel":

@@ -1,9 +1,11 @@
-"""Parity with the official PyTorch FastFCN: rebuild a fixture's synthetic weights, convert them, run the
-Flax model on the fixture's input and measure every stored array against the official output.
+"""Parity with the PyTorch originals: rebuild a fixture's synthetic weights, convert them, run the Flax model
+on the fixture's input and measure every stored array against the original's output.
 
 The fixtures (``tests/fixtures/parity``, from ``shared/parity``) hold the official model's outputs (FastFCN
-master 126661b) for weights that ``synthetic_weights.py`` in the same folder rebuilds from each key list.
-Used by ``tests/test_parity.py`` and ``experiments/parity_check.py`` (which runs on any backend).
+master 126661b) for weights that ``synthetic_weights.py`` in the same folder rebuilds from each key list;
+``tests/fixtures/parity_mmseg`` those of mmsegmentation 1.2.2's FastFCN models and a dilated PSPNet, made the
+same way by its ``make_fixtures.py``. Used by ``tests/test_parity.py`` and ``experiments/parity_check.py``
+(which runs on any backend).
 """
 
 from __future__ import annotations
@@ -20,26 +22,36 @@ import numpy as np
 from fastfcn_jax.convert.converter import ConversionReport, convert_with_report
 from fastfcn_jax.models import create_model
 
-# fixture -> (model name, number of classes)
+# fixture -> (model name, number of classes, converter source)
 PARITY_FIXTURES = {
-    "encnet_jpu_r50_ade": ("encnet_jpu_r50", 150),
-    "psp_jpu_r50_pcontext": ("psp_jpu_r50", 59),
-    "deeplab_jpu_r50_pcontext": ("deeplab_jpu_r50", 59),
-    "fcn_jpu_r50_pcontext": ("fcn_jpu_r50", 59),
-    "encnet_dilated_r50_pcontext": ("encnet_dilated_r50", 59),
-    "encnet_jpux_r50_pcontext": ("encnet_jpux_r50", 59),
+    "encnet_jpu_r50_ade": ("encnet_jpu_r50", 150, "official"),
+    "psp_jpu_r50_pcontext": ("psp_jpu_r50", 59, "official"),
+    "deeplab_jpu_r50_pcontext": ("deeplab_jpu_r50", 59, "official"),
+    "fcn_jpu_r50_pcontext": ("fcn_jpu_r50", 59, "official"),
+    "encnet_dilated_r50_pcontext": ("encnet_dilated_r50", 59, "official"),
+    "encnet_jpux_r50_pcontext": ("encnet_jpux_r50", 59, "official"),
+    "psp_jpu_r50_mmseg": ("psp_jpu_r50", 19, "mmseg"),
+    "deeplab_jpu_r50_mmseg": ("deeplab_jpu_r50", 19, "mmseg"),
+    "encnet_jpu_r50_mmseg": ("encnet_jpu_r50", 19, "mmseg"),
+    "psp_dilated_r50_mmseg": ("psp_dilated_r50", 19, "mmseg"),
 }
+# The folder under tests/fixtures of each source's fixtures.
+FIXTURE_FOLDERS = {"official": "parity", "mmseg": "parity_mmseg"}
 # max|out - ref| / std(ref); the official model's own float32 noise is about 1e-5.
 TOLERANCE = 1e-4
 
 
 def official_state_dict(fixture_dir: str | Path, fixture: str) -> dict[str, np.ndarray]:
-    """The synthetic official state_dict of a fixture, rebuilt by the fixture folder's own generator."""
+    """The synthetic state_dict of a fixture, rebuilt by the generator its key list names (``weights.module``,
+    relative to the fixture's folder)."""
     fixture_dir = Path(fixture_dir)
-    spec = importlib.util.spec_from_file_location("synthetic_weights", fixture_dir / "synthetic_weights.py")
+    keys_file = fixture_dir / f"{fixture}.keys.json"
+    recipe = json.loads(keys_file.read_text())["weights"]
+    spec = importlib.util.spec_from_file_location("synthetic_weights", fixture_dir / recipe["module"])
     weights = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(weights)
-    return weights.synthetic_state_dict(weights.load_keys(fixture_dir / f"{fixture}.keys.json"), seed=0)
+    make = getattr(weights, recipe["function"])
+    return make(weights.load_keys(keys_file), seed=recipe["seed"])
 
 
 def parity_errors(
@@ -50,13 +62,15 @@ def parity_errors(
     Runs at full float32 precision (``jax.default_matmul_precision('highest')``): TF32 or bfloat16 matmul
     passes on accelerators give errors far above the tolerance.
     """
-    model_name, num_classes = PARITY_FIXTURES[fixture]
+    model_name, num_classes, source = PARITY_FIXTURES[fixture]
     recorded = json.loads((Path(fixture_dir) / f"{fixture}.keys.json").read_text())["nclass"]
     if recorded != num_classes:
         raise ValueError(f"{fixture}: the fixture was made with {recorded} classes, not {num_classes}")
-    variables, report = convert_with_report(official_state_dict(fixture_dir, fixture), model_name, num_classes)
+    variables, report = convert_with_report(official_state_dict(fixture_dir, fixture), model_name, num_classes, source)
     reference = np.load(Path(fixture_dir) / f"{fixture}.npz")
     images = jnp.asarray(reference["input"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+    if source == "mmseg":
+        model_overrides = {"reference": "mmseg", **model_overrides}
     model = create_model(model_name, num_classes, **model_overrides)
     with jax.default_matmul_precision("highest"):
         outputs, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(

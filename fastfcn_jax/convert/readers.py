@@ -2,7 +2,10 @@
 
 PyTorch files are pickles. They are read by a restricted unpickler that admits only the globals needed to
 rebuild tensors (the tensor part of what ``torch.load(weights_only=True)`` allows) and implements each of
-them itself, so no code from the file can run: any other global is refused with an error naming it.
+them itself, so no code from the file can run. Any other global becomes an inert record of its name and
+arguments (:class:`_Opaque`: nothing of the named class or function is imported or called): where the
+weights are, that is refused with an error naming the global; elsewhere (the ``meta`` of mmsegmentation
+checkpoints, with NumPy scalars or mmengine objects that ``weights_only=True`` refuses) it is dropped.
 Tensor data is read lazily from a memory map of the file, so an optimizer state stored beside the weights
 is never read.
 """
@@ -80,7 +83,8 @@ class CheckpointReadError(ValueError):
 
 
 class UnsafeCheckpointError(CheckpointReadError):
-    """A pickle references a global outside the tensor-rebuild allowlist (it could run code)."""
+    """A pickle holds an object of a global outside the tensor-rebuild allowlist where the weights are (loaded
+    by torch, it could run code)."""
 
 
 @dataclasses.dataclass
@@ -130,6 +134,40 @@ class _Tensor:
             writeable=False,
         )
         return np.array(view, order="C")  # owned and contiguous: independent of the file
+
+
+class _Opaque:
+    """An object of a global outside the allowlist, kept as inert data: the pickle's arguments, state and
+    items are recorded, and nothing of the named class or function runs. Subclassed per global."""
+
+    global_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        record = object.__new__(cls)
+        record.args, record.kwargs, record.state, record.items = args, kwargs, None, []
+        return record
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:
+        self.items.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.items.extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items.append((key, value))
+
+
+def _opaque_name(value: Any) -> str | None:
+    """The global an :class:`_Opaque` record (or its class) stands for; None for anything else."""
+    if isinstance(value, _Opaque) or (isinstance(value, type) and issubclass(value, _Opaque)):
+        return value.global_name
+    return None
 
 
 class _Marker:
@@ -189,7 +227,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only the globals of :func:`_allowed_globals`; ``storage_for`` resolves storage ids."""
+    """Admits only the globals of :func:`_allowed_globals`, every other one as an :class:`_Opaque` record;
+    ``storage_for`` resolves storage ids."""
 
     def __init__(self, file: Any, path: Path, storage_for: Callable[..., _Storage] | None) -> None:
         super().__init__(file)
@@ -199,14 +238,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2 writes Python 2 names (fix_imports)
             module = "builtins"
-        try:
+        if (module, name) in self._allowed:
             return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafeCheckpointError(
-                f"{self._path}: refusing to unpickle the global {module}.{name}: only tensor data is "
-                "admitted (a checkpoint that needs it may run code when loaded). If you trust the file, "
-                "re-save its weights with torch.save(model.state_dict(), ...) or as .safetensors"
-            ) from None
+        return type(name, (_Opaque,), {"global_name": f"{module}.{name}", "__module__": __name__})
 
     def persistent_load(self, pid: Any) -> Any:
         if self._storage_for is None or not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -218,6 +252,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if int(numel) < 0 or (view is not None and min(int(view[1]), int(view[2])) < 0):
             raise CheckpointReadError(f"{self._path}: corrupt storage record {pid!r:.200}")
         return self._storage_for(str(key), storage_type.dtype, int(numel), view)
+
+
+def _refuse(path: Path, global_name: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path}: refusing to unpickle the global {global_name} where the weights are: only tensor data is "
+        "admitted there (a checkpoint that needs it may run code when loaded). If you trust the file, "
+        "re-save its weights with torch.save(model.state_dict(), ...) or as .safetensors"
+    )
 
 
 def _unpickle(file: Any, path: Path, storage_for: Callable[..., _Storage] | None) -> Any:
@@ -277,7 +319,10 @@ def _read_torch_legacy(path: Path, data: np.ndarray) -> dict[str, np.ndarray]:
     """The pre-1.6 format: pickles of magic, protocol, sys_info, the object, the storage keys; then each
     storage as a little-endian int64 element count and its raw bytes, in the order of the keys."""
     with open(path, "rb") as file:
-        if _unpickle(file, path, None) != _LEGACY_MAGIC:
+        magic = _unpickle(file, path, None)
+        if _opaque_name(magic):
+            raise _refuse(path, _opaque_name(magic))
+        if magic != _LEGACY_MAGIC:
             raise CheckpointReadError(f"{path}: a pickle, but not one written by torch.save")
         protocol = _unpickle(file, path, None)
         if protocol != _LEGACY_PROTOCOL:
@@ -364,12 +409,21 @@ def _read_safetensors(path: Path, data: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, np.ndarray]:
-    """Unwraps ``{'state_dict': ...}`` (official training checkpoints) and reads the tensors it holds."""
+    """Unwraps ``{'state_dict': ...}`` (official training checkpoints) and reads the tensors it holds; records
+    of other globals (:class:`_Opaque`) are refused there and dropped with the rest of the wrapper."""
+    if _opaque_name(obj):
+        raise _refuse(path, _opaque_name(obj))
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
+            if _opaque_name(obj.get(key)):
+                raise _refuse(path, _opaque_name(obj[key]))
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
+    if isinstance(obj, Mapping):
+        for value in obj.values():
+            if _opaque_name(value):
+                raise _refuse(path, _opaque_name(value))
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointReadError(
             f"{path}: holds a {type(obj).__name__}, not a state_dict (a mapping of names to tensors)"
@@ -397,9 +451,10 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     Formats (told by content, not by name): ``torch.save`` files in the zip format (PyTorch >= 1.6) and
     the legacy pickle format, ``.npz`` and ``.safetensors``. A training checkpoint
     ``{'epoch', 'state_dict', 'optimizer', ...}`` yields its ``state_dict`` only; the optimizer's tensors
-    are never read. Arrays keep the stored dtype (float16/bfloat16/float32/float64/int64/...).
-    Raises :class:`CheckpointReadError` naming the file, or :class:`UnsafeCheckpointError` for a pickle
-    that references anything but tensor data.
+    are never read, and the other entries may hold objects of any class (read as inert records, dropped).
+    Arrays keep the stored dtype (float16/bfloat16/float32/float64/int64/...). Raises
+    :class:`CheckpointReadError` naming the file, or :class:`UnsafeCheckpointError` for a pickle whose weights
+    reference anything but tensor data.
     """
     path = Path(path).expanduser()
     if path.is_dir():

@@ -25,12 +25,19 @@ from fastfcn_jax.models.resize import resize_bilinear
 
 
 class JPU(nn.Module):
-    """The paper's JPU neck. ``__call__(c2, c3, c4)`` -> [B, H2, W2, len(dilations) * width]."""
+    """The paper's JPU neck. ``__call__(c2, c3, c4)`` -> [B, H2, W2, len(dilations) * width].
+
+    ``align_corners=False`` and ``c2_first=True`` give mmsegmentation's JPU (``mmseg/models/necks/jpu.py``):
+    half-pixel resizing, and the projected maps concatenated as [c2, c3, c4] (the order the separable
+    convolutions' input channels follow).
+    """
 
     width: int = 512
     dilations: Sequence[int] = (1, 2, 4, 8)
     dtype: Dtype = jnp.float32
     ops: OpChoices = DEFAULT_OPS
+    align_corners: bool = True
+    c2_first: bool = False
 
     @nn.compact
     def __call__(self, c2: jax.Array, c3: jax.Array, c4: jax.Array, train: bool = False) -> jax.Array:
@@ -40,7 +47,9 @@ class JPU(nn.Module):
             ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv4")(c3, train),
             ConvBNReLU(self.width, 3, dtype=self.dtype, ops=self.ops, name="conv3")(c2, train),
         ]
-        feat = jnp.concatenate([resize_bilinear(f, size, self.ops.resize) for f in feats], axis=-1)
+        if self.c2_first:
+            feats.reverse()
+        feat = jnp.concatenate([resize_bilinear(f, size, self.ops.resize, self.align_corners) for f in feats], axis=-1)
         forms = depthwise_forms(
             self.ops.depthwise, self.ops.depthwise_input_grad, self.ops.depthwise_kernel_grad, train=train
         )

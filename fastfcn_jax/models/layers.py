@@ -244,6 +244,7 @@ class Conv2D(nn.Module):
     resized_implementation: str = "low_res"
     resize_implementation: str = "auto"
     small_maps_implementation: str = "auto"
+    align_corners: bool = True  # how ``resized`` inputs are resized (resize.resize_bilinear)
 
     def _per_tap(self, batch: int, height: int, width: int) -> bool:
         choice = choose(self.small_maps_implementation, tpu="conv", gpu="conv", other="per_tap")
@@ -266,7 +267,7 @@ class Conv2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, resized: Sequence[jax.Array] = ()) -> jax.Array:
         """Convolves ``x``, or with ``resized`` the concatenation ``[x, *resized]`` where each of ``resized``
-        is first resized to ``x``'s height and width (align corners): PSP's pyramid levels, ASPP's pooling
+        is first resized to ``x``'s height and width (``align_corners``): PSP's pyramid levels, ASPP's pooling
         branch. The kernel spans all the channels either way."""
         k, in_features = self.kernel_size, x.shape[-1] + sum(r.shape[-1] for r in resized)
         kernel = self.param(
@@ -279,13 +280,17 @@ class Conv2D(nn.Module):
             raise ValueError("resized inputs need a stride-1, undilated convolution of odd size")
         if resized and self.resized_implementation == "upsampled":
             size = x.shape[1:3]
-            x = jnp.concatenate([x, *(resize_bilinear(r, size, self.resize_implementation) for r in resized)], -1)
+            x = jnp.concatenate(
+                [x, *(resize_bilinear(r, size, self.resize_implementation, self.align_corners) for r in resized)], -1
+            )
             resized = ()
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         y = self._conv(x, kernel[:, :, : x.shape[-1]])
         if resized:
-            y = y + conv_of_resized(resized, kernel[:, :, x.shape[-1] :], x.shape[1:3], self.dtype).astype(self.dtype)
+            y = y + conv_of_resized(
+                resized, kernel[:, :, x.shape[-1] :], x.shape[1:3], self.dtype, self.align_corners
+            ).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", torch_default_bias_init(in_features * k * k), (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -313,6 +318,7 @@ def conv2d(
     dtype: Dtype = jnp.float32,
     kernel_init=None,
     ops: OpChoices = DEFAULT_OPS,
+    align_corners: bool = True,
     name: str | None = None,
 ) -> Conv2D:
     """A :class:`Conv2D` (PyTorch padding; PyTorch's default init unless ``kernel_init`` is given)."""
@@ -330,6 +336,7 @@ def conv2d(
         resized_implementation=ops.resized,
         resize_implementation=ops.resize,
         small_maps_implementation=ops.small_maps,
+        align_corners=align_corners,
         name=name,
     )
 
@@ -350,6 +357,7 @@ class ConvBNReLU(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Any = None
     ops: OpChoices = DEFAULT_OPS
+    align_corners: bool = True  # how ``resized`` inputs are resized
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, resized: Sequence[jax.Array] = ()) -> jax.Array:
@@ -361,6 +369,7 @@ class ConvBNReLU(nn.Module):
             dtype=self.dtype,
             kernel_init=self.kernel_init,
             ops=self.ops,
+            align_corners=self.align_corners,
             name="conv",
         )(x, resized)
         folded = self.ops.norm == "folded"

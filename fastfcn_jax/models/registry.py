@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models.op_choices import backend, op_overrides, parse_ops
-from fastfcn_jax.models.segmenter import HEADS, NECKS, RESNET_FIELDS, Segmenter
+from fastfcn_jax.models.segmenter import HEADS, MMSEG_HEADS, MMSEG_NECKS, NECKS, REFERENCES, RESNET_FIELDS, Segmenter
 
 DEPTHS = (50, 101, 152)
 
@@ -120,6 +120,8 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     unused = unused_options(name, overrides)
     if unused:
         raise ValueError(unused[0])
+    if overrides.get("reference") == "mmseg" and not custom and match["size"] != "tiny":
+        config["stem_width"] = 32  # ResNetV1c's deep stem, 32-32-64
     config.update(overrides)
     if custom:
         config["backbone"] = load_backbone(config["backbone"])
@@ -162,6 +164,17 @@ def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
         config["dtype"] = _DTYPES[dtype]
     if config.get("stem", "deep") not in ("deep", "standard"):
         raise ValueError(f"{name}: stem must be 'deep' or 'standard', got {config['stem']!r}")
+    reference = config.get("reference", "fastfcn")
+    if reference not in REFERENCES:
+        raise ValueError(f"{name}: reference must be one of {REFERENCES}, got {reference!r}")
+    if reference == "mmseg" and (config["head"] not in MMSEG_HEADS or config["neck"] not in MMSEG_NECKS):
+        raise ValueError(
+            f"{name}: reference='mmseg' covers mmsegmentation's FastFCN models and their dilated twins, "
+            f"{{{','.join(MMSEG_HEADS)}}}_{{{','.join(MMSEG_NECKS)}}}_*: it has no JPU_X, and its FCN head is "
+            "another design"
+        )
+    if reference == "mmseg" and config.get("stem", "deep") != "deep":
+        raise ValueError(f"{name}: reference='mmseg' models have the deep stem (ResNetV1c)")
     output_stride = config.get("output_stride")
     if output_stride is not None:
         if output_stride not in (8, 16, 32):

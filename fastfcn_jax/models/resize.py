@@ -1,10 +1,12 @@
-"""Corner-aligned bilinear resize and PyTorch's adaptive average pooling, with NHWC tensors.
+"""PyTorch's bilinear resize and adaptive average pooling, with NHWC tensors.
 
 The reference resizes with bilinear ``align_corners=True`` everywhere (``jax.image.resize`` uses half-pixel
-centres): :func:`resize_bilinear` reproduces PyTorch's index formulas exactly, as small interpolation matrices
-(exact, static-shape, MXU/tensor-core friendly) or as two-tap gathers with a gather for a gradient
-(``OpChoices.resize``). :func:`adaptive_avg_pool` is PyTorch's ``AdaptiveAvgPool2d`` by the same matrices, and
-:func:`conv_of_resized` a convolution over resized maps computed at their own size (``OpChoices.resized``).
+centres); mmsegmentation's FastFCN with ``align_corners=False`` (half-pixel centres, PyTorch's clamping at
+the borders). :func:`resize_bilinear` reproduces PyTorch's index formulas for either exactly, as small
+interpolation matrices (exact, static-shape, MXU/tensor-core friendly) or as two-tap gathers with a gather for
+a gradient (``OpChoices.resize``). :func:`adaptive_avg_pool` is PyTorch's ``AdaptiveAvgPool2d`` by the same
+matrices, and :func:`conv_of_resized` a convolution over resized maps computed at their own size
+(``OpChoices.resized``).
 Why each form: :mod:`fastfcn_jax.models.op_choices`.
 """
 
@@ -44,6 +46,34 @@ def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=512)
+def half_pixel_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] matrix of PyTorch's 1-D linear interpolation with ``align_corners=False``.
+
+    PyTorch maps output index ``i`` to source ``(i + 0.5) * in / out - 0.5``, clamped below at 0, and
+    interpolates between ``floor(src)`` and ``min(floor(src) + 1, in - 1)`` (``upsample_bilinear2d`` given an
+    output size; no antialiasing when downsampling).
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    matrix = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        lo = min(int(np.floor(src)), in_size - 1)
+        hi = min(lo + 1, in_size - 1)
+        frac = src - lo
+        matrix[i, lo] += 1.0 - frac
+        matrix[i, hi] += frac
+    matrix.setflags(write=False)
+    return matrix
+
+
+def resize_matrix(in_size: int, out_size: int, align_corners: bool = True) -> np.ndarray:
+    """:func:`align_corners_matrix` or :func:`half_pixel_matrix`."""
+    return (align_corners_matrix if align_corners else half_pixel_matrix)(in_size, out_size)
+
+
+@functools.lru_cache(maxsize=512)
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out_size, in_size] averaging matrix of PyTorch's 1-D adaptive average pooling.
 
@@ -72,22 +102,26 @@ def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Ar
 
 
 @functools.lru_cache(maxsize=512)
-def align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def align_corners_taps(
+    in_size: int, out_size: int, align_corners: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lower index, upper index, upper weight) per output index: the two non-zero entries of each row
-    of :func:`align_corners_matrix`."""
-    matrix = align_corners_matrix(in_size, out_size)
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    lower = np.minimum(np.floor(np.arange(out_size) * scale).astype(np.int32), in_size - 1)
+    of :func:`resize_matrix` (adjacent indices, or one index with weight 0 for the upper)."""
+    matrix = resize_matrix(in_size, out_size, align_corners)
+    rows = np.arange(out_size)
+    lower = np.argmax(matrix > 0, axis=1).astype(np.int32)  # every row has a positive entry
     upper = np.minimum(lower + 1, in_size - 1)
-    weight = np.where(upper > lower, matrix[np.arange(out_size), upper], 0.0)
+    weight = np.where(upper > lower, matrix[rows, upper], 0.0)
     return lower, upper, weight
 
 
 @functools.lru_cache(maxsize=512)
-def align_corners_adjoint_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+def align_corners_adjoint_taps(
+    in_size: int, out_size: int, align_corners: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(output indices [in, K], weights [in, K]): the non-zero entries of each *column* of
-    :func:`align_corners_matrix`, padded with weight 0, so the adjoint of a resize is a K-tap gather."""
-    matrix = align_corners_matrix(in_size, out_size)
+    :func:`resize_matrix`, padded with weight 0, so the adjoint of a resize is a K-tap gather."""
+    matrix = resize_matrix(in_size, out_size, align_corners)
     columns = [np.flatnonzero(matrix[:, i]) for i in range(in_size)]
     taps = max(1, max(len(c) for c in columns))
     indices = np.zeros((in_size, taps), np.int32)
@@ -109,9 +143,9 @@ def _along(values: np.ndarray, axis: int, ndim: int, dtype: Dtype) -> jax.Array:
     return jnp.asarray(values, dtype).reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _lerp_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-    lower, upper, weight = align_corners_taps(x.shape[axis], out_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _lerp_axis(x: jax.Array, axis: int, out_size: int, align_corners: bool = True) -> jax.Array:
+    lower, upper, weight = align_corners_taps(x.shape[axis], out_size, align_corners)
     exact = exact_dtype(x.dtype)
     low = _taken(x, lower, axis).astype(exact)
     high = _taken(x, upper, axis).astype(exact)
@@ -119,17 +153,19 @@ def _lerp_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
     return (low + (high - low) * _along(weight, axis, x.ndim, exact)).astype(x.dtype)
 
 
-def _lerp_axis_fwd(x: jax.Array, axis: int, out_size: int) -> tuple[jax.Array, jax.Array]:
+def _lerp_axis_fwd(x: jax.Array, axis: int, out_size: int, align_corners: bool) -> tuple[jax.Array, jax.Array]:
     # An empty array is the residual: its shape and dtype carry the input size and dtype, and nothing else.
-    return _lerp_axis(x, axis, out_size), jnp.zeros((x.shape[axis], 0), x.dtype)
+    return _lerp_axis(x, axis, out_size, align_corners), jnp.zeros((x.shape[axis], 0), x.dtype)
 
 
-def _lerp_axis_bwd(axis: int, out_size: int, residual: jax.Array, grad: jax.Array) -> tuple[jax.Array]:
+def _lerp_axis_bwd(
+    axis: int, out_size: int, align_corners: bool, residual: jax.Array, grad: jax.Array
+) -> tuple[jax.Array]:
     # The gradient of a gather is a scatter-add: serial on CPU (about 30 ms per final upsample of a batch 2,
     # 256x256 train step) and atomic, hence non-deterministic, on GPU. Each input index receives from a
     # short contiguous run of outputs, so the adjoint is a K-tap gather (K ~ 2 x the upsampling factor).
     in_size, dtype = residual.shape[0], residual.dtype
-    indices, weights = align_corners_adjoint_taps(in_size, out_size)
+    indices, weights = align_corners_adjoint_taps(in_size, out_size, align_corners)
     grad = grad.astype(exact_dtype(dtype))
     total = None
     for k in range(indices.shape[1]):
@@ -141,13 +177,17 @@ def _lerp_axis_bwd(axis: int, out_size: int, residual: jax.Array, grad: jax.Arra
 _lerp_axis.defvjp(_lerp_axis_fwd, _lerp_axis_bwd)
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int], implementation: str = "auto") -> jax.Array:
-    """Bilinear resize of ``x`` [B, H, W, C] to ``size`` (H', W') with PyTorch ``align_corners=True``.
+def resize_bilinear(
+    x: jax.Array, size: Sequence[int], implementation: str = "auto", align_corners: bool = True
+) -> jax.Array:
+    """Bilinear resize of ``x`` [B, H, W, C] to ``size`` (H', W') as PyTorch's ``F.interpolate(...,
+    mode='bilinear', align_corners=align_corners)``.
 
-    This is the interpolation of every resize in the reference (JPU, PSP and ASPP pooling branches, the
-    final upsampling and the test-time rescaling); ``jax.image.resize`` uses half-pixel centres instead.
-    Works for any sizes, up or down, including 1-pixel inputs and outputs. ``implementation``:
-    ``'gather'``, ``'matmul'`` or ``'auto'`` (see :mod:`fastfcn_jax.models.op_choices`).
+    ``align_corners=True`` is the interpolation of every resize in the reference (JPU, PSP and ASPP pooling
+    branches, the final upsampling and the test-time rescaling); ``False`` that of mmsegmentation's FastFCN
+    models (``jax.image.resize`` without antialiasing, for upsampling). Works for any sizes, up or down,
+    including 1-pixel inputs and outputs. ``implementation``: ``'gather'``, ``'matmul'`` or ``'auto'`` (see
+    :mod:`fastfcn_jax.models.op_choices`).
     """
     out_h, out_w = int(size[0]), int(size[1])
     in_h, in_w = x.shape[1], x.shape[2]
@@ -155,13 +195,13 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], implementation: str = "au
         return x
     implementation = choose(implementation, tpu="matmul", other="gather")
     if implementation == "matmul":
-        return _apply_separable(x, align_corners_matrix(in_h, out_h), align_corners_matrix(in_w, out_w))
+        return _apply_separable(x, resize_matrix(in_h, out_h, align_corners), resize_matrix(in_w, out_w, align_corners))
     if implementation != "gather":
         raise ValueError(f"unknown resize implementation {implementation!r}; expected 'gather', 'matmul' or 'auto'")
     # The smaller intermediate first: resize the axis that grows least before the other.
     if out_h * in_w <= in_h * out_w:
-        return _lerp_axis(_lerp_axis(x, 1, out_h), 2, out_w)
-    return _lerp_axis(_lerp_axis(x, 2, out_w), 1, out_h)
+        return _lerp_axis(_lerp_axis(x, 1, out_h, align_corners), 2, out_w, align_corners)
+    return _lerp_axis(_lerp_axis(x, 2, out_w, align_corners), 1, out_h, align_corners)
 
 
 def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
@@ -172,11 +212,11 @@ def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=512)
-def shifted_resize_matrices(in_size: int, out_size: int, kernel_size: int) -> np.ndarray:
-    """[k, out_size, in_size]: for each tap ``t`` of a stride-1 'same' kxk convolution, the align-corners
+def shifted_resize_matrices(in_size: int, out_size: int, kernel_size: int, align_corners: bool = True) -> np.ndarray:
+    """[k, out_size, in_size]: for each tap ``t`` of a stride-1 'same' kxk convolution, the resize
     matrix with its rows moved by ``t - k // 2`` and zero rows where the tap reads the convolution's zero
     padding. Row ``y`` of tap ``t`` interpolates the pixel that output ``y`` reads through that tap."""
-    matrix = align_corners_matrix(in_size, out_size)
+    matrix = resize_matrix(in_size, out_size, align_corners)
     half = kernel_size // 2
     out = np.zeros((kernel_size, out_size, in_size), np.float64)
     for t in range(kernel_size):
@@ -187,9 +227,12 @@ def shifted_resize_matrices(in_size: int, out_size: int, kernel_size: int) -> np
     return out
 
 
-def conv_of_resized(inputs: Sequence[jax.Array], kernel: jax.Array, size: Sequence[int], dtype: Dtype) -> jax.Array:
-    """``conv(concat([resize_bilinear(p, size) for p in inputs]), kernel)`` (stride 1, 'same' zero padding),
-    without upsampling: [B, H, W, out] in float32 (float64 for float64 ``dtype``).
+def conv_of_resized(
+    inputs: Sequence[jax.Array], kernel: jax.Array, size: Sequence[int], dtype: Dtype, align_corners: bool = True
+) -> jax.Array:
+    """``conv(concat([resize_bilinear(p, size, align_corners=align_corners) for p in inputs]), kernel)``
+    (stride 1, 'same' zero padding), without upsampling: [B, H, W, out] in float32 (float64 for float64
+    ``dtype``).
 
     Resizing acts on each channel alone and a convolution tap mixes channels of one pixel, so the two
     commute: each tap's matrix is applied to the small pooled maps (PSP's 1x1 to 6x6) and the products are
@@ -214,10 +257,10 @@ def conv_of_resized(inputs: Sequence[jax.Array], kernel: jax.Array, size: Sequen
             preferred_element_type=exact,
         ).reshape(k, k, batch, in_h, in_w, -1)
         start += channels
-        cols = jnp.asarray(shifted_resize_matrices(in_w, out_w, k), exact)
+        cols = jnp.asarray(shifted_resize_matrices(in_w, out_w, k, align_corners), exact)
         part = jnp.einsum("jxc,ijbaco->biaxo", cols, taps, precision=hp)  # [B, k, in_h, W, out]
         parts.append(part.reshape(batch, k * in_h, out_w, part.shape[-1]))
-        rows.append(shifted_resize_matrices(in_h, out_h, k).transpose(1, 0, 2).reshape(out_h, k * in_h))
+        rows.append(shifted_resize_matrices(in_h, out_h, k, align_corners).transpose(1, 0, 2).reshape(out_h, k * in_h))
     if start != kernel.shape[2]:
         raise ValueError(f"kernel has {kernel.shape[2]} input channels, the resized inputs {start}")
     rows_matrix = jnp.asarray(np.concatenate(rows, axis=1), exact)

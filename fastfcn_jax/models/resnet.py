@@ -26,19 +26,28 @@ STAGE_SIZES = {
 }
 
 
-def stage_dilations(output_stride: int) -> tuple[tuple[int, int], ...]:
-    """(stride, dilation) of layer1..layer4 for an output stride, as the reference's ``ResNet`` sets them."""
+def stage_dilations(output_stride: int, dilations: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
+    """(stride, dilation) of layer1..layer4 for an output stride, as the reference's ``ResNet`` sets them;
+    ``dilations`` replaces the stages' dilations (mmsegmentation's R-50-D32 dilates its strided layer3 and
+    layer4 by 2 and 4: ``ResNetV1c(strides=(1, 2, 2, 2), dilations=(1, 1, 2, 4))``)."""
     if output_stride == 32:
-        return ((1, 1), (2, 1), (2, 1), (2, 1))
-    if output_stride == 16:
-        return ((1, 1), (2, 1), (2, 1), (1, 2))
-    if output_stride == 8:
-        return ((1, 1), (2, 1), (1, 2), (1, 4))
-    raise ValueError(f"output_stride must be 32 (FastFCN), 16 or 8 (dilated baselines), got {output_stride}")
+        stages = ((1, 1), (2, 1), (2, 1), (2, 1))
+    elif output_stride == 16:
+        stages = ((1, 1), (2, 1), (2, 1), (1, 2))
+    elif output_stride == 8:
+        stages = ((1, 1), (2, 1), (1, 2), (1, 4))
+    else:
+        raise ValueError(f"output_stride must be 32 (FastFCN), 16 or 8 (dilated baselines), got {output_stride}")
+    if dilations is None:
+        return stages
+    if len(dilations) != 4:
+        raise ValueError(f"dilations must give the four stages' dilations, got {tuple(dilations)}")
+    return tuple((stride, int(d)) for (stride, _), d in zip(stages, dilations, strict=True))
 
 
 def first_block_dilation(dilation: int) -> int:
-    """The reference's ``_make_layer``: a stage of dilation 1 or 2 starts at 1, a stage of dilation 4 at 2."""
+    """The reference's ``_make_layer``: a stage of dilation 1 or 2 starts at 1, a stage of dilation 4 at 2
+    (mmsegmentation's ``contract_dilation=True`` halves them likewise)."""
     if dilation in (1, 2):
         return 1
     if dilation == 4:
@@ -92,6 +101,8 @@ class ResNet(nn.Module):
         has ``stem_width`` channels.
       base_width: planes of layer1 (doubles each stage; outputs are 4x planes).
       output_stride: 32, 16 or 8.
+      dilations: the four stages' dilations, if not the reference's for ``output_stride``
+        (:func:`stage_dilations`).
     """
 
     stage_sizes: Sequence[int] = STAGE_SIZES[50]
@@ -99,6 +110,7 @@ class ResNet(nn.Module):
     stem_width: int = 64
     base_width: int = 64
     output_stride: int = 32
+    dilations: Sequence[int] | None = None
     dtype: Dtype = jnp.float32
     ops: OpChoices = DEFAULT_OPS
 
@@ -133,7 +145,7 @@ class ResNet(nn.Module):
 
         features = []
         for stage, ((stride, dilation), num_blocks) in enumerate(
-            zip(stage_dilations(self.output_stride), self.stage_sizes, strict=True)
+            zip(stage_dilations(self.output_stride, self.dilations), self.stage_sizes, strict=True)
         ):
             planes = self.base_width * 2**stage
             for index in range(num_blocks):

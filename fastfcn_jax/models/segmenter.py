@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fastfcn_jax.models.dtypes import Dtype
-from fastfcn_jax.models.heads import DeepLabV3Head, EncNetHead, FCNHead, PSPHead
+from fastfcn_jax.models.heads import DeepLabV3Head, EncNetHead, FCNHead, MMSegASPPHead, PSPHead
 from fastfcn_jax.models.jpu import JPU, JPUX
 from fastfcn_jax.models.op_choices import OpChoices
 from fastfcn_jax.models.resize import resize_bilinear
@@ -26,6 +26,11 @@ from fastfcn_jax.models.resnet import STAGE_SIZES, ResNet
 
 HEADS = ("encnet", "psp", "deeplab", "fcn")
 NECKS = ("jpu", "jpux", "dilated")
+# Whose architecture a model follows: the official FastFCN code, or mmsegmentation's FastFCN configs
+# (``fastfcn_r50-d32_jpu_{psp,aspp,enc}``) and their dilated twins (``{pspnet,deeplabv3,encnet}_r50-d8``).
+REFERENCES = ("fastfcn", "mmseg")
+MMSEG_HEADS = ("encnet", "psp", "deeplab")
+MMSEG_NECKS = ("jpu", "dilated")
 # The ResNet's fields, which a Segmenter given its own backbone does not use.
 RESNET_FIELDS = ("depth", "stage_sizes", "stem", "stem_width", "base_width", "output_stride")
 
@@ -50,6 +55,14 @@ class Segmenter(nn.Module):
     With ``mutable=['intermediates']`` it sows the NHWC feature maps ``c1``..``c4``, ``jpu``, ``head``,
     ``aux_head`` (head outputs before upsampling) and, for EncNet, ``enc_x``, ``enc_e`` [B, K, D],
     ``enc_en`` [B, D]; each is stored as the array itself (not a tuple).
+
+    ``reference='mmseg'``: mmsegmentation's variant of the same models (FASTFCN.md 2.3, 3.6), for its released
+    checkpoints: ResNetV1c (the deep stem 32-32-64, ``stem_width=32``, set by the registry) whose strided
+    layer3 and layer4 are also dilated (2 and 4, the first blocks at half) behind the JPU; bilinear
+    resizing with ``align_corners=False`` everywhere (JPU, PSP pooling, the logits); the JPU's maps
+    concatenated as [c2, c3, c4]; EncNet's first conv 3x3; mmseg's ASPP head for ``deeplab``. The heads'
+    widths, the aux head and every other layer are the same. EncNet, PSP and DeepLabV3 with the JPU or the
+    dilated backbone.
 
     ``backbone``: another network in place of the ResNet, a Flax module whose ``__call__(images)`` (or
     ``(images, train)``, where it has a ``train`` parameter) returns the four stage outputs ``(c1, c2, c3, c4)``
@@ -104,6 +117,12 @@ class Segmenter(nn.Module):
     psp_bins: Sequence[int] = (1, 2, 3, 6)
     dropout: float = 0.1
     dtype: Dtype = jnp.float32
+    reference: str = "fastfcn"
+
+    @property
+    def align_corners(self) -> bool:
+        """How every bilinear resize of this model interpolates (PyTorch's ``align_corners``)."""
+        return self.reference != "mmseg"
 
     @property
     def ops(self) -> OpChoices:
@@ -140,6 +159,7 @@ class Segmenter(nn.Module):
         output_stride = self.output_stride or (8 if self.neck == "dilated" else 32)
         if self.neck != "dilated" and output_stride != 32:
             raise ValueError(f"neck {self.neck!r} expects an output_stride 32 backbone, got {output_stride}")
+        self._check_reference()
 
         if self.backbone is None:
             c1, c2, c3, c4 = ResNet(
@@ -148,6 +168,9 @@ class Segmenter(nn.Module):
                 stem_width=self.stem_width,
                 base_width=self.base_width,
                 output_stride=output_stride,
+                # mmseg's R-50-D32: strides (1, 2, 2, 2) with dilations (1, 1, 2, 4); at output stride 8 or 16
+                # its dilations are the reference's.
+                dilations=(1, 1, 2, 4) if self.reference == "mmseg" and output_stride == 32 else None,
                 dtype=self.dtype,
                 ops=self.ops,
                 name="backbone",
@@ -163,6 +186,8 @@ class Segmenter(nn.Module):
                 tuple(self.jpu_dilations),
                 dtype=self.dtype,
                 ops=self.ops,
+                align_corners=self.align_corners,
+                c2_first=self.reference == "mmseg",
                 name="neck",
             )(c2, c3, c4, train)
             self._sow("jpu", feat)
@@ -188,7 +213,7 @@ class Segmenter(nn.Module):
         def upsample(logits: jax.Array) -> jax.Array:
             # On GPUs the training step takes the heads' logits as they are (upsample_logits=False): its loss
             # resizes them without writing the full-resolution maps (OpChoices.loss_logits).
-            return resize_bilinear(logits, size, self.ops.resize) if upsample_logits else logits
+            return resize_bilinear(logits, size, self.ops.resize, self.align_corners) if upsample_logits else logits
 
         outputs = {"logits": upsample(head_logits)}
         for name in ("enc_x", "enc_e", "enc_en"):
@@ -254,18 +279,31 @@ class Segmenter(nn.Module):
                 self.num_classes,
                 width=self.head_width,
                 num_codes=self.num_codes,
-                # The reference's EncHead: a 1x1 conv5 after JPU, a 3x3 one on the dilated c4.
-                conv5_kernel=3 if self.neck == "dilated" else 1,
+                # The reference's EncHead: a 1x1 conv5 after JPU, a 3x3 one on the dilated c4; mmseg's
+                # bottleneck is 3x3 after either.
+                conv5_kernel=3 if self.neck == "dilated" or self.reference == "mmseg" else 1,
                 se_loss=self.se_loss,
                 **common,
             )
         if self.head == "psp":
-            return PSPHead(self.num_classes, bins=tuple(self.psp_bins), **common)
+            return PSPHead(self.num_classes, bins=tuple(self.psp_bins), align_corners=self.align_corners, **common)
+        if self.head == "deeplab" and self.reference == "mmseg":
+            return MMSegASPPHead(self.num_classes, rates=tuple(self.aspp_rates), **common)
         if self.head == "deeplab":
             return DeepLabV3Head(self.num_classes, rates=tuple(self.aspp_rates), **common)
         if self.head == "fcn":
             return FCNHead(self.num_classes, **common)
         raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
+
+    def _check_reference(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(f"unknown reference {self.reference!r}; expected one of {REFERENCES}")
+        if self.reference == "mmseg" and (self.head not in MMSEG_HEADS or self.neck not in MMSEG_NECKS):
+            raise ValueError(
+                f"reference='mmseg' covers mmsegmentation's FastFCN models and their dilated twins: heads "
+                f"{MMSEG_HEADS} with necks {MMSEG_NECKS}, not {self.head}_{self.neck} (mmsegmentation has no JPU_X, "
+                "and its FCN head is another design)"
+            )
 
 
 def _describe(value: Any) -> str:

@@ -45,3 +45,35 @@ class DeepLabV3Head(nn.Module):
         y = ConvBNReLU(width, 3, dtype=self.dtype, ops=self.ops, name="block")(y, train)
         logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(y, train)
         return {"logits": logits}
+
+
+class MMSegASPPHead(nn.Module):
+    """mmsegmentation's ASPPHead (``mmseg/models/decode_heads/aspp_head.py``, FastFCN configs' ``dilations=(1,
+    12, 24, 36)``), which differs from the reference's DeepLabV3 head: branches of width in/4 (512 for 2048
+    channels): image pooling (global mean -> 1x1 conv + BN + ReLU), a 1x1 branch and 3x3 branches at ``rates``;
+    concatenated with the pooled branch *first*, then a 3x3 ``bottleneck`` conv + BN + ReLU, Dropout2d(0.1) and
+    the 1x1 conv to classes. No projection, no second block."""
+
+    num_classes: int
+    rates: Sequence[int] = (12, 24, 36)
+    dropout: float = 0.1
+    dtype: Dtype = jnp.float32
+    ops: OpChoices = DEFAULT_OPS
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        width = x.shape[-1] // 4
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+        pooled = ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_pool")(pooled, train)
+        branches = [ConvBNReLU(width, 1, dtype=self.dtype, ops=self.ops, name="aspp_b0")(x, train)]
+        for i, rate in enumerate(self.rates):
+            branches.append(
+                ConvBNReLU(width, 3, dilation=rate, dtype=self.dtype, ops=self.ops, name=f"aspp_b{i + 1}")(x, train)
+            )
+        # Resizing a 1x1 map is a broadcast whatever the interpolation. Written out here: the bottleneck's
+        # kernel takes the pooled branch first, where ConvBNReLU's resized inputs come after the others.
+        pooled = jnp.broadcast_to(pooled, (*branches[0].shape[:3], width)).astype(branches[0].dtype)
+        y = jnp.concatenate([pooled, *branches], axis=-1)
+        y = ConvBNReLU(width, 3, dtype=self.dtype, ops=self.ops, name="bottleneck")(y, train)
+        logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(y, train)
+        return {"logits": logits}

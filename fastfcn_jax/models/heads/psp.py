@@ -24,6 +24,7 @@ class PSPHead(nn.Module):
     dropout: float = 0.1
     dtype: Dtype = jnp.float32
     ops: OpChoices = DEFAULT_OPS
+    align_corners: bool = True  # False: mmsegmentation's PSPHead (the same layers, half-pixel resizing)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -33,6 +34,8 @@ class PSPHead(nn.Module):
             for i, b in enumerate(self.bins)
         ]
         # The conv over [x, upsampled levels] takes the levels at their pooled size (ops.resized).
-        x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, name="conv5")(x, train, resized=pooled)
+        x = ConvBNReLU(inter, 3, dtype=self.dtype, ops=self.ops, align_corners=self.align_corners, name="conv5")(
+            x, train, resized=pooled
+        )
         logits = Classifier(self.num_classes, self.dropout, ops=self.ops, name="classifier")(x, train)
         return {"logits": logits}
