@@ -85,21 +85,23 @@ def make_serving_fn(
     """The SavedModel's serving computation in JAX: uint8 ``[B, h, w, 3]`` of any size -> ``{'labels' [B, h, w]
     int32, 'logits' [B, h, w, C] float32 (when output == 'logits')}``.
 
-    Resizes to ``image_size`` with align-corners bilinear (the reference's interpolation), normalises with the
-    ImageNet statistics, segments, and resizes the logits back to ``h, w`` before the argmax (the reference's
-    test-time rescaling). Jitted; each input size compiles once.
+    Resizes to ``image_size`` with bilinear interpolation in the model's corner convention (align corners, the
+    reference's; half-pixel for ``reference='mmseg'`` models), normalises with the ImageNet statistics, segments,
+    and resizes the logits back to ``h, w`` before the argmax (the reference's test-time rescaling). Jitted; each
+    input size compiles once.
     """
     from fastfcn_jax.models.resize import resize_bilinear
 
     size = (int(image_size[0]), int(image_size[1]))
     forward = inference_fn(model, "logits")
+    align = getattr(model, "align_corners", True)
 
     @jax.jit
     def serve(images: jax.Array) -> dict[str, jax.Array]:
         height, width = images.shape[1:3]
-        resized = resize_bilinear(images.astype(jnp.float32), size)
+        resized = resize_bilinear(images.astype(jnp.float32), size, align_corners=align)
         logits = forward(variables, normalize_uint8(resized))
-        logits = resize_bilinear(logits, (height, width))
+        logits = resize_bilinear(logits, (height, width), align_corners=align)
         outputs = {"labels": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
         if output == "logits":
             outputs["logits"] = logits
@@ -180,9 +182,10 @@ def export_saved_model(
     """Writes a TF SavedModel (orbax-export) whose ``serving_default`` takes uint8 ``images`` [B, h, w, 3] of any
     size and returns ``labels`` [B, h, w] int32 and, when ``output == 'logits'``, ``logits`` [B, h, w, C].
 
-    The resizes run in TF (``ResizeBilinear(align_corners=True)``, the same formula as
-    ``models.resize.resize_bilinear``) around the jax2tf-converted normalise + model at ``image_size``;
-    :func:`make_serving_fn` is the JAX twin tests compare it with. Metadata: ``assets.extra/fastfcn_metadata.json``.
+    The resizes run in TF (``ResizeBilinear(align_corners=True)``, or ``half_pixel_centers=True`` for
+    ``reference='mmseg'`` models: the same formulas as ``models.resize.resize_bilinear``) around the
+    jax2tf-converted normalise + model at ``image_size``; :func:`make_serving_fn` is the JAX twin tests compare
+    it with. Metadata: ``assets.extra/fastfcn_metadata.json``.
     The model is compiled for every one of ``platforms`` (jax2tf would otherwise serialize it for the exporting
     machine's only: a SavedModel written on a TPU would not load on a CPU).
     """
@@ -197,6 +200,7 @@ def export_saved_model(
     directory = Path(directory)
     height, width = int(image_size[0]), int(image_size[1])
     forward = inference_fn(model, "logits")
+    align = bool(getattr(model, "align_corners", True))
 
     def apply_fn(variables: Any, inputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         logits = forward(variables, normalize_uint8(inputs["images"]))
@@ -217,13 +221,13 @@ def export_saved_model(
         with tf.control_dependencies(checks):
             images = tf.identity(images)
         resized = tf.raw_ops.ResizeBilinear(
-            images=tf.cast(images, tf.float32), size=(height, width), align_corners=True, half_pixel_centers=False
+            images=tf.cast(images, tf.float32), size=(height, width), align_corners=align, half_pixel_centers=not align
         )
         return {"images": resized, "size": tf.shape(images)[1:3]}
 
     def postprocess(outputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         logits = tf.raw_ops.ResizeBilinear(
-            images=outputs["logits"], size=outputs["size"], align_corners=True, half_pixel_centers=False
+            images=outputs["logits"], size=outputs["size"], align_corners=align, half_pixel_centers=not align
         )
         result = {"labels": tf.argmax(logits, axis=-1, output_type=tf.int32)}
         if output == "logits":
@@ -254,7 +258,7 @@ def export_saved_model(
             "dtype": "uint8",
             "any_size": True,
             "resized_to": [height, width],
-            "resize": "bilinear, align_corners=True",
+            "resize": f"bilinear, align_corners={align}",
             "normalization": _input_record(image_size, metadata)["normalization"],
         },
     }
@@ -337,6 +341,8 @@ def export_onnx(
 
 def _input_record(image_size: Sequence[int], metadata: Mapping[str, Any]) -> dict[str, Any]:
 
+    # The model's corner convention (reference='mmseg' models resize with half-pixel centres).
+    align = (metadata.get("model_overrides") or {}).get("reference", "fastfcn") != "mmseg"
     return {
         "layout": "NHWC",
         "shape": ["B", int(image_size[0]), int(image_size[1]), 3],
@@ -347,7 +353,7 @@ def _input_record(image_size: Sequence[int], metadata: Mapping[str, Any]) -> dic
             "std": [float(v) for v in IMAGENET_STD],
         },
         # Bilinear weights sum to 1, so resizing before or after the (affine) normalisation is the same.
-        "resize": "bilinear, align_corners=True, to [H, W] (before or after normalising: the same)",
+        "resize": f"bilinear, align_corners={align}, to [H, W] (before or after normalising: the same)",
     }
 
 

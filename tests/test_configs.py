@@ -31,15 +31,22 @@ def test_paper_configs_use_the_reference_recipe(path):
     config = load(path).get_config()
     dataset, model = config.dataset.name, config.model.name
     trainval = path.stem.endswith("_trainval")  # the test-server fine-tune (FASTFCN.md 4.1, `--ft`)
-    assert path.stem == f"{dataset}_{model}" + ("_trainval" if trainval else "")
+    # mmsegmentation's design: its released weights (--from mmseg), evaluated or fine-tuned.
+    mmseg = config.model.overrides.get("reference") == "mmseg"
+    assert path.stem == f"{dataset}_{model}" + ("_trainval" if trainval else "") + ("_mmseg" if mmseg else "")
+    if mmseg:
+        assert config.train.requires_init_from and not config.init_from
+        assert "--from mmseg" in load(path).__doc__
     assert config.train.batch_size == 16
     assert not config.train.allow_random_init  # from ImageNet weights (init_from), as the paper
     assert config.train.momentum == 0.9 and config.train.weight_decay == 1e-4
     assert config.train.new_layers_lr_multiplier == 10 and config.train.poly_power == 0.9
     # The ADE20K R101 dilated baseline was trained at 640/576 (FASTFCN.md 4.1); everything else at 520/480.
+    # Cityscapes: the official code's defaults (option.py; no paper result).
     sizes = (640, 576) if path.stem == "ade20k_encnet_dilated_r101" else (520, 480)
+    sizes = (1024, 768) if dataset == "cityscapes" else sizes
     assert (config.dataset.base_size, config.dataset.crop_size) == sizes
-    expected = {"pcontext": (0.001, 80), "ade20k": (0.01, 120)}[dataset]
+    expected = {"pcontext": (0.001, 80), "ade20k": (0.01, 120), "cityscapes": (0.01, 240)}[dataset]
     if trainval:  # 20 more epochs at 0.001 on train + val, from the train-split run's weights
         expected = (0.001, 20)
         assert config.dataset.train_split == "train+validation" and config.train.eval_every == 0
@@ -59,6 +66,7 @@ def test_paper_configs_use_the_reference_recipe(path):
         if trainval
         else ("--mode=eval" in scored)
     )
+    assert ("--config.evaluation.protocol=whole" in scored) == ("whole" in doc[: doc.index("Recipe")])
     assert ("--config.evaluation.protocol=multi_scale" in scored) == multi_scale
 
 

@@ -314,6 +314,45 @@ def test_export_builds_the_model_the_checkpoint_was_trained_as(tmp_path):
         export.run_export(config, tmp_path)
 
 
+def test_an_mmseg_model_exports_with_its_half_pixel_resizes(tmp_path):
+    # reference='mmseg' (a converted mmsegmentation checkpoint records it): the export rebuilds that variant, and
+    # the SavedModel's TF resizes and the JAX serving function interpolate as the model does.
+    import tensorflow as tf
+
+    num_classes = get_dataset_info(DATASET).num_classes
+    model = create_model("psp_jpu_tiny", num_classes, reference="mmseg")
+    variables = calibrated_variables(model, SIZE)
+    info = {
+        "model_name": "psp_jpu_tiny",
+        "num_classes": num_classes,
+        "dataset": DATASET,
+        "model_overrides": {"reference": "mmseg"},
+        "source": "mmseg",
+    }
+    checkpointing.save_variables(tmp_path / "mmseg", jax.device_get(variables), info)
+    config = demo_config(
+        checkpoint=str(tmp_path / "mmseg"), directory=str(tmp_path / "out"), formats=("stablehlo", "savedmodel")
+    )
+    config.model.name = "psp_jpu_tiny"
+    paths = export.run_export(config, tmp_path)
+    images = np.random.default_rng(4).normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
+    assert (
+        relative_error(np.asarray(export.load(paths["stablehlo"])(images)), reference_logits(model, variables, images))
+        <= TOLERANCE
+    )
+    metadata = json.loads((Path(paths["savedmodel"]) / export.SAVED_MODEL_METADATA).read_text())
+    assert metadata["input"]["resize"] == "bilinear, align_corners=False"
+    serving = tf.saved_model.load(paths["savedmodel"]).signatures["serving_default"]
+    serve = export.make_serving_fn(model, variables, (SIZE, SIZE))
+    pixels = np.random.default_rng(3).integers(0, 256, (1, 50, 90, 3), dtype=np.uint8)
+    got = serving(images=tf.constant(pixels))["logits"].numpy()
+    expected = np.asarray(serve(pixels)["logits"])
+    assert relative_error(got, expected) <= TOLERANCE
+    # Resized the other way, the function is another one.
+    fastfcn = export.make_serving_fn(create_model("psp_jpu_tiny", num_classes), variables, (SIZE, SIZE))
+    assert relative_error(np.asarray(fastfcn(pixels)["logits"]), expected) > 100 * TOLERANCE
+
+
 def test_an_architecture_override_is_refused_also_where_training_kept_the_default(tmp_path, capsys):
     # Training stores only the overrides it was given: a config that changes a default is compared to it.
     model = create_model("encnet_jpu_tiny", 6)

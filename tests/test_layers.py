@@ -17,13 +17,15 @@ from fastfcn_jax import sharding
 from fastfcn_jax.models import batch_norm, depthwise, layers, op_choices, resize
 
 
-def torch_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """PyTorch's upsample_bilinear2d (align_corners=True) pixel by pixel, on [H, W] arrays."""
+def torch_bilinear(x: np.ndarray, out_h: int, out_w: int, align_corners: bool = True) -> np.ndarray:
+    """PyTorch's upsample_bilinear2d pixel by pixel, on [H, W] arrays (area_pixel_compute_source_index)."""
     in_h, in_w = x.shape
 
     def source(dst, in_size, out_size):
-        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-        real = scale * dst
+        if align_corners:
+            real = ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0) * dst
+        else:
+            real = max(in_size / out_size * (dst + 0.5) - 0.5, 0.0)
         i0 = int(math.floor(real))
         i1 = i0 + (1 if i0 < in_size - 1 else 0)
         lam1 = real - i0
@@ -62,17 +64,18 @@ RESIZE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("implementation", ["gather", "matmul"])
 @pytest.mark.parametrize(("in_size", "out_size"), RESIZE_CASES)
-def test_resize_bilinear_matches_pytorch_align_corners(in_size, out_size, implementation):
+def test_resize_bilinear_matches_pytorch(in_size, out_size, implementation, align_corners):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, *in_size, 3)).astype(np.float32)
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(resize.resize_bilinear(jnp.asarray(x), out_size, implementation))
+        got = np.asarray(resize.resize_bilinear(jnp.asarray(x), out_size, implementation, align_corners))
     assert got.shape == (2, *out_size, 3)
     for b in range(2):
         for c in range(3):
-            want = torch_bilinear_align_corners(x[b, :, :, c].astype(np.float64), *out_size)
+            want = torch_bilinear(x[b, :, :, c].astype(np.float64), *out_size, align_corners)
             np.testing.assert_allclose(got[b, :, :, c], want, rtol=1e-5, atol=1e-5)
 
 
@@ -431,16 +434,17 @@ def test_split_separable_conv_has_the_fused_forms_gradients() -> None:
         op_choices.OpChoices(separable="barrier")
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize(
     ("in_hw", "out_hw"), [((8, 8), (64, 64)), ((5, 7), (33, 20)), ((16, 16), (16, 9)), ((1, 4), (6, 1))]
 )
-def test_gather_resize_gradient_is_the_interpolation_matrix_transpose(in_hw, out_hw) -> None:
+def test_gather_resize_gradient_is_the_interpolation_matrix_transpose(in_hw, out_hw, align_corners) -> None:
     # The gather form has a custom VJP (a K-tap gather instead of a scatter-add); it must be the exact adjoint.
     x = jax.random.normal(jax.random.PRNGKey(0), (2, *in_hw, 3))
     cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, *out_hw, 3))
-    grad = jax.grad(lambda x: jnp.sum(resize.resize_bilinear(x, out_hw, "gather") * cotangent))(x)
-    rows = resize.align_corners_matrix(in_hw[0], out_hw[0])
-    cols = resize.align_corners_matrix(in_hw[1], out_hw[1])
+    grad = jax.grad(lambda x: jnp.sum(resize.resize_bilinear(x, out_hw, "gather", align_corners) * cotangent))(x)
+    rows = resize.resize_matrix(in_hw[0], out_hw[0], align_corners)
+    cols = resize.resize_matrix(in_hw[1], out_hw[1], align_corners)
     expected = np.einsum("oh,pw,bopc->bhwc", rows, cols, np.asarray(cotangent, np.float64))
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5)
     grad_bf16 = jax.grad(

@@ -23,42 +23,29 @@ from fastfcn_jax.models.dtypes import Dtype, exact_dtype
 from fastfcn_jax.models.op_choices import choose
 
 
-@functools.lru_cache(maxsize=512)
 def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out_size, in_size] matrix of PyTorch's 1-D linear interpolation with ``align_corners=True``.
-
-    PyTorch maps output index ``i`` to source ``i * (in - 1) / (out - 1)`` (0 when ``out == 1``) and
-    interpolates between ``floor(src)`` and ``min(floor(src) + 1, in - 1)``.
-    """
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
-    matrix = np.zeros((out_size, in_size), np.float64)
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    for i in range(out_size):
-        src = i * scale
-        lo = min(int(np.floor(src)), in_size - 1)
-        hi = min(lo + 1, in_size - 1)
-        frac = src - lo
-        matrix[i, lo] += 1.0 - frac
-        matrix[i, hi] += frac
-    matrix.setflags(write=False)
-    return matrix
+    """``resize_matrix(in_size, out_size, align_corners=True)``: the reference's interpolation."""
+    return resize_matrix(in_size, out_size, True)
 
 
 @functools.lru_cache(maxsize=512)
-def half_pixel_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out_size, in_size] matrix of PyTorch's 1-D linear interpolation with ``align_corners=False``.
-
-    PyTorch maps output index ``i`` to source ``(i + 0.5) * in / out - 0.5``, clamped below at 0, and
-    interpolates between ``floor(src)`` and ``min(floor(src) + 1, in - 1)`` (``upsample_bilinear2d`` given an
+def resize_matrix(in_size: int, out_size: int, align_corners: bool = True) -> np.ndarray:
+    """[out_size, in_size] matrix of PyTorch's 1-D linear interpolation (``upsample_bilinear2d`` given an
     output size; no antialiasing when downsampling).
+
+    Output index ``i`` reads source ``i * (in - 1) / (out - 1)`` (0 when ``out == 1``) with ``align_corners``,
+    else ``(i + 0.5) * in / out - 0.5`` clamped below at 0; it interpolates between ``floor(src)`` and
+    ``min(floor(src) + 1, in - 1)``.
     """
     if in_size < 1 or out_size < 1:
         raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
     matrix = np.zeros((out_size, in_size), np.float64)
-    scale = in_size / out_size
-    for i in range(out_size):
-        src = max((i + 0.5) * scale - 0.5, 0.0)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        sources = [i * scale for i in range(out_size)]
+    else:
+        sources = [max((i + 0.5) * in_size / out_size - 0.5, 0.0) for i in range(out_size)]
+    for i, src in enumerate(sources):
         lo = min(int(np.floor(src)), in_size - 1)
         hi = min(lo + 1, in_size - 1)
         frac = src - lo
@@ -66,11 +53,6 @@ def half_pixel_matrix(in_size: int, out_size: int) -> np.ndarray:
         matrix[i, hi] += frac
     matrix.setflags(write=False)
     return matrix
-
-
-def resize_matrix(in_size: int, out_size: int, align_corners: bool = True) -> np.ndarray:
-    """:func:`align_corners_matrix` or :func:`half_pixel_matrix`."""
-    return (align_corners_matrix if align_corners else half_pixel_matrix)(in_size, out_size)
 
 
 @functools.lru_cache(maxsize=512)
