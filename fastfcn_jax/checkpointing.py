@@ -251,6 +251,12 @@ def architecture_conflicts(info: Mapping[str, Any], configured: Mapping[str, Any
     return conflicts
 
 
+def model_label(info: Mapping[str, Any]) -> str:
+    """A checkpoint's model name as messages show it, naming mmsegmentation's variant (``reference='mmseg'``)."""
+    variant = " in mmsegmentation's variant" if model_overrides(info).get("reference") == "mmseg" else ""
+    return f"{info['model_name']}{variant}"
+
+
 def note_unused_model_config(info: Mapping[str, Any], source: Any, model_config: Mapping[str, Any], use: str) -> None:
     """Says which of ``model_config``'s name / class count / architecture overrides the checkpoint
     contradicts: evaluation and prediction run the model a checkpoint describes (``use``: "is evaluated",
@@ -263,7 +269,7 @@ def note_unused_model_config(info: Mapping[str, Any], source: Any, model_config:
     differences += [f"config.model.overrides.{c}" for c in architecture_conflicts(info, model_kwargs(model_config))]
     if differences:
         print(
-            f"note: {source} holds {info['model_name']} with {info['num_classes']} classes and {use} as such; the "
+            f"note: {source} holds {model_label(info)} with {info['num_classes']} classes and {use} as such; the "
             f"config's {' and '.join(differences)} is not used"
         )
 

@@ -696,7 +696,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     if lead:
         print(
-            f"evaluating {source} ({info['model_name']}) on {dataset.name}/{split}: {total} images"
+            f"evaluating {source} ({checkpointing.model_label(info)}) on {dataset.name}/{split}: {total} images"
             + (f" over {processes} processes" if processes > 1 else "")
             + (
                 f" on {len(runner.devices)} devices" + (" each" if processes > 1 else "")

@@ -510,7 +510,10 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     source = Path(settings["checkpoint"] or config.get("init_from") or workdir).expanduser().absolute()
     variables, info = checkpointing.restore_variables(source)
     checkpointing.require_segmentation_weights(info, source, "exported")
-    print(f"exporting {source} ({info['model_name']}, {info['num_classes']} classes, step {info['step']})", flush=True)
+    print(
+        f"exporting {source} ({checkpointing.model_label(info)}, {info['num_classes']} classes, step {info['step']})",
+        flush=True,
+    )
     dataset_name = info.get("dataset") or config.dataset.name
     dataset = get_dataset_info(dataset_name, config.dataset.get("data_dir") or None)
     num_classes = config.model.num_classes or dataset.num_classes

@@ -139,7 +139,7 @@ class Predictor:
         names = info.get("class_names") or (dataset.class_names[:num_classes] if dataset is not None else None)
         model = create_model(info["model_name"], num_classes, **checkpointing.model_overrides(info))
         checkpointing.check_variables(
-            model, variables, f"checkpoint {path} ({info['model_name']}, {num_classes} classes)"
+            model, variables, f"checkpoint {path} ({checkpointing.model_label(info)}, {num_classes} classes)"
         )
         candidates = (  # (base, crop) per source, first choice first; 0 / None: not set there
             ("given", (base_size, crop_size)),

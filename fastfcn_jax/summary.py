@@ -68,7 +68,7 @@ def run_summary(
         checkpointing.note_unused_model_config(info, checkpoint, model_config, "is summarised")
         overrides = checkpointing.model_overrides(info)
         model = create_model(info["model_name"], int(info["num_classes"]), **overrides)
-        checkpointing.check_variables(model, variables, f"checkpoint {checkpoint} ({info['model_name']})")
+        checkpointing.check_variables(model, variables, f"checkpoint {checkpoint} ({checkpointing.model_label(info)})")
         model_config = {"name": info["model_name"], "num_classes": int(info["num_classes"]), "overrides": overrides}
         described = {"checkpoint": str(Path(checkpoint).expanduser().absolute()), "step": info["step"]}
     else:
@@ -96,7 +96,13 @@ def run_summary(
         "devices": [str(d) for d in jax.devices()],
     }
     weights = f"step {described['step']} of {described['checkpoint']}" if described else "random weights"
-    print(f"model {model_config['name']} ({model_config['num_classes']} classes, {weights}) on {jax.default_backend()}")
+    variant = (
+        " in mmsegmentation's variant" if (model_config.get("overrides") or {}).get("reference") == "mmseg" else ""
+    )
+    print(
+        f"model {model_config['name']}{variant} ({model_config['num_classes']} classes, {weights}) on "
+        f"{jax.default_backend()}"
+    )
     print(parameter_table(variables))
     for key, shape in summary["outputs"].items():
         print(f"{key}: {shape}")

@@ -321,6 +321,9 @@ def test_init_from_the_other_reference_is_refused_even_where_the_shapes_agree(tm
         load_pretrained(states["fastfcn"], str(tmp_path / "mmseg"), mesh, reference="fastfcn")
     loaded, _ = load_pretrained(states["fastfcn"], str(tmp_path / "mmseg"), mesh, reference="mmseg")
     assert_trees_close(loaded.params, states["mmseg"].params, rtol=0, atol=0)
+    # Messages (evaluation, prediction, export, summary) name the variant.
+    assert checkpointing.model_label(info) == "psp_jpu_tiny in mmsegmentation's variant"
+    assert checkpointing.model_label({**info, "model_overrides": {}}) == "psp_jpu_tiny"
 
 
 def test_the_pallas_loss_is_traced_where_chosen():
