@@ -34,6 +34,8 @@ PARITY_FIXTURES = {
     "deeplab_jpu_r50_mmseg": ("deeplab_jpu_r50", 19, "mmseg"),
     "encnet_jpu_r50_mmseg": ("encnet_jpu_r50", 19, "mmseg"),
     "psp_dilated_r50_mmseg": ("psp_dilated_r50", 19, "mmseg"),
+    "deeplab_dilated_r50_mmseg": ("deeplab_dilated_r50", 19, "mmseg"),
+    "encnet_dilated_r50_mmseg": ("encnet_dilated_r50", 19, "mmseg"),
 }
 # The folder under tests/fixtures of each source's fixtures.
 FIXTURE_FOLDERS = {"official": "parity", "mmseg": "parity_mmseg"}
