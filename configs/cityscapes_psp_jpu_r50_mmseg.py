@@ -1,18 +1,22 @@
 r"""psp_jpu_r50 in mmsegmentation's design on Cityscapes: its released weights, evaluated or fine-tuned.
 
-Expected: Cityscapes val, 19 classes: 79.26 mIoU single scale, whole 2048x1024 images (mmsegmentation's model
-zoo, ``fastfcn_r50-d32_jpu_psp_4xb2-80k_cityscapes-512x1024``; its DeepLabV3 and EncNet twins 79.12 and
-77.97: convert them with ``--model deeplab_jpu_r50`` / ``encnet_jpu_r50`` and use this config, the checkpoint
-names its model). The model is ``reference='mmseg'`` (README "mmsegmentation's FastFCN models").
+Expected: Cityscapes val, 19 classes: 79.26 mIoU single scale (mmsegmentation's model zoo,
+``fastfcn_r50-d32_jpu_psp_4xb2-80k_cityscapes-512x1024``, tested by mmsegmentation on the whole 2048x1024
+image in one pass; its DeepLabV3 and EncNet twins 79.12 and 77.97: convert them with ``--model
+deeplab_jpu_r50`` / ``encnet_jpu_r50``; evaluation runs the model the checkpoint names). The model is
+``reference='mmseg'`` (README "mmsegmentation's FastFCN models"). Not reproduced here (no dataset).
 
 Recipe of a fine-tune (the official FastFCN code's Cityscapes defaults; mmsegmentation trained these weights
 with its own: 80k iterations of batch 8, 512x1024 crops, LR 0.01, weight decay 5e-4): batch 16 over all
 devices, SGD momentum 0.9, weight decay 1e-4, poly LR (power 0.9) from 0.01 per 16 images, 10x LR for
 JPU/head/aux, 240 epochs, base size 1024, crop 768, aux weight 0.4. It starts from the converted weights
-(``init_from`` is required).
+(``init_from`` is required); for the EncNet twin add ``--config.model.name=encnet_jpu_r50
+--config.train.se_weight=0.2``, for DeepLabV3 ``--config.model.name=deeplab_jpu_r50``.
 
-Convert the released weights (docs/converting.md), then evaluate with the protocol of the expected number
-(the whole image in one pass at its own size; docs/evaluation.md):
+Convert the released weights (docs/converting.md), then evaluate with the protocol of the expected number as
+near as this library's protocols come (single scale at the image's own 2048x1024, in 1024x1024 windows: the
+network sees no padding; mmsegmentation's one pass over the whole image pools PSP's pyramid over all of it,
+so expect some difference; docs/converting.md):
 
     python -m fastfcn_jax.convert --model psp_jpu_r50 --num-classes 19 --from mmseg --class-names cityscapes \
         fastfcn_r50-d32_jpu_psp_512x1024_80k_cityscapes_20210928_053722-57749bed.pth \
@@ -20,7 +24,7 @@ Convert the released weights (docs/converting.md), then evaluate with the protoc
     python -m fastfcn_jax.main --config configs/cityscapes_psp_jpu_r50_mmseg.py \
         --workdir ~/runs/cityscapes_psp_jpu_r50_mmseg_eval --mode=eval \
         --config.init_from=~/weights/psp_jpu_r50_mmseg_cityscapes \
-        --config.evaluation.protocol=whole --config.evaluation.base_size=2048
+        --config.evaluation.base_size=2048 --config.evaluation.crop_size=1024
 
 Fine-tune:
 

@@ -87,6 +87,8 @@ class Predictor:
         # The dataset's raw label value -> class table (DatasetInfo.label_lut), for test-server encodings.
         self.label_lut = None if label_lut is None else np.asarray(label_lut)
         self.submission_mode = submission_mode  # DatasetInfo.submission_mode: 'L' or 'P' (Pascal VOC)
+        # Images rescaled and scores resized back as the model resizes (reference='mmseg': half-pixel).
+        protocol = dataclasses.replace(protocol, align_corners=getattr(model, "align_corners", True))
         self.protocol = protocol
         self.class_names = list(class_names) if class_names else [f"class {i}" for i in range(num_classes)]
         self.palette = np.asarray(palette if palette is not None else visualize.default_palette(num_classes), np.uint8)

@@ -28,6 +28,9 @@ class Protocol:
       crop_size: window side in pixels (the reference's 480).
       stride: window stride in pixels (the reference's ``int(crop_size * 2/3)`` = 320).
       whole: one pass per scaled image (padded to a square multiple of 32) instead of sliding windows.
+      align_corners: how the images are rescaled and the scores resized back to them (PyTorch's bilinear
+        ``align_corners``): the reference's True; the model's own convention where it has another
+        (``reference='mmseg'`` models: False), as evaluation and prediction set it.
     """
 
     scales: tuple[float, ...]
@@ -36,6 +39,7 @@ class Protocol:
     crop_size: int
     stride: int
     whole: bool = False
+    align_corners: bool = True
 
     def long_side(self, scale: float) -> int:
         return int(math.ceil(self.base_size * scale))

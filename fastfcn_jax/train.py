@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ def make_train_step(
         # upsamples its logits itself.
         loss_logits = op_choices.choose(model.ops.loss_logits, tpu="head", other="upsampled", gpu="head")
         if not getattr(model, "align_corners", True):
+            if model.ops.loss_logits == "head":
+                warnings.warn(
+                    "loss_logits='head' upsamples with aligned corners; this model resizes with half-pixel centres "
+                    "(reference='mmseg'), so its loss takes the model's own upsampled logits",
+                    stacklevel=2,
+                )
             loss_logits = "upsampled"
         # OpChoices.loss_gradient: the full-resolution loss gradient in the model's compute dtype.
         compute_dtype = getattr(model, "dtype", jnp.float32)

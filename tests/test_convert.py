@@ -142,6 +142,47 @@ def test_an_object_of_another_global_among_the_weights_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_records_of_other_globals_nested_in_the_weights_or_under_a_tensor_are_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    utils_module = types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("never called: only pickled")
+
+    _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+    utils_module._rebuild_tensor_v2 = _rebuild_tensor_v2
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    monkeypatch.setitem(sys.modules, "torch._utils", utils_module)
+
+    class TensorOnRecord:
+        def __reduce__(self):
+            return _rebuild_tensor_v2, (RunsCode(), 0, (2,), (1,), False, collections.OrderedDict())
+
+    payloads = {
+        "nested": {"state_dict": {"w": (RunsCode(),)}},
+        "listed": [RunsCode()],
+        "storage": {"state_dict": {"w": TensorOnRecord()}},
+    }
+    for name, payload in payloads.items():
+        path = tmp_path / f"{name}.pth"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+        with pytest.raises(UnsafeCheckpointError, match=rf"{name}\.pth: refusing .*(posix|os)\.system"):
+            load_state_dict(path)
+    # A bytearray of a size, which a few bytes of pickle would make gigabytes, is refused before it is made.
+    huge = tmp_path / "huge.pth"
+    with zipfile.ZipFile(huge, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.")
+    with pytest.raises(CheckpointReadError, match=r"huge\.pth: .*bytearray\(1073741824\)"):
+        load_state_dict(huge)
+    assert not marker.exists()
+
+
 def test_pickle_that_would_run_code_is_refused_naming_the_global(tmp_path):
     marker = tmp_path / "pwned"
     malicious_zip(tmp_path / "evil.pth", marker)
@@ -306,6 +347,10 @@ def test_cli_conversion_of_an_mmseg_checkpoint_matches_mmsegs_outputs(tmp_path, 
     assert "an official FastFCN model's: convert it with --from official" in capsys.readouterr().err
     with pytest.raises(ValueError, match="mmsegmentation checkpoints"):
         convert_state_dict({}, "psp_jpu_r50", 19, "official", model_overrides={"reference": "mmseg"})
+    # mmcv's ImageNet ResNetV1c (stem.*, layer1.*) is named as such, not taken for a torchvision ResNet.
+    v1c = {"stem.0.weight": np.zeros((32, 3, 3, 3), np.float32), "layer1.0.conv1.weight": np.zeros((64, 64, 1, 1))}
+    with pytest.raises(ConversionError, match=r"ResNetV1c ImageNet backbone's .*not a source of this converter"):
+        convert_state_dict(v1c, "psp_jpu_tiny", 3, "official")
 
 
 def test_cli_output_restores_to_the_converted_variables(tmp_path, ade_npz, capsys):

@@ -3,6 +3,7 @@ and run_evaluation end to end on the embedded dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -106,14 +107,17 @@ def test_submission_pngs_take_each_benchmarks_form(tmp_path):
 # The protocol, written as the reference's loop (FASTFCN.md 4.2 / MultiEvalModule.forward).
 
 
-def torch_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """F.interpolate(mode='bilinear', align_corners=True) of [H, W, C] as two interpolation matrices."""
+def torch_resize(x: np.ndarray, height: int, width: int, align_corners: bool = True) -> np.ndarray:
+    """F.interpolate(mode='bilinear', align_corners=...) of [H, W, C] as two interpolation matrices."""
 
     def matrix(n_in: int, n_out: int) -> np.ndarray:
         m = np.zeros((n_out, n_in))
         for i in range(n_out):
-            src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-            lo = int(math.floor(src))
+            if align_corners:
+                src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+            else:
+                src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            lo = min(int(math.floor(src)), n_in - 1)
             hi = min(lo + 1, n_in - 1)
             m[i, lo] += 1 - (src - lo)
             m[i, hi] += src - lo
@@ -130,7 +134,7 @@ def pad_black(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def reference_scores(logits, image, scales, flip, base, crop, whole=False):
+def reference_scores(logits, image, scales, flip, base, crop, whole=False, align_corners=True):
     """Sum over scales of the resized-back averaged exp(logits), exactly as the reference's loop."""
 
     def infer(x):
@@ -150,7 +154,7 @@ def reference_scores(logits, image, scales, flip, base, crop, whole=False):
         else:
             width, height = long_size, int(1.0 * h * long_size / w + 0.5)
             short_size = height
-        img = torch_resize(image, height, width)
+        img = torch_resize(image, height, width, align_corners)
         if whole:
             side = -(-long_size // 32) * 32
             outputs = infer(pad_black(img, side, side))[:height, :width]
@@ -170,17 +174,19 @@ def reference_scores(logits, image, scales, flip, base, crop, whole=False):
                     count[h0:h1, w0:w1] += 1
             assert (count > 0).all()
             outputs = (outputs / count)[:height, :width]
-        total = total + torch_resize(outputs, h, w)
+        total = total + torch_resize(outputs, h, w, align_corners)
     return total
 
 
 IMAGE_SIZES = [(50, 70), (90, 45), (20, 31)]  # landscape, portrait (two grids), smaller than every window
 
 
-@pytest.mark.parametrize("name", ["multi_scale", "whole"])
-def test_protocol_with_flip_equals_the_reference_loop_on_a_tiny_model(tiny, name):
+@pytest.mark.parametrize(("name", "align_corners"), [("multi_scale", True), ("whole", True), ("multi_scale", False)])
+def test_protocol_with_flip_equals_the_reference_loop_on_a_tiny_model(tiny, name, align_corners):
+    # align_corners=False: the rescaling of a model that resizes so (reference='mmseg'), in the same loop.
     model, variables, logits = tiny
     protocol = evaluate.make_protocol(name, base_size=BASE, crop_size=CROP, flip=True)
+    protocol = dataclasses.replace(protocol, align_corners=align_corners)
     assert protocol.scales == evaluate.MULTI_SCALES if name == "multi_scale" else (1.0,)
     runner = evaluate.ProtocolRunner(
         evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=5, images_per_call=2
@@ -190,7 +196,14 @@ def test_protocol_with_flip_equals_the_reference_loop_on_a_tiny_model(tiny, name
     results = list(runner.run(images, with_scores=True))
     for image, result in zip(images, results, strict=True):
         expected = reference_scores(
-            lambda x: logits(variables, x), image, protocol.scales, True, BASE, CROP, whole=protocol.whole
+            lambda x: logits(variables, x),
+            image,
+            protocol.scales,
+            True,
+            BASE,
+            CROP,
+            whole=protocol.whole,
+            align_corners=align_corners,
         )
         assert result["scores"].shape == expected.shape
         np.testing.assert_allclose(result["scores"], expected, rtol=2e-4, atol=1e-6 * expected.max())

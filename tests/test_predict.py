@@ -67,6 +67,22 @@ def test_predictor_uses_the_checkpoints_dataset_palette_and_names(predictor):
         predictor(np.zeros((4, 4, 2), np.uint8))
 
 
+def test_a_predictor_rescales_images_as_its_model_resizes(tmp_path):
+    # mmsegmentation's variant resizes with half-pixel centres: the protocol's image rescaling and the scores'
+    # resizing back follow the model, whatever protocol object is passed in.
+    from fastfcn_jax.evaluate import make_protocol
+    from fastfcn_jax.predict import Predictor
+
+    model = create_model("psp_jpu_tiny", 3, reference="mmseg")
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))()
+    predictor = Predictor(
+        model, variables, num_classes=3, protocol=make_protocol("single_scale", base_size=64, crop_size=64)
+    )
+    assert predictor.protocol.align_corners is False and predictor.runner.protocol.align_corners is False
+    mask = predictor(np.zeros((30, 50, 3), np.uint8))
+    assert mask.shape == (30, 50) and mask.dtype == np.int32
+
+
 def test_array_value_ranges_are_read_as_their_dtypes_mean():
     from fastfcn_jax.predict import to_rgb
 

@@ -298,7 +298,12 @@ def test_a_half_pixel_model_is_trained_on_its_own_upsampling_whatever_the_loss_f
         model = create_model("psp_jpu_tiny", NUM_CLASSES, reference="mmseg", loss_logits_implementation=choice)
         optimizer = optim.make_optimizer(optim.poly_schedule(0.01, 20))
         step = make_train_step(model, optimizer, aux_weight=0.4, se_weight=0.0)
-        results[choice] = run_steps((model, optimizer, step), sharding.make_mesh(1), [batch])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results[choice] = run_steps((model, optimizer, step), sharding.make_mesh(1), [batch])
+        # The explicit choice it does not take is said.
+        said = [str(w.message) for w in caught if "loss_logits='head'" in str(w.message)]
+        assert bool(said) == (choice == "head"), said
     (head_state, head_terms), (state, terms) = results["head"], results["upsampled"]
     for name in ("ce", "aux_ce", "loss", "grad_norm"):
         assert float(head_terms[name]) == float(terms[name]), name

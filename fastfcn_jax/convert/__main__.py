@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         default="official",
         choices=SOURCES,
         help="official: a FastFCN checkpoint; mmseg: an mmsegmentation FastFCN (fastfcn_r50-d32_jpu_*) or "
-        "dilated EncNet/PSPNet/DeepLabV3 R-50 (*_r50-d8) checkpoint, converted into the reference='mmseg' "
+        "dilated EncNet/PSPNet/DeepLabV3 (*_r50-d8, *_r101-d8) checkpoint, converted into the reference='mmseg' "
         "variant of the model; resnet_s: deep-stem ImageNet ResNet (e.g. timm resnet50s.gluon_in1k); "
         "torchvision: 7x7-stem ImageNet ResNet (default: official)",
     )

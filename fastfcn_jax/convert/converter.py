@@ -79,6 +79,12 @@ def _layout_hint(keys: Sequence[str], source: str) -> str:
     """Which ``--from`` the file's key names suggest, when it is not ``source`` ('' otherwise)."""
     bare = [key.removeprefix("module.") for key in keys]
     pretrained = any(key.startswith("pretrained.") for key in bare)
+    if any(key.startswith("stem.") for key in bare) and any(key.startswith("layer1.") for key in bare):
+        return (
+            "the file's keys (stem.*, layer1.*, ...) are a ResNetV1c ImageNet backbone's (mmcv's "
+            "open-mmlab://resnet50_v1c): not a source of this converter (mmsegmentation's trained models convert "
+            "with --from mmseg; ImageNet backbones with --from resnet_s or torchvision)"
+        )
     if source == "official" and not pretrained and any(key.startswith(("layer1.", "conv1.")) for key in bare):
         stem = "resnet_s" if any(key.startswith("conv1.0.") for key in bare) else "torchvision"
         return (

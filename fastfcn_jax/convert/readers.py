@@ -163,11 +163,21 @@ class _Opaque:
         self.items.append((key, value))
 
 
-def _opaque_name(value: Any) -> str | None:
-    """The global an :class:`_Opaque` record (or its class) stands for; None for anything else."""
+def _opaque_name(value: Any, depth: int = 4) -> str | None:
+    """The global an :class:`_Opaque` record (or its class) stands for, also inside tuples, lists and dicts
+    ``depth`` levels down; None for anything else."""
     if isinstance(value, _Opaque) or (isinstance(value, type) and issubclass(value, _Opaque)):
         return value.global_name
+    if depth > 0 and isinstance(value, tuple | list | Mapping):
+        for item in value.values() if isinstance(value, Mapping) else value:
+            name = _opaque_name(item, depth - 1)
+            if name:
+                return name
     return None
+
+
+class _OpaqueStorageError(Exception):
+    """A tensor was to be rebuilt on an :class:`_Opaque` record: raised while unpickling, said with the path."""
 
 
 class _Marker:
@@ -180,12 +190,28 @@ class _Marker:
         return f"<torch.{self.name}>"
 
 
+def _checked_storage(storage: Any) -> _Storage:
+    if _opaque_name(storage, depth=0):
+        raise _OpaqueStorageError(_opaque_name(storage, depth=0))
+    if not isinstance(storage, _Storage):
+        raise ValueError(f"a tensor's storage is a {type(storage).__name__}, not a storage record")
+    return storage
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    return _Tensor(_checked_storage(storage), int(storage_offset), tuple(size), tuple(stride))
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-    return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride), np.dtype(dtype.dtype))
+    dtype = np.dtype(dtype.dtype)
+    return _Tensor(_checked_storage(storage), int(storage_offset), tuple(size), tuple(stride), dtype)
+
+
+def _bytearray(source: Any = b"", *args: Any) -> bytearray:
+    # bytearray(n) from a pickle would allocate n bytes for a few bytes of file: only copies of data it holds.
+    if isinstance(source, int):
+        raise ValueError(f"bytearray({source}) in the pickle: only bytearrays of given bytes are admitted")
+    return bytearray(source, *args)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
@@ -207,7 +233,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
-        ("builtins", "bytearray"): bytearray,
+        ("builtins", "bytearray"): _bytearray,
         ("_codecs", "encode"): codecs.encode,  # how protocol 2 pickles bytes
         ("torch._utils", "_rebuild_tensor_v2"): fresh(_rebuild_tensor_v2),
         ("torch._utils", "_rebuild_tensor_v3"): fresh(_rebuild_tensor_v3),
@@ -234,13 +260,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self._path, self._storage_for = path, storage_for
         self._allowed = _allowed_globals()
+        self._opaque: dict[tuple[str, str], type] = {}  # one record class per global: not one per reference
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2 writes Python 2 names (fix_imports)
             module = "builtins"
         if (module, name) in self._allowed:
             return self._allowed[(module, name)]
-        return type(name, (_Opaque,), {"global_name": f"{module}.{name}", "__module__": __name__})
+        if (module, name) not in self._opaque:
+            self._opaque[(module, name)] = type(
+                str(name)[:100], (_Opaque,), {"global_name": f"{module}.{name}", "__module__": __name__}
+            )
+        return self._opaque[(module, name)]
 
     def persistent_load(self, pid: Any) -> Any:
         if self._storage_for is None or not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -267,6 +298,8 @@ def _unpickle(file: Any, path: Path, storage_for: Callable[..., _Storage] | None
         return _RestrictedUnpickler(file, path, storage_for).load()
     except CheckpointReadError:
         raise
+    except _OpaqueStorageError as error:
+        raise _refuse(path, str(error)) from None
     except EOFError as error:
         raise CheckpointReadError(f"{path}: the pickle ends early; the file is truncated") from error
     except Exception as error:  # a corrupt stream raises anything from UnpicklingError to IndexError
@@ -411,19 +444,15 @@ def _read_safetensors(path: Path, data: np.ndarray) -> dict[str, np.ndarray]:
 def _state_dict_of(obj: Any, path: Path) -> dict[str, np.ndarray]:
     """Unwraps ``{'state_dict': ...}`` (official training checkpoints) and reads the tensors it holds; records
     of other globals (:class:`_Opaque`) are refused there and dropped with the rest of the wrapper."""
-    if _opaque_name(obj):
-        raise _refuse(path, _opaque_name(obj))
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
-            if _opaque_name(obj.get(key)):
-                raise _refuse(path, _opaque_name(obj[key]))
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    if isinstance(obj, Mapping):
-        for value in obj.values():
-            if _opaque_name(value):
-                raise _refuse(path, _opaque_name(value))
+            if _opaque_name(obj.get(key)):
+                raise _refuse(path, _opaque_name(obj[key]))
+    if _opaque_name(obj):  # the weights (or what stands in their place) hold a record, at any of a few levels
+        raise _refuse(path, _opaque_name(obj))
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointReadError(
             f"{path}: holds a {type(obj).__name__}, not a state_dict (a mapping of names to tensors)"
