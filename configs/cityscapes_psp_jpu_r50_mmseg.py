@@ -13,10 +13,8 @@ JPU/head/aux, 240 epochs, base size 1024, crop 768, aux weight 0.4. It starts fr
 (``init_from`` is required); for the EncNet twin add ``--config.model.name=encnet_jpu_r50
 --config.train.se_weight=0.2``, for DeepLabV3 ``--config.model.name=deeplab_jpu_r50``.
 
-Convert the released weights (docs/converting.md), then evaluate with the protocol of the expected number as
-near as this library's protocols come (single scale at the image's own 2048x1024, in 1024x1024 windows: the
-network sees no padding; mmsegmentation's one pass over the whole image pools PSP's pyramid over all of it,
-so expect some difference; docs/converting.md):
+Convert the released weights (docs/converting.md), then evaluate with the protocol of the expected number
+(``whole``: each 2048x1024 image at its own size in one pass, as mmsegmentation tests; docs/converting.md):
 
     python -m fastfcn_jax.convert --model psp_jpu_r50 --num-classes 19 --from mmseg --class-names cityscapes \
         fastfcn_r50-d32_jpu_psp_512x1024_80k_cityscapes_20210928_053722-57749bed.pth \
@@ -24,7 +22,7 @@ so expect some difference; docs/converting.md):
     python -m fastfcn_jax.main --config configs/cityscapes_psp_jpu_r50_mmseg.py \
         --workdir ~/runs/cityscapes_psp_jpu_r50_mmseg_eval --mode=eval \
         --config.init_from=~/weights/psp_jpu_r50_mmseg_cityscapes \
-        --config.evaluation.base_size=2048 --config.evaluation.crop_size=1024
+        --config.evaluation.protocol=whole --config.evaluation.base_size=2048
 
 Fine-tune:
 

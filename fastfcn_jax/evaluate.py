@@ -41,6 +41,7 @@ from fastfcn_jax.protocols import (  # noqa: F401 - re-exported: evaluate.make_p
     Protocol,
     make_protocol,
     scaled_size,
+    whole_padded,
     window_count,
     window_origins,
 )
@@ -190,7 +191,8 @@ class ProtocolRunner:
         todo = [i for i in range(len(self.devices))[:devices] if (with_scores, i) not in self._compiled]
         if not todo:
             return
-        sides = sorted({self.protocol.window_side(scale) for scale in self.protocol.scales})
+        # 'whole' windows take each image's shape (padded to multiples of 32): compiled as they come.
+        sides = [] if self.protocol.whole else sorted({self.protocol.window_side(s) for s in self.protocol.scales})
         batch = self.window_batch
 
         def host(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -240,8 +242,8 @@ class ProtocolRunner:
 
     def _accumulate_body(self, variables, sums, counts, windows, slot, scale_index, top, left, valid):
         """Adds each window's ``exp(logits)`` (with flip) and a count of 1 to its slot's canvas of its scale."""
-        self.traces[f"accumulate_{windows.shape[1]}"] += 1
-        batch, side = windows.shape[0], windows.shape[1]
+        self.traces[f"accumulate_{windows.shape[1]}x{windows.shape[2]}"] += 1
+        batch, height, width = windows.shape[:3]
         images = jnp.concatenate([windows, windows[:, :, ::-1]]) if self.protocol.flip else windows
         logits = self.logits_fn(variables, images).astype(jnp.float32)
         if self.protocol.flip:
@@ -249,14 +251,14 @@ class ProtocolRunner:
         scores = jnp.exp(logits)  # exp of summed logits, not softmax: the reference's module_inference
         sums, counts = list(sums), list(counts)
         for k, canvas_side in enumerate(self.canvas_sides):
-            if canvas_side < side:
+            if canvas_side < max(height, width):
                 continue  # 'whole': another scale's window shape; it never belongs here
             for b in range(batch):
                 weight = (valid[b] & (scale_index[b] == k)).astype(jnp.float32)
                 start = (slot[b], top[b], left[b])
-                region = jax.lax.dynamic_slice(sums[k], (*start, 0), (1, side, side, self.num_classes))
+                region = jax.lax.dynamic_slice(sums[k], (*start, 0), (1, height, width, self.num_classes))
                 sums[k] = jax.lax.dynamic_update_slice(sums[k], region + weight * scores[b][None], (*start, 0))
-                region = jax.lax.dynamic_slice(counts[k], start, (1, side, side))
+                region = jax.lax.dynamic_slice(counts[k], start, (1, height, width))
                 counts[k] = jax.lax.dynamic_update_slice(counts[k], region + weight, start)
         return tuple(sums), tuple(counts)
 
@@ -309,14 +311,16 @@ class ProtocolRunner:
         protocol = self.protocol
         for k, (scale, scaled) in enumerate(zip(protocol.scales, scaled_images, strict=True)):
             height, width = scaled.shape[:2]
-            side = protocol.window_side(scale)
-            grid = window_origins(height, width, protocol.crop_size, protocol.stride)
-            origins = [(0, 0)] if protocol.whole else grid
+            if protocol.whole:  # the scaled image, its sides padded to multiples of 32
+                shape, origins = (whole_padded(height), whole_padded(width)), [(0, 0)]
+            else:
+                side = protocol.window_side(scale)
+                shape, origins = (side, side), window_origins(height, width, protocol.crop_size, protocol.stride)
             for top, left in origins:
-                pixels = scaled[top : top + side, left : left + side]  # a view, copied once: into the batch
-                if pixels.shape[:2] != (side, side):
+                pixels = scaled[top : top + shape[0], left : left + shape[1]]  # a view, copied once: into the batch
+                if pixels.shape[:2] != shape:
                     # Window content beyond the scaled image is normalised black, as the reference's pad_image.
-                    padded = np.broadcast_to(PAD_VALUE, (side, side, 3)).copy()
+                    padded = np.broadcast_to(PAD_VALUE, (*shape, 3)).copy()
                     padded[: pixels.shape[0], : pixels.shape[1]] = pixels
                     pixels = padded
                 yield _Window(slot, k, top, left, pixels)
@@ -324,14 +328,14 @@ class ProtocolRunner:
     def _batches(self, windows: list[_Window]) -> Iterator[tuple[np.ndarray, ...]]:
         """The accumulate step's host arguments: windows grouped by shape, ``window_batch`` at a time (the last
         padded with invalid ones): (pixels, slot, scale_index, top, left, valid)."""
-        by_side: dict[int, list[_Window]] = collections.defaultdict(list)
+        by_shape: dict[tuple[int, int], list[_Window]] = collections.defaultdict(list)
         for window in windows:
-            by_side[window.pixels.shape[0]].append(window)
-        for side, group in by_side.items():
+            by_shape[window.pixels.shape[:2]].append(window)
+        for shape, group in by_shape.items():
             for start in range(0, len(group), self.window_batch):
                 chunk = group[start : start + self.window_batch]
                 pad = self.window_batch - len(chunk)
-                pixels = np.zeros((self.window_batch, side, side, 3), np.float32)
+                pixels = np.zeros((self.window_batch, *shape, 3), np.float32)
                 for index, window in enumerate(chunk):
                     pixels[index] = window.pixels
                 fields = [np.array([getattr(w, f) for w in chunk] + [0] * pad, np.int32) for f in _FIELDS]

@@ -14,7 +14,7 @@ PROTOCOLS = ("single_scale", "multi_scale", "whole")
 FLIP_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CITYSCAPES_EXTRA_SCALES = (2.0, 2.25)  # the reference's test.py adds these for Cityscapes
-WHOLE_MULTIPLE = 32  # 'whole' pads each scaled image to a square of this multiple (the network's stride)
+WHOLE_MULTIPLE = 32  # 'whole' pads each side of a scaled image to this multiple (the network's stride)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Protocol:
       base_size: long side at scale 1 in pixels (the reference's 520).
       crop_size: window side in pixels (the reference's 480).
       stride: window stride in pixels (the reference's ``int(crop_size * 2/3)`` = 320).
-      whole: one pass per scaled image (padded to a square multiple of 32) instead of sliding windows.
+      whole: one pass per scaled image instead of sliding windows, each side padded to a multiple of 32.
       align_corners: how the images are rescaled and the scores resized back to them (PyTorch's bilinear
         ``align_corners``): the reference's True; the model's own convention where it has another
         (``reference='mmseg'`` models: False), as evaluation and prediction set it.
@@ -45,9 +45,9 @@ class Protocol:
         return int(math.ceil(self.base_size * scale))
 
     def window_side(self, scale: float) -> int:
-        """Side of the network input at ``scale``."""
+        """Longest side of the network input at ``scale`` (sliding windows: their side)."""
         if self.whole:
-            return -(-self.long_side(scale) // WHOLE_MULTIPLE) * WHOLE_MULTIPLE
+            return whole_padded(self.long_side(scale))
         return self.crop_size
 
     def canvas_side(self, scale: float) -> int:
@@ -100,6 +100,11 @@ def make_protocol(
         stride=int(crop_size * stride_ratio),
         whole=name == "whole",
     )
+
+
+def whole_padded(size: int) -> int:
+    """A side of a scaled image as ``whole`` pads it: up to a multiple of :data:`WHOLE_MULTIPLE`."""
+    return -(-size // WHOLE_MULTIPLE) * WHOLE_MULTIPLE
 
 
 def scaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:

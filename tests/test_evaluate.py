@@ -155,9 +155,8 @@ def reference_scores(logits, image, scales, flip, base, crop, whole=False, align
             width, height = long_size, int(1.0 * h * long_size / w + 0.5)
             short_size = height
         img = torch_resize(image, height, width, align_corners)
-        if whole:
-            side = -(-long_size // 32) * 32
-            outputs = infer(pad_black(img, side, side))[:height, :width]
+        if whole:  # each side padded to a multiple of 32
+            outputs = infer(pad_black(img, -(-height // 32) * 32, -(-width // 32) * 32))[:height, :width]
         elif long_size <= crop:
             outputs = infer(pad_black(img, crop, crop))[:height, :width]
         else:
