@@ -6,10 +6,12 @@ bottom/right to at least ``crop_size`` with the normalised-black value; run ``cr
 overlapping windows averaged; the result resized back (align-corners) to the image and summed over scales;
 argmax at the end. ``whole`` runs each scaled image in one pass instead of windows (cheaper, not the paper's).
 
-Shapes never depend on the image size, so the number of compilations is fixed by the protocol, not by the
-data: the network always sees ``[window_batch, crop, crop, 3]``; every scale has one square canvas (big enough
-for its largest window grid) per image slot; resizing back happens in fixed ``TILE`` x ``TILE`` output tiles
-through per-row/column gather tables computed on the host.
+With windows, shapes never depend on the image size, so the number of compilations is fixed by the protocol,
+not by the data: the network always sees ``[window_batch, crop, crop, 3]``; every scale has one square canvas
+(big enough for its largest window grid) per image slot; resizing back happens in fixed ``TILE`` x ``TILE``
+output tiles through per-row/column gather tables computed on the host. ``whole`` feeds each scaled image at
+its own size (each side padded to a multiple of 32), one per network call: one compilation per distinct padded
+shape (a dataset of one image size, as Cityscapes, compiles one).
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class _Window:
 
 
 class ProtocolRunner:
-    """Runs a :class:`Protocol` over images with a logits function, with a data-independent compile count.
+    """Runs a :class:`Protocol` over images with a logits function, with a data-independent compile count
+    (``whole``: one per padded image shape)
 
     Args:
       logits_fn: ``logits_fn(variables, images [N, h, w, 3]) -> logits [N, h, w, C]`` (traced under jit).
@@ -160,8 +163,9 @@ class ProtocolRunner:
         self.groups_per_device = [0] * len(self.devices)  # image groups each device has run
         self.num_classes = num_classes
         self.protocol = protocol
-        # 'whole' has one window per image and scale, each scale its own shape: batch across images.
-        self.window_batch = images_per_call if protocol.whole else window_batch
+        # 'whole' has one window per image and scale, of the image's own (padded) shape: one per call, as images
+        # of one shape share a batch only where a dataset's images share their size.
+        self.window_batch = 1 if protocol.whole else window_batch
         self.images_per_call = images_per_call
         self.traces: collections.Counter[str] = collections.Counter()
         self.canvas_sides = tuple(protocol.canvas_side(s) for s in protocol.scales)
@@ -182,17 +186,23 @@ class ProtocolRunner:
         self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(1, 2))
         self._tile = jax.jit(self._tile_body, static_argnames="with_scores")
         self._compiled: set[tuple[bool, int]] = set()  # (with_scores, device index) compile_all has compiled
+        self._programs: set[tuple[int, str]] = set()  # (device index, program) compiled or run: compile_count
 
-    def compile_all(self, with_scores: bool = False, devices: int | None = None) -> None:
+    def compile_all(
+        self, with_scores: bool = False, devices: int | None = None, images: Sequence[np.ndarray] = ()
+    ) -> None:
         """Compiles every program for the first ``devices`` devices (None: all) at once, on host threads (XLA
         compiles without holding the GIL), where each device would otherwise compile its own in turn as its
         first group arrives. The jitted calls then find them compiled. :meth:`run` does this for the devices
-        its input will use, when that is more than one."""
+        its input will use, when that is more than one. ``whole`` windows take their image's shape: those of
+        ``images`` are compiled (:meth:`run` passes its first images; other shapes compile as they come)."""
         todo = [i for i in range(len(self.devices))[:devices] if (with_scores, i) not in self._compiled]
         if not todo:
             return
-        # 'whole' windows take each image's shape (padded to multiples of 32): compiled as they come.
-        sides = [] if self.protocol.whole else sorted({self.protocol.window_side(s) for s in self.protocol.scales})
+        if self.protocol.whole:
+            shapes = sorted({shape for image in images for shape in self._whole_shapes(*image.shape[:2])})
+        else:
+            shapes = sorted({(side, side) for side in (self.protocol.window_side(s) for s in self.protocol.scales)})
         batch = self.window_batch
 
         def host(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -206,9 +216,9 @@ class ProtocolRunner:
                 tuple(jax.ShapeDtypeStruct((g, side, side), jnp.float32, sharding=on) for side in self.canvas_sides),
             )
             self._zeros[index].lower().compile()
-            for side in sides:
+            for shape in shapes:
                 fields = [host((batch,), np.int32) for _ in _FIELDS]
-                windows = host((batch, side, side, 3), np.float32)
+                windows = host((batch, *shape, 3), np.float32)
                 self._accumulate.lower(
                     self._variables[index], *canvases, windows, *fields, host((batch,), np.bool_)
                 ).compile()
@@ -220,6 +230,14 @@ class ProtocolRunner:
         with ThreadPoolExecutor(max_workers=len(todo)) as pool:
             list(pool.map(compile_for, todo))
         self._compiled.update((with_scores, i) for i in todo)
+        for i in todo:
+            self._programs.update({(i, "zeros"), (i, f"tile_{with_scores}")})
+            self._programs.update((i, f"accumulate_{h}x{w}") for h, w in shapes)
+
+    def _whole_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """``whole``'s network input shape at each of the protocol's scales for a ``height`` x ``width`` image."""
+        sizes = [scaled_size(height, width, self.protocol.long_side(s)) for s in self.protocol.scales]
+        return [(whole_padded(h), whole_padded(w)) for h, w in sizes]
 
     @property
     def variables(self) -> Any:
@@ -227,9 +245,9 @@ class ProtocolRunner:
 
     @property
     def compile_count(self) -> int:
-        """How many programs were compiled: each traced function once per device that ran it."""
-        compiled = {i for _, i in self._compiled} | {i for i, n in enumerate(self.groups_per_device) if n}
-        return sum(self.traces.values()) * max(len(compiled), 1)  # traced once, compiled for each device
+        """How many programs were compiled: each function, at each shape it ran with, once per device that
+        compiled or ran it."""
+        return len(self._programs)
 
     # Jitted bodies. The Python-side counter runs only while tracing.
 
@@ -379,7 +397,7 @@ class ProtocolRunner:
         groups = iter(lambda: list(itertools.islice(examples, self.images_per_call)), [])
         first = list(itertools.islice(groups, len(self.devices)))  # the devices this input will use
         if len(first) > 1:
-            self.compile_all(with_scores, devices=len(first))
+            self.compile_all(with_scores, devices=len(first), images=[image for g in first for image, _ in g])
         in_flight: collections.deque[list] = collections.deque()
         turn = itertools.cycle(range(len(self.devices)))
         for group in itertools.chain(first, groups):
@@ -394,6 +412,8 @@ class ProtocolRunner:
         self.groups_per_device[device] += 1
         scaled = self._scaled([image for image, _ in group])
         windows = [w for slot, images in enumerate(scaled) for w in self._windows(slot, images)]
+        self._programs.update({(device, "zeros"), (device, f"tile_{with_scores}")})
+        self._programs.update((device, "accumulate_{}x{}".format(*w.pixels.shape[:2])) for w in windows)
         sums, counts = self._run_windows(windows, *self._zeros[device](), self._variables[device])
         pending = []
         for slot, (image, label) in enumerate(group):

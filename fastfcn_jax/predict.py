@@ -4,7 +4,8 @@
     mask = predictor(image)  # uint8/int [H, W, 3|4] or [H, W] -> int32 [H, W] class indices
 
 Images of any size and mode (RGB, grayscale, RGBA; JPEG, PNG, ...) go through the same test protocol as
-evaluation (:mod:`fastfcn_jax.evaluate`), several images per device call, with a fixed number of compilations.
+evaluation (:mod:`fastfcn_jax.evaluate`), several images per device call, with a fixed number of compilations
+(``whole``: one per padded image shape).
 """
 
 from __future__ import annotations

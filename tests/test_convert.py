@@ -168,12 +168,25 @@ def test_records_of_other_globals_nested_in_the_weights_or_under_a_tensor_are_re
         "listed": [RunsCode()],
         "storage": {"state_dict": {"w": TensorOnRecord()}},
     }
-    for name, payload in payloads.items():
+
+    def write(name: str, payload) -> Path:
         path = tmp_path / f"{name}.pth"
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+        return path
+
+    for name, payload in payloads.items():
         with pytest.raises(UnsafeCheckpointError, match=rf"{name}\.pth: refusing .*(posix|os)\.system"):
-            load_state_dict(path)
+            load_state_dict(write(name, payload))
+    # Outside the weights such a tensor is dropped with the rest (an optimizer state, say).
+    weights = write("optimizer", {"state_dict": {}, "optimizer": {"m": TensorOnRecord()}})
+    with pytest.raises(CheckpointReadError, match=r"optimizer\.pth: holds a dict, not a state_dict"):
+        load_state_dict(weights)
+    # A list holding itself many times is looked into once (the search for records is not exponential in it).
+    looped: list = []
+    looped.extend([looped] * 2000)
+    with pytest.raises(CheckpointReadError, match=r"looped\.pth: not a state_dict: entries \['w'\]"):
+        load_state_dict(write("looped", {"state_dict": {"w": looped}}))
     # A bytearray of a size, which a few bytes of pickle would make gigabytes, is refused before it is made.
     huge = tmp_path / "huge.pth"
     with zipfile.ZipFile(huge, "w") as archive:
@@ -232,6 +245,12 @@ def torch_style_zip(path: Path, monkeypatch, storage: np.ndarray, offset: int, s
 def test_strided_view_reads_the_elements_its_strides_name(tmp_path, monkeypatch):
     torch_style_zip(tmp_path / "view.pth", monkeypatch, np.arange(6, dtype="f4"), 1, (2, 2), (1, 2))
     np.testing.assert_array_equal(load_state_dict(tmp_path / "view.pth")["w"], [[1, 3], [2, 4]])
+    # An expanded dimension (stride 0) repeats elements: read, up to a size a small file cannot ask beyond.
+    torch_style_zip(tmp_path / "expanded.pth", monkeypatch, np.arange(3, dtype="f4"), 0, (2, 3), (0, 1))
+    np.testing.assert_array_equal(load_state_dict(tmp_path / "expanded.pth")["w"], [[0, 1, 2], [0, 1, 2]])
+    torch_style_zip(tmp_path / "huge.pth", monkeypatch, np.arange(1, dtype="f4"), 0, (1 << 16, 1 << 16), (0, 0))
+    with pytest.raises(CheckpointReadError, match=r"huge\.pth: tensor w cannot be read.*repeats its storage"):
+        load_state_dict(tmp_path / "huge.pth")
 
 
 @pytest.mark.parametrize(

@@ -332,6 +332,46 @@ def test_host_resize_is_the_two_tap_align_corners_formula(size):
     assert evaluate.resize_image(image, 33, 21) is image
 
 
+def test_whole_compiles_each_padded_shape_once_per_device_that_runs_it(tiny):
+    # 'whole' feeds each scaled image at its own size, padded to multiples of 32: a program per shape and device,
+    # the first images' shapes compiled ahead for every device (on host threads), the others as they come.
+    model, variables, _ = tiny
+    devices = jax.local_devices()[:2]
+    protocol = evaluate.make_protocol("whole", base_size=BASE, crop_size=CROP)
+    rng = np.random.default_rng(2)
+    # At base 80: (40, 60) -> 53 x 80, padded 64 x 96; (60, 40) -> 96 x 64; (20, 60) -> 27 x 80, padded 32 x 96.
+    sizes = [(40, 60), (40, 60), (60, 40), (40, 60), (20, 60)]
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+
+    def runner(devices):
+        return evaluate.ProtocolRunner(
+            evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, images_per_call=1, devices=devices
+        )
+
+    expected = list(runner(devices[:1]).run(images, with_scores=True))
+    spread = runner(devices)
+    compiled: list[str] = []
+
+    def count(name: str, seconds: float, **kwargs) -> None:
+        compiled.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        results = list(spread.run(images, with_scores=True))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+        jax.monitoring.unregister_event_duration_listener(count)
+    # Device 0 ran groups 1, 3, 5 (64 x 96, 96 x 64, 32 x 96), device 1 groups 2 and 4 (64 x 96): with the canvas
+    # zeros and the output tile, 5 + 3 programs.
+    assert spread.groups_per_device == [3, 2]
+    assert spread.compile_count == len(compiled) == 8
+    for want, got in zip(expected, results, strict=True):
+        np.testing.assert_array_equal(got["prediction"], want["prediction"])
+        np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6)
+
+
 def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(tiny):
     # conftest's 4 forced host devices stand in for a host's GPUs or TPU cores.
     model, variables, _ = tiny

@@ -74,6 +74,8 @@ _SAFETENSORS_DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+# The most memory a view that repeats its storage's elements (strides 0, overlapping) may fill.
+_MAX_EXPANDED_BYTES = 1 << 28
 # Keys under which training scripts store the model's weights beside other state (optimizer, epoch, ...).
 _WRAPPER_KEYS = ("state_dict", "model")
 
@@ -125,6 +127,14 @@ class _Tensor:
         last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
         if all(self.size) and last >= elements.size:
             raise ValueError(f"tensor view of shape {self.size} runs past its storage of {elements.size}")
+        count = math.prod(self.size)
+        if count > elements.size and count * elements.itemsize > _MAX_EXPANDED_BYTES:
+            # Overlapping strides (0 for an expanded dimension) repeat a storage's elements: a few bytes of file
+            # could ask for gigabytes of memory.
+            raise ValueError(
+                f"tensor view of shape {self.size} repeats its storage of {elements.size} elements into "
+                f"{count * elements.itemsize} bytes"
+            )
         if not all(self.size):
             return np.zeros(self.size, elements.dtype)
         view = np.lib.stride_tricks.as_strided(
@@ -163,21 +173,20 @@ class _Opaque:
         self.items.append((key, value))
 
 
-def _opaque_name(value: Any, depth: int = 4) -> str | None:
+def _opaque_name(value: Any, depth: int = 4, seen: set[int] | None = None) -> str | None:
     """The global an :class:`_Opaque` record (or its class) stands for, also inside tuples, lists and dicts
-    ``depth`` levels down; None for anything else."""
+    ``depth`` levels down (each container looked into once: a pickle can make a list hold itself); None for
+    anything else."""
     if isinstance(value, _Opaque) or (isinstance(value, type) and issubclass(value, _Opaque)):
         return value.global_name
-    if depth > 0 and isinstance(value, tuple | list | Mapping):
+    seen = set() if seen is None else seen
+    if depth > 0 and isinstance(value, tuple | list | Mapping) and id(value) not in seen:
+        seen.add(id(value))
         for item in value.values() if isinstance(value, Mapping) else value:
-            name = _opaque_name(item, depth - 1)
+            name = _opaque_name(item, depth - 1, seen)
             if name:
                 return name
     return None
-
-
-class _OpaqueStorageError(Exception):
-    """A tensor was to be rebuilt on an :class:`_Opaque` record: raised while unpickling, said with the path."""
 
 
 class _Marker:
@@ -190,21 +199,23 @@ class _Marker:
         return f"<torch.{self.name}>"
 
 
-def _checked_storage(storage: Any) -> _Storage:
-    if _opaque_name(storage, depth=0):
-        raise _OpaqueStorageError(_opaque_name(storage, depth=0))
+def _rebuilt(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None) -> Any:
+    """A tensor's record: a :class:`_Tensor`, or, on an :class:`_Opaque` storage, a record of that storage's
+    global (refused where the weights are, dropped elsewhere, as the storage would be)."""
+    name = _opaque_name(storage, depth=0)
+    if name:
+        return type("tensor", (_Opaque,), {"global_name": name})()
     if not isinstance(storage, _Storage):
         raise ValueError(f"a tensor's storage is a {type(storage).__name__}, not a storage record")
-    return storage
+    return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride), dtype)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return _Tensor(_checked_storage(storage), int(storage_offset), tuple(size), tuple(stride))
+    return _rebuilt(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-    dtype = np.dtype(dtype.dtype)
-    return _Tensor(_checked_storage(storage), int(storage_offset), tuple(size), tuple(stride), dtype)
+    return _rebuilt(storage, storage_offset, size, stride, np.dtype(dtype.dtype))
 
 
 def _bytearray(source: Any = b"", *args: Any) -> bytearray:
@@ -298,8 +309,6 @@ def _unpickle(file: Any, path: Path, storage_for: Callable[..., _Storage] | None
         return _RestrictedUnpickler(file, path, storage_for).load()
     except CheckpointReadError:
         raise
-    except _OpaqueStorageError as error:
-        raise _refuse(path, str(error)) from None
     except EOFError as error:
         raise CheckpointReadError(f"{path}: the pickle ends early; the file is truncated") from error
     except Exception as error:  # a corrupt stream raises anything from UnpicklingError to IndexError

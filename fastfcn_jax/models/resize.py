@@ -94,6 +94,8 @@ def align_corners_taps(
     lower = np.argmax(matrix > 0, axis=1).astype(np.int32)  # every row has a positive entry
     upper = np.minimum(lower + 1, in_size - 1)
     weight = np.where(upper > lower, matrix[rows, upper], 0.0)
+    for array in (lower, upper, weight):
+        array.setflags(write=False)  # cached: shared by every caller
     return lower, upper, weight
 
 
@@ -111,6 +113,8 @@ def align_corners_adjoint_taps(
     for i, rows in enumerate(columns):
         indices[i, : len(rows)] = rows
         weights[i, : len(rows)] = matrix[rows, i]
+    indices.setflags(write=False)
+    weights.setflags(write=False)
     return indices, weights
 
 
