@@ -3,10 +3,12 @@ and run_evaluation end to end on the embedded dataset."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -332,6 +334,25 @@ def test_host_resize_is_the_two_tap_align_corners_formula(size):
     assert evaluate.resize_image(image, 33, 21) is image
 
 
+@contextlib.contextmanager
+def backend_compilations() -> Iterator[list[str]]:
+    """The XLA compilations made inside the block, one entry each (the persistent cache off, so that each
+    compilation is one)."""
+    compiled: list[str] = []
+
+    def count(name: str, seconds: float, **kwargs) -> None:
+        compiled.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield compiled
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+        jax.monitoring.unregister_event_duration_listener(count)
+
+
 def test_whole_compiles_each_padded_shape_once_per_device_that_runs_it(tiny):
     # 'whole' feeds each scaled image at its own size, padded to multiples of 32: a program per shape and device,
     # the first images' shapes compiled ahead for every device (on host threads), the others as they come.
@@ -350,19 +371,8 @@ def test_whole_compiles_each_padded_shape_once_per_device_that_runs_it(tiny):
 
     expected = list(runner(devices[:1]).run(images, with_scores=True))
     spread = runner(devices)
-    compiled: list[str] = []
-
-    def count(name: str, seconds: float, **kwargs) -> None:
-        compiled.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    cache = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
+    with backend_compilations() as compiled:
         results = list(spread.run(images, with_scores=True))
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache)
-        jax.monitoring.unregister_event_duration_listener(count)
     # Device 0 ran groups 1, 3, 5 (64 x 96, 96 x 64, 32 x 96), device 1 groups 2 and 4 (64 x 96): with the canvas
     # zeros and the output tile, 5 + 3 programs.
     assert spread.groups_per_device == [3, 2]
@@ -392,23 +402,11 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
     one = runner(devices[:1])
     expected = list(one.run(images, labels, with_scores=True))
     spread = runner(devices)
-    compiled: list[str] = []
-
-    def count(name: str, seconds: float, **kwargs) -> None:
-        compiled.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
-
-    # Every program compiled for each device by compile_all (on host threads), none again by the run (the
-    # persistent cache off, so that each compilation is one).
-    jax.monitoring.register_event_duration_secs_listener(count)
-    cache = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
+    # Every program compiled for each device by compile_all (on host threads), none again by the run.
+    with backend_compilations() as compiled:
         spread.compile_all(with_scores=True)
         compiled_first = len(compiled)
         results = list(spread.run(images, labels, with_scores=True))
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache)
-        jax.monitoring.unregister_event_duration_listener(count)
     assert compiled_first == spread.compile_count and len(compiled) == compiled_first
     assert one.groups_per_device == [4] and spread.groups_per_device == [2, 1, 1]
     assert {d for leaf in jax.tree_util.tree_leaves(spread._variables[2]) for d in leaf.devices()} == {devices[2]}
