@@ -96,13 +96,10 @@ def run_summary(
         "devices": [str(d) for d in jax.devices()],
     }
     weights = f"step {described['step']} of {described['checkpoint']}" if described else "random weights"
-    variant = (
-        " in mmsegmentation's variant" if (model_config.get("overrides") or {}).get("reference") == "mmseg" else ""
+    label = checkpointing.model_label(
+        {"model_name": model_config["name"], "model_overrides": dict(model_config.get("overrides") or {})}
     )
-    print(
-        f"model {model_config['name']}{variant} ({model_config['num_classes']} classes, {weights}) on "
-        f"{jax.default_backend()}"
-    )
+    print(f"model {label} ({model_config['num_classes']} classes, {weights}) on {jax.default_backend()}")
     print(parameter_table(variables))
     for key, shape in summary["outputs"].items():
         print(f"{key}: {shape}")

@@ -202,9 +202,8 @@ class _Marker:
 def _rebuilt(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None) -> Any:
     """A tensor's record: a :class:`_Tensor`, or, on an :class:`_Opaque` storage, a record of that storage's
     global (refused where the weights are, dropped elsewhere, as the storage would be)."""
-    name = _opaque_name(storage, depth=0)
-    if name:
-        return type("tensor", (_Opaque,), {"global_name": name})()
+    if _opaque_name(storage, depth=0):
+        return (storage if isinstance(storage, type) else type(storage))()  # a record of the storage's global
     if not isinstance(storage, _Storage):
         raise ValueError(f"a tensor's storage is a {type(storage).__name__}, not a storage record")
     return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride), dtype)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastfcn_jax.models.op_choices import backend, op_overrides, parse_ops
-from fastfcn_jax.models.segmenter import HEADS, MMSEG_HEADS, MMSEG_NECKS, NECKS, REFERENCES, RESNET_FIELDS, Segmenter
+from fastfcn_jax.models.segmenter import HEADS, NECKS, RESNET_FIELDS, Segmenter, check_reference
 
 DEPTHS = (50, 101, 152)
 
@@ -164,17 +164,10 @@ def _validated(name: str, config: dict[str, Any]) -> dict[str, Any]:
         config["dtype"] = _DTYPES[dtype]
     if config.get("stem", "deep") not in ("deep", "standard"):
         raise ValueError(f"{name}: stem must be 'deep' or 'standard', got {config['stem']!r}")
-    reference = config.get("reference", "fastfcn")
-    if reference not in REFERENCES:
-        raise ValueError(f"{name}: reference must be one of {REFERENCES}, got {reference!r}")
-    if reference == "mmseg" and (config["head"] not in MMSEG_HEADS or config["neck"] not in MMSEG_NECKS):
-        raise ValueError(
-            f"{name}: reference='mmseg' covers mmsegmentation's FastFCN models and their dilated twins, "
-            f"{{{','.join(MMSEG_HEADS)}}}_{{{','.join(MMSEG_NECKS)}}}_*: it has no JPU_X, and its FCN head is "
-            "another design"
-        )
-    if reference == "mmseg" and config.get("stem", "deep") != "deep":
-        raise ValueError(f"{name}: reference='mmseg' models have the deep stem (ResNetV1c)")
+    try:
+        check_reference(config.get("reference", "fastfcn"), config["head"], config["neck"], config.get("stem", "deep"))
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
     output_stride = config.get("output_stride")
     if output_stride is not None:
         if output_stride not in (8, 16, 32):

@@ -159,7 +159,7 @@ class Segmenter(nn.Module):
         output_stride = self.output_stride or (8 if self.neck == "dilated" else 32)
         if self.neck != "dilated" and output_stride != 32:
             raise ValueError(f"neck {self.neck!r} expects an output_stride 32 backbone, got {output_stride}")
-        self._check_reference()
+        check_reference(self.reference, self.head, self.neck, self.stem)
 
         if self.backbone is None:
             c1, c2, c3, c4 = ResNet(
@@ -295,15 +295,19 @@ class Segmenter(nn.Module):
             return FCNHead(self.num_classes, **common)
         raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
 
-    def _check_reference(self) -> None:
-        if self.reference not in REFERENCES:
-            raise ValueError(f"unknown reference {self.reference!r}; expected one of {REFERENCES}")
-        if self.reference == "mmseg" and (self.head not in MMSEG_HEADS or self.neck not in MMSEG_NECKS):
-            raise ValueError(
-                f"reference='mmseg' covers mmsegmentation's FastFCN models and their dilated twins: heads "
-                f"{MMSEG_HEADS} with necks {MMSEG_NECKS}, not {self.head}_{self.neck} (mmsegmentation has no JPU_X, "
-                "and its FCN head is another design)"
-            )
+
+def check_reference(reference: str, head: str, neck: str, stem: str = "deep") -> None:
+    """Raises ValueError where ``reference`` does not name a design, or names one without such a model."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if reference == "mmseg" and (head not in MMSEG_HEADS or neck not in MMSEG_NECKS):
+        raise ValueError(
+            f"reference='mmseg' covers mmsegmentation's FastFCN models and their dilated twins, "
+            f"{{{','.join(MMSEG_HEADS)}}}_{{{','.join(MMSEG_NECKS)}}}_*, not {head}_{neck}: it has no JPU_X, and its "
+            "FCN head is another design"
+        )
+    if reference == "mmseg" and stem != "deep":
+        raise ValueError("reference='mmseg' models have the deep stem (ResNetV1c)")
 
 
 def _describe(value: Any) -> str:
