@@ -13,7 +13,7 @@ from types import ModuleType
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from fastfcn_jax.protocols import FLIP_WORDS, PROTOCOLS
+from fastfcn_jax.protocols import FLIP_WORDS, MMSEG_PROTOCOLS, PROTOCOLS
 
 # Segmenter's integer architecture fields that config.model.overrides offers on the command line.
 INT_OVERRIDES = ("stem_width", "base_width", "output_stride", "jpu_width", "jpux_groups", "head_width", "num_codes")
@@ -110,9 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     # mode=eval and mode=predict: the reference's test protocol (FASTFCN.md section 4.2; docs/evaluation.md).
     config.evaluation = ml_collections.ConfigDict()
-    config.evaluation.protocol = "single_scale"  # 'single_scale' | 'multi_scale' (+ flip) | 'whole'
+    # 'single_scale' | 'multi_scale' (+ flip) | 'whole' | 'mmseg' | 'mmseg_multi_scale' (mmsegmentation's test)
+    config.evaluation.protocol = "single_scale"
     config.evaluation.scales = ()  # (): the protocol's own (multi-scale 0.5..1.75; Cityscapes adds 2.0, 2.25)
-    config.evaluation.flip = "auto"  # 'auto' (multi_scale only) | 'true' | 'false'
+    config.evaluation.flip = "auto"  # 'auto' (the multi-scale protocols only) | 'true' | 'false'
+    # The mmseg protocols' keep-ratio test scale (long, short); (): mmsegmentation's for the dataset
+    # (Cityscapes (2048, 1024), ADE20K (2048, 512), Pascal Context (520, 520), VOC (2048, 512)).
+    config.evaluation.test_scale = ()
     # 0: eval: dataset.base_size / crop_size, else the dataset's (long side 520 at scale 1, 480 windows);
     # predict: the sizes recorded in the checkpoint, else as for eval (docs/evaluation.md).
     config.evaluation.base_size = 0
@@ -253,6 +257,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(evaluation.protocol in PROTOCOLS, "evaluation.protocol", f"must be one of {PROTOCOLS}")
     check(str(evaluation.flip).lower() in ("auto", *FLIP_WORDS), "evaluation.flip", "must be 'auto', 'true' or 'false'")
     check(_all_positive(evaluation.scales), "evaluation.scales", "must be positive numbers")
+    test_scale = tuple(evaluation.test_scale)
+    check(
+        not test_scale or (len(test_scale) == 2 and _all_positive(test_scale) and all(int(v) == v for v in test_scale)),
+        "evaluation.test_scale",
+        "must be () or two positive integers (long, short), e.g. '(2048, 512)'",
+    )
+    check(
+        not test_scale or evaluation.protocol in MMSEG_PROTOCOLS,
+        "evaluation.test_scale",
+        f"is the mmseg protocols' test resize ({', '.join(MMSEG_PROTOCOLS)}); the others scale the long side to "
+        "evaluation.base_size",
+    )
     check(0 < evaluation.stride_ratio <= 1, "evaluation.stride_ratio", "must be in (0, 1]")
     for key in ("base_size", "crop_size", "batch_size", "images_per_call", "max_examples"):
         check(evaluation[key] >= 0, f"evaluation.{key}", "must be >= 0 (0 = the default)")

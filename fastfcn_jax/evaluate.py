@@ -5,13 +5,16 @@ bottom/right to at least ``crop_size`` with the normalised-black value; run ``cr
 ``int(crop_size * 2/3)``; per window ``exp(logits [+ logits of the flipped window, flipped back])``;
 overlapping windows averaged; the result resized back (align-corners) to the image and summed over scales;
 argmax at the end. ``whole`` runs each scaled image in one pass instead of windows (cheaper, not the paper's).
+``mmseg`` / ``mmseg_multi_scale`` are mmsegmentation's test: its keep-ratio resize, each scaled image whole and
+unpadded, each pass's logits (the flipped one separately) resized back to the image and softmaxed, averaged.
 
 With windows, shapes never depend on the image size, so the number of compilations is fixed by the protocol,
 not by the data: the network always sees ``[window_batch, crop, crop, 3]``; every scale has one square canvas
 (big enough for its largest window grid) per image slot; resizing back happens in fixed ``TILE`` x ``TILE``
 output tiles through per-row/column gather tables computed on the host. ``whole`` feeds each scaled image at
-its own size (each side padded to a multiple of 32), one per network call: one compilation per distinct padded
-shape (a dataset of one image size, as Cityscapes, compiles one).
+its own size (each side padded to a multiple of 32; ``mmseg``: not padded), one image per group with canvases
+of its own shapes: the programs compile once per distinct (padded) image shape (a dataset of one image size,
+as Cityscapes, compiles each once).
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from fastfcn_jax.models import resize
 from fastfcn_jax.protocols import (  # noqa: F401 - re-exported: evaluate.make_protocol and friends
     CITYSCAPES_EXTRA_SCALES,
     FLIP_WORDS,
+    MMSEG_PROTOCOLS,
+    MMSEG_TEST_SCALES,
     MULTI_SCALES,
     PROTOCOLS,
     WHOLE_MULTIPLE,
     Protocol,
+    keep_ratio_size,
     make_protocol,
     scaled_size,
-    whole_padded,
     window_count,
     window_origins,
 )
@@ -120,9 +125,10 @@ class ProtocolRunner:
       variables: passed through to ``logits_fn``.
       num_classes: C.
       protocol: the test protocol.
-      window_batch: windows per network call (the network sees twice as many with flip).
+      window_batch: windows per network call (the network sees twice as many with flip); ``whole``: 1.
       images_per_call: images whose windows share network calls; device memory holds this many canvases,
-        about ``images_per_call * sum_s canvas_side(s)**2 * (C + 1) * 4`` bytes.
+        about ``images_per_call * sum_s canvas_side(s)**2 * (C + 1) * 4`` bytes (twice with ``softmax`` and
+        flip: the flipped passes have their own). ``whole``: 1, each image with canvases of its own shapes.
       devices: where the network runs: each group of ``images_per_call`` images goes to the next device in
         turn, with its own copy of ``variables`` (the reference's MultiEvalModule spreads its images over the
         GPUs alike). None: ``variables``' device, or the default one.
@@ -163,22 +169,28 @@ class ProtocolRunner:
         self.groups_per_device = [0] * len(self.devices)  # image groups each device has run
         self.num_classes = num_classes
         self.protocol = protocol
-        # 'whole' has one window per image and scale, of the image's own (padded) shape: one per call, as images
-        # of one shape share a batch only where a dataset's images share their size.
+        # 'whole' has one window per image and scale, of the image's own (padded) shape: one per call and one
+        # image per group, its canvases of its own shapes (canvases as large as any image would be mostly
+        # padding: mmseg's ADE20K test scale allows 2048 x 512 and 512 x 2048).
         self.window_batch = 1 if protocol.whole else window_batch
-        self.images_per_call = images_per_call
+        self.images_per_call = 1 if protocol.whole else images_per_call
         self.traces: collections.Counter[str] = collections.Counter()
-        self.canvas_sides = tuple(protocol.canvas_side(s) for s in protocol.scales)
+        # Canvases per scale: softmax keeps the flipped passes apart (each is softmaxed at the image's size).
+        self.passes = 2 if protocol.softmax and protocol.flip else 1
+        self.canvas_shapes = (
+            None if protocol.whole else tuple((side, side) for side in map(protocol.canvas_side, protocol.scales))
+        )
         # Two groups per device when their canvases fit in a quarter of its memory: the host then prepares the
         # next group while the device runs the current one (with one, each waits for the other).
-        canvas_bytes = images_per_call * sum(side * side * (num_classes + 1) * 4 for side in self.canvas_sides)
+        pixels = self.passes * sum(map(protocol.canvas_pixels_bound, protocol.scales))
+        canvas_bytes = self.images_per_call * pixels * (num_classes + 1) * 4
         if groups_in_flight is None:
             limits = [(device.memory_stats() or {}).get("bytes_limit", 0) for device in self.devices]
             groups_in_flight = 2 if all(2 * canvas_bytes <= limit / 4 for limit in limits) else 1
         self.groups_in_flight = groups_in_flight  # per device
         # Each device's canvases are made there; the other steps run where their canvases are.
         self._zeros = [
-            jax.jit(self._zeros_body, out_shardings=jax.sharding.SingleDeviceSharding(device))
+            jax.jit(self._zeros_body, static_argnums=0, out_shardings=jax.sharding.SingleDeviceSharding(device))
             for device in self.devices
         ]
         # The canvases are updated in place (donated; CPUs too: one window added to a 1.6 GB canvas took 75 ms
@@ -186,7 +198,8 @@ class ProtocolRunner:
         self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(1, 2))
         self._tile = jax.jit(self._tile_body, static_argnames="with_scores")
         self._compiled: set[tuple[bool, int]] = set()  # (with_scores, device index) compile_all has compiled
-        self._programs: set[tuple[int, str]] = set()  # (device index, program) compiled or run: compile_count
+        # (device index, program, window shape or None, canvas shapes) compiled or run: compile_count
+        self._programs: set[tuple[int, str, Any, tuple]] = set()
 
     def compile_all(
         self, with_scores: bool = False, devices: int | None = None, images: Sequence[np.ndarray] = ()
@@ -194,15 +207,13 @@ class ProtocolRunner:
         """Compiles every program for the first ``devices`` devices (None: all) at once, on host threads (XLA
         compiles without holding the GIL), where each device would otherwise compile its own in turn as its
         first group arrives. The jitted calls then find them compiled. :meth:`run` does this for the devices
-        its input will use, when that is more than one. ``whole`` windows take their image's shape: those of
-        ``images`` are compiled (:meth:`run` passes its first images; other shapes compile as they come)."""
+        its input will use, when that is more than one. ``whole`` windows and canvases take their image's
+        shapes: those of ``images`` are compiled (:meth:`run` passes its first images; other shapes compile as
+        they come)."""
         todo = [i for i in range(len(self.devices))[:devices] if (with_scores, i) not in self._compiled]
         if not todo:
             return
-        if self.protocol.whole:
-            shapes = sorted({shape for image in images for shape in self._whole_shapes(*image.shape[:2])})
-        else:
-            shapes = sorted({(side, side) for side in (self.protocol.window_side(s) for s in self.protocol.scales)})
+        plans = {self._plan(image.shape[:2]) for image in images} if self.protocol.whole else {self._plan(None)}
         batch = self.window_batch
 
         def host(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -211,33 +222,43 @@ class ProtocolRunner:
         def compile_for(index: int) -> None:
             on = jax.sharding.SingleDeviceSharding(self.devices[index])
             g, c = self.images_per_call, self.num_classes
-            canvases = (
-                tuple(jax.ShapeDtypeStruct((g, side, side, c), jnp.float32, sharding=on) for side in self.canvas_sides),
-                tuple(jax.ShapeDtypeStruct((g, side, side), jnp.float32, sharding=on) for side in self.canvas_sides),
-            )
-            self._zeros[index].lower().compile()
-            for shape in shapes:
-                fields = [host((batch,), np.int32) for _ in _FIELDS]
-                windows = host((batch, *shape, 3), np.float32)
-                self._accumulate.lower(
-                    self._variables[index], *canvases, windows, *fields, host((batch,), np.bool_)
-                ).compile()
-            count = len(self.protocol.scales)
-            taps, fracs = host((count, 2, TILE), np.int32), host((count, TILE), np.float32)
-            labels = host((TILE, TILE), np.int32)
-            self._tile.lower(*canvases, 0, taps, fracs, taps, fracs, labels, with_scores=with_scores).compile()
+            for canvases, windows in sorted(plans):
+                arrays = (
+                    tuple(jax.ShapeDtypeStruct((g, *shape, c), jnp.float32, sharding=on) for shape in canvases),
+                    tuple(jax.ShapeDtypeStruct((g, *shape), jnp.float32, sharding=on) for shape in canvases),
+                )
+                self._zeros[index].lower(canvases).compile()
+                for shape in windows:
+                    fields = [host((batch,), np.int32) for _ in _FIELDS]
+                    self._accumulate.lower(
+                        self._variables[index], *arrays, host((batch, *shape, 3), np.float32), *fields,
+                        host((batch,), np.bool_),
+                    ).compile()  # fmt: skip
+                count = len(self.protocol.scales)
+                taps, fracs = host((count, 2, TILE), np.int32), host((count, TILE), np.float32)
+                labels = host((TILE, TILE), np.int32)
+                self._tile.lower(*arrays, 0, taps, fracs, taps, fracs, labels, with_scores=with_scores).compile()
 
         with ThreadPoolExecutor(max_workers=len(todo)) as pool:
             list(pool.map(compile_for, todo))
         self._compiled.update((with_scores, i) for i in todo)
         for i in todo:
-            self._programs.update({(i, "zeros"), (i, f"tile_{with_scores}")})
-            self._programs.update((i, f"accumulate_{h}x{w}") for h, w in shapes)
+            for canvases, windows in plans:
+                self._note_programs(i, canvases, windows, with_scores)
 
-    def _whole_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """``whole``'s network input shape at each of the protocol's scales for a ``height`` x ``width`` image."""
-        sizes = [scaled_size(height, width, self.protocol.long_side(s)) for s in self.protocol.scales]
-        return [(whole_padded(h), whole_padded(w)) for h, w in sizes]
+    def _plan(self, image_shape: tuple[int, int] | None) -> tuple[tuple, tuple]:
+        """(canvas shapes, window shapes) of an image of ``image_shape`` (sliding windows: of every image)."""
+        protocol = self.protocol
+        if protocol.whole:
+            scaled = [protocol.scaled_size(*image_shape, scale) for scale in protocol.scales]
+            shapes = tuple(protocol.whole_shape(h, w) for h, w in scaled)
+            return shapes * self.passes, tuple(sorted(set(shapes)))
+        windows = {(protocol.crop_size, protocol.crop_size)}
+        return self.canvas_shapes * self.passes, tuple(windows)
+
+    def _note_programs(self, device: int, canvases: tuple, windows: Iterable, with_scores: bool) -> None:
+        self._programs.update({(device, "zeros", None, canvases), (device, f"tile_{with_scores}", None, canvases)})
+        self._programs.update((device, "accumulate", tuple(window), canvases) for window in windows)
 
     @property
     def variables(self) -> Any:
@@ -251,28 +272,32 @@ class ProtocolRunner:
 
     # Jitted bodies. The Python-side counter runs only while tracing.
 
-    def _zeros_body(self) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    def _zeros_body(self, shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         self.traces["zeros"] += 1
         g, c = self.images_per_call, self.num_classes
-        sums = tuple(jnp.zeros((g, side, side, c), jnp.float32) for side in self.canvas_sides)
-        counts = tuple(jnp.zeros((g, side, side), jnp.float32) for side in self.canvas_sides)
+        sums = tuple(jnp.zeros((g, *shape, c), jnp.float32) for shape in shapes)
+        counts = tuple(jnp.zeros((g, *shape), jnp.float32) for shape in shapes)
         return sums, counts
 
     def _accumulate_body(self, variables, sums, counts, windows, slot, scale_index, top, left, valid):
-        """Adds each window's ``exp(logits)`` (with flip) and a count of 1 to its slot's canvas of its scale."""
+        """Adds each window's scores and a count of 1 to its slot's canvas of its scale: ``exp(logits)`` (with
+        flip: of the sum with the flipped window's logits), or with ``softmax`` the logits themselves (the
+        flipped window's, flipped back, on the scale's second canvas)."""
         self.traces[f"accumulate_{windows.shape[1]}x{windows.shape[2]}"] += 1
         batch, height, width = windows.shape[:3]
         images = jnp.concatenate([windows, windows[:, :, ::-1]]) if self.protocol.flip else windows
         logits = self.logits_fn(variables, images).astype(jnp.float32)
-        if self.protocol.flip:
-            logits = logits[:batch] + logits[batch:, :, ::-1]
-        scores = jnp.exp(logits)  # exp of summed logits, not softmax: the reference's module_inference
+        passes = [logits[:batch], logits[batch:, :, ::-1]] if self.protocol.flip else [logits]
+        if not self.protocol.softmax:
+            passes = [jnp.exp(sum(passes))]  # exp of summed logits, not softmax: the reference's module_inference
+        scales = len(self.protocol.scales)
         sums, counts = list(sums), list(counts)
-        for k, canvas_side in enumerate(self.canvas_sides):
-            if canvas_side < max(height, width):
+        for k, canvas in enumerate(sums):
+            if canvas.shape[1] < height or canvas.shape[2] < width:
                 continue  # 'whole': another scale's window shape; it never belongs here
+            scores = passes[k // scales]
             for b in range(batch):
-                weight = (valid[b] & (scale_index[b] == k)).astype(jnp.float32)
+                weight = (valid[b] & (scale_index[b] == k % scales)).astype(jnp.float32)
                 start = (slot[b], top[b], left[b])
                 region = jax.lax.dynamic_slice(sums[k], (*start, 0), (1, height, width, self.num_classes))
                 sums[k] = jax.lax.dynamic_update_slice(sums[k], region + weight * scores[b][None], (*start, 0))
@@ -281,25 +306,30 @@ class ProtocolRunner:
         return tuple(sums), tuple(counts)
 
     def _tile_body(self, sums, counts, slot, row_taps, row_frac, col_taps, col_frac, labels, *, with_scores: bool):
-        """One output tile: per scale, averaged canvas resized back (2x2 taps), summed; argmax; confusion.
+        """One output tile: per canvas, its average resized back (2x2 taps), with ``softmax`` softmaxed, summed
+        (``softmax``: averaged); argmax; confusion.
 
         row_taps / col_taps: int32 [K, 2, T] (lo, hi) source indices per scale; *_frac float32 [K, T];
         labels int32 [T, T] with -1 for ignored and padded pixels.
         """
         self.traces["tile"] += 1
         total = jnp.zeros((*labels.shape, self.num_classes), jnp.float32)
-        for k in range(len(self.canvas_sides)):
+        scales = len(self.protocol.scales)
+        for k in range(len(sums)):
 
             def averaged(rows, cols, k=k):
                 index = (slot, rows[:, None], cols[None, :])
                 count = counts[k][index]
                 return sums[k][index] / jnp.where(count > 0, count, 1.0)[..., None]
 
-            fr, fc = row_frac[k][:, None, None], col_frac[k][None, :, None]
-            (r0, r1), (c0, c1) = row_taps[k], col_taps[k]
+            fr, fc = row_frac[k % scales][:, None, None], col_frac[k % scales][None, :, None]
+            (r0, r1), (c0, c1) = row_taps[k % scales], col_taps[k % scales]
             top = averaged(r0, c0) * (1 - fc) + averaged(r0, c1) * fc
             bottom = averaged(r1, c0) * (1 - fc) + averaged(r1, c1) * fc
-            total = total + top * (1 - fr) + bottom * fr
+            resized = top * (1 - fr) + bottom * fr
+            total = total + (jax.nn.softmax(resized, axis=-1) if self.protocol.softmax else resized)
+        if self.protocol.softmax:
+            total = total / len(sums)  # mmsegmentation's mean probability
         predictions = jnp.argmax(total, axis=-1).astype(jnp.int32)
         confusion = metrics.batch_confusion(labels, predictions, self.num_classes)
         return (total if with_scores else None), predictions, confusion
@@ -310,7 +340,7 @@ class ProtocolRunner:
         """Each image at each of the protocol's scales, resized on host threads (NumPy's arithmetic runs
         without the GIL): [image][scale]."""
         jobs = [
-            (image, *scaled_size(*image.shape[:2], self.protocol.long_side(scale)), self.protocol.align_corners)
+            (image, *self.protocol.scaled_size(*image.shape[:2], scale), self.protocol.align_corners)
             for image in images
             for scale in self.protocol.scales
         ]
@@ -327,12 +357,12 @@ class ProtocolRunner:
 
     def _windows(self, slot: int, scaled_images: Sequence[np.ndarray]) -> Iterator[_Window]:
         protocol = self.protocol
-        for k, (scale, scaled) in enumerate(zip(protocol.scales, scaled_images, strict=True)):
+        for k, scaled in enumerate(scaled_images):
             height, width = scaled.shape[:2]
-            if protocol.whole:  # the scaled image, its sides padded to multiples of 32
-                shape, origins = (whole_padded(height), whole_padded(width)), [(0, 0)]
+            if protocol.whole:  # the scaled image, its sides padded to multiples of protocol.pad_multiple
+                shape, origins = protocol.whole_shape(height, width), [(0, 0)]
             else:
-                side = protocol.window_side(scale)
+                side = protocol.crop_size
                 shape, origins = (side, side), window_origins(height, width, protocol.crop_size, protocol.stride)
             for top, left in origins:
                 pixels = scaled[top : top + shape[0], left : left + shape[1]]  # a view, copied once: into the batch
@@ -412,13 +442,13 @@ class ProtocolRunner:
         self.groups_per_device[device] += 1
         scaled = self._scaled([image for image, _ in group])
         windows = [w for slot, images in enumerate(scaled) for w in self._windows(slot, images)]
-        self._programs.update({(device, "zeros"), (device, f"tile_{with_scores}")})
-        self._programs.update((device, "accumulate_{}x{}".format(*w.pixels.shape[:2])) for w in windows)
-        sums, counts = self._run_windows(windows, *self._zeros[device](), self._variables[device])
+        canvases = self._plan(group[0][0].shape[:2] if self.protocol.whole else None)[0]  # 'whole': one image
+        self._note_programs(device, canvases, {w.pixels.shape[:2] for w in windows}, with_scores)
+        sums, counts = self._run_windows(windows, *self._zeros[device](canvases), self._variables[device])
         pending = []
         for slot, (image, label) in enumerate(group):
             height, width = image.shape[:2]
-            sizes = [scaled_size(height, width, self.protocol.long_side(s)) for s in self.protocol.scales]
+            sizes = [self.protocol.scaled_size(height, width, s) for s in self.protocol.scales]
             tiles = []
             for top in range(0, height, TILE):
                 row_taps, row_frac = self._tile_tables(height, top, [h for h, _ in sizes])
@@ -540,6 +570,7 @@ def protocol_from_config(config: Any, dataset_info: Any) -> tuple[str, Protocol]
         flip=settings.get("flip", "auto"),
         stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
         dataset=dataset_info.name,
+        test_scale=tuple(settings.get("test_scale", ()) or ()),
     )
 
 
@@ -567,6 +598,7 @@ RESULT_SETTINGS = (
     "protocol_crop_size",
     "protocol_stride",
     "protocol_whole",
+    "protocol_test_scale",
 )
 
 
@@ -592,15 +624,18 @@ def results_label(result: Mapping[str, Any], workdir: Path, current_dataset: str
         inside = checkpoint.is_relative_to(workdir)
         parts.append("-".join(checkpoint.relative_to(workdir).parts) if inside else checkpoint.name)
     name, flip, scales = result.get("protocol"), settings["protocol_flip"], settings["protocol_scales"]
-    if flip is not None and flip != (name == "multi_scale"):
+    multi = name in ("multi_scale", "mmseg_multi_scale")
+    if flip is not None and flip != multi:
         parts.append("flip" if flip else "noflip")
-    default_scales = MULTI_SCALES if name == "multi_scale" else (1.0,)
+    default_scales = MULTI_SCALES if multi else (1.0,)
     if name == "multi_scale" and result.get("dataset") == "cityscapes":
         default_scales += CITYSCAPES_EXTRA_SCALES
     if scales is not None and tuple(scales) != default_scales:
         parts.append("scales" + "-".join(f"{scale:g}" for scale in scales))
     base, crop, stride = (settings[f"protocol_{key}"] for key in ("base_size", "crop_size", "stride"))
-    if base is not None and crop is not None:
+    if settings["protocol_test_scale"]:  # the mmseg protocols use no base or crop size
+        parts.append("scale" + "x".join(str(side) for side in settings["protocol_test_scale"]))
+    elif base is not None and crop is not None:
         parts.append(f"base{base}_crop{crop}")
         if stride is not None and stride != int(crop * 2.0 / 3.0):
             parts.append(f"stride{stride}")
@@ -628,11 +663,14 @@ def keep_earlier_results(out: Path, result: Mapping[str, Any], workdir: Path) ->
     while target.exists():
         target, n = out.with_name(f"{out.name}_{label}_{n}"), n + 1
     out.rename(target)
+    if earlier.get("protocol_test_scale"):
+        sizes = f"test scale {tuple(earlier['protocol_test_scale'])}"
+    else:
+        sizes = f"base {earlier.get('protocol_base_size')}, crop {earlier.get('protocol_crop_size')}"
     return (
         f"earlier results in {out} ({earlier.get('checkpoint')}, step {earlier.get('step')}, "
         f"{earlier.get('num_images')} images, scales {earlier.get('protocol_scales')}, flip "
-        f"{earlier.get('protocol_flip')}, base {earlier.get('protocol_base_size')}, crop "
-        f"{earlier.get('protocol_crop_size')}) differ from this evaluation's: kept, moved to {target}"
+        f"{earlier.get('protocol_flip')}, {sizes}) differ from this evaluation's: kept, moved to {target}"
     )
 
 
@@ -726,13 +764,13 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
                 if len(runner.devices) > 1
                 else ""
             )
-            + f", protocol {name} (scales {protocol.scales}, flip {protocol.flip}, base {protocol.base_size}, "
-            f"crop {protocol.crop_size}, stride {protocol.stride})",
+            + f", protocol {name} ({protocol.describe()})",
             flush=True,
         )
         trained = (int(info.get("base_size") or 0), int(info.get("crop_size") or 0))
         used = (protocol.base_size, protocol.crop_size)
-        if all(trained) and trained != used and not (settings.get("base_size") or settings.get("crop_size")):
+        explicit = settings.get("base_size") or settings.get("crop_size")
+        if all(trained) and trained != used and not explicit and not protocol.test_scale:
             # Prediction prefers the recorded sizes; evaluation keeps the protocol's (the paper's numbers are at
             # those), but says so.
             print(

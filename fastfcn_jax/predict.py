@@ -115,6 +115,7 @@ class Predictor:
         crop_size: int = 0,
         unrecorded_sizes: tuple[int, int] = (0, 0),
         stride_ratio: float = 2.0 / 3.0,
+        test_scale: Sequence[int] = (),
         window_batch: int = 8,
         images_per_call: int = 4,
         devices: Sequence[Any] | None = None,
@@ -126,8 +127,10 @@ class Predictor:
         ``info['crop_size']``, recorded by training); for a checkpoint that records none (a converter
         output), ``unrecorded_sizes`` (base, crop) when > 0, else the checkpoint's dataset's
         (``info['dataset']``), else the reference's 520 / 480. ``size_sources`` says which, per size.
-        ``protocol`` is one of ``single_scale`` (default), ``multi_scale``, ``whole``. ``devices``: where the
-        network runs, groups of ``images_per_call`` images in turn (``ProtocolRunner``); None: the default device.
+        ``protocol`` is one of ``single_scale`` (default), ``multi_scale``, ``whole``, ``mmseg``,
+        ``mmseg_multi_scale`` (at ``test_scale``, else mmsegmentation's for the checkpoint's dataset). ``devices``:
+        where the network runs, groups of ``images_per_call`` images in turn (``ProtocolRunner``); None: the
+        default device.
         """
         from fastfcn_jax import checkpointing
         from fastfcn_jax.models import create_model
@@ -167,6 +170,7 @@ class Predictor:
                 flip=flip,
                 stride_ratio=stride_ratio,
                 dataset=dataset.name if dataset is not None else "",
+                test_scale=test_scale,
             ),
             window_batch=window_batch,
             images_per_call=images_per_call,
@@ -302,6 +306,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         crop_size=settings.get("crop_size", 0) or 0,
         unrecorded_sizes=configured,
         stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
+        test_scale=tuple(settings.get("test_scale", ()) or ()),
         window_batch=settings.get("batch_size", 0) or 8,
         images_per_call=settings.get("images_per_call", 0) or 4,
         devices=sharding.evaluation_devices(config.get("num_devices") or 0),
@@ -436,14 +441,13 @@ def _report_protocol(
     )
     print(
         f"predicting {num_files} file(s) with {checkpoint} ({info.get('model_name')}, step {info.get('step')}), "
-        f"protocol {protocol} (scales {used.scales}, flip {used.flip}, base {used.base_size}, crop {used.crop_size}, "
-        f"stride {used.stride}; {origin})",
+        f"protocol {protocol} ({used.describe()}" + ("" if used.test_scale else f"; {origin}") + ")",
         flush=True,
     )
     sizes = (used.base_size, used.crop_size)
     # config.dataset's sizes where the checkpoint's recorded ones were preferred to them.
     wanted = tuple(c if c and s == "checkpoint" else u for c, s, u in zip(configured, sources, sizes, strict=True))
-    if wanted != sizes:
+    if wanted != sizes and not used.test_scale:
         print(
             f"note: predicting at base {sizes[0]} / crop {sizes[1]} ({origin}), not at "
             f"config.dataset's {wanted[0]} / {wanted[1]}; to predict at those, add "

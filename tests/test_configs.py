@@ -110,6 +110,18 @@ def test_evaluation_and_export_values_are_checked_before_any_work():
         assert f"config.{key}" in str(error.value)
 
 
+def test_an_mmseg_test_scale_is_two_positive_integers_for_the_mmseg_protocols_only():
+    config = load(CONFIGS[0]).get_config()
+    config.evaluation.test_scale = (2048, 512)
+    with pytest.raises(ValueError, match=r"config\.evaluation\.test_scale=\(2048, 512\): is the mmseg protocols'"):
+        validate(config)  # single_scale: it would be ignored
+    config.evaluation.protocol = "mmseg_multi_scale"
+    validate(config)
+    config.evaluation.test_scale = (2048, 0.5)
+    with pytest.raises(ValueError, match=r"config\.evaluation\.test_scale=\(2048, 0.5\): must be \(\) or two positive"):
+        validate(config)
+
+
 def test_architecture_overrides_are_settable_and_unset_ones_stay_the_models():
     # config.model.overrides offers Segmenter's scalar architecture fields as typed placeholders, so that
     # --config.model.overrides.jpu_width=16 works from the command line; unset (None) ones are not passed on.

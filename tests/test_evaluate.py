@@ -213,6 +213,100 @@ def test_protocol_with_flip_equals_the_reference_loop_on_a_tiny_model(tiny, name
         np.testing.assert_array_equal(result["prediction"][clear], expected.argmax(-1)[clear])
 
 
+def mmseg_size(height, width, test_scale, ratio):
+    """mmcv.imrescale's size (rescale_size) for mmsegmentation 0.x's MultiScaleFlipAug scale at ``ratio``."""
+    scale = (int(test_scale[0] * ratio), int(test_scale[1] * ratio))
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    new_w, new_h = int(width * float(factor) + 0.5), int(height * float(factor) + 0.5)
+    return new_h, new_w
+
+
+def mmseg_reference_scores(logits, image, ratios, flip, test_scale):
+    """mmsegmentation's test of one image: per ratio (and flip), the image rescaled (half-pixel bilinear), the
+    model's logits flipped back, resized to the image, softmaxed; the mean (SegTTAModel.merge_preds)."""
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    h, w = image.shape[:2]
+    probabilities = []
+    for ratio in ratios:
+        img = torch_resize(image, *mmseg_size(h, w, test_scale, ratio), align_corners=False)
+        passes = [np.asarray(logits(img[None].astype(np.float32))[0], np.float64)]
+        if flip:
+            passes.append(np.asarray(logits(img[None, :, ::-1].astype(np.float32))[0], np.float64)[:, ::-1])
+        probabilities += [softmax(torch_resize(out, h, w, align_corners=False)) for out in passes]
+    return sum(probabilities) / len(probabilities)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_mmseg_protocol_equals_mmsegmentations_test_loop_on_a_tiny_model(tiny, flip):
+    model, variables, logits = tiny
+    test_scale = (96, 48)  # a stand-in for ADE20K's (2048, 512)
+    protocol = evaluate.make_protocol(
+        "mmseg_multi_scale", base_size=BASE, crop_size=CROP, flip=flip, scales=(0.5, 1.0, 1.75), test_scale=test_scale
+    )
+    protocol = dataclasses.replace(protocol, align_corners=False)  # as evaluation sets it for an mmseg model
+    assert protocol.whole and protocol.softmax and protocol.pad_multiple == 1 and protocol.flip == flip
+    runner = evaluate.ProtocolRunner(
+        evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=5, images_per_call=3
+    )
+    assert runner.images_per_call == runner.window_batch == 1  # each image with canvases of its own shapes
+    rng = np.random.default_rng(4)
+    sizes = [*IMAGE_SIZES, (30, 200)]  # a panorama: its long side, not its short one, meets the test scale
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+    results = list(runner.run(images, with_scores=True))
+    for image, result in zip(images, results, strict=True):
+        expected = mmseg_reference_scores(lambda x: logits(variables, x), image, protocol.scales, flip, test_scale)
+        assert result["scores"].shape == expected.shape
+        np.testing.assert_allclose(result["scores"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result["scores"].sum(-1), 1.0, rtol=1e-5)  # mean probabilities
+        top2 = np.sort(expected, axis=-1)[..., -2:]
+        clear = top2[..., 1] - top2[..., 0] > 1e-4
+        np.testing.assert_array_equal(result["prediction"][clear], expected.argmax(-1)[clear])
+    # Unpadded: the network saw each scaled image at its own size, one program per shape.
+    scaled = {protocol.scaled_size(h, w, s) for h, w in sizes for s in protocol.scales}
+    assert {f"accumulate_{h}x{w}" for h, w in scaled} == {k for k in runner.traces if k.startswith("accumulate")}
+
+
+@pytest.mark.parametrize(
+    ("size", "test_scale", "ratio", "expected"),
+    [
+        ((512, 683), (2048, 512), 1.0, (512, 683)),  # ADE20K's usual image: unchanged
+        ((683, 512), (2048, 512), 1.0, (683, 512)),  # portrait
+        ((375, 500), (2048, 512), 1.0, (512, 683)),  # upscaled: the short side meets 512
+        ((500, 2000), (2048, 512), 1.0, (512, 2048)),  # the long side meets 2048 first
+        ((300, 2400), (2048, 512), 1.0, (256, 2048)),
+        ((1024, 2048), (2048, 1024), 0.5, (512, 1024)),  # Cityscapes at ratio 0.5: (1024, 512)
+        ((1024, 2048), (2048, 1024), 1.75, (1792, 3584)),
+        ((512, 683), (2048, 512), 0.75, (384, 512)),  # int(683 * 0.75 + 0.5) = 512
+        ((333, 500), (520, 520), 1.0, (346, 520)),  # mmseg's Pascal Context: long side 520
+    ],
+)
+def test_mmseg_test_resize_is_mmcvs_keep_ratio_rescale(size, test_scale, ratio, expected):
+    assert evaluate.keep_ratio_size(*size, test_scale, ratio) == expected == mmseg_size(*size, test_scale, ratio)
+    protocol = evaluate.make_protocol("mmseg", base_size=BASE, crop_size=CROP, test_scale=test_scale)
+    assert protocol.scaled_size(*size, ratio) == expected
+
+
+def test_mmseg_protocol_defaults_and_refusals():
+    make = functools.partial(evaluate.make_protocol, base_size=520, crop_size=480)
+    assert make("mmseg", dataset="ade20k").test_scale == (2048, 512)
+    city = make("mmseg_multi_scale", dataset="cityscapes")
+    assert city.test_scale == (2048, 1024) and city.scales == evaluate.MULTI_SCALES and city.flip  # no 2.0, 2.25
+    single = make("mmseg", dataset="cityscapes")
+    assert single.scales == (1.0,) and not single.flip and single.softmax and single.whole
+    assert make("mmseg", dataset="folder:mine", test_scale=(640, 480)).test_scale == (640, 480)
+    with pytest.raises(ValueError, match="mmsegmentation has no test scale for it; give one"):
+        make("mmseg", dataset="folder:mine")
+    with pytest.raises(ValueError, match="only the mmseg protocols take a test scale"):
+        make("whole", dataset="ade20k", test_scale=(2048, 512))
+    with pytest.raises(ValueError, match="must be two positive integers"):
+        make("mmseg", dataset="ade20k", test_scale=(2048, 0))
+    assert not make("whole").softmax and make("whole").pad_multiple == 32
+
+
 def test_cityscapes_multi_scale_adds_scales_2_and_2_25():
     protocol = evaluate.make_protocol("multi_scale", base_size=BASE, crop_size=CROP, dataset="cityscapes")
     assert protocol.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25) and protocol.flip
@@ -373,10 +467,10 @@ def test_whole_compiles_each_padded_shape_once_per_device_that_runs_it(tiny):
     spread = runner(devices)
     with backend_compilations() as compiled:
         results = list(spread.run(images, with_scores=True))
-    # Device 0 ran groups 1, 3, 5 (64 x 96, 96 x 64, 32 x 96), device 1 groups 2 and 4 (64 x 96): with the canvas
-    # zeros and the output tile, 5 + 3 programs.
+    # Device 0 ran groups 1, 3, 5 (64 x 96, 96 x 64, 32 x 96), device 1 groups 2 and 4 (64 x 96): the canvas zeros,
+    # the network and the output tile at each of those shapes, 9 + 3 programs.
     assert spread.groups_per_device == [3, 2]
-    assert spread.compile_count == len(compiled) == 8
+    assert spread.compile_count == len(compiled) == 12
     for want, got in zip(expected, results, strict=True):
         np.testing.assert_array_equal(got["prediction"], want["prediction"])
         np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6)
@@ -496,6 +590,38 @@ def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path, capsys):
     for mask, example in zip(masks, sorted(examples, key=lambda e: e["file_name"]), strict=True):
         array = np.asarray(Image.open(mask))
         assert array.shape == example["label"].shape and array.max() < NUM_CLASSES
+
+
+def test_run_evaluation_with_mmsegmentations_protocol(tiny, tmp_path, capsys):
+    from fastfcn_jax.data import pipeline
+
+    _, variables, _ = tiny
+    config = synthetic_shapes_config(tmp_path)
+    checkpointing.save_variables(tmp_path / "checkpoint", jax.device_get(variables), CHECKPOINT_INFO)
+    config.init_from = str(tmp_path / "checkpoint")
+    config.evaluation.protocol = "mmseg_multi_scale"
+    config.evaluation.scales = (0.5, 1.0)
+    config.evaluation.test_scale = (96, 48)
+    config.evaluation.max_examples = 3
+    result = evaluate.run_evaluation(config, tmp_path / "workdir")
+    printed = capsys.readouterr().out
+    assert (
+        "protocol mmseg_multi_scale (test scale (96, 48) x ratios (0.5, 1.0), flip True, whole image unpadded"
+        in printed
+    )
+    assert "note: the checkpoint's run was trained at" not in printed
+    out = tmp_path / "workdir" / "eval" / "validation_mmseg_multi_scale_first3"
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["protocol_test_scale"] == [96, 48] and written["protocol_softmax"] and written["protocol_whole"]
+    assert written["protocol_pad_multiple"] == 1 and result["mean_iou"] == written["mean_iou"]
+    examples = list(pipeline.full_examples("synthetic_shapes", data_dir=tmp_path / "data", split="validation"))[:3]
+    assert np.load(out / "confusion.npy").sum() == sum(int((e["label"] >= 0).sum()) for e in examples)
+    # Another test scale's results are kept aside under its name.
+    config.evaluation.test_scale = (128, 64)
+    evaluate.run_evaluation(config, tmp_path / "workdir")
+    printed = capsys.readouterr().out
+    aside = f"{out}_step0_checkpoint_scales0.5-1_scale96x48"
+    assert f"test scale (96, 48)) differ from this evaluation's: kept, moved to {aside}" in printed
 
 
 def test_results_of_another_dataset_are_labelled_with_it_when_kept(tmp_path):

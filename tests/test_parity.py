@@ -124,3 +124,62 @@ def test_backbone_only_source_initialises_neck_and_heads():
     np.testing.assert_array_equal(
         variables["batch_stats"]["backbone"]["stem3"]["bn"]["var"], state_dict["bn1.running_var"]
     )
+
+
+def test_mmseg_protocol_matches_mmsegmentations_own_test():
+    """mmsegmentation 1.2.2's test of one image (``parity_mmseg/mmseg_protocol.npz``, its make_fixtures.py): its
+    keep-ratio Resize, whole inference, logits resized back to the image, and the softmax mean over ratios and
+    flips (SegTTAModel.merge_preds), against the ``mmseg`` protocols on the converted weights."""
+    import dataclasses
+
+    import jax
+
+    from fastfcn_jax import evaluate
+    from fastfcn_jax.models import create_model
+
+    folder = FIXTURES / FIXTURE_FOLDERS["mmseg"]
+    reference = np.load(folder / "mmseg_protocol.npz")
+    image, test_scale = reference["image"], tuple(int(side) for side in reference["test_scale"])
+    ratios, flips = tuple(float(r) for r in reference["ratios"][::2]), reference["flips"]
+    variables, _ = convert_with_report(_official_state_dict(folder, "psp_jpu_r50_mmseg"), "psp_jpu_r50", 19, "mmseg")
+    model = create_model("psp_jpu_r50", 19, reference="mmseg")
+
+    def protocol(name, **options):
+        made = evaluate.make_protocol(name, base_size=520, crop_size=480, test_scale=test_scale, **options)
+        return dataclasses.replace(made, align_corners=model.align_corners)
+
+    # mmseg's resized inputs (OpenCV on uint8) have the protocol's sizes and, but for its rounding, its pixels.
+    multi = protocol("mmseg_multi_scale", scales=ratios)
+    inputs = {}  # network input shape -> mmseg's [plain, flipped] images, normalised
+    for i, (ratio, flip) in enumerate(zip(reference["ratios"], flips, strict=True)):
+        mmseg_input = reference[f"input_{i}"]
+        assert mmseg_input.shape[:2] == multi.scaled_size(*image.shape[:2], ratio)
+        ours = evaluate.resize_image(image.astype(np.float32), *mmseg_input.shape[:2], align_corners=False)
+        assert np.abs((ours[:, ::-1] if flip else ours) - mmseg_input).max() < 1  # OpenCV rounds to uint8
+        inputs.setdefault(mmseg_input.shape[:2], []).append(evaluate.normalize(mmseg_input))
+
+    def with_mmsegs_inputs(variables, images):  # the runner's own resizing replaced by OpenCV's
+        plain, flipped = inputs[images.shape[1:3]]
+        substitute = jnp.asarray(np.stack([plain, flipped][: images.shape[0]]))  # the network sees both as fed
+        return evaluate.model_logits_fn(model)(variables, images * 0 + substitute)
+
+    def run(logits_fn, protocol):
+        with jax.default_matmul_precision("highest"):
+            runner = evaluate.ProtocolRunner(logits_fn, variables, 19, protocol)
+            (result,) = runner.run([evaluate.normalize(image)], with_scores=True)
+        return result
+
+    expected = reference["tta_probabilities"]
+    spread = expected.std()
+    exact = run(with_mmsegs_inputs, multi)  # the network, the resizing back and the merge: float32 rounding
+    assert np.abs(exact["scores"] - expected).max() / spread < TOLERANCE
+    np.testing.assert_array_equal(exact["prediction"], reference["tta_prediction"])
+    whole = run(evaluate.model_logits_fn(model), multi)  # and this library's resizing of the image
+    assert np.abs(whole["scores"] - expected).max() / spread < 1e-2
+    assert (whole["prediction"] == reference["tta_prediction"]).mean() > 0.99
+    single = run(with_mmsegs_inputs, protocol("mmseg"))  # mmseg's plain test: one pass, logits resized back
+    logits = reference["single_logits"]
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    assert np.abs(single["scores"] - probabilities).max() / probabilities.std() < TOLERANCE
+    np.testing.assert_array_equal(single["prediction"], reference["single_prediction"])

@@ -277,6 +277,31 @@ def test_prediction_uses_the_sizes_the_checkpoint_was_trained_at_and_says_so(che
     np.testing.assert_array_equal(mask, Predictor.from_checkpoint(trained)(pixels))
 
 
+def test_prediction_with_mmsegmentations_protocol(checkpoint, tmp_path, capsys):
+    from fastfcn_jax.predict import Predictor, run_prediction
+
+    (tmp_path / "inputs").mkdir()
+    pixels = np.random.default_rng(6).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "inputs" / "photo.png")
+    config = base_config()
+    config.init_from = str(checkpoint)
+    config.evaluation.protocol = "mmseg"
+    with pytest.raises(ValueError, match="'mmseg' on dataset 'synthetic_shapes': mmsegmentation has no test scale"):
+        run_prediction(config, tmp_path / "workdir", str(tmp_path / "inputs"), str(tmp_path / "out"))
+    config.evaluation.test_scale = (64, 48)
+    run_prediction(config, tmp_path / "workdir", str(tmp_path / "inputs"), str(tmp_path / "out"))
+    report = capsys.readouterr().out
+    assert "protocol mmseg (test scale (64, 48) x ratios (1.0,), flip False, whole image unpadded, softmax" in report
+    assert "note: predicting at" not in report  # base and crop sizes play no part
+    recorded = json.loads((tmp_path / "out" / "predictions.json").read_text())["protocol"]
+    assert recorded["test_scale"] == [64, 48] and recorded["softmax"] and recorded["pad_multiple"] == 1
+    predictor = Predictor.from_checkpoint(checkpoint, protocol="mmseg", test_scale=(64, 48))
+    mask = np.asarray(Image.open(tmp_path / "out" / "photo_mask.png"))
+    np.testing.assert_array_equal(mask, predictor(pixels))
+    # 20 x 30 at (64, 48): factor min(64 / 30, 48 / 20) = 2.13 -> 43 x 64, the network's input unpadded.
+    assert {"accumulate_43x64"} == {k for k in predictor.runner.traces if k.startswith("accumulate")}
+
+
 def test_predicting_into_the_inputs_folder_again_leaves_out_its_own_outputs(checkpoint, tmp_path, capsys):
     from fastfcn_jax.predict import run_prediction
 
