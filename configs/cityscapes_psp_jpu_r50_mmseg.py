@@ -13,16 +13,17 @@ JPU/head/aux, 240 epochs, base size 1024, crop 768, aux weight 0.4. It starts fr
 (``init_from`` is required); for the EncNet twin add ``--config.model.name=encnet_jpu_r50
 --config.train.se_weight=0.2``, for DeepLabV3 ``--config.model.name=deeplab_jpu_r50``.
 
-Convert the released weights (docs/converting.md), then evaluate with the protocol of the expected number
-(``whole``: each 2048x1024 image at its own size in one pass, as mmsegmentation tests; docs/converting.md):
+Convert the released weights (docs/converting.md), then evaluate with the protocol of the expected number,
+mmsegmentation's own test and this config's default (``mmseg``: each 2048x1024 image at its own size in one
+pass; for its "ms+flip" numbers, 80.86 here, add ``--config.evaluation.protocol=mmseg_multi_scale``;
+docs/evaluation.md):
 
     python -m fastfcn_jax.convert --model psp_jpu_r50 --num-classes 19 --from mmseg --class-names cityscapes \
         fastfcn_r50-d32_jpu_psp_512x1024_80k_cityscapes_20210928_053722-57749bed.pth \
         --out ~/weights/psp_jpu_r50_mmseg_cityscapes
     python -m fastfcn_jax.main --config configs/cityscapes_psp_jpu_r50_mmseg.py \
         --workdir ~/runs/cityscapes_psp_jpu_r50_mmseg_eval --mode=eval \
-        --config.init_from=~/weights/psp_jpu_r50_mmseg_cityscapes \
-        --config.evaluation.protocol=whole --config.evaluation.base_size=2048
+        --config.init_from=~/weights/psp_jpu_r50_mmseg_cityscapes
 
 Fine-tune:
 
@@ -39,4 +40,5 @@ from fastfcn_jax.config import paper_config
 def get_config() -> ml_collections.ConfigDict:
     config = paper_config("cityscapes", "psp_jpu_r50", aux_weight=0.4, requires_init_from=True)
     config.model.overrides.reference = "mmseg"
+    config.evaluation.protocol = "mmseg"  # mmsegmentation's test, at its Cityscapes scale (2048, 1024)
     return config

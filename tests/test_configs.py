@@ -34,9 +34,9 @@ def test_paper_configs_use_the_reference_recipe(path):
     # mmsegmentation's design: its released weights (--from mmseg), evaluated or fine-tuned.
     mmseg = config.model.overrides.get("reference") == "mmseg"
     assert path.stem == f"{dataset}_{model}" + ("_trainval" if trainval else "") + ("_mmseg" if mmseg else "")
-    if mmseg:
+    if mmseg:  # evaluated as mmsegmentation tests, the protocol of its numbers
         assert config.train.requires_init_from and not config.init_from
-        assert "--from mmseg" in load(path).__doc__
+        assert "--from mmseg" in load(path).__doc__ and config.evaluation.protocol == "mmseg"
     assert config.train.batch_size == 16
     assert not config.train.allow_random_init  # from ImageNet weights (init_from), as the paper
     assert config.train.momentum == 0.9 and config.train.weight_decay == 1e-4
