@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The mmseg protocols' keep-ratio test scale (long, short); (): mmsegmentation's for the dataset
     # (Cityscapes (2048, 1024), ADE20K (2048, 512), Pascal Context (520, 520), VOC (2048, 512)).
     config.evaluation.test_scale = ()
+    # The whole-image protocols' padding of each side to a multiple of this; 0: the protocol's own ('whole' 32,
+    # the mmseg ones 1 = none, as mmsegmentation: exact, but one network compilation per image size).
+    config.evaluation.pad_multiple = 0
     # 0: eval: dataset.base_size / crop_size, else the dataset's (long side 520 at scale 1, 480 windows);
     # predict: the sizes recorded in the checkpoint, else as for eval (docs/evaluation.md).
     config.evaluation.base_size = 0
@@ -270,7 +273,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "evaluation.base_size",
     )
     check(0 < evaluation.stride_ratio <= 1, "evaluation.stride_ratio", "must be in (0, 1]")
-    for key in ("base_size", "crop_size", "batch_size", "images_per_call", "max_examples"):
+    check(
+        not evaluation.pad_multiple or evaluation.protocol in ("whole", *MMSEG_PROTOCOLS),
+        "evaluation.pad_multiple",
+        "pads the whole-image protocols' inputs (whole, mmseg, mmseg_multi_scale); the others run windows",
+    )
+    for key in ("base_size", "crop_size", "batch_size", "images_per_call", "max_examples", "pad_multiple"):
         check(evaluation[key] >= 0, f"evaluation.{key}", "must be >= 0 (0 = the default)")
     check(config.export.image_size >= 0, "export.image_size", "must be >= 0 (0 = the dataset's crop size)")
     check(config.export.output in ("logits", "labels"), "export.output", "must be 'logits' or 'labels'")

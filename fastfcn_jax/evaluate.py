@@ -571,6 +571,7 @@ def protocol_from_config(config: Any, dataset_info: Any) -> tuple[str, Protocol]
         stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
         dataset=dataset_info.name,
         test_scale=tuple(settings.get("test_scale", ()) or ()),
+        pad_multiple=settings.get("pad_multiple", 0) or 0,
     )
 
 
@@ -599,6 +600,7 @@ RESULT_SETTINGS = (
     "protocol_stride",
     "protocol_whole",
     "protocol_test_scale",
+    "protocol_pad_multiple",
 )
 
 
@@ -633,6 +635,9 @@ def results_label(result: Mapping[str, Any], workdir: Path, current_dataset: str
     if scales is not None and tuple(scales) != default_scales:
         parts.append("scales" + "-".join(f"{scale:g}" for scale in scales))
     base, crop, stride = (settings[f"protocol_{key}"] for key in ("base_size", "crop_size", "stride"))
+    pad = settings["protocol_pad_multiple"]
+    if pad is not None and result.get("protocol_whole") and pad != (1 if name in MMSEG_PROTOCOLS else WHOLE_MULTIPLE):
+        parts.append(f"pad{pad}")
     if settings["protocol_test_scale"]:  # the mmseg protocols use no base or crop size
         parts.append("scale" + "x".join(str(side) for side in settings["protocol_test_scale"]))
     elif base is not None and crop is not None:

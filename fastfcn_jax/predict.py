@@ -116,6 +116,7 @@ class Predictor:
         unrecorded_sizes: tuple[int, int] = (0, 0),
         stride_ratio: float = 2.0 / 3.0,
         test_scale: Sequence[int] = (),
+        pad_multiple: int = 0,
         window_batch: int = 8,
         images_per_call: int = 4,
         devices: Sequence[Any] | None = None,
@@ -128,7 +129,8 @@ class Predictor:
         output), ``unrecorded_sizes`` (base, crop) when > 0, else the checkpoint's dataset's
         (``info['dataset']``), else the reference's 520 / 480. ``size_sources`` says which, per size.
         ``protocol`` is one of ``single_scale`` (default), ``multi_scale``, ``whole``, ``mmseg``,
-        ``mmseg_multi_scale`` (at ``test_scale``, else mmsegmentation's for the checkpoint's dataset). ``devices``:
+        ``mmseg_multi_scale`` (at ``test_scale``, else mmsegmentation's for the checkpoint's dataset;
+        ``pad_multiple``: the whole-image protocols' padding, 0 = the protocol's own). ``devices``:
         where the network runs, groups of ``images_per_call`` images in turn (``ProtocolRunner``); None: the
         default device.
         """
@@ -171,6 +173,7 @@ class Predictor:
                 stride_ratio=stride_ratio,
                 dataset=dataset.name if dataset is not None else "",
                 test_scale=test_scale,
+                pad_multiple=pad_multiple,
             ),
             window_batch=window_batch,
             images_per_call=images_per_call,
@@ -307,6 +310,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
         unrecorded_sizes=configured,
         stride_ratio=settings.get("stride_ratio", 2.0 / 3.0),
         test_scale=tuple(settings.get("test_scale", ()) or ()),
+        pad_multiple=settings.get("pad_multiple", 0) or 0,
         window_batch=settings.get("batch_size", 0) or 8,
         images_per_call=settings.get("images_per_call", 0) or 4,
         devices=sharding.evaluation_devices(config.get("num_devices") or 0),

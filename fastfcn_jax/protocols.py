@@ -87,14 +87,15 @@ class Protocol:
 
     def describe(self) -> str:
         """The settings that decide the result, for messages."""
+        padding = "unpadded" if self.pad_multiple == 1 else f"padded to a multiple of {self.pad_multiple}"
         if self.test_scale:
             return (
-                f"test scale {self.test_scale} x ratios {self.scales}, flip {self.flip}, whole image unpadded, "
+                f"test scale {self.test_scale} x ratios {self.scales}, flip {self.flip}, whole image {padding}, "
                 "softmax averaged"
             )
         words = f"scales {self.scales}, flip {self.flip}, base {self.base_size}, "
         if self.whole:
-            return words + f"whole image padded to a multiple of {self.pad_multiple}"
+            return words + f"whole image {padding}"
         return words + f"crop {self.crop_size}, stride {self.stride}"
 
     def canvas_pixels_bound(self, scale: float) -> int:
@@ -117,11 +118,13 @@ def make_protocol(
     stride_ratio: float = 2.0 / 3.0,
     dataset: str = "",
     test_scale: Sequence[int] = (),
+    pad_multiple: int = 0,
 ) -> Protocol:
     """The named protocol: ``single_scale`` (scale 1, no flip), ``multi_scale`` (0.5..1.75, + 2.0, 2.25 for
     Cityscapes, with flip), ``whole``, or mmsegmentation's ``mmseg`` (ratio 1, no flip) and ``mmseg_multi_scale``
     (ratios 0.5..1.75, with flip) at ``test_scale`` (default: mmsegmentation's for ``dataset``,
-    :data:`MMSEG_TEST_SCALES`); ``scales`` / ``flip`` override the protocol's defaults."""
+    :data:`MMSEG_TEST_SCALES`); ``scales`` / ``flip`` override the protocol's defaults, ``pad_multiple`` (> 0) the
+    padding of the whole-image protocols (32 for ``whole``, 1 = none for the ``mmseg`` ones)."""
     if name not in PROTOCOLS:
         raise ValueError(f"evaluation.protocol={name!r}: must be one of {PROTOCOLS}")
     if base_size <= 0 or crop_size <= 0:
@@ -134,6 +137,14 @@ def make_protocol(
         )
     mmseg = name in MMSEG_PROTOCOLS
     multi = name in ("multi_scale", "mmseg_multi_scale")
+    whole = name == "whole" or mmseg
+    if pad_multiple and not whole:
+        raise ValueError(
+            f"evaluation.pad_multiple={pad_multiple}: only the whole-image protocols ('whole', 'mmseg', "
+            f"'mmseg_multi_scale') pad the image; {name!r} runs {crop_size}-pixel windows"
+        )
+    if pad_multiple < 0:
+        raise ValueError(f"evaluation.pad_multiple={pad_multiple}: must be >= 0 (0 = the protocol's own)")
     if test_scale and not mmseg:
         raise ValueError(
             f"evaluation.test_scale={tuple(test_scale)}: only the mmseg protocols take a test scale ({name!r} "
@@ -166,8 +177,8 @@ def make_protocol(
         base_size=int(base_size),
         crop_size=int(crop_size),
         stride=int(crop_size * stride_ratio),
-        whole=name == "whole" or mmseg,
-        pad_multiple=1 if mmseg else WHOLE_MULTIPLE,
+        whole=whole,
+        pad_multiple=int(pad_multiple) or (1 if mmseg else WHOLE_MULTIPLE),
         test_scale=tuple(int(side) for side in test_scale) if mmseg else (),
         softmax=mmseg,
     )

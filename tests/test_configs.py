@@ -120,6 +120,12 @@ def test_an_mmseg_test_scale_is_two_positive_integers_for_the_mmseg_protocols_on
     config.evaluation.test_scale = (2048, 0.5)
     with pytest.raises(ValueError, match=r"config\.evaluation\.test_scale=\(2048, 0.5\): must be \(\) or two positive"):
         validate(config)
+    config.evaluation.test_scale = ()
+    config.evaluation.pad_multiple = 32  # whole-image protocols only
+    validate(config)
+    config.evaluation.protocol = "multi_scale"
+    with pytest.raises(ValueError, match=r"config\.evaluation\.pad_multiple=32: pads the whole-image protocols'"):
+        validate(config)
 
 
 def test_architecture_overrides_are_settable_and_unset_ones_stay_the_models():

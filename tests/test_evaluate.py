@@ -305,6 +305,13 @@ def test_mmseg_protocol_defaults_and_refusals():
     with pytest.raises(ValueError, match="must be two positive integers"):
         make("mmseg", dataset="ade20k", test_scale=(2048, 0))
     assert not make("whole").softmax and make("whole").pad_multiple == 32
+    # Padding trades mmsegmentation's exactness for fewer compilations (one per padded size).
+    padded = make("mmseg", dataset="ade20k", pad_multiple=32)
+    assert padded.pad_multiple == 32 and padded.whole_shape(512, 683) == (512, 704)
+    assert "whole image padded to a multiple of 32" in padded.describe()
+    assert "whole image unpadded" in make("mmseg", dataset="ade20k").describe()
+    with pytest.raises(ValueError, match="pad_multiple=32: only the whole-image protocols .* runs 480-pixel windows"):
+        make("single_scale", pad_multiple=32)
 
 
 def test_cityscapes_multi_scale_adds_scales_2_and_2_25():
