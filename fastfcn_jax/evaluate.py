@@ -193,58 +193,79 @@ class ProtocolRunner:
             jax.jit(self._zeros_body, static_argnums=0, out_shardings=jax.sharding.SingleDeviceSharding(device))
             for device in self.devices
         ]
+        # The network is a program of its own per window shape; adding its scores to the canvases is another
+        # (cheap) one per window shape and canvas set: 'whole' images that share a scale's shape but not their
+        # other scales' share the network's compilation.
+        self._network = jax.jit(self._network_body)
         # The canvases are updated in place (donated; CPUs too: one window added to a 1.6 GB canvas took 75 ms
         # there, 521 ms with a new copy of the canvas).
-        self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(1, 2))
+        self._accumulate = jax.jit(self._accumulate_body, donate_argnums=(0, 1))
         self._tile = jax.jit(self._tile_body, static_argnames="with_scores")
-        self._compiled: set[tuple[bool, int]] = set()  # (with_scores, device index) compile_all has compiled
-        # (device index, program, window shape or None, canvas shapes) compiled or run: compile_count
-        self._programs: set[tuple[int, str, Any, tuple]] = set()
+        # (device index, program, window shape or None, canvas shapes or None): compiled ahead (_compile) and
+        # compiled or run (compile_count)
+        self._compiled: set[tuple[int, str, Any, Any]] = set()
+        self._programs: set[tuple[int, str, Any, Any]] = set()
 
     def compile_all(
         self, with_scores: bool = False, devices: int | None = None, images: Sequence[np.ndarray] = ()
     ) -> None:
         """Compiles every program for the first ``devices`` devices (None: all) at once, on host threads (XLA
         compiles without holding the GIL), where each device would otherwise compile its own in turn as its
-        first group arrives. The jitted calls then find them compiled. :meth:`run` does this for the devices
-        its input will use, when that is more than one. ``whole`` windows and canvases take their image's
-        shapes: those of ``images`` are compiled (:meth:`run` passes its first images; other shapes compile as
-        they come)."""
-        todo = [i for i in range(len(self.devices))[:devices] if (with_scores, i) not in self._compiled]
-        if not todo:
-            return
+        first group arrives. The jitted calls then find them compiled. ``whole`` windows and canvases take
+        their image's shapes: those of ``images`` are compiled (other shapes compile as they come; :meth:`run`
+        compiles each device's first group's on that device)."""
+        count = len(self.devices) if devices is None else devices
         plans = {self._plan(image.shape[:2]) for image in images} if self.protocol.whole else {self._plan(None)}
-        batch = self.window_batch
+        self._compile(with_scores, {index: plans for index in range(count)})
+
+    def _compile(self, with_scores: bool, plans: Mapping[int, Iterable[tuple[tuple, tuple]]]) -> None:
+        """Compiles, per device index, the programs of its (canvas shapes, window shapes) plans, the devices on
+        host threads at once."""
+        batch, g, c = self.window_batch, self.images_per_call, self.num_classes
 
         def host(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(shape, dtype)  # NumPy inputs: uncommitted, as the calls pass them
 
+        def programs(index: int) -> set[tuple[int, str, Any, Any]]:
+            return {
+                key for canvases, windows in plans[index] for key in self._keys(index, canvases, windows, with_scores)
+            }
+
         def compile_for(index: int) -> None:
             on = jax.sharding.SingleDeviceSharding(self.devices[index])
-            g, c = self.images_per_call, self.num_classes
-            for canvases, windows in sorted(plans):
-                arrays = (
-                    tuple(jax.ShapeDtypeStruct((g, *shape, c), jnp.float32, sharding=on) for shape in canvases),
-                    tuple(jax.ShapeDtypeStruct((g, *shape), jnp.float32, sharding=on) for shape in canvases),
-                )
-                self._zeros[index].lower(canvases).compile()
-                for shape in windows:
+            for _, name, window, canvases in sorted(programs(index) - self._compiled, key=str):
+                if canvases is not None:
+                    arrays = (
+                        tuple(jax.ShapeDtypeStruct((g, *shape, c), jnp.float32, sharding=on) for shape in canvases),
+                        tuple(jax.ShapeDtypeStruct((g, *shape), jnp.float32, sharding=on) for shape in canvases),
+                    )
+                if name == "zeros":
+                    self._zeros[index].lower(canvases).compile()
+                elif name == "network":
+                    self._network.lower(self._variables[index], host((batch, *window, 3), np.float32)).compile()
+                elif name == "accumulate":
+                    passes = tuple(
+                        jax.ShapeDtypeStruct((batch, *window, c), jnp.float32, sharding=on) for _ in range(self.passes)
+                    )
                     fields = [host((batch,), np.int32) for _ in _FIELDS]
-                    self._accumulate.lower(
-                        self._variables[index], *arrays, host((batch, *shape, 3), np.float32), *fields,
-                        host((batch,), np.bool_),
-                    ).compile()  # fmt: skip
-                count = len(self.protocol.scales)
-                taps, fracs = host((count, 2, TILE), np.int32), host((count, TILE), np.float32)
-                labels = host((TILE, TILE), np.int32)
-                self._tile.lower(*arrays, 0, taps, fracs, taps, fracs, labels, with_scores=with_scores).compile()
+                    self._accumulate.lower(*arrays, passes, *fields, host((batch,), np.bool_)).compile()
+                else:
+                    scales = len(self.protocol.scales)
+                    taps, fracs = host((scales, 2, TILE), np.int32), host((scales, TILE), np.float32)
+                    labels = host((TILE, TILE), np.int32)
+                    self._tile.lower(*arrays, 0, taps, fracs, taps, fracs, labels, with_scores=with_scores).compile()
 
-        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-            list(pool.map(compile_for, todo))
-        self._compiled.update((with_scores, i) for i in todo)
-        for i in todo:
-            for canvases, windows in plans:
-                self._note_programs(i, canvases, windows, with_scores)
+        todo = [index for index in plans if programs(index) - self._compiled]
+        if todo:
+            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                list(pool.map(compile_for, todo))
+        for index in todo:
+            self._compiled |= programs(index)
+            self._programs |= programs(index)
+
+    def _group_plan(self, group: list[tuple[np.ndarray, Any]]) -> tuple[tuple, tuple]:
+        """(canvas shapes, window shapes) of a group of (image, label) pairs ('whole': one image)."""
+        return self._plan(group[0][0].shape[:2] if self.protocol.whole else None)
 
     def _plan(self, image_shape: tuple[int, int] | None) -> tuple[tuple, tuple]:
         """(canvas shapes, window shapes) of an image of ``image_shape`` (sliding windows: of every image)."""
@@ -256,9 +277,12 @@ class ProtocolRunner:
         windows = {(protocol.crop_size, protocol.crop_size)}
         return self.canvas_shapes * self.passes, tuple(windows)
 
-    def _note_programs(self, device: int, canvases: tuple, windows: Iterable, with_scores: bool) -> None:
-        self._programs.update({(device, "zeros", None, canvases), (device, f"tile_{with_scores}", None, canvases)})
-        self._programs.update((device, "accumulate", tuple(window), canvases) for window in windows)
+    def _keys(self, device: int, canvases: tuple, windows: Iterable, with_scores: bool) -> set[tuple]:
+        """The programs a group of these canvases and window shapes runs on ``device``."""
+        keys = {(device, "zeros", None, canvases), (device, f"tile_{with_scores}", None, canvases)}
+        for window in map(tuple, windows):
+            keys |= {(device, "network", window, None), (device, "accumulate", window, canvases)}
+        return keys
 
     @property
     def variables(self) -> Any:
@@ -279,17 +303,23 @@ class ProtocolRunner:
         counts = tuple(jnp.zeros((g, *shape), jnp.float32) for shape in shapes)
         return sums, counts
 
-    def _accumulate_body(self, variables, sums, counts, windows, slot, scale_index, top, left, valid):
-        """Adds each window's scores and a count of 1 to its slot's canvas of its scale: ``exp(logits)`` (with
-        flip: of the sum with the flipped window's logits), or with ``softmax`` the logits themselves (the
-        flipped window's, flipped back, on the scale's second canvas)."""
-        self.traces[f"accumulate_{windows.shape[1]}x{windows.shape[2]}"] += 1
-        batch, height, width = windows.shape[:3]
+    def _network_body(self, variables, windows):
+        """The windows' scores: ``exp(logits)`` (with flip: of the sum with the flipped window's logits), or
+        with ``softmax`` the logits themselves (and the flipped window's, flipped back, apart)."""
+        self.traces[f"network_{windows.shape[1]}x{windows.shape[2]}"] += 1
+        batch = windows.shape[0]
         images = jnp.concatenate([windows, windows[:, :, ::-1]]) if self.protocol.flip else windows
         logits = self.logits_fn(variables, images).astype(jnp.float32)
         passes = [logits[:batch], logits[batch:, :, ::-1]] if self.protocol.flip else [logits]
         if not self.protocol.softmax:
             passes = [jnp.exp(sum(passes))]  # exp of summed logits, not softmax: the reference's module_inference
+        return tuple(passes)
+
+    def _accumulate_body(self, sums, counts, passes, slot, scale_index, top, left, valid):
+        """Adds each window's scores and a count of 1 to its slot's canvas of its scale (the flipped pass of
+        ``softmax`` to the scale's second canvas)."""
+        batch, height, width = passes[0].shape[:3]
+        self.traces[f"accumulate_{height}x{width}"] += 1
         scales = len(self.protocol.scales)
         sums, counts = list(sums), list(counts)
         for k, canvas in enumerate(sums):
@@ -340,7 +370,7 @@ class ProtocolRunner:
         """Each image at each of the protocol's scales, resized on host threads (NumPy's arithmetic runs
         without the GIL): [image][scale]."""
         jobs = [
-            (image, *self.protocol.scaled_size(*image.shape[:2], scale), self.protocol.align_corners)
+            (image, *self.protocol.scaled_size(*image.shape[:2], scale), self.protocol.image_align_corners)
             for image in images
             for scale in self.protocol.scales
         ]
@@ -390,9 +420,9 @@ class ProtocolRunner:
                 yield pixels, *fields, np.arange(self.window_batch) < len(chunk)
 
     def _run_windows(self, windows: list[_Window], sums, counts, variables):
-        """Feeds windows through the accumulate step, a batch at a time."""
-        for arguments in self._batches(windows):
-            sums, counts = self._accumulate(variables, sums, counts, *arguments)
+        """Feeds windows through the network and their scores into the canvases, a batch at a time."""
+        for pixels, *fields in self._batches(windows):
+            sums, counts = self._accumulate(sums, counts, self._network(variables, pixels), *fields)
         return sums, counts
 
     def _tile_tables(self, image_size: int, origin: int, scaled_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -410,7 +440,8 @@ class ProtocolRunner:
         self, images: Iterable[np.ndarray], labels: Iterable[np.ndarray] | None = None, *, with_scores: bool = False
     ) -> Iterator[dict[str, Any]]:
         """Yields, per image in order, {'prediction': int32 [H, W], 'confusion': int64 [C, C] (zeros without
-        labels), 'scores': float32 [H, W, C] summed over scales (only ``with_scores``)}.
+        labels), 'scores': float32 [H, W, C] (only ``with_scores``): the reference's exp-scores summed over
+        scales, or with ``softmax`` (the mmseg protocols) the passes' mean probabilities}.
 
         images: normalised float32 [H, W, 3] (see :func:`normalize`), any sizes; labels: int32 [H, W] with
         -1 = ignore.
@@ -426,8 +457,8 @@ class ProtocolRunner:
         examples = iter(examples)
         groups = iter(lambda: list(itertools.islice(examples, self.images_per_call)), [])
         first = list(itertools.islice(groups, len(self.devices)))  # the devices this input will use
-        if len(first) > 1:
-            self.compile_all(with_scores, devices=len(first), images=[image for g in first for image, _ in g])
+        if len(first) > 1:  # each device's first group's programs, compiled on host threads at once
+            self._compile(with_scores, {i: {self._group_plan(group)} for i, group in enumerate(first)})
         in_flight: collections.deque[list] = collections.deque()
         turn = itertools.cycle(range(len(self.devices)))
         for group in itertools.chain(first, groups):
@@ -442,8 +473,8 @@ class ProtocolRunner:
         self.groups_per_device[device] += 1
         scaled = self._scaled([image for image, _ in group])
         windows = [w for slot, images in enumerate(scaled) for w in self._windows(slot, images)]
-        canvases = self._plan(group[0][0].shape[:2] if self.protocol.whole else None)[0]  # 'whole': one image
-        self._note_programs(device, canvases, {w.pixels.shape[:2] for w in windows}, with_scores)
+        canvases, shapes = self._group_plan(group)
+        self._programs |= self._keys(device, canvases, shapes, with_scores)
         sums, counts = self._run_windows(windows, *self._zeros[device](canvases), self._variables[device])
         pending = []
         for slot, (image, label) in enumerate(group):
@@ -605,9 +636,17 @@ RESULT_SETTINGS = (
 
 
 def _settings(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that make results different ones, the ones a protocol does not use left out (as None)."""
     settings = json.loads(json.dumps({key: result.get(key) for key in RESULT_SETTINGS}))  # tuples as JSON lists
     if settings["checkpoint"]:
         settings["checkpoint"] = str(Path(settings["checkpoint"]).expanduser().absolute())
+    settings["protocol_test_scale"] = settings["protocol_test_scale"] or []  # results older than test scales: none
+    if settings["protocol_test_scale"]:  # the mmseg protocols: no long side, no windows
+        settings.update(protocol_base_size=None, protocol_crop_size=None, protocol_stride=None)
+    if not settings["protocol_whole"]:
+        settings["protocol_pad_multiple"] = None  # windows pad to their own size
+    elif settings["protocol_pad_multiple"] is None:  # results older than the setting: 'whole' padded to 32
+        settings["protocol_pad_multiple"] = WHOLE_MULTIPLE
     return settings
 
 

@@ -50,6 +50,9 @@ class Protocol:
       align_corners: how the images are rescaled and the scores resized back to them (PyTorch's bilinear
         ``align_corners``): the reference's True; the model's own convention where it has another
         (``reference='mmseg'`` models: False), as evaluation and prediction set it.
+      image_resize: how the images are rescaled where that is not ``align_corners``: ``'half_pixel'`` (the mmseg
+        protocols: mmsegmentation resizes images with OpenCV, half-pixel centres, whatever the model) or ''
+        (as ``align_corners``).
     """
 
     scales: tuple[float, ...]
@@ -62,6 +65,12 @@ class Protocol:
     test_scale: tuple[int, ...] = ()
     softmax: bool = False
     align_corners: bool = True
+    image_resize: str = ""
+
+    @property
+    def image_align_corners(self) -> bool:
+        """The bilinear convention of the images' rescaling."""
+        return False if self.image_resize == "half_pixel" else self.align_corners
 
     def long_side(self, scale: float) -> int:
         return int(math.ceil(self.base_size * scale))
@@ -181,6 +190,7 @@ def make_protocol(
         pad_multiple=int(pad_multiple) or (1 if mmseg else WHOLE_MULTIPLE),
         test_scale=tuple(int(side) for side in test_scale) if mmseg else (),
         softmax=mmseg,
+        image_resize="half_pixel" if mmseg else "",
     )
 
 

@@ -221,9 +221,10 @@ def mmseg_size(height, width, test_scale, ratio):
     return new_h, new_w
 
 
-def mmseg_reference_scores(logits, image, ratios, flip, test_scale):
-    """mmsegmentation's test of one image: per ratio (and flip), the image rescaled (half-pixel bilinear), the
-    model's logits flipped back, resized to the image, softmaxed; the mean (SegTTAModel.merge_preds)."""
+def mmseg_reference_scores(logits, image, ratios, flip, test_scale, align_corners=False):
+    """mmsegmentation's test of one image: per ratio (and flip), the image rescaled (OpenCV: half-pixel bilinear),
+    the model's logits flipped back, resized to the image (the model's ``align_corners``), softmaxed; the mean
+    (SegTTAModel.merge_preds)."""
 
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
@@ -236,18 +237,21 @@ def mmseg_reference_scores(logits, image, ratios, flip, test_scale):
         passes = [np.asarray(logits(img[None].astype(np.float32))[0], np.float64)]
         if flip:
             passes.append(np.asarray(logits(img[None, :, ::-1].astype(np.float32))[0], np.float64)[:, ::-1])
-        probabilities += [softmax(torch_resize(out, h, w, align_corners=False)) for out in passes]
+        probabilities += [softmax(torch_resize(out, h, w, align_corners=align_corners)) for out in passes]
     return sum(probabilities) / len(probabilities)
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_mmseg_protocol_equals_mmsegmentations_test_loop_on_a_tiny_model(tiny, flip):
+@pytest.mark.parametrize(("flip", "align_corners"), [(False, False), (True, False), (True, True)])
+def test_mmseg_protocol_equals_mmsegmentations_test_loop_on_a_tiny_model(tiny, flip, align_corners):
+    # align_corners: the model's; True, an official model's, whose scores are resized back so while the images
+    # are still rescaled as mmsegmentation's OpenCV does (half-pixel).
     model, variables, logits = tiny
     test_scale = (96, 48)  # a stand-in for ADE20K's (2048, 512)
     protocol = evaluate.make_protocol(
         "mmseg_multi_scale", base_size=BASE, crop_size=CROP, flip=flip, scales=(0.5, 1.0, 1.75), test_scale=test_scale
     )
-    protocol = dataclasses.replace(protocol, align_corners=False)  # as evaluation sets it for an mmseg model
+    protocol = dataclasses.replace(protocol, align_corners=align_corners)  # as evaluation sets it from the model
+    assert protocol.image_align_corners is False
     assert protocol.whole and protocol.softmax and protocol.pad_multiple == 1 and protocol.flip == flip
     runner = evaluate.ProtocolRunner(
         evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, window_batch=5, images_per_call=3
@@ -258,7 +262,9 @@ def test_mmseg_protocol_equals_mmsegmentations_test_loop_on_a_tiny_model(tiny, f
     images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
     results = list(runner.run(images, with_scores=True))
     for image, result in zip(images, results, strict=True):
-        expected = mmseg_reference_scores(lambda x: logits(variables, x), image, protocol.scales, flip, test_scale)
+        expected = mmseg_reference_scores(
+            lambda x: logits(variables, x), image, protocol.scales, flip, test_scale, align_corners
+        )
         assert result["scores"].shape == expected.shape
         np.testing.assert_allclose(result["scores"], expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result["scores"].sum(-1), 1.0, rtol=1e-5)  # mean probabilities
@@ -267,7 +273,7 @@ def test_mmseg_protocol_equals_mmsegmentations_test_loop_on_a_tiny_model(tiny, f
         np.testing.assert_array_equal(result["prediction"][clear], expected.argmax(-1)[clear])
     # Unpadded: the network saw each scaled image at its own size, one program per shape.
     scaled = {protocol.scaled_size(h, w, s) for h, w in sizes for s in protocol.scales}
-    assert {f"accumulate_{h}x{w}" for h, w in scaled} == {k for k in runner.traces if k.startswith("accumulate")}
+    assert {f"network_{h}x{w}" for h, w in scaled} == {k for k in runner.traces if k.startswith("network")}
 
 
 @pytest.mark.parametrize(
@@ -282,12 +288,27 @@ def test_mmseg_protocol_equals_mmsegmentations_test_loop_on_a_tiny_model(tiny, f
         ((1024, 2048), (2048, 1024), 1.75, (1792, 3584)),
         ((512, 683), (2048, 512), 0.75, (384, 512)),  # int(683 * 0.75 + 0.5) = 512
         ((333, 500), (520, 520), 1.0, (346, 520)),  # mmseg's Pascal Context: long side 520
+        ((301, 602), (301, 301), 1.0, (151, 301)),  # 150.5 rounds up (int(x + 0.5)), not to even (round())
     ],
 )
 def test_mmseg_test_resize_is_mmcvs_keep_ratio_rescale(size, test_scale, ratio, expected):
     assert evaluate.keep_ratio_size(*size, test_scale, ratio) == expected == mmseg_size(*size, test_scale, ratio)
     protocol = evaluate.make_protocol("mmseg", base_size=BASE, crop_size=CROP, test_scale=test_scale)
     assert protocol.scaled_size(*size, ratio) == expected
+
+
+def test_whole_images_that_share_a_scales_shape_share_its_network_compilation(tiny):
+    # At base 80, 60 x 80 and 40 x 80 both run 64 x 96 at scale 1 (padded to 32), but 128 x 160 and 96 x 160 at
+    # scale 2: their canvas sets differ, the network at 64 x 96 is compiled once.
+    model, variables, _ = tiny
+    protocol = evaluate.make_protocol("whole", base_size=BASE, crop_size=CROP, scales=(1.0, 2.0))
+    runner = evaluate.ProtocolRunner(evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol)
+    images = [np.zeros((h, w, 3), np.float32) for h, w in [(60, 80), (40, 80)]]
+    with backend_compilations() as compiled:
+        list(runner.run(images))
+    assert runner.traces["network_64x96"] == 1 and runner.traces["accumulate_64x96"] == 2
+    # 3 network shapes, 4 (window, canvas set) additions, 2 canvas sets' zeros and tiles.
+    assert runner.compile_count == len(compiled) == 3 + 4 + 2 + 2
 
 
 def test_mmseg_protocol_defaults_and_refusals():
@@ -391,7 +412,7 @@ def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
     after_first = runner.compile_count
     results = list(runner.run(images[2:]))
     assert [r["prediction"].shape for r in results] == sizes[2:]
-    assert after_first == runner.compile_count == 3  # canvas zeros, window step, output tile
+    assert after_first == runner.compile_count == 4  # canvas zeros, network, adding its scores, output tile
 
 
 def test_two_groups_in_flight_overlap_the_next_groups_preparation_with_the_current_one(tiny):
@@ -475,9 +496,10 @@ def test_whole_compiles_each_padded_shape_once_per_device_that_runs_it(tiny):
     with backend_compilations() as compiled:
         results = list(spread.run(images, with_scores=True))
     # Device 0 ran groups 1, 3, 5 (64 x 96, 96 x 64, 32 x 96), device 1 groups 2 and 4 (64 x 96): the canvas zeros,
-    # the network and the output tile at each of those shapes, 9 + 3 programs.
+    # the network, adding its scores and the output tile at each of those shapes, 12 + 4 programs; the first group
+    # of each device compiled ahead on that device only.
     assert spread.groups_per_device == [3, 2]
-    assert spread.compile_count == len(compiled) == 12
+    assert spread.compile_count == len(compiled) == 16
     for want, got in zip(expected, results, strict=True):
         np.testing.assert_array_equal(got["prediction"], want["prediction"])
         np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6)
@@ -523,7 +545,7 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
     few = runner(devices)
     few_results = list(few.run(images[:4], labels[:4], with_scores=True))
     assert few.groups_per_device == [1, 1, 0] and few.compile_count == 2 * one.compile_count
-    assert {i for _, i in few._compiled} == {0, 1}
+    assert {key[0] for key in few._compiled} == {0, 1}
     np.testing.assert_array_equal(few_results[3]["prediction"], expected[3]["prediction"])
     # Devices for eval and predict: all local ones on accelerators, one on CPU unless asked.
     assert sharding.evaluation_devices() == jax.local_devices()[:1]
@@ -586,7 +608,7 @@ def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path, capsys):
     confusion = np.load(out / "confusion.npy")
     assert confusion.dtype == np.int64 and confusion.sum() == labelled
     written = json.loads((out / "metrics.json").read_text())
-    assert written["num_images"] == 5 and written["protocol_flip"] and written["compilations"] <= 3
+    assert written["num_images"] == 5 and written["protocol_flip"] and written["compilations"] <= 4
     assert written["mean_iou"] == pytest.approx(metrics.segmentation_scores(confusion)["mean_iou"])
     assert result["mean_iou"] == written["mean_iou"]
     table = (out / "per_class_iou.md").read_text()
@@ -629,6 +651,26 @@ def test_run_evaluation_with_mmsegmentations_protocol(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     aside = f"{out}_step0_checkpoint_scales0.5-1_scale96x48"
     assert f"test scale (96, 48)) differ from this evaluation's: kept, moved to {aside}" in printed
+
+
+def test_results_of_the_same_settings_are_replaced_whatever_settings_they_do_not_use(tmp_path):
+    base = {"checkpoint": str(tmp_path), "step": 10, "num_images": 5, "protocol_scales": [1.0], "protocol_flip": False}
+    windows = {**base, "protocol": "single_scale", "protocol_base_size": 520, "protocol_crop_size": 480}
+    windows |= {"protocol_stride": 320, "protocol_whole": False}
+    out = tmp_path / "eval" / "validation_single_scale"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(windows))  # written before test scales and padding were recorded
+    current = {**windows, "protocol_test_scale": [], "protocol_pad_multiple": 32}
+    assert evaluate.keep_earlier_results(out, current, tmp_path).startswith("replacing the earlier results")
+    # The mmseg protocols use no base or crop size: another config.dataset.base_size is the same evaluation.
+    mmseg = {**base, "protocol": "mmseg", "protocol_whole": True, "protocol_test_scale": [2048, 512]}
+    mmseg |= {"protocol_pad_multiple": 1, "protocol_base_size": 520, "protocol_crop_size": 480}
+    (out / "metrics.json").write_text(json.dumps(mmseg))
+    moved = {**mmseg, "protocol_base_size": 1024, "protocol_crop_size": 768}
+    assert evaluate.keep_earlier_results(out, moved, tmp_path).startswith("replacing the earlier results")
+    padded = {**mmseg, "protocol_pad_multiple": 32}
+    assert "kept, moved to" in evaluate.keep_earlier_results(out, padded, tmp_path)
+    assert (tmp_path / "eval" / "validation_single_scale_step10_scale2048x512").is_dir()
 
 
 def test_results_of_another_dataset_are_labelled_with_it_when_kept(tmp_path):

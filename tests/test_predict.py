@@ -56,7 +56,7 @@ def test_predictor_returns_one_class_index_per_pixel_for_any_mode_and_size(predi
     batched = predictor.predict_batch(images)
     for image, mask in zip(images, batched, strict=True):
         np.testing.assert_array_equal(mask, predictor(image))
-    assert predictor.runner.compile_count == 3
+    assert predictor.runner.compile_count == 4
 
 
 def test_predictor_uses_the_checkpoints_dataset_palette_and_names(predictor):
@@ -299,7 +299,7 @@ def test_prediction_with_mmsegmentations_protocol(checkpoint, tmp_path, capsys):
     mask = np.asarray(Image.open(tmp_path / "out" / "photo_mask.png"))
     np.testing.assert_array_equal(mask, predictor(pixels))
     # 20 x 30 at (64, 48): factor min(64 / 30, 48 / 20) = 2.13 -> 43 x 64, the network's input unpadded.
-    assert {"accumulate_43x64"} == {k for k in predictor.runner.traces if k.startswith("accumulate")}
+    assert {"network_43x64"} == {k for k in predictor.runner.traces if k.startswith("network")}
 
 
 def test_predicting_into_the_inputs_folder_again_leaves_out_its_own_outputs(checkpoint, tmp_path, capsys):
