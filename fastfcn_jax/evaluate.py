@@ -54,6 +54,10 @@ from fastfcn_jax.protocols import (  # noqa: F401 - re-exported: evaluate.make_p
 )
 
 TILE = 256  # output tile side of the resize-back / argmax / confusion step
+# The whole-image protocols compile per image size; past this many programs held, the runner drops its compiled
+# programs (XLA:CPU maps about 130 memory regions per program of an R50 model, and a process may hold 65530:
+# an mmseg multi-scale run over many image sizes died with "LLVM compilation error: Cannot allocate memory").
+MAX_LIVE_PROGRAMS = 192
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -135,6 +139,8 @@ class ProtocolRunner:
       groups_in_flight: groups dispatched per device before the oldest is fetched; None: 2 where two groups'
         canvases take at most a quarter of each device's memory (the host prepares the next group while the
         device runs one), else 1 (and on CPUs, which report no memory limit).
+      max_live_programs: the whole-image protocols drop every compiled program when a group would take more
+        than this many (sizes met again compile again, or come from JAX's persistent compilation cache).
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class ProtocolRunner:
         images_per_call: int = 4,
         devices: Sequence[jax.Device] | None = None,
         groups_in_flight: int | None = None,
+        max_live_programs: int = MAX_LIVE_PROGRAMS,
     ) -> None:
         if window_batch < 1 or images_per_call < 1:
             raise ValueError(f"window_batch={window_batch} and images_per_call={images_per_call} must be >= 1")
@@ -205,6 +212,8 @@ class ProtocolRunner:
         # compiled or run (compile_count)
         self._compiled: set[tuple[int, str, Any, Any]] = set()
         self._programs: set[tuple[int, str, Any, Any]] = set()
+        self.max_live_programs = max_live_programs
+        self.programs_dropped = 0  # compiled programs the runner let go of (max_live_programs)
 
     def compile_all(
         self, with_scores: bool = False, devices: int | None = None, images: Sequence[np.ndarray] = ()
@@ -291,8 +300,16 @@ class ProtocolRunner:
     @property
     def compile_count(self) -> int:
         """How many programs were compiled: each function, at each shape it ran with, once per device that
-        compiled or ran it."""
-        return len(self._programs)
+        compiled or ran it (again after the runner let go of its programs: ``max_live_programs``)."""
+        return self.programs_dropped + len(self._programs)
+
+    def _drop_programs(self) -> None:
+        """Lets go of every compiled program (the jitted functions' caches)."""
+        for function in (self._network, self._accumulate, self._tile, *self._zeros):
+            function.clear_cache()
+        self.programs_dropped += len(self._programs)
+        self._programs.clear()
+        self._compiled.clear()
 
     # Jitted bodies. The Python-side counter runs only while tracing.
 
@@ -474,7 +491,10 @@ class ProtocolRunner:
         scaled = self._scaled([image for image, _ in group])
         windows = [w for slot, images in enumerate(scaled) for w in self._windows(slot, images)]
         canvases, shapes = self._group_plan(group)
-        self._programs |= self._keys(device, canvases, shapes, with_scores)
+        keys = self._keys(device, canvases, shapes, with_scores)
+        if self.protocol.whole and len(self._programs | keys) > self.max_live_programs:
+            self._drop_programs()
+        self._programs |= keys
         sums, counts = self._run_windows(windows, *self._zeros[device](canvases), self._variables[device])
         pending = []
         for slot, (image, label) in enumerate(group):

@@ -311,6 +311,30 @@ def test_whole_images_that_share_a_scales_shape_share_its_network_compilation(ti
     assert runner.compile_count == len(compiled) == 3 + 4 + 2 + 2
 
 
+def test_whole_image_protocols_let_go_of_their_programs_past_a_bound(tiny):
+    # Each image size compiles its own programs; holding every one exhausted a process's memory maps on an
+    # mmseg multi-scale run over many sizes. Past max_live_programs the runner drops them and goes on.
+    model, variables, _ = tiny
+    protocol = evaluate.make_protocol("mmseg", base_size=BASE, crop_size=CROP, test_scale=(96, 48))
+    rng = np.random.default_rng(8)
+    images = [rng.normal(size=(30 + 3 * i, 50, 3)).astype(np.float32) for i in range(5)] * 2  # 5 sizes, twice
+
+    def run(**options):
+        runner = evaluate.ProtocolRunner(evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, **options)
+        with backend_compilations() as compiled:
+            results = list(runner.run(images, with_scores=True))
+        return runner, results, len(compiled)
+
+    unbounded, expected, compiled = run()
+    assert unbounded.programs_dropped == 0 and unbounded.compile_count == compiled == 5 * 4
+    bounded, results, compiled = run(max_live_programs=9)  # two sizes' 4 programs each, then a drop
+    assert bounded.programs_dropped > 0 and len(bounded._programs) <= 9
+    assert bounded.compile_count == compiled > 5 * 4  # sizes met again after a drop compile again
+    for want, got in zip(expected, results, strict=True):
+        np.testing.assert_array_equal(got["prediction"], want["prediction"])
+        np.testing.assert_array_equal(got["scores"], want["scores"])
+
+
 def test_mmseg_protocol_defaults_and_refusals():
     make = functools.partial(evaluate.make_protocol, base_size=520, crop_size=480)
     assert make("mmseg", dataset="ade20k").test_scale == (2048, 512)
