@@ -21,13 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from fastfcn_jax.benchmark import benchmark_evaluation, describe_device, environment, format_evaluation  # noqa: E402
+from fastfcn_jax.protocols import PROTOCOLS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="encnet_jpu_r50")
-    parser.add_argument("--protocol", default="multi_scale", choices=("single_scale", "multi_scale", "whole"))
-    parser.add_argument("--dataset", default="", help="cityscapes adds the scales 2.0 and 2.25")
+    parser.add_argument("--protocol", default="multi_scale", choices=PROTOCOLS)
+    parser.add_argument(
+        "--dataset", default="", help="cityscapes adds the scales 2.0 and 2.25; the mmseg protocols take its test scale"
+    )
     parser.add_argument("--num-classes", type=int, default=150)
     parser.add_argument("--image-size", default="512,683", help="HEIGHT,WIDTH of the random images")
     parser.add_argument("--base-size", type=int, default=520)
