@@ -13,7 +13,7 @@ from types import ModuleType
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from fastfcn_jax.protocols import FLIP_WORDS, MMSEG_PROTOCOLS, PROTOCOLS
+from fastfcn_jax.protocols import FLIP_WORDS, PROTOCOLS, option_errors
 
 # Segmenter's integer architecture fields that config.model.overrides offers on the command line.
 INT_OVERRIDES = ("stem_width", "base_width", "output_stride", "jpu_width", "jpux_groups", "head_width", "num_codes")
@@ -260,25 +260,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(evaluation.protocol in PROTOCOLS, "evaluation.protocol", f"must be one of {PROTOCOLS}")
     check(str(evaluation.flip).lower() in ("auto", *FLIP_WORDS), "evaluation.flip", "must be 'auto', 'true' or 'false'")
     check(_all_positive(evaluation.scales), "evaluation.scales", "must be positive numbers")
-    test_scale = tuple(evaluation.test_scale)
-    check(
-        not test_scale or (len(test_scale) == 2 and _all_positive(test_scale) and all(int(v) == v for v in test_scale)),
-        "evaluation.test_scale",
-        "must be () or two positive integers (long, short), e.g. '(2048, 512)'",
-    )
-    check(
-        not test_scale or evaluation.protocol in MMSEG_PROTOCOLS,
-        "evaluation.test_scale",
-        f"is the mmseg protocols' test resize ({', '.join(MMSEG_PROTOCOLS)}); the others scale the long side to "
-        "evaluation.base_size",
-    )
+    for option, message in option_errors(evaluation.protocol, evaluation.test_scale, evaluation.pad_multiple).items():
+        check(False, f"evaluation.{option}", message)
     check(0 < evaluation.stride_ratio <= 1, "evaluation.stride_ratio", "must be in (0, 1]")
-    check(
-        not evaluation.pad_multiple or evaluation.protocol in ("whole", *MMSEG_PROTOCOLS),
-        "evaluation.pad_multiple",
-        "pads the whole-image protocols' inputs (whole, mmseg, mmseg_multi_scale); the others run windows",
-    )
-    for key in ("base_size", "crop_size", "batch_size", "images_per_call", "max_examples", "pad_multiple"):
+    for key in ("base_size", "crop_size", "batch_size", "images_per_call", "max_examples"):
         check(evaluation[key] >= 0, f"evaluation.{key}", "must be >= 0 (0 = the default)")
     check(config.export.image_size >= 0, "export.image_size", "must be >= 0 (0 = the dataset's crop size)")
     check(config.export.output in ("logits", "labels"), "export.output", "must be 'logits' or 'labels'")

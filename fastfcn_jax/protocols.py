@@ -13,6 +13,7 @@ from collections.abc import Sequence
 # mode=eval / predict test protocols (make_protocol) and the words config.evaluation.flip takes.
 PROTOCOLS = ("single_scale", "multi_scale", "whole", "mmseg", "mmseg_multi_scale")
 MMSEG_PROTOCOLS = ("mmseg", "mmseg_multi_scale")
+WHOLE_PROTOCOLS = ("whole", *MMSEG_PROTOCOLS)  # one pass per scaled image, no windows
 FLIP_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CITYSCAPES_EXTRA_SCALES = (2.0, 2.25)  # the reference's test.py adds these for Cityscapes
@@ -146,19 +147,9 @@ def make_protocol(
         )
     mmseg = name in MMSEG_PROTOCOLS
     multi = name in ("multi_scale", "mmseg_multi_scale")
-    whole = name == "whole" or mmseg
-    if pad_multiple and not whole:
-        raise ValueError(
-            f"evaluation.pad_multiple={pad_multiple}: only the whole-image protocols ('whole', 'mmseg', "
-            f"'mmseg_multi_scale') pad the image; {name!r} runs {crop_size}-pixel windows"
-        )
-    if pad_multiple < 0:
-        raise ValueError(f"evaluation.pad_multiple={pad_multiple}: must be >= 0 (0 = the protocol's own)")
-    if test_scale and not mmseg:
-        raise ValueError(
-            f"evaluation.test_scale={tuple(test_scale)}: only the mmseg protocols take a test scale ({name!r} "
-            "scales the long side to base_size)"
-        )
+    options = {"test_scale": tuple(test_scale), "pad_multiple": pad_multiple}
+    for option, message in option_errors(name, **options).items():
+        raise ValueError(f"evaluation.{option}={options[option]}: {message}")
     if mmseg:
         test_scale = tuple(test_scale) or MMSEG_TEST_SCALES.get(dataset, ())
         if not test_scale:
@@ -166,8 +157,6 @@ def make_protocol(
                 f"evaluation.protocol={name!r} on dataset {dataset!r}: mmsegmentation has no test scale for it; "
                 "give one as (long, short), e.g. --config.evaluation.test_scale='(2048, 512)'"
             )
-        if len(test_scale) != 2 or any(int(side) != side or side <= 0 for side in test_scale):
-            raise ValueError(f"evaluation.test_scale={tuple(test_scale)}: must be two positive integers (long, short)")
     if not scales:
         scales = MULTI_SCALES if multi else (1.0,)
         if name == "multi_scale" and dataset == "cityscapes":
@@ -186,12 +175,33 @@ def make_protocol(
         base_size=int(base_size),
         crop_size=int(crop_size),
         stride=int(crop_size * stride_ratio),
-        whole=whole,
+        whole=name in WHOLE_PROTOCOLS,
         pad_multiple=int(pad_multiple) or (1 if mmseg else WHOLE_MULTIPLE),
         test_scale=tuple(int(side) for side in test_scale) if mmseg else (),
         softmax=mmseg,
         image_resize="half_pixel" if mmseg else "",
     )
+
+
+def option_errors(name: str, test_scale: Sequence[float] = (), pad_multiple: float = 0) -> dict[str, str]:
+    """What is wrong with protocol ``name``'s ``test_scale`` and ``pad_multiple`` options: {option: message}
+    (config validation and :func:`make_protocol` alike)."""
+    errors = {}
+    if pad_multiple < 0:
+        errors["pad_multiple"] = "must be >= 0 (0 = the protocol's own)"
+    elif pad_multiple and name not in WHOLE_PROTOCOLS:
+        errors["pad_multiple"] = (
+            f"only the whole-image protocols ({', '.join(WHOLE_PROTOCOLS)}) pad the image; {name!r} runs windows"
+        )
+    integers = all(isinstance(side, int | float) and int(side) == side > 0 for side in test_scale)
+    if test_scale and (len(test_scale) != 2 or not integers):
+        errors["test_scale"] = "must be two positive integers (long, short), e.g. '(2048, 512)'"
+    elif test_scale and name not in MMSEG_PROTOCOLS:
+        errors["test_scale"] = (
+            f"only the mmseg protocols ({', '.join(MMSEG_PROTOCOLS)}) take a test scale; {name!r} scales the long "
+            "side to base_size"
+        )
+    return errors
 
 
 def padded_to(size: int, multiple: int) -> int:

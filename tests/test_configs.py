@@ -113,18 +113,20 @@ def test_evaluation_and_export_values_are_checked_before_any_work():
 def test_an_mmseg_test_scale_is_two_positive_integers_for_the_mmseg_protocols_only():
     config = load(CONFIGS[0]).get_config()
     config.evaluation.test_scale = (2048, 512)
-    with pytest.raises(ValueError, match=r"config\.evaluation\.test_scale=\(2048, 512\): is the mmseg protocols'"):
+    with pytest.raises(ValueError, match=r"config\.evaluation\.test_scale=\(2048, 512\): only the mmseg protocols"):
         validate(config)  # single_scale: it would be ignored
     config.evaluation.protocol = "mmseg_multi_scale"
     validate(config)
     config.evaluation.test_scale = (2048, 0.5)
-    with pytest.raises(ValueError, match=r"config\.evaluation\.test_scale=\(2048, 0.5\): must be \(\) or two positive"):
+    with pytest.raises(
+        ValueError, match=r"config\.evaluation\.test_scale=\(2048, 0.5\): must be two positive integers"
+    ):
         validate(config)
     config.evaluation.test_scale = ()
     config.evaluation.pad_multiple = 32  # whole-image protocols only
     validate(config)
     config.evaluation.protocol = "multi_scale"
-    with pytest.raises(ValueError, match=r"config\.evaluation\.pad_multiple=32: pads the whole-image protocols'"):
+    with pytest.raises(ValueError, match=r"config\.evaluation\.pad_multiple=32: only the whole-image protocols"):
         validate(config)
 
 

@@ -345,7 +345,9 @@ def test_mmseg_protocol_defaults_and_refusals():
     assert make("mmseg", dataset="folder:mine", test_scale=(640, 480)).test_scale == (640, 480)
     with pytest.raises(ValueError, match="mmsegmentation has no test scale for it; give one"):
         make("mmseg", dataset="folder:mine")
-    with pytest.raises(ValueError, match="only the mmseg protocols take a test scale"):
+    with pytest.raises(
+        ValueError, match=r"test_scale=\(2048, 512\): only the mmseg protocols \(mmseg, mmseg_multi_scale\) take"
+    ):
         make("whole", dataset="ade20k", test_scale=(2048, 512))
     with pytest.raises(ValueError, match="must be two positive integers"):
         make("mmseg", dataset="ade20k", test_scale=(2048, 0))
@@ -355,7 +357,9 @@ def test_mmseg_protocol_defaults_and_refusals():
     assert padded.pad_multiple == 32 and padded.whole_shape(512, 683) == (512, 704)
     assert "whole image padded to a multiple of 32" in padded.describe()
     assert "whole image unpadded" in make("mmseg", dataset="ade20k").describe()
-    with pytest.raises(ValueError, match="pad_multiple=32: only the whole-image protocols .* runs 480-pixel windows"):
+    with pytest.raises(
+        ValueError, match="pad_multiple=32: only the whole-image protocols .* 'single_scale' runs windows"
+    ):
         make("single_scale", pad_multiple=32)
 
 
