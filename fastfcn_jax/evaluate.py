@@ -223,7 +223,7 @@ class ProtocolRunner:
         first group arrives. The jitted calls then find them compiled. ``whole`` windows and canvases take
         their image's shapes: those of ``images`` are compiled (other shapes compile as they come; :meth:`run`
         compiles each device's first group's on that device)."""
-        count = len(self.devices) if devices is None else devices
+        count = len(self.devices[:devices])
         plans = {self._plan(image.shape[:2]) for image in images} if self.protocol.whole else {self._plan(None)}
         self._compile(with_scores, {index: plans for index in range(count)})
 
@@ -265,6 +265,8 @@ class ProtocolRunner:
                     self._tile.lower(*arrays, 0, taps, fracs, taps, fracs, labels, with_scores=with_scores).compile()
 
         todo = [index for index in plans if programs(index) - self._compiled]
+        if self.protocol.whole and len(set().union(self._programs, *map(programs, todo))) > self.max_live_programs:
+            return  # they would be let go of before they run (_dispatch_group): each compiles as it comes
         if todo:
             with ThreadPoolExecutor(max_workers=len(todo)) as pool:
                 list(pool.map(compile_for, todo))
@@ -652,6 +654,7 @@ RESULT_SETTINGS = (
     "protocol_whole",
     "protocol_test_scale",
     "protocol_pad_multiple",
+    "protocol_image_resize",
 )
 
 
@@ -661,6 +664,7 @@ def _settings(result: Mapping[str, Any]) -> dict[str, Any]:
     if settings["checkpoint"]:
         settings["checkpoint"] = str(Path(settings["checkpoint"]).expanduser().absolute())
     settings["protocol_test_scale"] = settings["protocol_test_scale"] or []  # results older than test scales: none
+    settings["protocol_image_resize"] = settings["protocol_image_resize"] or ""  # older: as the scores
     if settings["protocol_test_scale"]:  # the mmseg protocols: no long side, no windows
         settings.update(protocol_base_size=None, protocol_crop_size=None, protocol_stride=None)
     if not settings["protocol_whole"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 # mode=eval / predict test protocols (make_protocol) and the words config.evaluation.flip takes.
 PROTOCOLS = ("single_scale", "multi_scale", "whole", "mmseg", "mmseg_multi_scale")
@@ -147,7 +148,7 @@ def make_protocol(
         )
     mmseg = name in MMSEG_PROTOCOLS
     multi = name in ("multi_scale", "mmseg_multi_scale")
-    options = {"test_scale": tuple(test_scale), "pad_multiple": pad_multiple}
+    options = {"test_scale": test_scale, "pad_multiple": pad_multiple}
     for option, message in option_errors(name, **options).items():
         raise ValueError(f"evaluation.{option}={options[option]}: {message}")
     if mmseg:
@@ -183,18 +184,24 @@ def make_protocol(
     )
 
 
-def option_errors(name: str, test_scale: Sequence[float] = (), pad_multiple: float = 0) -> dict[str, str]:
+def option_errors(name: str, test_scale: Any = (), pad_multiple: Any = 0) -> dict[str, str]:
     """What is wrong with protocol ``name``'s ``test_scale`` and ``pad_multiple`` options: {option: message}
     (config validation and :func:`make_protocol` alike)."""
     errors = {}
-    if pad_multiple < 0:
-        errors["pad_multiple"] = "must be >= 0 (0 = the protocol's own)"
+    if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, int) or pad_multiple < 0:
+        errors["pad_multiple"] = "must be an integer >= 0 (0 = the protocol's own)"
     elif pad_multiple and name not in WHOLE_PROTOCOLS:
         errors["pad_multiple"] = (
             f"only the whole-image protocols ({', '.join(WHOLE_PROTOCOLS)}) pad the image; {name!r} runs windows"
         )
-    integers = all(isinstance(side, int | float) and int(side) == side > 0 for side in test_scale)
-    if test_scale and (len(test_scale) != 2 or not integers):
+
+    def positive_integer(side: Any) -> bool:
+        number = isinstance(side, int | float) and not isinstance(side, bool) and math.isfinite(side)
+        return number and int(side) == side > 0
+
+    if not isinstance(test_scale, Sequence) or isinstance(test_scale, str):
+        errors["test_scale"] = "must be () or two positive integers (long, short), e.g. '(2048, 512)'"
+    elif test_scale and (len(test_scale) != 2 or not all(map(positive_integer, test_scale))):
         errors["test_scale"] = "must be two positive integers (long, short), e.g. '(2048, 512)'"
     elif test_scale and name not in MMSEG_PROTOCOLS:
         errors["test_scale"] = (

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastfcn_jax import checkpointing, evaluate, metrics, sharding
+from fastfcn_jax import checkpointing, evaluate, metrics, protocols, sharding
 from fastfcn_jax.config import base_config
 from fastfcn_jax.models import create_model
 from tests.model_weights import assert_image_dependent, calibrated_variables
@@ -352,6 +352,12 @@ def test_mmseg_protocol_defaults_and_refusals():
     with pytest.raises(ValueError, match="must be two positive integers"):
         make("mmseg", dataset="ade20k", test_scale=(2048, 0))
     assert not make("whole").softmax and make("whole").pad_multiple == 32
+    # Odd values are named, not crashed on (config validation shares this check).
+    for test_scale in [(float("inf"), 512), (float("nan"), 512), (True, True), (2048, 512.5), "2048,512", None]:
+        assert "test_scale" in protocols.option_errors("mmseg", test_scale=test_scale), test_scale
+    for pad in [-1, 2.5, True, "8", None]:
+        assert "pad_multiple" in protocols.option_errors("whole", pad_multiple=pad), pad
+    assert not protocols.option_errors("mmseg", test_scale=(2048.0, 512.0), pad_multiple=32)
     # Padding trades mmsegmentation's exactness for fewer compilations (one per padded size).
     padded = make("mmseg", dataset="ade20k", pad_multiple=32)
     assert padded.pad_multiple == 32 and padded.whole_shape(512, 683) == (512, 704)
@@ -436,6 +442,8 @@ def test_compile_count_stays_fixed_over_mixed_image_sizes(tiny):
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(8, 300, size=(9, 2))] + [(1, 1), (400, 30)]
     images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+    runner.compile_all(devices=99)  # at most the runner's devices (one)
+    assert runner.compile_count == 4
     list(runner.run(images[:2]))
     after_first = runner.compile_count
     results = list(runner.run(images[2:]))
@@ -696,9 +704,14 @@ def test_results_of_the_same_settings_are_replaced_whatever_settings_they_do_not
     (out / "metrics.json").write_text(json.dumps(mmseg))
     moved = {**mmseg, "protocol_base_size": 1024, "protocol_crop_size": 768}
     assert evaluate.keep_earlier_results(out, moved, tmp_path).startswith("replacing the earlier results")
-    padded = {**mmseg, "protocol_pad_multiple": 32}
+    # Images rescaled otherwise (mmseg protocols before they rescaled half-pixel whatever the model): another.
+    resized = {**mmseg, "protocol_image_resize": "half_pixel"}
+    assert "kept, moved to" in evaluate.keep_earlier_results(out, resized, tmp_path)
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps(resized))
+    padded = {**resized, "protocol_pad_multiple": 32}
     assert "kept, moved to" in evaluate.keep_earlier_results(out, padded, tmp_path)
-    assert (tmp_path / "eval" / "validation_single_scale_step10_scale2048x512").is_dir()
+    assert (tmp_path / "eval" / "validation_single_scale_step10_scale2048x512_2").is_dir()
 
 
 def test_results_of_another_dataset_are_labelled_with_it_when_kept(tmp_path):
