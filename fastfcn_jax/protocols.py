@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -188,7 +189,7 @@ def option_errors(name: str, test_scale: Any = (), pad_multiple: Any = 0) -> dic
     """What is wrong with protocol ``name``'s ``test_scale`` and ``pad_multiple`` options: {option: message}
     (config validation and :func:`make_protocol` alike)."""
     errors = {}
-    if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, int) or pad_multiple < 0:
+    if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, numbers.Integral) or pad_multiple < 0:
         errors["pad_multiple"] = "must be an integer >= 0 (0 = the protocol's own)"
     elif pad_multiple and name not in WHOLE_PROTOCOLS:
         errors["pad_multiple"] = (
@@ -196,7 +197,7 @@ def option_errors(name: str, test_scale: Any = (), pad_multiple: Any = 0) -> dic
         )
 
     def positive_integer(side: Any) -> bool:
-        number = isinstance(side, int | float) and not isinstance(side, bool) and math.isfinite(side)
+        number = isinstance(side, numbers.Real) and not isinstance(side, bool) and math.isfinite(side)
         return number and int(side) == side > 0
 
     if not isinstance(test_scale, Sequence) or isinstance(test_scale, str):

@@ -358,6 +358,7 @@ def test_mmseg_protocol_defaults_and_refusals():
     for pad in [-1, 2.5, True, "8", None]:
         assert "pad_multiple" in protocols.option_errors("whole", pad_multiple=pad), pad
     assert not protocols.option_errors("mmseg", test_scale=(2048.0, 512.0), pad_multiple=32)
+    assert not protocols.option_errors("mmseg", test_scale=tuple(np.array([2048, 512])), pad_multiple=np.int64(8))
     # Padding trades mmsegmentation's exactness for fewer compilations (one per padded size).
     padded = make("mmseg", dataset="ade20k", pad_multiple=32)
     assert padded.pad_multiple == 32 and padded.whole_shape(512, 683) == (512, 704)
