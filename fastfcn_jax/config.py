@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 1  # the reference's seed
     config.num_devices = 0  # 0: every device (eval and predict: every local one on GPUs/TPUs, one on CPUs)
     config.init_from = ""  # a converter output (python -m fastfcn_jax.convert ...) or another workdir
+    # Compiled programs kept on disk for the next run (fastfcn_jax/compilation_cache.py): 'auto' =
+    # $XDG_CACHE_HOME/fastfcn_jax/xla (~/.cache/...), a folder, or '' (off); JAX_COMPILATION_CACHE_DIR wins.
+    config.compilation_cache = "auto"
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "encnet_jpu_r50"

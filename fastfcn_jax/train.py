@@ -721,6 +721,7 @@ _QUIET_ON_RESUME = (
     "dataset.manual_dir",
     "num_devices",
     "train.allow_random_init",
+    "compilation_cache",
 )
 _QUIET_PREFIXES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                    "train.stop_after_steps", "eval.", "evaluation.", "export.", "benchmark.")  # fmt: skip

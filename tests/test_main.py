@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
+def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fastfcn_jax.main", "--config", str(ROOT / "configs" / "demo.py"), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -32,6 +34,29 @@ def test_demo_summary_runs_and_writes_summary(tmp_path):
     assert summary["outputs"] == {"logits": [1, 96, 96, 6]}
     assert summary["model"]["name"] == "psp_jpu_tiny"
     assert "| **total** |" in result.stdout
+
+
+def test_runs_keep_their_compilations_for_the_next_run(tmp_path):
+    # Without JAX_COMPILATION_CACHE_DIR (the suite's own cache, which would win), config.compilation_cache='auto'
+    # keeps programs under $XDG_CACHE_HOME; every program is written (no 1 s threshold) so the tiny model's count.
+    env = {key: value for key, value in os.environ.items() if key != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    args = (f"--workdir={tmp_path / 'run'}", "--mode=summary", "--config.model.name=fcn_jpu_tiny")
+    assert run_main(*args, env=env).returncode == 0
+    (folder,) = (tmp_path / "cache" / "fastfcn_jax" / "xla").iterdir()  # one per host CPU kind
+    programs = sorted(folder.glob("*-cache"))
+    assert programs, sorted(folder.iterdir())
+    used = {path: path.read_bytes() for path in folder.glob("*-atime")}  # last-use times, rewritten on each hit
+    assert len(used) == len(programs)
+
+    result = run_main(*args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(folder.glob("*-cache")) == programs  # nothing compiled anew
+    assert all(path.read_bytes() != before for path, before in used.items())  # every program read back
+
+    off = tmp_path / "off"
+    assert run_main(*args, "--config.compilation_cache=", env=env | {"XDG_CACHE_HOME": str(off)}).returncode == 0
+    assert not off.exists()
 
 
 def test_summary_of_a_trained_workdir_describes_its_checkpoints_model(tmp_path):
