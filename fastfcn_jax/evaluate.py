@@ -778,6 +778,16 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"checkpoint {source} predicts {num_classes} classes but dataset {dataset.name!r} has "
             f"{dataset.num_classes}: {hint}"
         )
+    trained_names = list(info.get("class_names") or [])
+    if trained_names and trained_names != list(dataset.class_names):
+        renamed = [(a, b) for a, b in zip(trained_names, dataset.class_names, strict=True) if a != b]
+        print(
+            f"note: dataset {dataset.name!r} names its classes differently from the checkpoint's training data "
+            f"({', '.join(f'{a!r} there, {b!r} here' for a, b in renamed[:3])}"
+            f"{', ...' if len(renamed) > 3 else ''}): class k is scored as the model's class k; results use the "
+            "checkpoint's names",
+            flush=True,
+        )
     checkpointing.note_unused_model_config(info, source, config.model, "is evaluated")
     model = create_model(info["model_name"], num_classes, **checkpointing.model_overrides(info))
     name, protocol = protocol_from_config(config, dataset)

@@ -989,6 +989,81 @@ def test_custom_folder_mask_without_its_image_stops_the_build(tmp_path):
     assert pipeline.dataset_size(get_dataset_info("folder:pairs", tmp_path / "tfds"), "train", tmp_path / "tfds") == 1
 
 
+def test_custom_folder_refuses_what_it_would_otherwise_drop_or_misread(tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    source.mkdir()
+    table = {"names": ["a", "b"], "ignore_label": 255}
+    (source / "classes.json").write_text(json.dumps(table))
+    mask = np.zeros((8, 8), np.uint8)
+
+    def build(message: str, error: type[Exception] = common.DataError) -> None:
+        with pytest.raises(error, match=message):
+            pipeline.prepare("folder:odd", tmp_path / "tfds", source_dir=source)
+        assert not (tmp_path / "tfds" / "fastfcn_folder").exists() or not folder.is_prepared("folder:odd", tmp_path / "tfds")
+
+    from fastfcn_jax.data.builders import folder
+
+    _write_jpeg(source / "images/train/x.jpg", 8, 8)
+    _write_png(source / "images/train/x.png", np.zeros((8, 8, 3), np.uint8), "RGB")  # two images, one mask
+    _write_png(source / "masks/train/x.png", mask, "L")
+    build(r"1 stem.s. name more than one image, e.g. .*x.jpg, .*x.png: .* rename or remove all but one")
+    (source / "images/train/x.png").unlink()
+    _write_jpeg(source / "images/val/v.jpg", 8, 8)
+    _write_png(source / "masks/val/v.png", mask, "L")
+    _write_jpeg(source / "images/validation/w.jpg", 8, 8)
+    _write_png(source / "masks/validation/w.png", mask, "L")
+    build(r"both val/ and validation/ hold the validation split: merge them")
+    for name in ("w.jpg",):
+        (source / "images/validation" / name).rename(source / "images/val" / name)
+    (source / "masks/validation/w.png").rename(source / "masks/val/w.png")
+    (source / "images/validation").rmdir()
+    build(r"mask folder.s. \['validation'\] have no images/<split> folder")
+    (source / "masks/validation").rmdir()
+    _write_jpeg(source / "images/train/sub/y.jpg", 8, 8)
+    build(r"images/train: subfolders are not read \(sub\): move their files up")
+    (source / "images/train/sub/y.jpg").rename(source / "images/train/y.bmp")  # BMP: read, stored decoded
+    (source / "images/train/sub").rmdir()
+    (source / "images/train/.ipynb_checkpoints").mkdir()  # Jupyter's: not the user's data
+    _write_png(source / "masks/train/y.png", mask, "L")
+    (source / "images/test").mkdir()
+    (source / "masks/test").mkdir()
+    build(r"no images in .*images/test .*: put the split's images there .*or remove the empty folder")
+    (source / "images/test").rmdir()
+    (source / "masks/test").rmdir()
+    # Written as '--data-dir=~/tfds' (no shell expansion): the home folder's, not a folder named '~'.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    pipeline.prepare("folder:odd", "~/tfds", source_dir="~/../src")
+    assert not (tmp_path / "~").exists()
+    info = get_dataset_info("folder:odd", "~/tfds")
+    assert pipeline.dataset_size(info, "train", "~/tfds") == 2 and pipeline.dataset_size(info, "validation", "~/tfds") == 2
+    labels = _labels_by_file("folder:odd", tmp_path / "home" / "tfds", "train")
+    assert sorted(labels) == ["x.jpg", "y.bmp"]
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"names": ["a"], "crop-size": 48}, r"unknown key.s. 'crop-size' \(did you mean 'crop_size'\?\)"),
+        ({"names": ["a"], "colours": [[0, 0, 0]]}, r"'colours' \(did you mean 'colors'\?\)"),
+        ({"names": ["a"], "ignore_lable": 255}, r"'ignore_lable' \(did you mean 'ignore_label'\?\)"),
+        ({"names": ["a"], "crop_size": "48px"}, r"'crop_size' must be a positive integer \(pixels\), got '48px'"),
+        ({"names": ["a"], "base_size": -5}, r"'base_size' must be a positive integer"),
+        ({"names": ["a"], "ignore_label": "void"}, r"'ignore_label' must be an integer, got 'void'"),
+        ({"names": ["a", "a"]}, r"'names' repeats \['a'\]"),
+        ({"names": ["a", 3]}, r"'names' must be non-empty strings"),
+        (["a", "b"], r"must be a JSON object"),
+    ],
+)
+def test_class_table_mistakes_name_the_key(tmp_path, table, message):
+    from fastfcn_jax.data.builders import folder
+
+    (tmp_path / "classes.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=r"classes.json: .*" + message):
+        folder.read_class_table(tmp_path)
+
+
 def test_a_manual_dir_that_does_not_exist_is_named_as_such(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"manual_dir .*no_such_raw, which does not exist"):
         pipeline.prepare("ade20k", tmp_path / "tfds", manual_dir=tmp_path / "no_such_raw")

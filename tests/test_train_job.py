@@ -172,7 +172,7 @@ def test_one_imagenet_conversion_initialises_the_backbone_of_any_head_and_dilati
     assert "train with --config.model.overrides.stem=standard" in str(error.value)
 
 
-def test_a_custom_folder_dataset_trains_resumes_only_its_model_and_predicts_in_its_colours(tmp_path):
+def test_a_custom_folder_dataset_trains_resumes_only_its_model_and_predicts_in_its_colours(tmp_path, capsys):
     # The glue a user's own data goes through: training finds the folder dataset's class table in data_dir
     # (with no source folder: it is prepared), a resume with another model names the misfit variables, and
     # prediction, which cannot look the dataset up, colours masks with the palette the checkpoint stores.
@@ -213,6 +213,19 @@ def test_a_custom_folder_dataset_trains_resumes_only_its_model_and_predicts_in_i
     predictor = Predictor.from_checkpoint(tmp_path / "run")
     np.testing.assert_array_equal(predictor.palette, table["palette"])
     assert predictor.protocol.crop_size == 16 and predictor.protocol.base_size == 24
+
+    # Evaluated on a dataset of as many classes under other names: said, and scored under the model's names.
+    from fastfcn_jax.evaluate import run_evaluation
+
+    (source / "classes.json").write_text(json.dumps({**table, "names": ["sky", "road", "car"]}))
+    assert prepare.main(["--dataset", "folder:roads", "--source", str(source), "--data-dir", str(tfds_dir)]) == 0
+    config.model.num_classes = 0
+    config.dataset.name = "folder:roads"
+    capsys.readouterr()
+    scores = run_evaluation(config, tmp_path / "run")
+    note = "names its classes differently from the checkpoint's training data ('grass' there, 'road' here, 'cow'"
+    assert note in capsys.readouterr().out
+    assert list(scores["per_class_iou"]) == table["names"]
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):

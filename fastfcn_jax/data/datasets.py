@@ -61,7 +61,15 @@ class DatasetInfo:
 
     def make_builder(self, data_dir: str | Path | None):
         """Instantiates the tfds builder reading/writing under ``data_dir``."""
-        return self.builder(data_dir=None if data_dir is None else str(data_dir), **self.builder_kwargs)
+        return self.builder(data_dir=directory(data_dir), **self.builder_kwargs)
+
+
+def directory(path: str | Path | None) -> str | None:
+    """A data or raw-files folder as tfds takes it: None for none given, ``~`` expanded (as the shell does only
+    for a bare word, not in ``--data-dir=~/x`` or a quoted one), a URL (``gs://...``) as it is."""
+    if path is None or str(path) == "":
+        return None
+    return str(path) if "://" in str(path) else str(Path(path).expanduser())
 
 
 def _lut(size: int, pairs: dict[int, int] | Sequence[tuple[int, int]]) -> np.ndarray:

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 from fastfcn_jax.data import transforms
 from fastfcn_jax.data.builders.common import is_prepared
-from fastfcn_jax.data.datasets import IGNORE_INDEX, DatasetInfo, get_dataset_info
+from fastfcn_jax.data.datasets import IGNORE_INDEX, DatasetInfo, directory, get_dataset_info
 
 # A training share below this size (encoded) is held in memory even when shuffled with a buffer.
 _CACHE_BYTES = 256 * 2**20
@@ -98,6 +98,7 @@ def prepare_status(
     overwrite: bool = False,
 ):
     """:func:`prepare`, also saying whether it built (``True``) or found the dataset already prepared."""
+    data_dir, manual_dir, source_dir = (directory(path) for path in (data_dir, manual_dir, source_dir))
     if dataset == "folder" or dataset.startswith("folder:"):
         from fastfcn_jax.data.builders import folder
 

@@ -228,12 +228,13 @@ def pair_files(
     where: str,
     instructions: str,
     remedy: str = _EXTRACT_AGAIN,
+    empty: str = "is the download extracted there?",
 ) -> list[tuple[Path, Path]]:
     """``(image, mask)`` for every image, or DataError naming what is unpaired (with ``remedy``, by default
     for a released dataset: an image without its mask or a mask without its image is a partly extracted
-    download, not something to skip silently); no image at all names the folder searched."""
+    download, not something to skip silently); no image at all names the folder searched (and ``empty``)."""
     if not images:
-        raise DataError(f"no images in {where}: is the download extracted there?\n{instructions.strip()}")
+        raise DataError(f"no images in {where}: {empty}\n{instructions.strip()}")
     pairs = [(image, mask_of(image)) for image in images]
     lonely_images = [image for image, mask in pairs if not mask.exists()]
     lonely_masks = sorted(set(masks) - {mask for _, mask in pairs})

@@ -19,17 +19,19 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fastfcn_jax.data.builders import common
+from fastfcn_jax.data.datasets import directory
 
 INSTRUCTIONS = """\
 Custom folder dataset: put your data in SOURCE as
   SOURCE/classes.json                 {"names": ["road", "car", ...], "palette": [[128, 64, 128], ...],
                                        "ignore_label": 255, "base_size": 520, "crop_size": 480}
                                       (palette, ignore_label, base_size, crop_size optional)
-  SOURCE/images/<split>/<stem>.jpg    (or .png; RGB; grayscale is repeated, alpha dropped; used upright as
-                                      an EXIF orientation tag says, as photo viewers and prediction show it)
+  SOURCE/images/<split>/<stem>.jpg    (or .png, .bmp, .tif, .webp; RGB; grayscale is repeated, alpha dropped;
+                                      used upright as an EXIF orientation tag says, as photo viewers and
+                                      prediction show it; one image per stem, no subfolders)
   SOURCE/masks/<split>/<stem>.png     single-channel PNG (8 or 16 bit), pixel = class index 0..C-1 or
                                       ignore_label; same size as the (upright) image
-with <split> among train, validation (or val), test. Then run
+with <split> among train, validation (or val, not both), test. Then run
   python -m fastfcn_jax.data.prepare --dataset folder:NAME --source SOURCE --data-dir OUT
 """
 # What to do about a mask that is not single-channel class indices (colours, typically).
@@ -37,8 +39,10 @@ MASK_FORMAT = (
     "save each mask as one channel of class indices (PIL mode L, P or I;16); a mask drawn in colours becomes one "
     "by replacing each colour with its class's index (its row in classes.json's palette)"
 )
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Images in other formats than JPEG and PNG are stored decoded (as PNG), as are EXIF-turned ones.
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_TABLE_KEYS = ("names", "palette", "colors", "ignore_label", "base_size", "crop_size")
 # What EXIF orientations 5..8 (those that swap width and height) do to the stored pixels to show them.
 _TURNS = {
     5: "mirror across the main diagonal",
@@ -51,8 +55,31 @@ _SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation
 
 def validate_class_table(table: dict[str, Any]) -> dict[str, Any]:
     """Checks a class table and fills defaults (palette from a fixed colour rule, no ignore label)."""
+    if not isinstance(table, dict):
+        raise ValueError('class table must be a JSON object: {"names": [...], ...}')
+    unknown = sorted(set(table) - set(_TABLE_KEYS))
+    if unknown:
+        import difflib
+
+        described = []
+        for key in unknown:
+            guess = difflib.get_close_matches(key, _TABLE_KEYS, n=1)
+            described.append(f"{key!r}" + (f" (did you mean {guess[0]!r}?)" if guess else ""))
+        raise ValueError(f"unknown key(s) {', '.join(described)}; a class table has {', '.join(_TABLE_KEYS)}")
     if not isinstance(table.get("names"), list) or not table["names"]:
         raise ValueError("class table needs 'names': a non-empty list of class names")
+    if not all(isinstance(name, str) and name for name in table["names"]):
+        raise ValueError("class table 'names' must be non-empty strings, one per class")
+    repeated = sorted({name for name in table["names"] if table["names"].count(name) > 1})
+    if repeated:
+        raise ValueError(f"class table 'names' repeats {repeated}: each class needs a name of its own")
+    for key in ("ignore_label", "base_size", "crop_size"):
+        value = table.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or (key != "ignore_label" and value <= 0)
+        ):
+            kind = "an integer" if key == "ignore_label" else "a positive integer (pixels)"
+            raise ValueError(f"class table {key!r} must be {kind}, got {value!r}")
     num_classes = len(table["names"])
     palette = table.get("palette", table.get("colors"))
     if palette is None:
@@ -146,18 +173,53 @@ class Folder(tfds.core.GeneratorBasedBuilder):
         valid = np.arange(len(table["names"]))
         if table["ignore_label"] is not None:
             valid = np.append(valid, table["ignore_label"])
-        splits = {}
-        for folder in sorted(p.name for p in (source / "images").iterdir() if p.is_dir()):
+        splits, folders = {}, {}
+        for folder in sorted(p.name for p in (source / "images").iterdir() if p.is_dir() and not _hidden(p)):
             if folder not in _SPLIT_NAMES:
                 raise ValueError(f"{source / 'images' / folder}: unknown split folder; use {sorted(_SPLIT_NAMES)}")
-            splits[_SPLIT_NAMES[folder]] = self._generate_examples(source, folder, valid)
+            split = _SPLIT_NAMES[folder]
+            if split in folders:  # val and validation: one would silently replace the other
+                raise common.DataError(
+                    f"{source / 'images'}: both {folders[split]}/ and {folder}/ hold the {split} split: merge them "
+                    "into one folder"
+                )
+            folders[split] = folder
+            splits[split] = self._generate_examples(source, folder, valid)
         if not splits:
             raise FileNotFoundError(f"no split folders under {source / 'images'}.\n{INSTRUCTIONS}")
+        masks = source / "masks"
+        unread = sorted(
+            p.name for p in masks.iterdir() if p.is_dir() and not _hidden(p) and p.name not in folders.values()
+        )
+        if unread:
+            raise common.DataError(
+                f"{masks}: mask folder(s) {unread} have no images/<split> folder of the same name, so their masks "
+                "would not be read: add the images, or move the folders out of masks/"
+            )
         return splits
 
     def _generate_examples(self, source: Path, folder: str, valid: np.ndarray) -> Iterator[tuple[str, dict]]:
-        images = sorted(p for p in (source / "images" / folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        masks_dir = source / "masks" / folder
+        images_dir, masks_dir = source / "images" / folder, source / "masks" / folder
+        for directory_ in (images_dir, masks_dir):
+            nested = (
+                sorted(p for p in directory_.iterdir() if p.is_dir() and not _hidden(p)) if directory_.is_dir() else []
+            )
+            if nested:
+                raise common.DataError(
+                    f"{directory_}: subfolders are not read ({', '.join(p.name for p in nested[:3])}): move their "
+                    f"files up into {directory_.name}/ (one image per stem), or the folders out"
+                )
+        images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+        by_stem: dict[str, list[Path]] = {}
+        for image in images:
+            by_stem.setdefault(image.stem, []).append(image)
+        shared = [paths for paths in by_stem.values() if len(paths) > 1]
+        if shared:
+            raise common.DataError(
+                f"{images_dir}: {len(shared)} stem(s) name more than one image, e.g. "
+                + ", ".join(str(p) for p in shared[0])
+                + f": each image is paired with masks/{folder}/<its stem>.png, so rename or remove all but one"
+            )
         files = []
         if masks_dir.is_dir():
             files = sorted(p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -182,6 +244,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             INSTRUCTIONS,
             remedy=f"Every image needs masks/{folder}/<its stem>.png and every mask its image: add the missing "
             "files or remove the unpaired ones.",
+            empty=f"put the split's images there ({', '.join(_IMAGE_SUFFIXES)}), or remove the empty folder",
         )
         split = _SPLIT_NAMES[folder]
         self._turned_upright[split] = 0
@@ -203,6 +266,11 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             yield image_path.stem, {"image": image, "label": label.astype(np.uint16), "file_name": image_path.name}
 
 
+def _hidden(path: Path) -> bool:
+    """Folders such as .ipynb_checkpoints (Jupyter) or .DS_Store's neighbours: not the user's data."""
+    return path.name.startswith(".")
+
+
 def _size_remedy(image: Path, orientation: int, size: tuple[int, int], mask_shape: tuple[int, ...]) -> str:
     """What to do about a mask whose size differs from its image's upright ``size`` (height, width)."""
     if orientation == 1:
@@ -222,7 +290,7 @@ def _size_remedy(image: Path, orientation: int, size: tuple[int, int], mask_shap
 
 def is_prepared(name: str, data_dir: str | Path) -> bool:
     """Whether ``folder[:NAME]`` is prepared in ``data_dir``, with its class table."""
-    builder = Folder(config=_config_name(name), data_dir=str(data_dir))
+    builder = Folder(config=_config_name(name), data_dir=directory(data_dir))
     return common.is_prepared(builder) and "class_table" in builder.info.metadata
 
 
@@ -233,7 +301,9 @@ def load_class_table(name: str, data_dir: str | Path) -> dict[str, Any]:
             f"custom dataset {name!r} is not prepared in {data_dir}; run: python -m fastfcn_jax.data.prepare "
             f"--dataset {name} --source SOURCE --data-dir {data_dir}"
         )
-    return dict(Folder(config=_config_name(name), data_dir=str(data_dir)).info.metadata["class_table"])
+    stored = Folder(config=_config_name(name), data_dir=directory(data_dir)).info.metadata["class_table"]
+    # Keys other than a class table's were never used (a table prepared before they were refused).
+    return {key: value for key, value in stored.items() if key in _TABLE_KEYS}
 
 
 def info_from_source(name: str, source: str | Path):
