@@ -999,7 +999,9 @@ def test_custom_folder_refuses_what_it_would_otherwise_drop_or_misread(tmp_path,
     def build(message: str, error: type[Exception] = common.DataError) -> None:
         with pytest.raises(error, match=message):
             pipeline.prepare("folder:odd", tmp_path / "tfds", source_dir=source)
-        assert not (tmp_path / "tfds" / "fastfcn_folder").exists() or not folder.is_prepared("folder:odd", tmp_path / "tfds")
+        assert not (tmp_path / "tfds" / "fastfcn_folder").exists() or not folder.is_prepared(
+            "folder:odd", tmp_path / "tfds"
+        )
 
     from fastfcn_jax.data.builders import folder
 
@@ -1037,7 +1039,9 @@ def test_custom_folder_refuses_what_it_would_otherwise_drop_or_misread(tmp_path,
     pipeline.prepare("folder:odd", "~/tfds", source_dir="~/../src")
     assert not (tmp_path / "~").exists()
     info = get_dataset_info("folder:odd", "~/tfds")
-    assert pipeline.dataset_size(info, "train", "~/tfds") == 2 and pipeline.dataset_size(info, "validation", "~/tfds") == 2
+    assert (
+        pipeline.dataset_size(info, "train", "~/tfds") == 2 and pipeline.dataset_size(info, "validation", "~/tfds") == 2
+    )
     labels = _labels_by_file("folder:odd", tmp_path / "home" / "tfds", "train")
     assert sorted(labels) == ["x.jpg", "y.bmp"]
 
