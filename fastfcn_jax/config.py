@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
     # mode=export (docs/export.md).
     config.export = ml_collections.ConfigDict()
     config.export.formats = ("stablehlo",)  # any of 'stablehlo', 'savedmodel', 'onnx'
-    config.export.image_size = 0  # 0: dataset.crop_size, else the dataset's crop size
+    config.export.image_size = 0  # 0: the checkpoint's training crop size, else dataset.crop_size, else the dataset's
     config.export.output = "logits"  # or 'labels'
     config.export.platforms = ("cpu", "cuda", "tpu")
     config.export.directory = ""  # "": WORKDIR/export

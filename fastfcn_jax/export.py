@@ -37,7 +37,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 # Settings of the optional ``config.export`` section and their defaults (``base_config`` mirrors them).
 DEFAULTS: dict[str, Any] = {
     "formats": ("stablehlo",),
-    "image_size": 0,  # 0: config.dataset.crop_size, else the dataset's crop size
+    "image_size": 0,  # 0: the checkpoint's training crop size, else config.dataset.crop_size, else the dataset's
     "output": "logits",  # or "labels" (int32 argmax)
     "platforms": PLATFORMS,
     "directory": "",  # "": WORKDIR/export
@@ -487,6 +487,20 @@ def _trained_overrides(info: dict[str, Any], configured: dict[str, Any], source:
     return {**trained, **{k: v for k, v in configured.items() if k not in how and k not in heads}, **how}
 
 
+def export_size(image_size: int, trained: int, config: Any, dataset: Any) -> tuple[int, str]:
+    """The exported input side and where it comes from: ``config.export.image_size``, else the crop size the
+    checkpoint was trained at (as prediction prefers it), else ``config.dataset.crop_size``, else the dataset's."""
+    configured = int(config.dataset.get("crop_size") or 0)
+    if image_size:
+        return image_size, "config.export.image_size"
+    if trained:
+        ignored = f"; config.dataset.crop_size={configured} is not used" if configured and configured != trained else ""
+        return trained, f"the crop size the checkpoint was trained at{ignored} (config.export.image_size sets another)"
+    if configured:
+        return configured, "config.dataset.crop_size (config.export.image_size sets another)"
+    return dataset.crop_size, f"dataset {dataset.name}'s crop size (config.export.image_size sets another)"
+
+
 def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     """Exports the checkpoint in ``config.export.checkpoint`` (else ``config.init_from``, else ``workdir``'s
     latest) as the formats in
@@ -528,7 +542,8 @@ def run_export(config: Any, workdir: str | Path) -> dict[str, str]:
     with target_backend(settings["tuned_for"] or None):  # dtype 'auto': the serving backend's compute dtype
         model = create_model(config.model.name, num_classes, **overrides)
     overrides["dtype"] = model.dtype
-    size = int(settings["image_size"]) or config.dataset.crop_size or dataset.crop_size
+    size, origin = export_size(int(settings["image_size"]), int(info.get("crop_size") or 0), config, dataset)
+    print(f"input {size}x{size}: {origin}", flush=True)
     image_size = (size, size)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     checkpointing.check_variables(model, variables, f"checkpoint {source}", image_size)

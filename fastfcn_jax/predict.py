@@ -41,6 +41,7 @@ from fastfcn_jax.evaluate import (
 DEFAULT_BASE_SIZE, DEFAULT_CROP_SIZE = 520, 480
 # Written beside the masks by run_prediction: each input's path -> its output files, checkpoint and protocol.
 INDEX_FILE = "predictions.json"
+_PICTURES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # hidden files worth a note
 
 
 def load_image(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray:
@@ -57,8 +58,14 @@ def load_image(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray
             if exif_orientation:
                 opened = ImageOps.exif_transpose(opened)
             return pil_to_rgb(opened)
-    # PIL raises SyntaxError for some bad PNGs, DecompressionBombError past Image.MAX_IMAGE_PIXELS (89 MP).
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # past twice Image.MAX_IMAGE_PIXELS (89 MP)
+        raise ValueError(
+            f"{path}: too large for Pillow, which refuses images past {2 * Image.MAX_IMAGE_PIXELS} pixels as "
+            f"possible decompression bombs ({error}); the test protocols scale images to a long side of about "
+            "520 anyway, so downscale it first, or, for a trusted file, raise PIL.Image.MAX_IMAGE_PIXELS (Python API)"
+        ) from error
+    # PIL raises SyntaxError for some bad PNGs.
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from error
 
 
@@ -320,6 +327,18 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     checkpointing.note_unused_model_config(predictor.checkpoint_info, checkpoint, config.get("model") or {}, "predicts")
     out = Path(output_dir).expanduser() if output_dir else Path(workdir).expanduser() / "predict"
     files = collect_inputs(inputs)
+    folder = Path(inputs).expanduser()
+    if folder.is_dir() and jax.process_index() == 0:  # what a folder's listing leaves out, said
+        entries = list(folder.iterdir())
+        nested = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+        hidden = [p for p in entries if p.is_file() and p.name.startswith(".") and p.suffix.lower() in _PICTURES]
+        parts = []
+        if nested:
+            parts.append(f"{len(nested)} subfolder(s) (the folder is not read recursively: '{folder / '**' / '*'}' is)")
+        if hidden:
+            parts.append(f"{len(hidden)} hidden image file(s) (named .*)")
+        if parts:
+            print(f"left out of {folder}: " + " and ".join(parts), flush=True)
     own = [path for path in files if is_own_output(path, out)]
     if own:  # predicting into the inputs' folder, and again: an earlier run's outputs are not new inputs
         files = [path for path in files if path not in own]

@@ -401,6 +401,20 @@ def test_export_tuned_for_gpus_on_this_machine_computes_the_same_function(traine
     assert relative_error(segmenter(images), reference_logits(model, variables, images)) <= TOLERANCE
 
 
+def test_the_exported_size_prefers_the_checkpoints_training_crop_and_says_where_it_comes_from():
+    from types import SimpleNamespace
+
+    config = load(DEMO).get_config()
+    dataset = SimpleNamespace(name="synthetic_shapes", crop_size=480)
+    assert export.export_size(64, 96, config, dataset) == (64, "config.export.image_size")
+    size, origin = export.export_size(0, 80, config, dataset)  # the demo config's dataset.crop_size is 96
+    assert size == 80 and origin.startswith("the crop size the checkpoint was trained at; config.dataset.crop_size=96")
+    assert export.export_size(0, 0, config, dataset)[0] == 96
+    config.dataset.crop_size = 0
+    assert export.export_size(0, 0, config, dataset) == (480, "dataset synthetic_shapes's crop size (config.export."
+                                                               "image_size sets another)")  # fmt: skip
+
+
 def test_a_model_trained_with_pallas_kernels_exports_their_xla_forms(trained, tmp_path):
     # The config's Pallas choices (GPU training) would have no CPU lowering in a cpu+cuda module.
     model, variables, workdir = trained

@@ -176,6 +176,14 @@ def test_same_named_inputs_never_overwrite_each_other_and_oversized_images_are_s
     assert all(p.is_file() for p in written)
     report = capsys.readouterr()
     assert "huge.png" in report.err and "wrote 4 masks" in report.out and "skipped 1 unreadable" in report.out
+    assert "huge.png: too large for Pillow" in report.err and "downscale it first" in report.err
+
+    # A folder: its subfolders and hidden images are not read, and that is said.
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(inputs / ".hidden.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    run_prediction(config, tmp_path / "workdir", str(inputs), str(tmp_path / "out_folder"))
+    note = f"left out of {inputs}: 3 subfolder(s) (the folder is not read recursively: '{inputs}/**/*' is) and 1 hidden"
+    assert note in capsys.readouterr().out
 
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "notes.txt").write_text("not an image")
