@@ -7,6 +7,7 @@ values with messages that name the key (unknown keys are already rejected by the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -102,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 1000
     config.train.keep_checkpoints = 3
     config.train.requires_init_from = False  # a fine-tune: refuse to start from scratch without init_from
+    # With init_from a whole trained model of another class count (a workdir, a converted model): its classifiers
+    # (main, aux, SE) start afresh, every other layer is loaded.
+    config.train.reinit_classifier = False
     # False (the paper configs): refuse to start from random initialisation, as a paper experiment starts from
     # ImageNet weights (config.init_from); True trains from scratch on purpose.
     config.train.allow_random_init = True
@@ -234,6 +238,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     check(train.epochs > 0 or train.num_steps > 0, "train.epochs", "train.epochs or train.num_steps must be positive")
     check(train.num_steps >= 0, "train.num_steps", "must be >= 0")
+    # inf passes the range checks below (and trains NaN weights); NaN fails them with their message too.
+    for key in ("lr_per_16", "weight_decay", "new_layers_lr_multiplier", "poly_power", "aux_weight", "se_weight"):
+        check(math.isfinite(train[key]), f"train.{key}", "must be a finite number")
     check(train.lr_per_16 > 0, "train.lr_per_16", "must be positive")
     check(0 <= train.momentum < 1, "train.momentum", "must be in [0, 1)")
     check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -15,11 +15,16 @@ DATA_AXIS = "data"
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh with axis ``'data'`` over all devices (or the first ``num_devices``)."""
-    devices = jax.devices()
+    devices, processes = jax.devices(), jax.process_count()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"config.num_devices={num_devices}: must be in [1, {len(devices)}] (0: all)")
-        devices = devices[:num_devices]
+        if num_devices % processes:  # every process feeds its own devices a share of each batch
+            raise ValueError(
+                f"config.num_devices={num_devices}: must be a multiple of the {processes} processes (0: all)"
+            )
+        share = num_devices // processes
+        devices = [d for p in range(processes) for d in [d for d in devices if d.process_index == p][:share]]
     # Auto axes: shardings propagate through the model without explicit annotations on every op.
     return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 

@@ -27,6 +27,7 @@ from flax.traverse_util import flatten_dict
 
 from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
 from fastfcn_jax.models import batch_norm, create_model, op_choices
+from fastfcn_jax.models.segmenter import CLASSIFIER_MODULES
 from fastfcn_jax.normalization import normalize_uint8
 
 
@@ -216,14 +217,21 @@ def abstract_train_state(
 
 
 def load_pretrained(
-    state: TrainState, init_from: str, mesh, model_name: str = "the configured model", reference: str = "fastfcn"
+    state: TrainState,
+    init_from: str,
+    mesh,
+    model_name: str = "the configured model",
+    reference: str = "fastfcn",
+    reinit_classifier: bool = False,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Replaces params and BN statistics with a converter output's (``init_from``), checking every shape.
 
     A conversion of ImageNet weights (``--from resnet_s`` / ``torchvision``) gives only the backbone: its JPU
     and heads were random, so they stay the model's own and one conversion serves every head, neck, class
     count and dilation with that ResNet. A whole model's weights must be for the configured model's
-    ``reference`` (the official design or mmsegmentation's), even where the shapes agree.
+    ``reference`` (the official design or mmsegmentation's), even where the shapes agree. With
+    ``reinit_classifier`` the classifiers (main, aux, SE: ``CLASSIFIER_MODULES``) keep their fresh
+    initialisation: a trained model fine-tuned to another class count.
     """
     variables, info = checkpointing.restore_variables(init_from)
     stored_reference = checkpointing.model_overrides(info).get("reference", "fastfcn")
@@ -239,6 +247,8 @@ def load_pretrained(
     if backbone_only:
         current = {c: {"backbone": tree.get("backbone", {})} for c, tree in current.items()}
         restored = {c: {"backbone": tree.get("backbone", {})} for c, tree in restored.items()}
+    elif reinit_classifier:
+        current, restored = (_without_classifiers(tree) for tree in (current, restored))
     problems = checkpointing.variable_mismatches(current, restored)
     if problems:
         what = f"the backbone's weights ({info.get('source')})" if backbone_only else "the checkpoint"
@@ -249,6 +259,12 @@ def load_pretrained(
                 f"\n{info.get('source')} weights have the {stems[info['source']]} stem: train with "
                 f"--config.model.overrides.stem={stems[info['source']]}"
             )
+        classifiers = any(module in problem for problem in problems for module in CLASSIFIER_MODULES)
+        if classifiers and not backbone_only and not reinit_classifier:
+            hint = (
+                f"\nits classifiers are for {info.get('num_classes')} classes: to fine-tune it to this dataset's, "
+                "train with --config.train.reinit_classifier=True (they start afresh, the rest is loaded)"
+            )
         raise ValueError(
             f"init_from={init_from} (model {info.get('model_name')}, {info.get('num_classes')} classes): "
             f"{what} {'do' if backbone_only else 'does'} not fit {model_name}: "
@@ -257,7 +273,26 @@ def load_pretrained(
     restored = jax.device_put(restored, sharding.replicated(mesh))
     if backbone_only:
         restored = {c: {**dict(getattr(state, c)), "backbone": tree["backbone"]} for c, tree in restored.items()}
+    elif reinit_classifier:  # the loaded variables, and the fresh classifiers
+        restored = {
+            c: flax.traverse_util.unflatten_dict({**flatten_dict(dict(getattr(state, c))), **flatten_dict(tree)})
+            for c, tree in restored.items()
+        }
     return state.replace(params=restored["params"], batch_stats=restored["batch_stats"]), info
+
+
+def _without_classifiers(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """``variables`` ({'params': ..., 'batch_stats': ...}) without the layers of ``CLASSIFIER_MODULES``."""
+    return {
+        collection: flax.traverse_util.unflatten_dict(
+            {
+                path: value
+                for path, value in flatten_dict(dict(tree)).items()
+                if "/".join(path[:-1]) not in CLASSIFIER_MODULES
+            }
+        )
+        for collection, tree in variables.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,21 +368,33 @@ def evaluate(
     return scores
 
 
-def check_finite_loss(loss: Any, step: int, checkpoints: checkpointing.TrainCheckpointer) -> None:
+def check_finite_loss(
+    loss: Any, step: int, checkpoints: checkpointing.TrainCheckpointer, state: TrainState | None = None
+) -> None:
     """Stops a diverged run (a NaN or infinite loss, the same on every process) before it saves its state:
-    ``keep_checkpoints`` saves of NaN weights would otherwise rotate every good checkpoint out."""
+    ``keep_checkpoints`` saves of NaN weights would otherwise rotate every good checkpoint out. With ``state``
+    (before a save), its weights and BatchNorm statistics too: the loss is the one before the step's update,
+    which can itself be what diverges."""
     value = float(jax.device_get(loss))
-    if math.isfinite(value):
+    finite = math.isfinite(value) and (state is None or bool(jax.device_get(_all_finite(state.variables))))
+    if finite:
         return
     latest = checkpoints.latest_step()
     kept = "no checkpoint was saved"
     if latest is not None:
         kept = f"the latest checkpoint is step {latest} in {checkpoints.directory}"
+    what = f"the training loss is {value}" if not math.isfinite(value) else "the weights hold NaN or infinite values"
     raise FloatingPointError(
-        f"the training loss is {value} at step {step}: the run diverged and this step was not saved; {kept}. "
+        f"{what} after step {step}: the run diverged and this step was not saved; {kept}. "
         "Lower the learning rate (--config.train.lr_per_16) or check the data, then run again: it resumes from "
         "the latest checkpoint."
     )
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def report(message: str) -> None:
@@ -408,8 +455,9 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         # the mIoU would average in.
         raise ValueError(
             f"config.model.num_classes={num_classes}, but dataset {config.dataset.name!r} has {dataset.num_classes} "
-            "classes: leave it 0 (the dataset's). To fine-tune weights of another class count, convert them with "
-            "--reinit-classifier (docs/converting.md)"
+            "classes: leave it 0 (the dataset's). To fine-tune weights of another class count, pass them as "
+            "config.init_from with --config.train.reinit_classifier=True (a PyTorch file: convert it with "
+            "--reinit-classifier, docs/converting.md)"
         )
     crop = config.dataset.crop_size or dataset.crop_size
     overrides = model_overrides(config)
@@ -417,16 +465,19 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
 
     global_batch = config.train.batch_size
     eval_batch = config.eval.batch_size or global_batch  # global, as train.batch_size
+    # The mesh's devices (config.num_devices of them, else all), each process feeding its own share of them.
+    devices, local_devices, processes = mesh.devices.size, len(mesh.local_devices), jax.process_count()
+    where = f"the {devices} devices" + (f" ({processes} processes)" if processes > 1 else "")
+    if config.get("num_devices"):
+        where += f" of config.num_devices={config.num_devices}"
     for key, size in (("train.batch_size", global_batch), ("eval.batch_size", eval_batch)):
-        if size % jax.process_count() or (size // jax.process_count()) % jax.local_device_count():
-            raise ValueError(
-                f"{key}={size} must be divisible by the {jax.device_count()} devices ({jax.process_count()} processes)"
-            )
+        if size % processes or (size // processes) % local_devices:
+            raise ValueError(f"{key}={size} must be divisible by {where}")
     microbatches = config.train.microbatches
-    if global_batch % (microbatches * jax.device_count()):
+    if global_batch % (microbatches * devices):
         raise ValueError(
-            f"train.batch_size={global_batch} must be divisible by train.microbatches={microbatches} times the "
-            f"{jax.device_count()} devices, so that every micro-batch has the same number of examples on each device"
+            f"train.batch_size={global_batch} must be divisible by train.microbatches={microbatches} times {where}, "
+            "so that every micro-batch has the same number of examples on each device"
         )
     data_dir = config.dataset.data_dir or None
     # Builds the tfds files on first use (seconds for the embedded dataset; real ones need manual_dir).
@@ -491,6 +542,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
                 mesh,
                 f"the configured {config.model.name}",
                 reference=getattr(model, "reference", "fastfcn"),
+                reinit_classifier=config.train.reinit_classifier,
             )
             if source.get("source") in checkpointing.BACKBONE_SOURCES and config.train.get("requires_init_from"):
                 raise ValueError(
@@ -631,7 +683,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
             # Saved before validating (asynchronously, while it runs): a validation that fails loses no training.
             time_boxed = config.train.stop_after_steps and done - start_step >= config.train.stop_after_steps
             if done % config.train.checkpoint_every == 0 or done == total_steps or stopping or time_boxed:
-                check_finite_loss(terms["loss"], done, checkpoints)  # never a diverged state over the good ones
+                check_finite_loss(terms["loss"], done, checkpoints, state)  # never a diverged state over good ones
                 checkpoints.save(done, state)
             should_eval = done == total_steps or (config.train.eval_every and done % config.train.eval_every == 0)
             if should_eval:
@@ -721,6 +773,7 @@ _QUIET_ON_RESUME = (
     "dataset.manual_dir",
     "num_devices",
     "train.allow_random_init",
+    "train.reinit_classifier",
     "compilation_cache",
 )
 _QUIET_PREFIXES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",

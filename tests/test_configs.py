@@ -77,6 +77,15 @@ def test_impossible_values_are_rejected_by_key():
         validate(config)
 
 
+def test_infinite_learning_rates_and_loss_weights_are_refused():
+    # inf passes "> 0" and would train NaN weights from the first step.
+    for key in ("lr_per_16", "weight_decay", "new_layers_lr_multiplier", "poly_power", "aux_weight", "se_weight"):
+        config = load(CONFIGS[0]).get_config()
+        config.train[key] = float("inf")
+        with pytest.raises(ValueError, match=rf"config\.train\.{key}=inf: must be a finite number"):
+            validate(config)
+
+
 def test_microbatches_must_divide_the_batch():
     config = load(CONFIGS[0]).get_config()
     config.train.microbatches = 3

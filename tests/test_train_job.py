@@ -328,6 +328,15 @@ def test_a_failed_validation_loses_no_training_and_a_bad_eval_batch_is_refused_a
     with pytest.raises(ValueError, match=r"eval.batch_size=6 must be divisible by the 4 devices"):
         train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+    # Counted over config.num_devices' mesh, not every device: 6 on 2 devices is fine, 8 on 3 is not.
+    config.num_devices = 3
+    config.eval.batch_size = 0
+    with pytest.raises(ValueError, match=r"train.batch_size=4 must be divisible by the 3 devices of config.num_dev"):
+        train_and_evaluate(config, tmp_path)
+    config.num_devices, config.train.microbatches = 2, 4
+    with pytest.raises(ValueError, match=r"by train.microbatches=4 times the 2 devices of config.num_devices=2"):
+        train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
     for key in ("eval_split", "train_split"):  # a misspelt split: named before training, not after it
         misspelt = small_config(data_dir, num_steps=3)
         misspelt.dataset[key] = "valdation"
@@ -363,14 +372,32 @@ def test_a_diverged_run_stops_before_saving_over_its_good_checkpoints(data_dir, 
     monkeypatch.setattr(train, "make_train_step", diverging_from_step_3)
     # Logged every 5 steps: the NaN of step 3 is first seen at step 4's checkpoint, which is not written.
     config = small_config(data_dir, num_steps=6, log_every=5, checkpoint_every=2, eval_every=0)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4.*latest checkpoint is step 2"):
+    with pytest.raises(FloatingPointError, match=r"loss is nan after step 4.*latest checkpoint is step 2"):
         train_and_evaluate(config, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     assert checkpointing.restore_variables(tmp_path)[1]["step"] == 2
     # Logged every step: stopped at the first NaN, step 3.
     config = small_config(data_dir, num_steps=6, log_every=1, checkpoint_every=2, eval_every=0)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3"):
+    with pytest.raises(FloatingPointError, match=r"loss is nan after step 3"):
         train_and_evaluate(config, tmp_path / "logged")
+
+    # The update itself diverges (an infinite learning rate): the loss reported is the one before it, finite,
+    # but the weights the checkpoint would hold are not.
+    def weights_diverging_from_step_3(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def diverging(state, batch, rng):
+            new_state, terms = step(state, batch, rng)
+            params = jax.tree.map(lambda p: jnp.where(state.step >= 2, jnp.inf, p), new_state.params)
+            return new_state.replace(params=params), terms
+
+        return diverging
+
+    monkeypatch.setattr(train, "make_train_step", weights_diverging_from_step_3)
+    config = small_config(data_dir, num_steps=6, log_every=5, checkpoint_every=1, eval_every=0)
+    with pytest.raises(FloatingPointError, match=r"weights hold NaN or infinite values after step 3.*latest .* step 2"):
+        train_and_evaluate(config, tmp_path / "weights")
+    assert sorted(p.name for p in (tmp_path / "weights" / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
 def test_a_second_signal_stops_at_once():
@@ -501,3 +528,41 @@ def test_a_custom_backbone_model_trains_evaluates_and_exports_from_its_checkpoin
     assert source["source"] == "backbone"
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params["backbone"], variables["params"]["backbone"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params["neck"], fresh.params["neck"])
+
+
+def test_a_trained_model_of_another_class_count_is_fine_tuned_with_fresh_classifiers(data_dir, tmp_path):
+    from flax.traverse_util import flatten_dict
+
+    from fastfcn_jax import optim, sharding, train
+    from fastfcn_jax.models import create_model
+    from fastfcn_jax.models.segmenter import CLASSIFIER_MODULES
+
+    trained_model = create_model("encnet_jpu_tiny", 10)
+    trained = trained_model.init(jax.random.PRNGKey(1), np.zeros((1, 48, 48, 3), np.float32), train=False)
+    info = {"model_name": "encnet_jpu_tiny", "num_classes": 10, "class_names": None, "dataset": "ten_classes"}
+    checkpointing.save_variables(tmp_path / "ten" / "checkpoints", trained, info, step=5)
+
+    optimizer, mesh = optim.make_optimizer(lambda step: 0.01), sharding.make_mesh(None)
+    model = create_model("encnet_jpu_tiny", 6)
+    fresh = train.create_train_state(model, optimizer, jax.random.PRNGKey(2), (1, 48, 48, 3), mesh)
+    with pytest.raises(ValueError, match=r"(?s)its classifiers are for 10 classes: .*reinit_classifier=True"):
+        train.load_pretrained(fresh, str(tmp_path / "ten"), mesh)
+    loaded, _ = train.load_pretrained(fresh, str(tmp_path / "ten"), mesh, reinit_classifier=True)
+    for collection in ("params", "batch_stats"):
+        before, after = (flatten_dict(dict(tree[collection])) for tree in (trained, loaded.variables))
+        new = flatten_dict(dict(getattr(fresh, collection)))
+        assert set(after) == set(new)
+        for path, value in after.items():
+            classifier = "/".join(path[:-1]) in CLASSIFIER_MODULES
+            np.testing.assert_array_equal(value, new[path] if classifier else before[path], err_msg=str(path))
+        if collection == "params":
+            assert sum("/".join(p[:-1]) in CLASSIFIER_MODULES for p in after) == 6  # 3 layers: kernel, bias
+
+    # Through the training job: refused with the way forward, then trained with it.
+    config = small_config(data_dir, num_steps=1, eval_every=0)
+    config.init_from = str(tmp_path / "ten")
+    with pytest.raises(ValueError, match=r"reinit_classifier=True"):
+        train_and_evaluate(config, tmp_path / "six")
+    config.train.reinit_classifier = True
+    assert train_and_evaluate(config, tmp_path / "six")["step"] == 1
+    assert checkpointing.restore_variables(tmp_path / "six")[1]["num_classes"] == 6

@@ -12,8 +12,9 @@ import numpy as np
 from flax import traverse_util
 
 from fastfcn_jax.checkpointing import BACKBONE_SOURCES
-from fastfcn_jax.convert.keymap import CLASSIFIER_MODULES, UNUSED_SOURCE_KEY, torch_key, torch_module
+from fastfcn_jax.convert.keymap import UNUSED_SOURCE_KEY, torch_key, torch_module
 from fastfcn_jax.models import create_model, model_config
+from fastfcn_jax.models.segmenter import CLASSIFIER_MODULES
 
 SOURCES = ("official", "mmseg", "resnet_s", "torchvision")
 # ImageNet classifiers: only the backbone comes from the file, so training from such a conversion takes only

@@ -142,13 +142,6 @@ _LEAF_NORM = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": 
 # normalisation, which this library does in its input pipeline).
 UNUSED_SOURCE_KEY = re.compile(r"(^|\.)num_batches_tracked$|^pretrained\.fc\.|^data_preprocessor\.")
 
-# Classifier layers (re-initialised when fine-tuning to another class count).
-CLASSIFIER_MODULES = (
-    "decode_head/classifier/conv",
-    "decode_head/se_classifier",
-    "auxiliary_head/classifier/conv",
-)
-
 
 def _module_rules(head: str, stem: str, reference: str = "fastfcn") -> list[tuple[str, str | Callable]]:
     if reference == "mmseg":

@@ -26,6 +26,13 @@ from fastfcn_jax.models.resnet import STAGE_SIZES, ResNet
 
 HEADS = ("encnet", "psp", "deeplab", "fcn")
 NECKS = ("jpu", "jpux", "dilated")
+# The layers whose shapes follow the class count: re-initialised to fine-tune to another one (the converter's
+# --reinit-classifier, config.train.reinit_classifier).
+CLASSIFIER_MODULES = (
+    "decode_head/classifier/conv",
+    "decode_head/se_classifier",
+    "auxiliary_head/classifier/conv",
+)
 # Whose architecture a model follows: the official FastFCN code, or mmsegmentation's FastFCN configs
 # (``fastfcn_r50-d32_jpu_{psp,aspp,enc}``) and their dilated twins (``{pspnet,deeplabv3,encnet}_r50-d8``).
 REFERENCES = ("fastfcn", "mmseg")
