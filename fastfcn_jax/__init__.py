@@ -18,7 +18,26 @@ _LAZY = {
     "run_prediction": "fastfcn_jax.predict",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "code_version", *_LAZY]
+
+
+def code_version() -> str:
+    """``__version__`` and the git commit of the source tree it runs from (``0.1.0+8a07876``; ``+unknown``
+    outside a git checkout), recorded with training runs and evaluation results."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"{__version__}+{commit}"
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastfcn_jax import metrics, sharding, visualize
+from fastfcn_jax import code_version, metrics, sharding, visualize
 from fastfcn_jax.models import resize
 from fastfcn_jax.protocols import (  # noqa: F401 - re-exported: evaluate.make_protocol and friends
     CITYSCAPES_EXTRA_SCALES,
@@ -569,9 +569,12 @@ def submission_image(raw: np.ndarray, mode: str, palette: np.ndarray) -> Any:
     Cityscapes, Pascal Context)."""
     from PIL import Image
 
+    raw = np.asarray(raw)
+    if raw.size and raw.max() > 255:  # a dataset of more than 256 classes (a folder one): 16-bit grey
+        return Image.fromarray(raw.astype(np.uint16))
     if mode == "P":
         return visualize.palette_png(raw, palette)
-    return Image.fromarray(np.asarray(raw).astype(np.uint8), mode="L")
+    return Image.fromarray(raw.astype(np.uint8), mode="L")
 
 
 def pcontext_60_class_miou(mean_iou_59: float) -> float:
@@ -597,7 +600,8 @@ def per_class_table(scores: Mapping[str, Any], class_names: Sequence[str], confu
     ]
     if "mean_iou_60" in scores:
         lines.append(
-            f"- Pascal Context 60-class mIoU (59-class mIoU x 59/60, background counted 0, as papers report): "
+            "- Pascal Context 60-class mIoU as the FastFCN paper reports it (59-class mIoU x 59/60, background "
+            "counted 0; not a 60-class evaluation that scores background, as mmsegmentation's and HRNet's are): "
             f"{100 * scores['mean_iou_60']:.2f} %"
         )
     return "\n".join(lines) + "\n"
@@ -754,7 +758,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     from fastfcn_jax import checkpointing
     from fastfcn_jax.data import pipeline
-    from fastfcn_jax.data.datasets import get_dataset_info
+    from fastfcn_jax.data.datasets import directory, get_dataset_info
     from fastfcn_jax.models import create_model
 
     workdir = Path(workdir).expanduser().absolute()
@@ -890,6 +894,9 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         "dataset": dataset.name,
         "split": split,
         "num_images": num_images,
+        # Where the images came from and the code that scored them (neither compared between results).
+        "data_dir": directory(data_dir) or "(tfds default)",
+        "code_version": code_version(),
         "protocol": name,
         **{f"protocol_{k}": v for k, v in dataclasses.asdict(protocol).items()},
         "pixel_accuracy": scores["pixel_accuracy"],
@@ -901,6 +908,8 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         "compilations": runner.compile_count,
         "seconds": seconds,
     }
+    if not protocol.whole:
+        result["protocol_pad_multiple"] = None  # windows are padded to the crop, not to a multiple
     # A partial run (max_examples) never overwrites the whole split's results.
     partial = f"_first{num_images}" if num_images < full_size else ""
     out = workdir / "eval" / f"{split}_{name}{partial}"
@@ -911,7 +920,11 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
         print(kept, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "per_class_iou.md").write_text(per_class_table(scores, class_names, confusion))
+    heading = (
+        f"# {dataset.name} {split}: {num_images} images, {name} ({protocol.describe()})\n\n"
+        f"{info['model_name']}, checkpoint {source}, step {info.get('step')}; fastfcn-jax {result['code_version']}\n\n"
+    )
+    (out / "per_class_iou.md").write_text(heading + per_class_table(scores, class_names, confusion))
     np.save(out / "confusion.npy", confusion)
     Image.fromarray(visualize.confusion_image(confusion, class_names)).save(out / "confusion.png")
     message = (

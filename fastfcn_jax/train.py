@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from flax.traverse_util import flatten_dict
 
-from fastfcn_jax import checkpointing, losses, metrics, optim, sharding
+from fastfcn_jax import checkpointing, code_version, losses, metrics, optim, sharding
 from fastfcn_jax.models import batch_norm, create_model, op_choices
 from fastfcn_jax.models.segmenter import CLASSIFIER_MODULES
 from fastfcn_jax.normalization import normalize_uint8
@@ -561,7 +561,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "base_lr": base_lr,
-        "code_version": _code_version(),
+        "code_version": code_version(),
         "seed": config.seed,
         "start_step": start_step,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -830,21 +830,3 @@ def check_resumed_settings(previous_path: Path, current: Mapping[str, Any]) -> N
     if previous.get("base_lr") != current["base_lr"]:
         lines.append(f"  base learning rate {current['base_lr']:.3g} (was {previous.get('base_lr', 0):.3g})")
     report("resuming with settings that differ from the previous invocation (both in runs.jsonl):\n" + "\n".join(lines))
-
-
-def _code_version() -> str:
-    import subprocess
-
-    from fastfcn_jax import __version__
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return f"{__version__}+{commit}"

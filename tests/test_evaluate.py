@@ -9,6 +9,7 @@ import functools
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fastfcn_jax
 from fastfcn_jax import checkpointing, evaluate, metrics, protocols, sharding
 from fastfcn_jax.config import base_config
 from fastfcn_jax.models import create_model
@@ -103,6 +105,13 @@ def test_submission_pngs_take_each_benchmarks_form(tmp_path):
     evaluate.submission_image(raw + 7, city.submission_mode, city.palette).save(tmp_path / "city.png")
     read = Image.open(tmp_path / "city.png")
     assert read.mode == "L" and np.array_equal(np.asarray(read), raw + 7)  # grayscale label ids
+    # A folder dataset of 300 classes: 16-bit grey, never wrapped past 255.
+    from fastfcn_jax.data.datasets import folder_info
+
+    folder = folder_info("folder", {"names": [f"c{i}" for i in range(300)]})
+    encoded = evaluate.submission_encoding(folder.label_lut, 300)[np.array([[0, 255], [256, 299]])]
+    evaluate.submission_image(encoded, folder.submission_mode, folder.palette).save(tmp_path / "many.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "many.png")), [[0, 255], [256, 299]])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -650,6 +659,11 @@ def test_run_evaluation_end_to_end_on_synthetic_shapes(tiny, tmp_path, capsys):
     assert result["mean_iou"] == written["mean_iou"]
     table = (out / "per_class_iou.md").read_text()
     assert all(name in table for name in written["per_class_iou"])
+    # What the number is of, also in the table a reader may copy out of its folder.
+    assert table.startswith("# synthetic_shapes validation: 5 images, multi_scale (scales (0.75, 1.0), flip True")
+    assert f"encnet_jpu_tiny, checkpoint {written['checkpoint']}, step " in table
+    assert written["code_version"].startswith(f"{fastfcn_jax.__version__}+") and written["code_version"] in table
+    assert written["data_dir"] == str(Path(data_dir).absolute()) and written["protocol_pad_multiple"] is None
     assert Image.open(out / "confusion.png").size[0] > 6 * 10
     masks = sorted((tmp_path / "submission").iterdir())
     assert [m.stem for m in masks] == sorted(e["file_name"].rsplit(".", 1)[0] for e in examples)
