@@ -267,7 +267,7 @@ def note_unused_model_config(info: Mapping[str, Any], source: Any, model_config:
         info, model_config.get("name", info["model_name"]), model_config.get("num_classes", 0)
     )
     differences += [f"config.model.overrides.{c}" for c in architecture_conflicts(info, model_kwargs(model_config))]
-    if differences:
+    if differences and jax.process_index() == 0:  # once per job, not per process
         print(
             f"note: {source} holds {model_label(info)} with {info['num_classes']} classes and {use} as such; the "
             f"config's {' and '.join(differences)} is not used"

@@ -783,7 +783,7 @@ def run_evaluation(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"{dataset.num_classes}: {hint}"
         )
     trained_names = list(info.get("class_names") or [])
-    if trained_names and trained_names != list(dataset.class_names):
+    if trained_names and trained_names != list(dataset.class_names) and jax.process_index() == 0:
         renamed = [(a, b) for a, b in zip(trained_names, dataset.class_names, strict=True) if a != b]
         print(
             f"note: dataset {dataset.name!r} names its classes differently from the checkpoint's training data "

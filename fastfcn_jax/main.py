@@ -88,6 +88,24 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.distributed:
+        given = [
+            f"--{name}"
+            for name in ("coordinator_address", "num_processes", "process_id")
+            if getattr(FLAGS, name) is not None
+        ]
+        if given:  # each copy would train alone, into the same workdir as the others
+            sys.exit(
+                f"error: {' and '.join(given)} describe a multi-process job: add --distributed (docs/multihost.md)"
+            )
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+        if tasks.isdigit() and int(tasks) > 1:
+            print(
+                f"warning: started as one of {tasks} tasks of a SLURM step without --distributed: each task runs as "
+                "a job of its own (into the same workdir, if they share one); add --distributed for one job over "
+                "all of them (docs/multihost.md)",
+                file=sys.stderr,
+                flush=True,
+            )
         run_mode()
         return
     mode = FLAGS.mode or FLAGS.config.get("mode")
@@ -97,12 +115,18 @@ def main(argv: list[str]) -> None:
     import jax
 
     # On TPU pods and SLURM/Kubernetes clusters jax detects these; elsewhere pass all three.
-    jax.distributed.initialize(
-        FLAGS.coordinator_address,
-        FLAGS.num_processes,
-        FLAGS.process_id,
-        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
-    )
+    try:
+        jax.distributed.initialize(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
+        )
+    except ValueError as error:  # "coordinator_address should be defined.", "The process id ... must be defined."
+        sys.exit(
+            f"error: --distributed: {error} Outside SLURM and TPU pods, where jax finds them itself, pass "
+            "--coordinator_address=HOST:PORT, --num_processes=N and --process_id=I (docs/multihost.md)"
+        )
     # jax's preemption notifier takes SIGTERM and would leave the process running; outside the training
     # loop (which handles it, train.StopRequest) SIGTERM ends the process as it does without --distributed.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

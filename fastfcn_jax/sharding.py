@@ -37,7 +37,11 @@ def evaluation_devices(num_devices: int = 0) -> list[jax.Device]:
     if num_devices:
         if not 1 <= num_devices <= jax.device_count():
             raise ValueError(f"config.num_devices={num_devices}: must be in [1, {jax.device_count()}] (0: all)")
-        return devices[: max(num_devices // processes, 1)]
+        if num_devices % processes:  # as make_mesh: each process evaluates on its share
+            raise ValueError(
+                f"config.num_devices={num_devices}: must be a multiple of the {processes} processes (0: all)"
+            )
+        return devices[: num_devices // processes]
     return devices[:1] if jax.default_backend() == "cpu" else devices
 
 

@@ -566,7 +566,7 @@ def _train_and_evaluate(config: Any, workdir: str | Path, cleanup: contextlib.Ex
         "start_step": start_step,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "processes": jax.process_count(),
-        "devices": jax.device_count(),
+        "devices": int(mesh.devices.size),  # the mesh's: config.num_devices of them, else all
         "shuffle_buffer": order.buffer,  # as resolved on this host (config.dataset.shuffle_buffer=0 depends on it)
         "shuffled_examples": order.examples,  # this process's share of the training split
     }

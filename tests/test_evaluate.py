@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -598,6 +599,10 @@ def test_groups_spread_over_devices_give_the_one_device_results_in_input_order(t
     assert sharding.evaluation_devices(3) == devices
     with pytest.raises(ValueError, match=r"config.num_devices=.*: must be in \[1, 4\]"):
         sharding.evaluation_devices(5)
+    with mock.patch.object(jax, "process_count", lambda: 2):  # counted over processes, as training's mesh
+        assert sharding.evaluation_devices(4) == jax.local_devices()[:2]
+        with pytest.raises(ValueError, match=r"config.num_devices=3: must be a multiple of the 2 processes"):
+            sharding.evaluation_devices(3)
     with pytest.raises(ValueError, match="at least one device"):
         evaluate.ProtocolRunner(evaluate.model_logits_fn(model), variables, NUM_CLASSES, protocol, devices=[])
 

@@ -252,6 +252,17 @@ def test_single_process_modes_refuse_distributed_before_joining_a_job(tmp_path):
     assert "error: --mode=export runs in one process: drop --distributed" in result.stderr
 
 
+def test_a_multi_process_job_needs_distributed_and_its_addresses(tmp_path):
+    # Without --distributed each copy would train alone, into the same workdir as the others.
+    result = run_main(f"--workdir={tmp_path}", "--process_id=1", "--num_processes=2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: --num_processes and --process_id describe a multi-process job: add --distributed" in result.stderr
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "TPU_"))}
+    result = run_main(f"--workdir={tmp_path}", "--distributed", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: --distributed: " in result.stderr and "pass --coordinator_address=HOST:PORT" in result.stderr
+
+
 def test_benchmark_mode_takes_the_scripts_options(tmp_path):
     result = run_main(
         f"--workdir={tmp_path}",
