@@ -33,7 +33,7 @@ def host_kind() -> str:
                 key = line.split(":", 1)[0].strip()
                 if key in ("model name", "flags", "Features", "CPU part"):
                     described += line.strip()
-                if line.strip() == "" and described:  # the first processor's block is enough
+                if not line.strip():  # the first processor's block is enough
                     break
     except OSError:  # not Linux: the architecture and processor name alone
         pass

@@ -15,16 +15,10 @@ DATA_AXIS = "data"
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh with axis ``'data'`` over all devices (or the first ``num_devices``)."""
-    devices, processes = jax.devices(), jax.process_count()
+    devices = jax.devices()
     if num_devices is not None:
-        if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"config.num_devices={num_devices}: must be in [1, {len(devices)}] (0: all)")
-        if num_devices % processes:  # every process feeds its own devices a share of each batch
-            raise ValueError(
-                f"config.num_devices={num_devices}: must be a multiple of the {processes} processes (0: all)"
-            )
-        share = num_devices // processes
-        devices = [d for p in range(processes) for d in [d for d in devices if d.process_index == p][:share]]
+        share = devices_per_process(num_devices)
+        devices = [d for p in range(jax.process_count()) for d in [d for d in devices if d.process_index == p][:share]]
     # Auto axes: shardings propagate through the model without explicit annotations on every op.
     return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
@@ -33,16 +27,21 @@ def evaluation_devices(num_devices: int = 0) -> list[jax.Device]:
     """This process's devices for evaluation and prediction (``ProtocolRunner``): its share of ``num_devices``
     (counted over all processes, as for training's mesh), or with 0 every local device; on CPUs one (forced
     host devices share the same cores: more of them only add compilations)."""
-    devices, processes = jax.local_devices(), jax.process_count()
+    devices = jax.local_devices()
     if num_devices:
-        if not 1 <= num_devices <= jax.device_count():
-            raise ValueError(f"config.num_devices={num_devices}: must be in [1, {jax.device_count()}] (0: all)")
-        if num_devices % processes:  # as make_mesh: each process evaluates on its share
-            raise ValueError(
-                f"config.num_devices={num_devices}: must be a multiple of the {processes} processes (0: all)"
-            )
-        return devices[: num_devices // processes]
+        return devices[: devices_per_process(num_devices)]
     return devices[:1] if jax.default_backend() == "cpu" else devices
+
+
+def devices_per_process(num_devices: int) -> int:
+    """Each process's share of ``config.num_devices`` (counted over all processes: each process feeds its own
+    devices its share of every batch); ValueError for a count out of range or not a multiple of the processes."""
+    total, processes = jax.device_count(), jax.process_count()
+    if not 1 <= num_devices <= total:
+        raise ValueError(f"config.num_devices={num_devices}: must be in [1, {total}] (0: all)")
+    if num_devices % processes:
+        raise ValueError(f"config.num_devices={num_devices}: must be a multiple of the {processes} processes (0: all)")
+    return num_devices // processes
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -267,7 +267,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
 
 
 def _hidden(path: Path) -> bool:
-    """Folders such as .ipynb_checkpoints (Jupyter) or .DS_Store's neighbours: not the user's data."""
+    """Hidden folders (Jupyter's .ipynb_checkpoints, .git): not the user's data."""
     return path.name.startswith(".")
 
 
