@@ -26,7 +26,7 @@ from fastfcn_jax.benchmark import (  # noqa: E402
     run_benchmark,
     tiny_variant,
 )
-from fastfcn_jax.models.op_choices import parse_ops  # noqa: E402
+from fastfcn_jax.models.op_choices import op_overrides, parse_ops  # noqa: E402
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -38,9 +38,21 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def _ops(text: str) -> dict[str, str]:
     try:
-        return parse_ops(text)
+        ops = parse_ops(text)
+        op_overrides(ops)  # unknown ops and choices: a usage error now, not a traceback after other models
+        return ops
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: square sizes, comma-separated (256,480)") from None
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive square sizes, comma-separated (256,480)")
+    return [(size, size) for size in sizes]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--train-models", default="", help="comma-separated models whose training step is also timed")
     parser.add_argument(
-        "--train-sizes", default="256,480", help="comma-separated square sizes for the train step (default 256,480)"
+        "--train-sizes",
+        type=_sizes,
+        default=None,
+        help="comma-separated square sizes for the train step (default 256,480; --quick: 64)",
     )
     parser.add_argument("--train-batch-size", type=int, default=2)
     parser.add_argument(
@@ -110,11 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     repeats = args.repeats if args.repeats is not None else (2 if quick else 5)
     train_names = [n.strip() for n in args.train_models.split(",") if n.strip()]
-    train_sizes = [(int(v), int(v)) for v in args.train_sizes.split(",") if v.strip()]
+    train_sizes = args.train_sizes or ([(64, 64)] if quick else [(256, 256), (480, 480)])
     if quick:
         names = [tiny_variant(n) for n in names]
         train_names = [tiny_variant(n) for n in train_names]
-        train_sizes = [(64, 64)]
 
     results = run_benchmark(
         names,

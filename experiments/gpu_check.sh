@@ -96,6 +96,14 @@ assert not bad, f'imported on the benchmark path: {bad}'
 "
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit \
     --format=csv | tee -a "$LOG"
+# A jax whose CUDA plugin did not load runs everything on the CPU, quietly: the lease would buy CPU numbers.
+# (Not when the deadline already skipped the environment stage: every stage is skipped alike.)
+if [[ -z "${GPU_CHECK_QUICK:-}" && " ${FAILED[*]} " != *" environment(skipped) "* ]] &&
+    ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
+    echo "=== no GPU: jax's backend is $("$PY" -c 'import jax; print(jax.default_backend())') (is the CUDA plugin" \
+        "installed and loading?); stopping here (GPU_CHECK_QUICK=1 runs the stages on a CPU)" | tee -a "$LOG"
+    exit 2
+fi
 
 PAIRS=encnet_jpu_r50,encnet_dilated_r50,psp_jpu_r50,psp_dilated_r50,deeplab_jpu_r50,deeplab_dilated_r50
 STAGES="${GPU_CHECK_STAGES:-forward,train,parity}"

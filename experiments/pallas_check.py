@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastfcn_jax import losses, upsampled_loss_pallas
-from fastfcn_jax.benchmark import time_calls
-from fastfcn_jax.models import batch_norm_pallas, depthwise, depthwise_pallas, resize
+# Runnable from a source checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastfcn_jax import losses, upsampled_loss_pallas  # noqa: E402
+from fastfcn_jax.benchmark import time_calls  # noqa: E402
+from fastfcn_jax.models import batch_norm_pallas, depthwise, depthwise_pallas, resize  # noqa: E402
 
 # (column block, warps) of the loss kernel timed on a GPU; the first is the default.
 LOSS_KERNEL_CONFIGS = (

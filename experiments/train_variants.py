@@ -23,8 +23,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from fastfcn_jax.benchmark import compile_train_step, describe_device, environment, tiny_variant
-from fastfcn_jax.models.op_choices import parse_ops
+# Runnable from a source checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastfcn_jax.benchmark import compile_train_step, describe_device, environment, tiny_variant  # noqa: E402
+from fastfcn_jax.models.op_choices import parse_ops  # noqa: E402
 
 
 def parse_variant(text: str, model: str) -> tuple[str, str, dict[str, str]]:

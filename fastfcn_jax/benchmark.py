@@ -96,6 +96,8 @@ def environment() -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "host_cpu": host_cpu(),
+        # With a persistent compilation cache a "compile" may be a load from it (JAX_COMPILATION_CACHE_DIR).
+        "compilation_cache": jax.config.jax_compilation_cache_dir,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -715,6 +717,8 @@ def run_benchmark(
         "interleaved": bool(interleave and len(names) > 1),
     }
     _check_runs(settings["warmup"], settings["repeats"])
+    if train_names and settings["ops"].get("norm") == "folded":  # found at the train step's trace otherwise
+        raise ValueError("ops norm=folded folds inference BatchNorms: it cannot time train steps (train_names)")
     for name in [*names, *train_names]:
         # Fail before spending minutes on the models that precede a typo.
         create_model(name, settings["num_classes"], **op_overrides(settings["ops"]))
@@ -755,6 +759,7 @@ def run_benchmark(
         result["fraction_of_peak"] = _ratio(achieved, peak_result["gflops_per_s"]) if peak_result else None
     for result in train_steps:
         achieved = None if result["flops"] is None else result["flops"] / (result["back_to_back_ms"] / 1e3) / 1e9
+        result["back_to_back_gflops_per_s"] = achieved
         result["back_to_back_fraction_of_peak"] = _ratio(achieved, peak_result["gflops_per_s"]) if peak_result else None
     return {
         "environment": environment(),
@@ -795,7 +800,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         + ("; models timed in turn, round by round" if settings.get("interleaved") else "")
         + (f"; ops {', '.join(f'{k}={v}' for k, v in settings['ops'].items())}" if settings.get("ops") else "")
         + (f"; forward only up to {settings['until']}" if settings.get("until") else "")
-        + ("; weights compiled in as constants" if settings.get("constant_weights") else ""),
+        + ("; weights compiled in as constants" if settings.get("constant_weights") else "")
+        + ("; compile times may be loads from a compilation cache" if env.get("compilation_cache") else ""),
     ]
     peak = results.get("peak")
     if peak:

@@ -147,6 +147,19 @@ def test_gpu_check_skips_stages_past_its_deadline(tmp_path: Path) -> None:
     assert "failed stages: environment(skipped) forward_bf16(skipped)" in log
 
 
+def test_gpu_check_stops_when_jax_found_no_gpu(tmp_path: Path) -> None:
+    # A CUDA plugin that did not load leaves jax on the CPU: the lease must not be spent compiling R50 models there.
+    env = {**os.environ, "GPU_CHECK_STAGES": "forward", "PYTHON": sys.executable}
+    env.pop("GPU_CHECK_QUICK", None)
+    result = subprocess.run(
+        ["bash", str(REPO / "experiments" / "gpu_check.sh"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "=== no GPU: jax's backend is cpu" in log and "forward_bf16" not in log
+
+
 def test_eval_speed_times_the_protocol_on_several_devices_without_tensorflow(capsys) -> None:
     # The accelerator image has no TensorFlow or ml_collections: evaluation must import without them.
     code = (
