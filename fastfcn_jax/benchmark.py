@@ -505,6 +505,9 @@ def benchmark_train_step(
         "image_size": [height, width],
         "batch_size": batch_size,
         "dtype": dtype,
+        "aux": True,  # the recipe's losses: main, aux (and EncNet's SE), whatever the forward settings say
+        "warmup": warmup,
+        "repeats": repeats,
         "flops": step.flops,
         "compile_s": step.compile_s,
         "latency_ms": {"median": median_ms, "min": min(times_ms), "max": max(times_ms), "runs": times_ms},
@@ -792,10 +795,12 @@ def format_table(results: Mapping[str, Any]) -> str:
     """Markdown tables of per-model results and dilated-vs-JPU pairs, with a one-line header."""
     env, settings = results["environment"], results["settings"]
     height, width = settings["image_size"]
+    # Train steps take their own sizes and batch (their rows say which) and always the recipe's aux head.
+    shape = f"{height}x{width}, batch {settings['batch_size']}, " if results["models"] else "train steps only, "
+    aux = settings["aux"] if results["models"] else True
     lines = [
-        f"{describe_device(env)}; {height}x{width}, "
-        f"batch {settings['batch_size']}, {settings['num_classes']} classes, {settings['dtype']}, "
-        f"aux {'on' if settings['aux'] else 'off'}; median of {settings['repeats']} runs "
+        f"{describe_device(env)}; {shape}{settings['num_classes']} classes, {settings['dtype']}, "
+        f"aux {'on' if aux else 'off'}; median of {settings['repeats']} runs "
         f"after {settings['warmup']} warm-up"
         + ("; models timed in turn, round by round" if settings.get("interleaved") else "")
         + (f"; ops {', '.join(f'{k}={v}' for k, v in settings['ops'].items())}" if settings.get("ops") else "")

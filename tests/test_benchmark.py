@@ -218,8 +218,16 @@ def test_train_steps_alone_need_no_forward_models() -> None:
     assert results["settings"]["image_size"] == [512, 512] and results["settings"]["warmup"] == 0
     (step,) = results["train_steps"]
     assert step["name"] == "fcn_jpu_tiny" and step["image_size"] == [32, 32] and step["flops"] > 0
+    assert step["aux"] and (step["warmup"], step["repeats"]) == (0, 1) and step["back_to_back_gflops_per_s"] > 0
     table = benchmark.format_table(results)
     assert "| model |" not in table and "| fcn_jpu_tiny | 32x32 | 2 |" in table
+    # The header describes what ran: no forward size or batch, the recipe's aux head even with aux=False.
+    assert "; train steps only, 5 classes" in table and "512x512" not in table and "aux on" in table
+    no_aux = benchmark.run_benchmark([], train_names=["fcn_jpu_tiny"], train_sizes=((32, 32),), num_classes=5,
+                                     warmup=0, repeats=1, peak=False, log=False, aux=False)  # fmt: skip
+    assert "aux on" in benchmark.format_table(no_aux)
+    with pytest.raises(ValueError, match="norm=folded .* cannot time train steps"):
+        benchmark.run_benchmark([], train_names=["fcn_jpu_tiny"], ops={"norm": "folded"}, log=False)
     with pytest.raises(TypeError, match="unknown benchmark option"):
         benchmark.run_benchmark(["fcn_jpu_tiny"], image_sise=(8, 8), log=False)
 
