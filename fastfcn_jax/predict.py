@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastfcn_jax import sharding, visualize
-from fastfcn_jax.data.image_files import pil_to_rgb, to_rgb
+from fastfcn_jax.data.image_files import IMAGE_SUFFIXES, pil_to_rgb, to_rgb
 from fastfcn_jax.evaluate import (
     PROTOCOLS,
     ProtocolRunner,
@@ -41,7 +41,6 @@ from fastfcn_jax.evaluate import (
 DEFAULT_BASE_SIZE, DEFAULT_CROP_SIZE = 520, 480
 # Written beside the masks by run_prediction: each input's path -> its output files, checkpoint and protocol.
 INDEX_FILE = "predictions.json"
-_PICTURES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # hidden files worth a note
 
 
 def load_image(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray:
@@ -331,7 +330,7 @@ def run_prediction(config: Any, workdir: str | Path, inputs: str, output_dir: st
     if folder.is_dir() and jax.process_index() == 0:  # what a folder's listing leaves out, said
         entries = list(folder.iterdir())
         nested = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-        hidden = [p for p in entries if p.is_file() and p.name.startswith(".") and p.suffix.lower() in _PICTURES]
+        hidden = [p for p in entries if p.is_file() and p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
         parts = []
         if nested:
             parts.append(f"{len(nested)} subfolder(s) (the folder is not read recursively: '{folder / '**' / '*'}' is)")

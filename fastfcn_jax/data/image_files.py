@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Picture files by suffix (lower case), as folder datasets and prediction's notes recognise them.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EXIF_ORIENTATION_TAG = 0x0112
 
 

@@ -20,13 +20,14 @@ import tensorflow_datasets as tfds
 
 from fastfcn_jax.data.builders import common
 from fastfcn_jax.data.datasets import directory
+from fastfcn_jax.data.image_files import IMAGE_SUFFIXES
 
 INSTRUCTIONS = """\
 Custom folder dataset: put your data in SOURCE as
   SOURCE/classes.json                 {"names": ["road", "car", ...], "palette": [[128, 64, 128], ...],
                                        "ignore_label": 255, "base_size": 520, "crop_size": 480}
                                       (palette, ignore_label, base_size, crop_size optional)
-  SOURCE/images/<split>/<stem>.jpg    (or .png, .bmp, .tif, .webp; RGB; grayscale is repeated, alpha dropped;
+  SOURCE/images/<split>/<stem>.jpg    (or .png, .bmp, .gif, .tif, .webp; RGB; grayscale is repeated, alpha dropped;
                                       used upright as an EXIF orientation tag says, as photo viewers and
                                       prediction show it; one image per stem, no subfolders)
   SOURCE/masks/<split>/<stem>.png     single-channel PNG (8 or 16 bit), pixel = class index 0..C-1 or
@@ -39,9 +40,9 @@ MASK_FORMAT = (
     "save each mask as one channel of class indices (PIL mode L, P or I;16); a mask drawn in colours becomes one "
     "by replacing each colour with its class's index (its row in classes.json's palette)"
 )
-# Images in other formats than JPEG and PNG are stored decoded (as PNG), as are EXIF-turned ones.
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Images in other formats than JPEG and PNG are stored decoded (as PNG), as are EXIF-turned ones. Masks are PNGs:
+# other pictures among them are masks saved in a lossy or unread format.
+_OTHER_IMAGE_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix != ".png")
 _TABLE_KEYS = ("names", "palette", "colors", "ignore_label", "base_size", "crop_size")
 # What EXIF orientations 5..8 (those that swap width and height) do to the stored pixels to show them.
 _TURNS = {
@@ -209,7 +210,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
                     f"{directory_}: subfolders are not read ({', '.join(p.name for p in nested[:3])}): move their "
                     f"files up into {directory_.name}/ (one image per stem), or the folders out"
                 )
-        images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+        images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         by_stem: dict[str, list[Path]] = {}
         for image in images:
             by_stem.setdefault(image.stem, []).append(image)
@@ -240,11 +241,11 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             images,
             [p for p in files if p.suffix.lower() == ".png"],
             mask_of,
-            f"{source}/images/{folder} ({', '.join(sorted(_IMAGE_SUFFIXES))}) and masks/{folder}",
+            f"{source}/images/{folder} ({', '.join(sorted(IMAGE_SUFFIXES))}) and masks/{folder}",
             INSTRUCTIONS,
             remedy=f"Every image needs masks/{folder}/<its stem>.png and every mask its image: add the missing "
             "files or remove the unpaired ones.",
-            empty=f"put the split's images there ({', '.join(_IMAGE_SUFFIXES)}), or remove the empty folder",
+            empty=f"put the split's images there ({', '.join(IMAGE_SUFFIXES)}), or remove the empty folder",
         )
         split = _SPLIT_NAMES[folder]
         self._turned_upright[split] = 0
