@@ -24,11 +24,11 @@ MAX_BYTES = 8 << 30  # evicted beyond this, least recently used first (where fil
 ENVIRONMENT = "JAX_COMPILATION_CACHE_DIR"  # JAX's own setting; given, it wins over config.compilation_cache
 
 
-def host_kind() -> str:
+def host_kind(cpuinfo_path: str = "/proc/cpuinfo") -> str:
     """A short name for this host's CPU: its architecture and a hash of its model and instruction-set flags."""
     described = platform.machine() + platform.processor()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+        with open(cpuinfo_path, encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
                 key = line.split(":", 1)[0].strip()
                 if key in ("model name", "flags", "Features", "CPU part"):

@@ -65,9 +65,16 @@ def test_an_unwritable_folder_warns_and_the_run_goes_on(tmp_path):
     assert out["folder"] == "None" and "cannot create" in out["warnings"] and abs(float(out["result"]) - 1.28224) < 1e-5
 
 
-def test_host_kind_is_stable_and_names_the_architecture():
+def test_host_kind_is_stable_and_names_the_architecture(tmp_path):
     import platform
 
     from fastfcn_jax.compilation_cache import host_kind
 
     assert host_kind() == host_kind() and host_kind().startswith(platform.machine())
+    # Machines that differ in instruction sets (AVX-512 or not) get folders of their own; the core count does not.
+    block = "processor\t: {index}\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2{extra}\n\n"
+    kinds = []
+    for name, extra, cores in (("a", "", 2), ("b", "", 8), ("c", " avx512f", 2)):
+        (tmp_path / name).write_text("".join(block.format(index=i, extra=extra) for i in range(cores)))
+        kinds.append(host_kind(str(tmp_path / name)))
+    assert kinds[0] == kinds[1] != kinds[2]
